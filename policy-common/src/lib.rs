@@ -1,0 +1,392 @@
+//! Types shared by the smtpguard datapath (`policy-ebpf`) and the controller.
+//!
+//! Everything here crosses the kernel boundary, so every map key and value is
+//! `#[repr(C)]`, holds only integers and byte arrays (no `bool`, `Option` or
+//! enums with data), has explicit padding, and has its size pinned by a
+//! `const` assertion. Enumerations are `u8` constants in small modules so that
+//! either side can store them in a map without a transmute.
+#![no_std]
+
+pub mod maps;
+pub mod source;
+
+pub use maps::*;
+
+/// Guarded-port slots per direction. The profiles operators guard are 25,
+/// 465, 587 and 2525; a slot per profile keeps ACL values small.
+pub const MAX_PORTS: usize = 4;
+/// Index used in counters for packets whose port is unknown (fragments,
+/// malformed headers).
+pub const PORT_SLOT_UNKNOWN: usize = MAX_PORTS;
+/// Port slots in the counter index: the guarded ports plus "unknown".
+pub const PORT_SLOTS: usize = MAX_PORTS + 1;
+/// Marks an unused entry in [`DirectionPolicy::ports`].
+pub const PORT_UNUSED: u32 = u32::MAX;
+/// Country indices: 0 is "no country", the rest index the compiled code table.
+pub const MAX_COUNTRIES: usize = 256;
+/// Upper bound on IPv6 extension headers walked before a packet is malformed.
+pub const MAX_IPV6_EXT_HEADERS: usize = 6;
+/// VLAN tags parsed (802.1Q and 802.1ad, so Q-in-Q).
+pub const MAX_VLAN_TAGS: usize = 2;
+/// Repeat-offender escalation steps honoured by the datapath.
+pub const MAX_BAN_STRIKES: u32 = 16;
+/// Length of the ban meter's sliding window.
+pub const BAN_WINDOW_S: u32 = 60;
+
+/// Which policy judges a packet.
+pub mod direction {
+    /// Mail arriving at servers behind this host.
+    pub const INGRESS: u8 = 0;
+    /// Tenants connecting out to remote servers.
+    pub const EGRESS: u8 = 1;
+    pub const COUNT: usize = 2;
+    pub const NAMES: [&str; COUNT] = ["ingress", "egress"];
+}
+
+/// The attach points; each judges by the direction set in [`Runtime`].
+pub mod hook {
+    pub const XDP_INGRESS: usize = 0;
+    pub const TC_INGRESS: usize = 1;
+    pub const TC_EGRESS: usize = 2;
+    pub const COUNT: usize = 3;
+}
+
+/// What happened to a packet.
+pub mod verdict {
+    pub const PASS: u8 = 0;
+    pub const DROP: u8 = 1;
+    /// Monitor mode: the packet passed, enforcement would have dropped it.
+    pub const WOULD_DROP: u8 = 2;
+    pub const COUNT: usize = 3;
+    pub const NAMES: [&str; COUNT] = ["pass", "drop", "would_drop"];
+}
+
+/// Why a counted packet got its verdict. Non-SMTP traffic (not IP, not TCP,
+/// unguarded port) leaves before any counter and has no reason.
+pub mod reason {
+    /// Non-first IP fragment: no ports to judge.
+    pub const FRAGMENT: u8 = 0;
+    /// Truncated or invalid header where the packet may be guarded.
+    pub const MALFORMED: u8 = 1;
+    pub const ALLOW_ACL: u8 = 2;
+    pub const BANNED: u8 = 3;
+    pub const DENY_ACL: u8 = 4;
+    pub const GEO: u8 = 5;
+    /// A SYN found no token in its source's bucket.
+    pub const RATE_LIMITED: u8 = 6;
+    /// A SYN pushed its source over the ban threshold; the source is now banned.
+    pub const RATE_BAN: u8 = 7;
+    /// Payload begins with a blocked SMTP command (VRFY, EXPN).
+    pub const SMTP_COMMAND: u8 = 8;
+    pub const DEFAULT_ALLOW: u8 = 9;
+    pub const DEFAULT_DENY: u8 = 10;
+    pub const COUNT: usize = 11;
+    pub const NAMES: [&str; COUNT] = [
+        "fragment",
+        "malformed",
+        "allow_acl",
+        "banned",
+        "deny_acl",
+        "geo",
+        "rate_limited",
+        "rate_ban",
+        "smtp_command",
+        "default_allow",
+        "default_deny",
+    ];
+}
+
+/// What a policy statement asks for.
+pub mod action {
+    pub const PASS: u8 = 0;
+    pub const DROP: u8 = 1;
+}
+
+/// Enforcement mode of a direction.
+pub mod mode {
+    pub const ENFORCE: u8 = 0;
+    pub const MONITOR: u8 = 1;
+}
+
+/// What is spoken on a guarded port; only plaintext SMTP gets the command filter.
+pub mod profile {
+    pub const SMTP: u8 = 0;
+    pub const SMTPS: u8 = 1;
+    pub const SUBMISSION: u8 = 2;
+    pub const OTHER: u8 = 3;
+}
+
+/// Bits of [`DirectionPolicy::smtp_block`].
+pub mod smtp_command {
+    pub const VRFY: u8 = 1 << 0;
+    pub const EXPN: u8 = 1 << 1;
+}
+
+/// Bits of [`DirectionPolicy::acl_sides`]: which trie scopes hold entries.
+pub mod side {
+    pub const PEER: u8 = 0;
+    pub const LOCAL: u8 = 1;
+    pub const PEER_BIT: u8 = 1 << PEER;
+    pub const LOCAL_BIT: u8 = 1 << LOCAL;
+}
+
+/// Index of the (direction, verdict, reason, port slot) counter in `STATS`.
+#[inline(always)]
+pub const fn stats_index(direction: u8, verdict: u8, reason: u8, port_slot: usize) -> u32 {
+    ((((direction as usize * verdict::COUNT + verdict as usize) * reason::COUNT + reason as usize)
+        * PORT_SLOTS)
+        + port_slot) as u32
+}
+
+/// Cells of `STATS` indexed by [`stats_index`].
+pub const STATS_VERDICT_CELLS: u32 =
+    (direction::COUNT * verdict::COUNT * reason::COUNT * PORT_SLOTS) as u32;
+/// The `STATS` cell (packets only) counting events lost to a full ring buffer.
+pub const STATS_EVENTS_LOST: u32 = STATS_VERDICT_CELLS;
+/// Entries of the `STATS` per-CPU array.
+pub const STATS_ENTRIES: u32 = STATS_VERDICT_CELLS + 1;
+
+/// Index of a (direction, country) drop counter in `GEO_DROPS`.
+#[inline(always)]
+pub const fn geo_index(direction: u8, country: u32) -> u32 {
+    direction as u32 * MAX_COUNTRIES as u32 + country
+}
+
+pub const GEO_DROPS_ENTRIES: u32 = (direction::COUNT * MAX_COUNTRIES) as u32;
+
+/// Settings of the loaded datapath that are not part of a policy generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Runtime {
+    /// Index (0 or 1) of the policy generation packets are judged by. The
+    /// controller fills the other generation, then flips this one word.
+    pub active: u32,
+    /// Sets in `SOURCES`, as the map was created.
+    pub source_sets: u32,
+    /// Direction each hook judges by, indexed by [`hook`].
+    pub hook_direction: [u8; hook::COUNT],
+    pub _pad0: u8,
+    /// One drop in this many is offered to the event stream (0: none).
+    pub drop_sample_one_in: u32,
+    /// Cap on sampled-drop and rate-trip events per second and CPU.
+    pub events_per_second: u32,
+}
+const _: () = assert!(core::mem::size_of::<Runtime>() == 20);
+
+/// One direction's share of a policy generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectionPolicy {
+    /// Guarded server ports in host byte order; [`PORT_UNUSED`] ends the list.
+    pub ports: [u32; MAX_PORTS],
+    /// [`action`] when nothing else decided, per port slot.
+    pub default_action: [u8; MAX_PORTS],
+    /// [`profile`] per port slot.
+    pub profile: [u8; MAX_PORTS],
+    /// [`mode`].
+    pub mode: u8,
+    /// [`action`] for malformed packets.
+    pub malformed_action: u8,
+    /// [`side`] bits: which ACL scopes have entries, so empty ones cost nothing.
+    pub acl_sides: u8,
+    /// [`smtp_command`] bits blocked on SMTP-profile ports.
+    pub smtp_block: u8,
+    /// Non-zero when new connections are rate limited.
+    pub rate_enabled: u8,
+    /// Non-zero when the geo-fence applies.
+    pub geo_enabled: u8,
+    pub _pad0: [u8; 2],
+    /// GCRA emission interval: 60 s / new connections per minute.
+    pub rate_interval_ns: u64,
+    /// GCRA tolerance: (burst - 1) * interval.
+    pub rate_tolerance_ns: u64,
+    /// Ban when more than this many SYNs arrive in the sliding minute; 0: never.
+    pub ban_threshold: u32,
+    /// First ban length.
+    pub ban_base_s: u32,
+    /// Each repeat ban is this many times longer ...
+    pub ban_factor: u32,
+    /// ... up to this length.
+    pub ban_max_s: u32,
+    /// Bit per country index: drop when set.
+    pub geo_drop: [u64; MAX_COUNTRIES / 64],
+}
+const _: () = assert!(core::mem::size_of::<DirectionPolicy>() == 96);
+
+impl DirectionPolicy {
+    /// Guards nothing: every packet leaves as non-SMTP.
+    pub const EMPTY: Self = Self {
+        ports: [PORT_UNUSED; MAX_PORTS],
+        default_action: [action::PASS; MAX_PORTS],
+        profile: [profile::OTHER; MAX_PORTS],
+        mode: mode::ENFORCE,
+        malformed_action: action::DROP,
+        acl_sides: 0,
+        smtp_block: 0,
+        rate_enabled: 0,
+        geo_enabled: 0,
+        _pad0: [0; 2],
+        rate_interval_ns: 0,
+        rate_tolerance_ns: 0,
+        ban_threshold: 0,
+        ban_base_s: 0,
+        ban_factor: 1,
+        ban_max_s: 0,
+        geo_drop: [0; MAX_COUNTRIES / 64],
+    };
+
+    /// Drops packets of this country index.
+    #[inline(always)]
+    pub fn geo_drops(&self, country: u32) -> bool {
+        let word = (country as usize / 64) % (MAX_COUNTRIES / 64);
+        self.geo_drop[word] & (1u64 << (country % 64)) != 0
+    }
+}
+
+/// A whole policy as the datapath sees it: one entry of `POLICY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// Monotonic policy generation number, for status and events.
+    pub generation: u64,
+    pub direction: [DirectionPolicy; direction::COUNT],
+}
+const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 200);
+
+impl PolicyConfig {
+    pub const EMPTY: Self = Self { generation: 0, direction: [DirectionPolicy::EMPTY; 2] };
+}
+
+/// Data of an `ACL_V4` key: generation, scope, address (network order).
+///
+/// The scope byte is `direction << 1 | side`, so one trie per family holds
+/// both directions, both sides and both generations; the prefix length of
+/// a key is `16 + CIDR prefix length`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AclKeyV4 {
+    pub generation: u8,
+    pub scope: u8,
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<AclKeyV4>() == 6);
+
+/// Data of an `ACL_V6` key; see [`AclKeyV4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AclKeyV6 {
+    pub generation: u8,
+    pub scope: u8,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<AclKeyV6>() == 18);
+
+/// Bits of an ACL key's prefix length taken by generation and scope.
+pub const ACL_KEY_HEADER_BITS: u32 = 16;
+
+/// Scope byte of an ACL key.
+#[inline(always)]
+pub const fn acl_scope(direction: u8, side: u8) -> u8 {
+    (direction << 1) | side
+}
+
+/// What the longest matching prefix means, resolved by the compiler.
+///
+/// For each guarded port slot: the rule allowing it (wins over everything)
+/// and the rule denying it; then the peer's country index for the geo-fence.
+/// Rule ids are the compiler's, 0 means none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AclEntry {
+    pub allow_rule: [u32; MAX_PORTS],
+    pub deny_rule: [u32; MAX_PORTS],
+    pub country: u32,
+}
+const _: () = assert!(core::mem::size_of::<AclEntry>() == 36);
+
+/// Kinds of [`Event`].
+pub mod event_kind {
+    pub const BAN_ADDED: u8 = 1;
+    pub const BAN_EXPIRED: u8 = 2;
+    pub const RATE_TRIP: u8 = 3;
+    pub const DROP_SAMPLE: u8 = 4;
+}
+
+/// A record on the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns` when it happened.
+    pub ktime_ns: u64,
+    pub kind: u8,
+    pub direction: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub port_slot: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad0: [u8; 2],
+    /// Deciding rule id, 0 if none.
+    pub rule: u32,
+    /// SYNs in the ban window when the ban started.
+    pub count: u32,
+    /// Ban length.
+    pub duration_s: u32,
+    /// Bans of this source so far, this one included.
+    pub strikes: u32,
+    /// Country index of the peer, 0 if none.
+    pub country: u32,
+    /// IPv4 addresses use the first four bytes.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 72);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), contain only integers and byte
+    // arrays, and have no implicit padding (sizes asserted above).
+    unsafe impl aya::Pod for Runtime {}
+    unsafe impl aya::Pod for PolicyConfig {}
+    unsafe impl aya::Pod for AclKeyV4 {}
+    unsafe impl aya::Pod for AclKeyV6 {}
+    unsafe impl aya::Pod for AclEntry {}
+    unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for source::SourceSet {}
+    unsafe impl aya::Pod for maps::Counter {}
+}
+
+impl DirectionPolicy {
+    /// Slot of a guarded server port, or `None` when the port is not guarded.
+    #[inline(always)]
+    pub fn port_slot(&self, port: u16) -> Option<usize> {
+        let port = port as u32;
+        let mut i = 0;
+        while i < MAX_PORTS {
+            if self.ports[i] == port {
+                return Some(i);
+            }
+            i += 1;
+        }
+        None
+    }
+}
+
+/// Case-insensitive check of a TCP payload's first bytes against the
+/// blocked SMTP commands: the verb, then a space, CR, LF or the end.
+#[inline(always)]
+pub fn blocked_smtp_command(head: &[u8; 5], payload_len: u32, blocked: u8) -> bool {
+    if payload_len < 4 {
+        return false;
+    }
+    let delimited = payload_len == 4 || matches!(head[4], b' ' | b'\r' | b'\n');
+    if !delimited {
+        return false;
+    }
+    let verb = [head[0] & 0xdf, head[1] & 0xdf, head[2] & 0xdf, head[3] & 0xdf];
+    (blocked & smtp_command::VRFY != 0 && verb == *b"VRFY")
+        || (blocked & smtp_command::EXPN != 0 && verb == *b"EXPN")
+}

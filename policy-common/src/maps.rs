@@ -1,0 +1,59 @@
+//! Map names and capacities: the one place both sides take them from.
+//! Names stay within the kernel's 15 characters.
+
+/// `Array<Runtime>`, 1 entry. Writer: controller. Reader: every hook.
+pub const RUNTIME: &str = "RUNTIME";
+/// `Array<PolicyConfig>`, one entry per generation. Writer: controller.
+pub const POLICY: &str = "POLICY";
+/// `LpmTrie<AclKeyV4, AclEntry>`: allow, deny and geo folded per prefix.
+pub const ACL_V4: &str = "ACL_V4";
+/// `LpmTrie<AclKeyV6, AclEntry>`.
+pub const ACL_V6: &str = "ACL_V6";
+/// `Array<SourceSet>`: rate buckets and bans per source, shared by all CPUs.
+pub const SOURCES: &str = "SOURCES";
+/// `PerCpuArray<Counter>`, indexed by `stats_index`.
+pub const STATS: &str = "STATS";
+/// `PerCpuArray<u64>`, drops per (direction, country), indexed by `geo_index`.
+pub const GEO_DROPS: &str = "GEO_DROPS";
+/// `RingBuf` of `Event`s.
+pub const EVENTS: &str = "EVENTS";
+/// `PerCpuArray<EventBudget>`: token bucket capping sampled events per CPU.
+pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
+
+/// Every map of the object, for the ELF test and the controller.
+pub const ALL_MAPS: [&str; 9] =
+    [RUNTIME, POLICY, ACL_V4, ACL_V6, SOURCES, STATS, GEO_DROPS, EVENTS, EVENT_BUDGET];
+
+/// Program names, one per hook.
+pub const PROG_XDP_INGRESS: &str = "xdp_ingress";
+pub const PROG_TC_INGRESS: &str = "tc_ingress";
+pub const PROG_TC_EGRESS: &str = "tc_egress";
+pub const ALL_PROGRAMS: [&str; 3] = [PROG_XDP_INGRESS, PROG_TC_INGRESS, PROG_TC_EGRESS];
+
+/// Policy generations kept side by side for atomic swaps.
+pub const GENERATIONS: u32 = 2;
+/// ACL trie capacity per family, shared by both generations. LPM tries
+/// allocate per entry, so this is a bound, not a reservation.
+pub const ACL_CAPACITY: u32 = 4_194_304;
+/// Default capacity of `SOURCES`, in sources. Settable at load time.
+pub const DEFAULT_SOURCE_CAPACITY: u32 = 1_310_720;
+/// Ring buffer size (a power of two, multiple of the page size).
+pub const EVENTS_BYTES: u32 = 1 << 20;
+
+/// One counter cell: packets and bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+/// Per-CPU token bucket for sampled events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);

@@ -1,0 +1,68 @@
+//! Allow, deny and geo in one longest-prefix lookup per side.
+//!
+//! The compiler folds every rule into the tries so that the longest
+//! matching prefix alone tells, per port slot, which rule allows and which
+//! denies, and which country the address is in.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{lpm_trie::Key, LpmTrie},
+};
+use policy_common::{
+    acl_scope, direction, side, AclEntry, AclKeyV4, AclKeyV6, ACL_CAPACITY, ACL_KEY_HEADER_BITS,
+};
+
+use crate::parse::Flow;
+
+/// Key: (generation, direction << 1 | side, IPv4 prefix). Writer: controller.
+#[map]
+static ACL_V4: LpmTrie<AclKeyV4, AclEntry> = LpmTrie::with_max_entries(ACL_CAPACITY, 0);
+
+/// Key: (generation, direction << 1 | side, IPv6 prefix). Writer: controller.
+#[map]
+static ACL_V6: LpmTrie<AclKeyV6, AclEntry> = LpmTrie::with_max_entries(ACL_CAPACITY, 0);
+
+/// The ACL's opinion of a flow; rule ids are 0 when no rule applies.
+#[derive(Default)]
+pub struct AclMatch {
+    pub allow_rule: u32,
+    pub deny_rule: u32,
+    pub country: u32,
+}
+
+#[inline(always)]
+fn lookup_addr(flow: &Flow, generation: u8, scope: u8, addr: &[u8; 16]) -> Option<&'static AclEntry> {
+    if flow.v6 {
+        let key = Key::new(ACL_KEY_HEADER_BITS + 128, AclKeyV6 { generation, scope, addr: *addr });
+        ACL_V6.get(&key)
+    } else {
+        let addr = [addr[0], addr[1], addr[2], addr[3]];
+        let key = Key::new(ACL_KEY_HEADER_BITS + 32, AclKeyV4 { generation, scope, addr });
+        ACL_V4.get(&key)
+    }
+}
+
+/// Looks the flow's peer and local addresses up, each only when the policy
+/// has rules for that side (`sides`, [`side`] bits).
+#[inline(always)]
+pub fn lookup(flow: &Flow, generation: u8, dir: u8, sides: u8) -> AclMatch {
+    let (peer, local) = if dir == direction::INGRESS { (&flow.src, &flow.dst) } else { (&flow.dst, &flow.src) };
+    let slot = flow.port_slot;
+    let mut found = AclMatch::default();
+    if sides & side::PEER_BIT != 0 {
+        if let Some(e) = lookup_addr(flow, generation, acl_scope(dir, side::PEER), peer) {
+            found.allow_rule = *e.allow_rule.get(slot).unwrap_or(&0);
+            found.deny_rule = *e.deny_rule.get(slot).unwrap_or(&0);
+            found.country = e.country;
+        }
+    }
+    if sides & side::LOCAL_BIT != 0 && found.allow_rule == 0 {
+        if let Some(e) = lookup_addr(flow, generation, acl_scope(dir, side::LOCAL), local) {
+            found.allow_rule = *e.allow_rule.get(slot).unwrap_or(&0);
+            if found.deny_rule == 0 {
+                found.deny_rule = *e.deny_rule.get(slot).unwrap_or(&0);
+            }
+        }
+    }
+    found
+}

@@ -1,0 +1,24 @@
+//! The datapath's configuration: runtime settings and the two policy
+//! generations. Packets read `Runtime::active` once and are judged wholly
+//! by that generation, so a flip of that word is an atomic policy swap.
+
+use aya_ebpf::{macros::map, maps::Array};
+use policy_common::{PolicyConfig, Runtime, GENERATIONS};
+
+/// Key 0. Writer: controller. Reader: every hook.
+#[map]
+static RUNTIME: Array<Runtime> = Array::with_max_entries(1, 0);
+
+/// Key: generation (0, 1). Writer: controller (inactive generation only).
+#[map]
+static POLICY: Array<PolicyConfig> = Array::with_max_entries(GENERATIONS, 0);
+
+#[inline(always)]
+pub fn runtime() -> Option<&'static Runtime> {
+    RUNTIME.get(0)
+}
+
+#[inline(always)]
+pub fn policy(generation: u32) -> Option<&'static PolicyConfig> {
+    POLICY.get(generation)
+}

@@ -1,0 +1,179 @@
+//! The decision pipeline for TCP to a guarded port, in the documented
+//! order: allow ACL, ban table, deny ACL, geo-fence, new-connection rate,
+//! SMTP command filter, default action. Every counted packet leaves
+//! through [`finish`], which applies monitor mode and records counters.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use policy_common::{
+    action, blocked_smtp_command, event_kind, mode, profile, reason, verdict, DirectionPolicy,
+    Runtime, PORT_SLOT_UNKNOWN,
+};
+
+use crate::{
+    acl, config, events,
+    frame::Frame,
+    parse::{parse, Flow, Parsed, PULL_LEN},
+    sources::{self, BanCheck, SynOutcome},
+    stats,
+};
+
+pub enum Verdict {
+    Pass,
+    Drop,
+}
+
+/// What the pipeline decided, before monitor mode.
+struct Outcome {
+    action: u8,
+    reason: u8,
+    rule: u32,
+    country: u32,
+}
+
+impl Outcome {
+    #[inline(always)]
+    const fn new(action: u8, reason: u8) -> Self {
+        Self { action, reason, rule: 0, country: 0 }
+    }
+}
+
+#[inline(always)]
+pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
+    let Some(runtime) = config::runtime() else { return Verdict::Pass };
+    let Some(policy) = config::policy(runtime.active) else { return Verdict::Pass };
+    let dir = runtime.hook_direction[hook];
+    let Some(dp) = policy.direction.get(dir as usize) else { return Verdict::Pass };
+
+    let mut parsed = parse(frame, dp);
+    if let Parsed::Short { .. } = parsed {
+        if frame.pull(PULL_LEN) {
+            parsed = parse(frame, dp);
+        }
+    }
+    let bytes = frame.wire_len();
+    match parsed {
+        Parsed::NotOurs => Verdict::Pass,
+        Parsed::Fragment => finish(runtime, dp, dir, None, PORT_SLOT_UNKNOWN, bytes, Outcome::new(action::PASS, reason::FRAGMENT)),
+        Parsed::Malformed { port_slot } | Parsed::Short { port_slot } => {
+            let outcome = Outcome::new(dp.malformed_action, reason::MALFORMED);
+            finish(runtime, dp, dir, None, port_slot, bytes, outcome)
+        }
+        Parsed::Tcp(flow) => {
+            let outcome = pipeline(frame, runtime, dp, dir, &flow);
+            finish(runtime, dp, dir, Some(&flow), flow.port_slot, bytes, outcome)
+        }
+    }
+}
+
+#[inline(always)]
+fn pipeline<F: Frame>(frame: &F, runtime: &Runtime, dp: &DirectionPolicy, dir: u8, flow: &Flow) -> Outcome {
+    let acl = acl::lookup(flow, runtime.active as u8, dir, dp.acl_sides);
+    if acl.allow_rule != 0 {
+        return Outcome { rule: acl.allow_rule, ..Outcome::new(action::PASS, reason::ALLOW_ACL) };
+    }
+
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let mut source = sources::locate(flow, runtime.source_sets);
+    match sources::check_ban(&source, now_ns) {
+        BanCheck::Banned => return Outcome::new(action::DROP, reason::BANNED),
+        BanCheck::Expired => events::emit(&events::about(flow, event_kind::BAN_EXPIRED, now_ns, dir)),
+        BanCheck::Clear => {}
+    }
+
+    if acl.deny_rule != 0 {
+        return Outcome { rule: acl.deny_rule, country: acl.country, ..Outcome::new(action::DROP, reason::DENY_ACL) };
+    }
+
+    if dp.geo_enabled != 0 && dp.geo_drops(acl.country) {
+        return Outcome { country: acl.country, ..Outcome::new(action::DROP, reason::GEO) };
+    }
+
+    if dp.rate_enabled != 0 && flow.syn {
+        match sources::on_syn(&mut source, dp, now_ns) {
+            SynOutcome::Admitted => {}
+            SynOutcome::Limited { trip } => {
+                if trip && events::take_budget(runtime, now_ns) {
+                    let mut e = events::about(flow, event_kind::RATE_TRIP, now_ns, dir);
+                    e.reason = reason::RATE_LIMITED;
+                    e.verdict = drop_verdict(dp);
+                    events::emit(&e);
+                }
+                return Outcome::new(action::DROP, reason::RATE_LIMITED);
+            }
+            SynOutcome::BanStarted { count, duration_s, strikes } => {
+                let mut e = events::about(flow, event_kind::BAN_ADDED, now_ns, dir);
+                e.reason = reason::RATE_BAN;
+                e.verdict = drop_verdict(dp);
+                e.count = count;
+                e.duration_s = duration_s;
+                e.strikes = strikes;
+                events::emit(&e);
+                return Outcome::new(action::DROP, reason::RATE_BAN);
+            }
+            SynOutcome::Banned => return Outcome::new(action::DROP, reason::BANNED),
+        }
+    }
+
+    let slot_profile = *dp.profile.get(flow.port_slot).unwrap_or(&profile::OTHER);
+    if slot_profile == profile::SMTP && dp.smtp_block != 0 && flow.payload_len >= 4 {
+        let head = if flow.payload_len == 4 {
+            frame.copy::<4>(flow.payload_offset).map(|h| [h[0], h[1], h[2], h[3], 0])
+        } else {
+            frame.copy::<5>(flow.payload_offset)
+        };
+        if head.is_some_and(|h| blocked_smtp_command(&h, flow.payload_len, dp.smtp_block)) {
+            return Outcome::new(action::DROP, reason::SMTP_COMMAND);
+        }
+    }
+
+    match dp.default_action.get(flow.port_slot) {
+        Some(&action::DROP) => Outcome::new(action::DROP, reason::DEFAULT_DENY),
+        _ => Outcome::new(action::PASS, reason::DEFAULT_ALLOW),
+    }
+}
+
+#[inline(always)]
+fn drop_verdict(dp: &DirectionPolicy) -> u8 {
+    if dp.mode == mode::MONITOR {
+        verdict::WOULD_DROP
+    } else {
+        verdict::DROP
+    }
+}
+
+/// The one exit for counted packets.
+#[inline(always)]
+fn finish(
+    runtime: &Runtime,
+    dp: &DirectionPolicy,
+    dir: u8,
+    flow: Option<&Flow>,
+    port_slot: usize,
+    bytes: u32,
+    outcome: Outcome,
+) -> Verdict {
+    let v = if outcome.action == action::DROP { drop_verdict(dp) } else { verdict::PASS };
+    stats::record(dir, v, outcome.reason, port_slot, bytes);
+    if v == verdict::PASS {
+        return Verdict::Pass;
+    }
+    if outcome.reason == reason::GEO {
+        stats::record_geo_drop(dir, outcome.country);
+    }
+    if let Some(flow) = flow {
+        let now_ns = unsafe { bpf_ktime_get_ns() };
+        if events::sample_drop(runtime, now_ns) {
+            let mut e = events::about(flow, event_kind::DROP_SAMPLE, now_ns, dir);
+            e.verdict = v;
+            e.reason = outcome.reason;
+            e.rule = outcome.rule;
+            e.country = outcome.country;
+            events::emit(&e);
+        }
+    }
+    if v == verdict::DROP {
+        Verdict::Drop
+    } else {
+        Verdict::Pass
+    }
+}

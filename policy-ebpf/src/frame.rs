@@ -1,0 +1,103 @@
+//! Uniform access to XDP frames and socket buffers.
+//!
+//! Headers are read with direct packet access, which the verifier only
+//! allows after a bounds check against `data_end`. A TC skb may keep part of
+//! its headers outside the linear area (AF_PACKET senders, GRO): then the
+//! parser reports [`Truncated`](crate::parse::Parsed::Truncated) although
+//! the frame is longer, and the TC hook pulls the headers in and parses
+//! again. The payload peek uses `bpf_skb_load_bytes`, which needs no pull,
+//! so locally generated TCP (payload in page fragments) is never copied.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::{TcContext, XdpContext};
+
+pub trait Frame {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+    /// Length of the whole frame, linear or not.
+    fn wire_len(&self) -> u32;
+    /// Makes up to `len` bytes directly readable; false when nothing changed.
+    fn pull(&self, len: u32) -> bool;
+    /// Copies `N` bytes at `offset`, wherever they are.
+    fn copy<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
+}
+
+/// Pointer to a `T` at `offset` into the frame, after the bounds check the
+/// verifier wants.
+///
+/// # Safety
+/// The pointer is valid for reads of `size_of::<T>()` bytes until the frame
+/// changes (a pull); `T` must be valid for any bit pattern and have
+/// alignment 1 (packet data has no alignment guarantee).
+#[inline(always)]
+pub unsafe fn ptr_at<F: Frame, T>(frame: &F, offset: usize) -> Option<*const T> {
+    let start = frame.start();
+    if start + offset + size_of::<T>() > frame.end() {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+pub struct XdpFrame<'a>(pub &'a XdpContext);
+
+impl Frame for XdpFrame<'_> {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.0.data()
+    }
+
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.0.data_end()
+    }
+
+    #[inline(always)]
+    fn wire_len(&self) -> u32 {
+        (self.0.data_end() - self.0.data()) as u32
+    }
+
+    #[inline(always)]
+    fn pull(&self, _len: u32) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn copy<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        // SAFETY: [u8; N] has alignment 1 and no invalid bit patterns.
+        unsafe { ptr_at::<_, [u8; N]>(self, offset).map(|p| *p) }
+    }
+}
+
+pub struct SkbFrame<'a>(pub &'a TcContext);
+
+impl Frame for SkbFrame<'_> {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.0.data()
+    }
+
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.0.data_end()
+    }
+
+    #[inline(always)]
+    fn wire_len(&self) -> u32 {
+        self.0.len()
+    }
+
+    #[inline(always)]
+    fn pull(&self, len: u32) -> bool {
+        let linear = (self.0.data_end() - self.0.data()) as u32;
+        let want = if len < self.0.len() { len } else { self.0.len() };
+        want > linear && self.0.pull_data(want).is_ok()
+    }
+
+    #[inline(always)]
+    fn copy<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        let mut buf = [0u8; N];
+        self.0.load_bytes(offset, &mut buf).ok()?;
+        Some(buf)
+    }
+}

@@ -1,0 +1,69 @@
+//! smtpguard's datapath: one decision pipeline behind three hooks.
+//!
+//! `xdp_ingress` sits on the host uplink; `tc_ingress` and `tc_egress` on
+//! clsact, for the uplink's egress side and for tenant-facing interfaces.
+//! Which policy direction a hook judges by is runtime configuration
+//! (`Runtime::hook_direction`), so the same pipeline serves every hook.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic_cxchg: the BPF target has no stable CAS")]
+
+mod acl;
+mod atomic;
+mod config;
+mod decide;
+mod events;
+mod frame;
+mod parse;
+mod sources;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use policy_common::hook;
+
+use crate::{
+    decide::Verdict,
+    frame::{SkbFrame, XdpFrame},
+};
+
+#[xdp]
+pub fn xdp_ingress(ctx: XdpContext) -> u32 {
+    match decide::judge(&XdpFrame(&ctx), hook::XDP_INGRESS) {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+#[classifier]
+pub fn tc_ingress(ctx: TcContext) -> i32 {
+    tc_verdict(decide::judge(&SkbFrame(&ctx), hook::TC_INGRESS))
+}
+
+#[classifier]
+pub fn tc_egress(ctx: TcContext) -> i32 {
+    tc_verdict(decide::judge(&SkbFrame(&ctx), hook::TC_EGRESS))
+}
+
+/// Passing lets later clsact programs have their say (`TC_ACT_UNSPEC`).
+#[inline(always)]
+fn tc_verdict(verdict: Verdict) -> i32 {
+    match verdict {
+        Verdict::Pass => TC_ACT_UNSPEC,
+        Verdict::Drop => TC_ACT_SHOT as i32,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

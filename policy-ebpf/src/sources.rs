@@ -1,0 +1,201 @@
+//! Per-source state shared by all CPUs: bans, the new-connection bucket
+//! and the ban meter, in the set-associative `SOURCES` table.
+//!
+//! Every field a packet changes is updated by compare-and-swap, so SYNs of
+//! one source spread over CPUs by RSS spend from one bucket. Losing a race
+//! a few times in a row counts as no token: under such contention the
+//! source is flooding anyway.
+
+use aya_ebpf::{macros::map, maps::Array};
+use policy_common::{
+    source::{
+        ban_duration_s, ban_origin, gcra_admit, sets_for, slot_flag, source_key_v4, source_key_v6,
+        source_set, Admit, SlotInfo, SourceSet, SourceSlot, Window, WAYS,
+    },
+    DirectionPolicy, DEFAULT_SOURCE_CAPACITY,
+};
+
+use crate::{atomic::Word, parse::Flow};
+
+/// Key: `source_set(source key)`; 8 ways per set. Writer: datapath (SYNs,
+/// expiries) and controller (manual bans). Capacity set at load time.
+#[map]
+static SOURCES: Array<SourceSet> = Array::with_max_entries(sets_for(DEFAULT_SOURCE_CAPACITY), 0);
+
+const CAS_TRIES: usize = 4;
+const NS_PER_S: u64 = 1_000_000_000;
+
+#[inline(always)]
+fn word(field: &u64) -> Word {
+    Word::of(field)
+}
+
+/// Applies `f` atomically; `None` from `f` leaves the word alone.
+#[inline(always)]
+fn update(w: Word, mut f: impl FnMut(u64) -> Option<u64>) -> Option<u64> {
+    for _ in 0..CAS_TRIES {
+        let old = w.load();
+        let new = f(old)?;
+        if w.cas(old, new) {
+            return Some(new);
+        }
+    }
+    None
+}
+
+/// A flow's source and, when tracked, its slot.
+pub struct Source {
+    key: u64,
+    set: Option<&'static SourceSet>,
+    slot: Option<&'static SourceSlot>,
+}
+
+#[inline(always)]
+pub fn locate(flow: &Flow, sets: u32) -> Source {
+    let key = if flow.v6 {
+        source_key_v6(flow.src)
+    } else {
+        source_key_v4([flow.src[0], flow.src[1], flow.src[2], flow.src[3]])
+    };
+    let set = SOURCES.get(source_set(key, sets));
+    let mut slot = None;
+    if let Some(set) = set {
+        for way in 0..WAYS {
+            if word(&set.slots[way].key).load() == key {
+                slot = Some(&set.slots[way]);
+                break;
+            }
+        }
+    }
+    Source { key, set, slot }
+}
+
+pub enum BanCheck {
+    Clear,
+    Banned,
+    /// The ban ran out just now; the caller reports it.
+    Expired,
+}
+
+/// Is the source banned at `now_ns`? An expired ban is cleared here.
+#[inline(always)]
+pub fn check_ban(source: &Source, now_ns: u64) -> BanCheck {
+    let Some(slot) = source.slot else { return BanCheck::Clear };
+    let ban = word(&slot.ban_until_ns);
+    let until = ban.load();
+    if until == 0 {
+        BanCheck::Clear
+    } else if until > now_ns {
+        BanCheck::Banned
+    } else if ban.cas(until, 0) {
+        BanCheck::Expired
+    } else {
+        BanCheck::Clear
+    }
+}
+
+/// Takes a slot for a new source: a free way, else the idlest unbanned
+/// source, else the ban that ends first. Manual bans go last.
+#[inline(always)]
+fn claim(set: &'static SourceSet, key: u64, now_ns: u64) -> &'static SourceSlot {
+    let mut victim = 0;
+    let mut best = u64::MAX;
+    for way in 0..WAYS {
+        let s = &set.slots[way];
+        if word(&s.key).load() == 0 {
+            victim = way;
+            break;
+        }
+        let until = word(&s.ban_until_ns).load();
+        let info = SlotInfo::unpack(word(&s.info).load());
+        let score = if until > now_ns {
+            let rank = if info.origin == ban_origin::MANUAL { 3u64 << 62 } else { 1u64 << 62 };
+            rank | (until / NS_PER_S)
+        } else {
+            info.last_seen_s as u64
+        };
+        if score < best {
+            best = score;
+            victim = way;
+        }
+    }
+    let s = &set.slots[victim];
+    word(&s.admit_tat_ns).store(0);
+    word(&s.window).store(0);
+    word(&s.ban_until_ns).store(0);
+    word(&s.info).store(SlotInfo { last_seen_s: (now_ns / NS_PER_S) as u32, ..SlotInfo::default() }.pack());
+    word(&s.key).store(key);
+    s
+}
+
+pub enum SynOutcome {
+    Admitted,
+    /// No token. `trip`: the first limited SYN after admitted ones.
+    Limited { trip: bool },
+    /// This SYN started a ban.
+    BanStarted { count: u32, duration_s: u32, strikes: u32 },
+    /// Another CPU started the ban a moment ago.
+    Banned,
+}
+
+/// Meters a new connection: the ban meter counts every SYN, then the
+/// bucket decides whether it may pass.
+#[inline(always)]
+pub fn on_syn(source: &mut Source, policy: &DirectionPolicy, now_ns: u64) -> SynOutcome {
+    let slot = match (source.slot, source.set) {
+        (Some(slot), _) => slot,
+        (None, Some(set)) => {
+            let slot = claim(set, source.key, now_ns);
+            source.slot = Some(slot);
+            slot
+        }
+        (None, None) => return SynOutcome::Admitted,
+    };
+    let now_s = (now_ns / NS_PER_S) as u32;
+    let info_word = word(&slot.info);
+
+    if policy.ban_threshold != 0 {
+        let meter = update(word(&slot.window), |w| Some(Window::unpack(w).record(now_s).pack()));
+        let count = meter.map(|w| Window::unpack(w).estimate(now_s)).unwrap_or(0);
+        if count > policy.ban_threshold {
+            let info = SlotInfo::unpack(info_word.load());
+            let strikes = info.strikes as u32 + 1;
+            let duration_s =
+                ban_duration_s(strikes, policy.ban_base_s, policy.ban_factor, policy.ban_max_s);
+            let until = now_ns + duration_s as u64 * NS_PER_S;
+            let ban = word(&slot.ban_until_ns);
+            let old = ban.load();
+            if old > now_ns || !ban.cas(old, until) {
+                return SynOutcome::Banned;
+            }
+            let origin = if strikes > 1 { ban_origin::ESCALATED } else { ban_origin::AUTO };
+            info_word.store(
+                SlotInfo { strikes: strikes as u16, origin, flags: 0, last_seen_s: now_s }.pack(),
+            );
+            word(&slot.window).store(0);
+            return SynOutcome::BanStarted { count, duration_s, strikes };
+        }
+    }
+
+    let admitted = policy.rate_interval_ns == 0
+        || update(word(&slot.admit_tat_ns), |tat| {
+            match gcra_admit(tat, now_ns, policy.rate_interval_ns, policy.rate_tolerance_ns) {
+                Admit::Accept(next) => Some(next),
+                Admit::Reject => None,
+            }
+        })
+        .is_some();
+    let mut trip = false;
+    update(info_word, |w| {
+        let mut info = SlotInfo::unpack(w);
+        trip = !admitted && info.flags & slot_flag::LIMITED == 0;
+        info.flags = if admitted { info.flags & !slot_flag::LIMITED } else { info.flags | slot_flag::LIMITED };
+        info.last_seen_s = now_s;
+        Some(info.pack())
+    });
+    if admitted {
+        SynOutcome::Admitted
+    } else {
+        SynOutcome::Limited { trip }
+    }
+}

@@ -1,0 +1,42 @@
+//! Counters, recorded once per counted packet on the single exit path.
+
+use aya_ebpf::{macros::map, maps::PerCpuArray};
+use policy_common::{
+    geo_index, stats_index, Counter, GEO_DROPS_ENTRIES, STATS_ENTRIES, STATS_EVENTS_LOST,
+};
+
+/// Key: `stats_index(direction, verdict, reason, port slot)`, plus the
+/// events-lost cell. Writer: datapath. Reader: controller (sums CPUs).
+#[map]
+static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
+
+/// Key: `geo_index(direction, country)`: drops and would-drops by country.
+#[map]
+static GEO_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GEO_DROPS_ENTRIES, 0);
+
+#[inline(always)]
+pub fn record(direction: u8, verdict: u8, reason: u8, port_slot: usize, bytes: u32) {
+    if let Some(c) = STATS.get_ptr_mut(stats_index(direction, verdict, reason, port_slot)) {
+        // SAFETY: per-CPU cell; programs do not migrate while running.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes as u64;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn record_geo_drop(direction: u8, country: u32) {
+    if let Some(c) = GEO_DROPS.get_ptr_mut(geo_index(direction, country)) {
+        // SAFETY: as in `record`.
+        unsafe { *c += 1 }
+    }
+}
+
+#[inline(always)]
+pub fn record_event_lost() {
+    if let Some(c) = STATS.get_ptr_mut(STATS_EVENTS_LOST) {
+        // SAFETY: as in `record`.
+        unsafe { (*c).packets += 1 }
+    }
+}

@@ -1,0 +1,4 @@
+//! smtpguard's controller library.
+
+/// The eBPF object built by `build.rs`, aligned for the ELF parser.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy-ebpf.o"));
