@@ -20,9 +20,12 @@ pub const EVENTS: &str = "EVENTS";
 /// `PerCpuArray<EventBudget>`: token bucket capping sampled events per CPU.
 pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
 
+/// `PerCpuArray<u32>`, 1 entry: scratch word that keeps verifier state small.
+pub const SCRATCH: &str = "SCRATCH";
+
 /// Every map of the object, for the ELF test and the controller.
-pub const ALL_MAPS: [&str; 9] =
-    [RUNTIME, POLICY, ACL_V4, ACL_V6, SOURCES, STATS, GEO_DROPS, EVENTS, EVENT_BUDGET];
+pub const ALL_MAPS: [&str; 10] =
+    [RUNTIME, POLICY, ACL_V4, ACL_V6, SOURCES, STATS, GEO_DROPS, EVENTS, EVENT_BUDGET, SCRATCH];
 
 /// Program names, one per hook.
 pub const PROG_XDP_INGRESS: &str = "xdp_ingress";

@@ -73,7 +73,7 @@ fn pipeline<F: Frame>(frame: &F, runtime: &Runtime, dp: &DirectionPolicy, dir: u
     }
 
     let now_ns = unsafe { bpf_ktime_get_ns() };
-    let mut source = sources::locate(flow, runtime.source_sets);
+    let mut source = sources::locate(flow, runtime.source_sets, now_ns);
     match sources::check_ban(&source, now_ns) {
         BanCheck::Banned => return Outcome::new(action::DROP, reason::BANNED),
         BanCheck::Expired => events::emit(&events::about(flow, event_kind::BAN_EXPIRED, now_ns, dir)),

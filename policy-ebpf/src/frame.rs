@@ -10,7 +10,11 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::{TcContext, XdpContext};
+use aya_ebpf::{
+    helpers::generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    programs::{TcContext, XdpContext},
+    EbpfContext,
+};
 
 pub trait Frame {
     fn start(&self) -> usize;
@@ -62,10 +66,14 @@ impl Frame for XdpFrame<'_> {
         false
     }
 
+    /// A helper rather than direct access: the offset then stays an
+    /// imprecise scalar for the verifier, which keeps its state count down.
     #[inline(always)]
     fn copy<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        // SAFETY: [u8; N] has alignment 1 and no invalid bit patterns.
-        unsafe { ptr_at::<_, [u8; N]>(self, offset).map(|p| *p) }
+        let mut buf = [0u8; N];
+        // SAFETY: the helper bounds-checks and writes at most N bytes.
+        let rc = unsafe { bpf_xdp_load_bytes(self.0.as_ptr() as *mut _, offset as u32, buf.as_mut_ptr() as *mut _, N as u32) };
+        (rc == 0).then_some(buf)
     }
 }
 
@@ -97,7 +105,8 @@ impl Frame for SkbFrame<'_> {
     #[inline(always)]
     fn copy<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
         let mut buf = [0u8; N];
-        self.0.load_bytes(offset, &mut buf).ok()?;
-        Some(buf)
+        // SAFETY: the helper bounds-checks and writes at most N bytes.
+        let rc = unsafe { bpf_skb_load_bytes(self.0.as_ptr(), offset as u32, buf.as_mut_ptr() as *mut _, N as u32) };
+        (rc == 0).then_some(buf)
     }
 }

@@ -6,7 +6,10 @@
 //! a few times in a row counts as no token: under such contention the
 //! source is flooding anyway.
 
-use aya_ebpf::{macros::map, maps::Array};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, PerCpuArray},
+};
 use policy_common::{
     source::{
         ban_duration_s, ban_origin, gcra_admit, sets_for, slot_flag, source_key_v4, source_key_v6,
@@ -43,31 +46,83 @@ fn update(w: Word, mut f: impl FnMut(u64) -> Option<u64>) -> Option<u64> {
     None
 }
 
-/// A flow's source and, when tracked, its slot.
+/// A flow's source: its key, its set, and the way it holds (`tracked`) or
+/// would take if it were new.
 pub struct Source {
     key: u64,
     set: Option<&'static SourceSet>,
-    slot: Option<&'static SourceSlot>,
+    way: u32,
+    tracked: bool,
 }
 
+impl Source {
+    #[inline(always)]
+    fn slot(&self) -> Option<&'static SourceSlot> {
+        let set = self.set?;
+        Some(&set.slots[(self.way as usize) % WAYS])
+    }
+}
+
+/// Per-CPU scratch word. Passing the chosen way through it hides the way's
+/// exact value from the verifier, so the rest of the pipeline is verified
+/// once rather than once per way.
+#[map]
+static SCRATCH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 #[inline(always)]
-pub fn locate(flow: &Flow, sets: u32) -> Source {
+fn opaque(value: u32) -> u32 {
+    match SCRATCH.get_ptr_mut(0) {
+        // SAFETY: per-CPU value of the right type, no concurrent user.
+        Some(p) => unsafe {
+            core::ptr::write_volatile(p, value);
+            core::ptr::read_volatile(p)
+        },
+        None => 0,
+    }
+}
+
+/// Finds the flow's source, or the way a new source would take: a free
+/// way, else the idlest unbanned source, else the ban that ends first;
+/// manual bans go last.
+#[inline(always)]
+pub fn locate(flow: &Flow, sets: u32, now_ns: u64) -> Source {
     let key = if flow.v6 {
         source_key_v6(flow.src)
     } else {
         source_key_v4([flow.src[0], flow.src[1], flow.src[2], flow.src[3]])
     };
     let set = SOURCES.get(source_set(key, sets));
-    let mut slot = None;
+    let mut way = 0;
+    let mut tracked = false;
     if let Some(set) = set {
-        for way in 0..WAYS {
-            if word(&set.slots[way].key).load() == key {
-                slot = Some(&set.slots[way]);
+        let mut best = u64::MAX;
+        for i in 0..WAYS {
+            let s = &set.slots[i];
+            let k = word(&s.key).load();
+            if k == key {
+                way = i as u32;
+                tracked = true;
                 break;
+            }
+            let score = if k == 0 {
+                0
+            } else {
+                let until = word(&s.ban_until_ns).load();
+                if until > now_ns {
+                    let info = SlotInfo::unpack(word(&s.info).load());
+                    let rank = if info.origin == ban_origin::MANUAL { 3u64 << 62 } else { 1u64 << 62 };
+                    rank | (until / NS_PER_S)
+                } else {
+                    1 + SlotInfo::unpack(word(&s.info).load()).last_seen_s as u64
+                }
+            };
+            if score < best {
+                best = score;
+                way = i as u32;
             }
         }
     }
-    Source { key, set, slot }
+    Source { key, set, way: opaque(way), tracked }
 }
 
 pub enum BanCheck {
@@ -80,7 +135,10 @@ pub enum BanCheck {
 /// Is the source banned at `now_ns`? An expired ban is cleared here.
 #[inline(always)]
 pub fn check_ban(source: &Source, now_ns: u64) -> BanCheck {
-    let Some(slot) = source.slot else { return BanCheck::Clear };
+    if !source.tracked {
+        return BanCheck::Clear;
+    }
+    let Some(slot) = source.slot() else { return BanCheck::Clear };
     let ban = word(&slot.ban_until_ns);
     let until = ban.load();
     if until == 0 {
@@ -94,38 +152,14 @@ pub fn check_ban(source: &Source, now_ns: u64) -> BanCheck {
     }
 }
 
-/// Takes a slot for a new source: a free way, else the idlest unbanned
-/// source, else the ban that ends first. Manual bans go last.
+/// Gives the source its chosen way, evicting whoever held it.
 #[inline(always)]
-fn claim(set: &'static SourceSet, key: u64, now_ns: u64) -> &'static SourceSlot {
-    let mut victim = 0;
-    let mut best = u64::MAX;
-    for way in 0..WAYS {
-        let s = &set.slots[way];
-        if word(&s.key).load() == 0 {
-            victim = way;
-            break;
-        }
-        let until = word(&s.ban_until_ns).load();
-        let info = SlotInfo::unpack(word(&s.info).load());
-        let score = if until > now_ns {
-            let rank = if info.origin == ban_origin::MANUAL { 3u64 << 62 } else { 1u64 << 62 };
-            rank | (until / NS_PER_S)
-        } else {
-            info.last_seen_s as u64
-        };
-        if score < best {
-            best = score;
-            victim = way;
-        }
-    }
-    let s = &set.slots[victim];
-    word(&s.admit_tat_ns).store(0);
-    word(&s.window).store(0);
-    word(&s.ban_until_ns).store(0);
-    word(&s.info).store(SlotInfo { last_seen_s: (now_ns / NS_PER_S) as u32, ..SlotInfo::default() }.pack());
-    word(&s.key).store(key);
-    s
+fn claim(slot: &SourceSlot, key: u64, now_s: u32) {
+    word(&slot.admit_tat_ns).store(0);
+    word(&slot.window).store(0);
+    word(&slot.ban_until_ns).store(0);
+    word(&slot.info).store(SlotInfo { last_seen_s: now_s, ..SlotInfo::default() }.pack());
+    word(&slot.key).store(key);
 }
 
 pub enum SynOutcome {
@@ -142,16 +176,12 @@ pub enum SynOutcome {
 /// bucket decides whether it may pass.
 #[inline(always)]
 pub fn on_syn(source: &mut Source, policy: &DirectionPolicy, now_ns: u64) -> SynOutcome {
-    let slot = match (source.slot, source.set) {
-        (Some(slot), _) => slot,
-        (None, Some(set)) => {
-            let slot = claim(set, source.key, now_ns);
-            source.slot = Some(slot);
-            slot
-        }
-        (None, None) => return SynOutcome::Admitted,
-    };
+    let Some(slot) = source.slot() else { return SynOutcome::Admitted };
     let now_s = (now_ns / NS_PER_S) as u32;
+    if !source.tracked {
+        claim(slot, source.key, now_s);
+        source.tracked = true;
+    }
     let info_word = word(&slot.info);
 
     if policy.ban_threshold != 0 {

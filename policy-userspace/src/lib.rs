@@ -1,4 +1,6 @@
 //! smtpguard's controller library.
 
+pub mod dataplane;
+
 /// The eBPF object built by `build.rs`, aligned for the ELF parser.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy-ebpf.o"));

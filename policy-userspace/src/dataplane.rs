@@ -1,0 +1,336 @@
+//! The loaded datapath: one type that owns the eBPF object and every map,
+//! and offers typed operations on them. Nothing else touches a map handle.
+
+use std::{net::IpAddr, time::Duration};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
+    programs::{
+        tc::{self, TcAttachType},
+        Program, SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use policy_common::{
+    direction, hook,
+    source::{sets_for, SourceSet},
+    AclEntry, AclKeyV4, AclKeyV6, Counter, Event, PolicyConfig, Runtime, ACL_KEY_HEADER_BITS,
+    DEFAULT_SOURCE_CAPACITY, GEO_DROPS_ENTRIES, STATS_ENTRIES,
+};
+
+use crate::EBPF_OBJECT;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("attaching to {iface}: {source}")]
+    Tc { iface: String, source: aya::programs::tc::TcError },
+    #[error("event of {0} bytes does not match the event layout")]
+    BadEvent(usize),
+}
+
+type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+/// Settings fixed when the object is loaded.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Sources `SOURCES` holds (rate buckets and bans).
+    pub source_capacity: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { source_capacity: DEFAULT_SOURCE_CAPACITY }
+    }
+}
+
+/// The hook programs, by the names in policy-common.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    XdpIngress,
+    TcIngress,
+    TcEgress,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 3] = [Hook::XdpIngress, Hook::TcIngress, Hook::TcEgress];
+
+    pub const fn program_name(self) -> &'static str {
+        match self {
+            Hook::XdpIngress => policy_common::PROG_XDP_INGRESS,
+            Hook::TcIngress => policy_common::PROG_TC_INGRESS,
+            Hook::TcEgress => policy_common::PROG_TC_EGRESS,
+        }
+    }
+
+    pub const fn index(self) -> usize {
+        match self {
+            Hook::XdpIngress => hook::XDP_INGRESS,
+            Hook::TcIngress => hook::TC_INGRESS,
+            Hook::TcEgress => hook::TC_EGRESS,
+        }
+    }
+
+    /// The program's return value for a pass and for a drop.
+    pub const fn verdict_codes(self) -> (u32, u32) {
+        match self {
+            Hook::XdpIngress => (2, 1),
+            // TC_ACT_UNSPEC (-1) and TC_ACT_SHOT.
+            Hook::TcIngress | Hook::TcEgress => (u32::MAX, 2),
+        }
+    }
+}
+
+/// The hooks' default directions: the uplink's XDP judges arriving mail by
+/// the ingress policy; TC judges what leaves the uplink and what tenants
+/// send by the egress policy.
+pub const DEFAULT_HOOK_DIRECTION: [u8; hook::COUNT] =
+    [direction::INGRESS, direction::EGRESS, direction::EGRESS];
+
+/// An ACL prefix: a family-specific address and a CIDR prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AclPrefix {
+    pub generation: u8,
+    pub scope: u8,
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    events: RingBuf<MapData>,
+    source_sets: u32,
+}
+
+impl Dataplane {
+    /// Loads and verifies the programs and creates the maps. Nothing is
+    /// attached yet; the runtime starts with an empty policy.
+    pub fn load(options: LoadOptions) -> Result<Self> {
+        let source_sets = sets_for(options.source_capacity);
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(policy_common::SOURCES, source_sets)
+            .load(EBPF_OBJECT)?;
+        for name in policy_common::ALL_PROGRAMS {
+            let program = ebpf.program_mut(name).ok_or(DataplaneError::MissingProgram(name))?;
+            let loaded = match program {
+                Program::Xdp(p) => p.load(),
+                Program::SchedClassifier(p) => p.load(),
+                _ => return Err(DataplaneError::MissingProgram(name)),
+            };
+            loaded.map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        let events = take_map(&mut ebpf, policy_common::EVENTS)?;
+        let events = RingBuf::try_from(events)
+            .map_err(|source| DataplaneError::Map { name: policy_common::EVENTS, source })?;
+        let mut dataplane = Self { ebpf, events, source_sets };
+        dataplane.set_runtime(Runtime {
+            active: 0,
+            source_sets,
+            hook_direction: DEFAULT_HOOK_DIRECTION,
+            _pad0: 0,
+            drop_sample_one_in: 0,
+            events_per_second: 0,
+        })?;
+        Ok(dataplane)
+    }
+
+    pub fn source_sets(&self) -> u32 {
+        self.source_sets
+    }
+
+    fn array<T: aya::Pod>(&mut self, name: &'static str) -> Result<Array<&mut MapData, T>> {
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        Array::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+    }
+
+    pub fn runtime(&mut self) -> Result<Runtime> {
+        let name = policy_common::RUNTIME;
+        self.array::<Runtime>(name)?.get(&0, 0).map_err(|source| DataplaneError::Map { name, source })
+    }
+
+    pub fn set_runtime(&mut self, runtime: Runtime) -> Result<()> {
+        let name = policy_common::RUNTIME;
+        self.array::<Runtime>(name)?.set(0, runtime, 0).map_err(|source| DataplaneError::Map { name, source })
+    }
+
+    pub fn policy(&mut self, generation: u32) -> Result<PolicyConfig> {
+        let name = policy_common::POLICY;
+        self.array::<PolicyConfig>(name)?
+            .get(&generation, 0)
+            .map_err(|source| DataplaneError::Map { name, source })
+    }
+
+    pub fn set_policy(&mut self, generation: u32, policy: &PolicyConfig) -> Result<()> {
+        let name = policy_common::POLICY;
+        self.array::<PolicyConfig>(name)?
+            .set(generation, policy, 0)
+            .map_err(|source| DataplaneError::Map { name, source })
+    }
+
+    pub fn insert_acl(&mut self, prefix: AclPrefix, entry: &AclEntry) -> Result<()> {
+        let bits = ACL_KEY_HEADER_BITS + prefix.prefix_len as u32;
+        match prefix.addr {
+            IpAddr::V4(a) => {
+                let data = AclKeyV4 { generation: prefix.generation, scope: prefix.scope, addr: a.octets() };
+                self.trie_v4()?.insert(&Key::new(bits, data), entry, 0)
+            }
+            IpAddr::V6(a) => {
+                let data = AclKeyV6 { generation: prefix.generation, scope: prefix.scope, addr: a.octets() };
+                self.trie_v6()?.insert(&Key::new(bits, data), entry, 0)
+            }
+        }
+        .map_err(|source| DataplaneError::Map { name: acl_map_name(prefix.addr), source })
+    }
+
+    pub fn remove_acl(&mut self, prefix: AclPrefix) -> Result<()> {
+        let bits = ACL_KEY_HEADER_BITS + prefix.prefix_len as u32;
+        match prefix.addr {
+            IpAddr::V4(a) => {
+                let data = AclKeyV4 { generation: prefix.generation, scope: prefix.scope, addr: a.octets() };
+                self.trie_v4()?.remove(&Key::new(bits, data))
+            }
+            IpAddr::V6(a) => {
+                let data = AclKeyV6 { generation: prefix.generation, scope: prefix.scope, addr: a.octets() };
+                self.trie_v6()?.remove(&Key::new(bits, data))
+            }
+        }
+        .map_err(|source| DataplaneError::Map { name: acl_map_name(prefix.addr), source })
+    }
+
+    fn trie_v4(&mut self) -> Result<LpmTrie<&mut MapData, AclKeyV4, AclEntry>> {
+        let name = policy_common::ACL_V4;
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        LpmTrie::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+    }
+
+    fn trie_v6(&mut self) -> Result<LpmTrie<&mut MapData, AclKeyV6, AclEntry>> {
+        let name = policy_common::ACL_V6;
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        LpmTrie::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+    }
+
+    pub fn source_set(&mut self, index: u32) -> Result<SourceSet> {
+        let name = policy_common::SOURCES;
+        self.array::<SourceSet>(name)?.get(&index, 0).map_err(|source| DataplaneError::Map { name, source })
+    }
+
+    pub fn set_source_set(&mut self, index: u32, set: &SourceSet) -> Result<()> {
+        let name = policy_common::SOURCES;
+        self.array::<SourceSet>(name)?.set(index, set, 0).map_err(|source| DataplaneError::Map { name, source })
+    }
+
+    /// Every `STATS` cell, summed over CPUs.
+    pub fn stats(&mut self) -> Result<Vec<Counter>> {
+        let name = policy_common::STATS;
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        let cells = PerCpuArray::<_, Counter>::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
+        (0..STATS_ENTRIES)
+            .map(|i| {
+                let per_cpu = cells.get(&i, 0).map_err(|source| DataplaneError::Map { name, source })?;
+                Ok(per_cpu.iter().fold(Counter::default(), |sum, c| Counter {
+                    packets: sum.packets + c.packets,
+                    bytes: sum.bytes + c.bytes,
+                }))
+            })
+            .collect()
+    }
+
+    /// Every `GEO_DROPS` cell, summed over CPUs.
+    pub fn geo_drops(&mut self) -> Result<Vec<u64>> {
+        let name = policy_common::GEO_DROPS;
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        let cells = PerCpuArray::<_, u64>::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
+        (0..GEO_DROPS_ENTRIES)
+            .map(|i| {
+                let per_cpu = cells.get(&i, 0).map_err(|source| DataplaneError::Map { name, source })?;
+                Ok(per_cpu.iter().sum())
+            })
+            .collect()
+    }
+
+    /// Events waiting in the ring buffer.
+    pub fn drain_events(&mut self) -> Result<Vec<Event>> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() != size_of::<Event>() {
+                return Err(DataplaneError::BadEvent(item.len()));
+            }
+            // SAFETY: length checked; Event is plain old data, read unaligned.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) });
+        }
+        Ok(out)
+    }
+
+    /// Runs a hook's program on `frame` `repeat` times (BPF_PROG_TEST_RUN).
+    pub fn test_run(&mut self, hook: Hook, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+        let name = hook.program_name();
+        let opts = TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::new() };
+        let result = match self.ebpf.program_mut(name) {
+            Some(Program::Xdp(p)) => p.test_run(opts),
+            Some(Program::SchedClassifier(p)) => p.test_run(opts),
+            _ => return Err(DataplaneError::MissingProgram(name)),
+        }
+        .map_err(|source| DataplaneError::Program { name, source })?;
+        Ok((result.return_value, result.duration))
+    }
+
+    /// Attaches `xdp_ingress` to an interface.
+    pub fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
+        let name = policy_common::PROG_XDP_INGRESS;
+        let program: &mut Xdp = match self.ebpf.program_mut(name) {
+            Some(Program::Xdp(p)) => p,
+            _ => return Err(DataplaneError::MissingProgram(name)),
+        };
+        program.attach(iface, mode).map_err(|source| DataplaneError::Program { name, source })?;
+        Ok(())
+    }
+
+    /// Attaches a TC hook's program to an interface's clsact qdisc.
+    pub fn attach_tc(&mut self, hook: Hook, iface: &str) -> Result<()> {
+        let attach_type = match hook {
+            Hook::TcIngress => TcAttachType::Ingress,
+            Hook::TcEgress => TcAttachType::Egress,
+            Hook::XdpIngress => return Err(DataplaneError::MissingProgram("xdp is not a TC hook")),
+        };
+        // An existing clsact qdisc is fine.
+        let _ = tc::qdisc_add_clsact(iface);
+        let name = hook.program_name();
+        let program: &mut SchedClassifier = match self.ebpf.program_mut(name) {
+            Some(Program::SchedClassifier(p)) => p,
+            _ => return Err(DataplaneError::MissingProgram(name)),
+        };
+        program
+            .attach(iface, attach_type)
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        Ok(())
+    }
+}
+
+fn acl_map_name(addr: IpAddr) -> &'static str {
+    if addr.is_ipv4() {
+        policy_common::ACL_V4
+    } else {
+        policy_common::ACL_V6
+    }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
+    ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))
+}
+
+/// `bpf_ktime_get_ns`'s clock, for seeding time-dependent map state.
+pub fn ktime_now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,2 @@
+//! Fixtures for smtpguard's privileged tests and benchmarks.
+pub mod packet;
