@@ -1,2 +1,20 @@
-//! Fixtures for smtpguard's privileged tests and benchmarks.
+//! Fixtures for smtpguard's privileged tests and benchmarks: crafted
+//! frames, a seeded datapath, and network namespaces that clean up.
+pub mod fixtures;
+pub mod netns;
 pub mod packet;
+
+/// Skips a privileged test with a printed reason when not root; under
+/// `cargo xtask test` (SMTPGUARD_PRIVILEGED=1) a missing privilege fails.
+pub fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("SMTPGUARD_PRIVILEGED").is_none(),
+        "cargo xtask test runs privileged tests, but this process is not root"
+    );
+    eprintln!("SKIPPED: needs root (BPF and network namespaces); run `cargo xtask test`");
+    false
+}

@@ -1,13 +1,741 @@
-use aya::{programs::Program, EbpfLoader};
-#[test]
-fn loads() {
-    for name in policy_common::ALL_PROGRAMS {
-        let mut ebpf = EbpfLoader::new().load(smtpguard::EBPF_OBJECT).unwrap();
-        let p = ebpf.program_mut(name).unwrap();
-        let r = match p { Program::Xdp(p) => p.load(), Program::SchedClassifier(p) => p.load(), _ => panic!() };
-        match r {
-            Ok(()) => { let info = match ebpf.program(name).unwrap() { Program::Xdp(p) => p.info().unwrap(), Program::SchedClassifier(p) => p.info().unwrap(), _ => panic!() }; eprintln!("{name}: ok verified {:?} xlated {:?}", info.verified_instruction_count(), info.size_translated()) },
-            Err(e) => { let s = format!("{e:?}"); let i = s.find("processed").unwrap_or(0); eprintln!("{name}: FAIL {}", &s[i..(i+120).min(s.len())]); }
+//! Kernel verdict tests: every case of one table runs through `xdp_ingress`,
+//! `tc_ingress` and `tc_egress` with BPF_PROG_TEST_RUN, in IPv4 and IPv6,
+//! with no VLAN tag, one 802.1Q tag and an 802.1ad + 802.1Q pair. Each case
+//! sets up map contents and states the verdict, the one counter cell that
+//! must move (or none) and, where it matters, what the maps hold after.
+
+use std::net::IpAddr;
+
+use policy_common::{
+    action, direction, event_kind, geo_index, mode, reason, side, smtp_command,
+    source::{ban_origin, slot_flag, SlotInfo, SourceSlot},
+    stats_index, verdict, DirectionPolicy, PolicyConfig, PORT_SLOT_UNKNOWN,
+};
+use smtpguard::dataplane::{ktime_now_ns, Hook};
+use smtpguard_tests::{
+    fixtures::{self, base_policy, ends, entry, entry_all_ports, seed, Harness, NS_PER_S},
+    packet::{arp_frame, Ext, TcpFrame, ACK, PSH, SYN, TPID_8021AD, TPID_8021Q},
+    require_root,
+};
+
+/// What the counters must show after the packet.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Expect {
+    /// Not SMTP: passes and no counter moves.
+    Uncounted,
+    Counted { verdict: u8, reason: u8, slot: usize },
+}
+
+const fn counted(verdict: u8, reason: u8, slot: usize) -> Expect {
+    Expect::Counted { verdict, reason, slot }
+}
+
+type Setup = Box<dyn Fn(&mut Harness, &mut PolicyConfig) -> anyhow::Result<()>>;
+type Check = Box<dyn Fn(&mut Harness) -> anyhow::Result<()>>;
+
+struct Case {
+    name: String,
+    dir: u8,
+    frame: Vec<u8>,
+    setup: Setup,
+    expect: Expect,
+    after: Option<Check>,
+}
+
+fn no_setup() -> Setup {
+    Box::new(|_, _| Ok(()))
+}
+
+fn dp_mut(p: &mut PolicyConfig, dir: u8) -> &mut DirectionPolicy {
+    &mut p.direction[dir as usize]
+}
+
+/// The L2 variants every family-specific case runs in.
+fn l2_variants() -> [(&'static str, Vec<(u16, u16)>); 3] {
+    [("untagged", vec![]), ("802.1Q", vec![(TPID_8021Q, 100)]), ("QinQ", vec![(TPID_8021AD, 10), (TPID_8021Q, 100)])]
+}
+
+struct Variant {
+    v6: bool,
+    vlans: Vec<(u16, u16)>,
+    label: String,
+}
+
+impl Variant {
+    fn frame(&self, dir: u8, dport: u16, flags: u8) -> TcpFrame {
+        let e = ends(dir, self.v6);
+        let mut f = TcpFrame::new(e.src, e.dst, dport, flags);
+        f.vlans = self.vlans.clone();
+        f
+    }
+}
+
+/// Cases that only depend on the pipeline, repeated in every variant.
+fn pipeline_cases(v: &Variant) -> Vec<Case> {
+    use direction::{EGRESS as EG, INGRESS as IN};
+    let syn = |dir, port| v.frame(dir, port, SYN).build();
+    let data = |dir, port, payload: &[u8]| v.frame(dir, port, ACK | PSH).payload(payload).build();
+    let ing = ends(IN, v.v6);
+    let eg = ends(EG, v.v6);
+    let host_len = if v.v6 { 128 } else { 32 };
+    let net_len = if v.v6 { 48 } else { 24 };
+    let mut cases = Vec::new();
+    let mut add = |name: &str, dir: u8, frame: Vec<u8>, setup: Setup, expect: Expect, after: Option<Check>| {
+        cases.push(Case { name: format!("{name} [{}]", v.label), dir, frame, setup, expect, after });
+    };
+
+    add("UDP to port 25 is not ours", IN, v.frame(IN, 25, 0).protocol(17).build(), no_setup(), Expect::Uncounted, None);
+    add("TCP to port 80 is not ours", IN, syn(IN, 80), no_setup(), Expect::Uncounted, None);
+    add("reply from a server's port 25 is not ours", IN, v.frame(IN, 40_000, ACK).sport(25).build(), no_setup(), Expect::Uncounted, None);
+    add(
+        "unguarded policy lets port 25 through uncounted",
+        EG,
+        syn(EG, 25),
+        Box::new(|_, p| {
+            p.direction[EG as usize] = fixtures::unguarded();
+            Ok(())
+        }),
+        Expect::Uncounted,
+        None,
+    );
+    add("ingress SYN to 25 takes the default allow", IN, syn(IN, 25), no_setup(), counted(verdict::PASS, reason::DEFAULT_ALLOW, 0), None);
+    add("egress SYN to 25 takes the default deny", EG, syn(EG, 25), no_setup(), counted(verdict::DROP, reason::DEFAULT_DENY, 0), None);
+    add("egress SYN to 465 takes the default allow", EG, syn(EG, 465), no_setup(), counted(verdict::PASS, reason::DEFAULT_ALLOW, 1), None);
+    add("egress SYN to 587 takes the default allow", EG, syn(EG, 587), no_setup(), counted(verdict::PASS, reason::DEFAULT_ALLOW, 2), None);
+    add("egress data to 25 takes the default deny", EG, data(EG, 25, b"MAIL FROM:<a@b>\r\n"), no_setup(), counted(verdict::DROP, reason::DEFAULT_DENY, 0), None);
+
+    add(
+        "peer allow beats a ban and a deny on the same prefix",
+        IN,
+        syn(IN, 25),
+        Box::new(move |h, _| {
+            h.add_acl(IN, side::PEER, ing.src, net_len, entry_all_ports(11, 22, fixtures::BLOCKED_COUNTRY))?;
+            h.seed_source(ing.src, seed::banned_for(600))?;
+            Ok(())
+        }),
+        counted(verdict::PASS, reason::ALLOW_ACL, 0),
+        None,
+    );
+    add(
+        "local allow (tenant exemption) beats the egress default deny",
+        EG,
+        syn(EG, 25),
+        Box::new(move |h, _| h.add_acl(EG, side::LOCAL, eg.src, host_len, entry(0, 11, 0, 0)).map_err(Into::into)),
+        counted(verdict::PASS, reason::ALLOW_ACL, 0),
+        None,
+    );
+    add(
+        "peer allow (approved relay) beats the egress default deny",
+        EG,
+        syn(EG, 25),
+        Box::new(move |h, _| h.add_acl(EG, side::PEER, eg.dst, host_len, entry(0, 11, 0, 0)).map_err(Into::into)),
+        counted(verdict::PASS, reason::ALLOW_ACL, 0),
+        None,
+    );
+    add(
+        "an allow for port 587 does not open port 25",
+        EG,
+        syn(EG, 25),
+        Box::new(move |h, _| h.add_acl(EG, side::LOCAL, eg.src, host_len, entry(2, 11, 0, 0)).map_err(Into::into)),
+        counted(verdict::DROP, reason::DEFAULT_DENY, 0),
+        None,
+    );
+    add(
+        "a longer allow inside a denied network wins",
+        IN,
+        syn(IN, 25),
+        Box::new(move |h, _| {
+            h.add_acl(IN, side::PEER, ing.src, net_len, entry_all_ports(0, 22, 0))?;
+            h.add_acl(IN, side::PEER, ing.src, host_len, entry_all_ports(11, 22, 0))?;
+            Ok(())
+        }),
+        counted(verdict::PASS, reason::ALLOW_ACL, 0),
+        None,
+    );
+    add(
+        "a banned source is dropped",
+        IN,
+        syn(IN, 25),
+        Box::new(move |h, _| h.seed_source(ing.src, seed::banned_for(600)).map_err(Into::into)),
+        counted(verdict::DROP, reason::BANNED, 0),
+        None,
+    );
+    add(
+        "a banned source's established traffic is dropped too",
+        IN,
+        data(IN, 25, b"DATA\r\n"),
+        Box::new(move |h, _| h.seed_source(ing.src, seed::banned_for(600)).map_err(Into::into)),
+        counted(verdict::DROP, reason::BANNED, 0),
+        None,
+    );
+    add(
+        "an expired ban no longer applies and is cleared",
+        IN,
+        syn(IN, 25),
+        Box::new(move |h, _| h.seed_source(ing.src, seed::ban_expired()).map_err(Into::into)),
+        counted(verdict::PASS, reason::DEFAULT_ALLOW, 0),
+        Some(Box::new(move |h| {
+            let slot = h.source(ing.src)?.ok_or_else(|| anyhow::anyhow!("slot vanished"))?;
+            anyhow::ensure!(slot.ban_until_ns == 0, "ban not cleared: {slot:?}");
+            let events = h.dp.drain_events()?;
+            anyhow::ensure!(events.iter().any(|e| e.kind == event_kind::BAN_EXPIRED), "no ban-expired event: {events:?}");
+            Ok(())
+        })),
+    );
+    add(
+        "peer deny drops",
+        IN,
+        syn(IN, 25),
+        Box::new(move |h, _| h.add_acl(IN, side::PEER, ing.src, net_len, entry(0, 0, 22, 0)).map_err(Into::into)),
+        counted(verdict::DROP, reason::DENY_ACL, 0),
+        None,
+    );
+    add(
+        "local deny drops a tenant on 587",
+        EG,
+        syn(EG, 587),
+        Box::new(move |h, _| h.add_acl(EG, side::LOCAL, eg.src, net_len, entry(2, 0, 22, 0)).map_err(Into::into)),
+        counted(verdict::DROP, reason::DENY_ACL, 2),
+        None,
+    );
+    add(
+        "a deny for another port does not apply",
+        IN,
+        syn(IN, 25),
+        Box::new(move |h, _| h.add_acl(IN, side::PEER, ing.src, net_len, entry(2, 0, 22, 0)).map_err(Into::into)),
+        counted(verdict::PASS, reason::DEFAULT_ALLOW, 0),
+        None,
+    );
+    let geo = move |country: u32, enabled: bool| -> Setup {
+        Box::new(move |h, p| {
+            dp_mut(p, IN).geo_enabled = enabled as u8;
+            h.add_acl(IN, side::PEER, ing.src, net_len, entry(0, 0, 0, country)).map_err(Into::into)
+        })
+    };
+    add("a blocked country is dropped", IN, syn(IN, 25), geo(fixtures::BLOCKED_COUNTRY, true), counted(verdict::DROP, reason::GEO, 0), None);
+    add("an open country passes", IN, syn(IN, 25), geo(fixtures::OPEN_COUNTRY, true), counted(verdict::PASS, reason::DEFAULT_ALLOW, 0), None);
+    add("geo off lets a blocked country pass", IN, syn(IN, 25), geo(fixtures::BLOCKED_COUNTRY, false), counted(verdict::PASS, reason::DEFAULT_ALLOW, 0), None);
+
+    let rate_on = |p: &mut PolicyConfig| dp_mut(p, IN).rate_enabled = 1;
+    add(
+        "a new source's first SYN takes a token",
+        IN,
+        syn(IN, 25),
+        Box::new(move |_, p| {
+            rate_on(p);
+            Ok(())
+        }),
+        counted(verdict::PASS, reason::DEFAULT_ALLOW, 0),
+        Some(Box::new(move |h| {
+            let slot = h.source(ing.src)?.ok_or_else(|| anyhow::anyhow!("source not tracked"))?;
+            let now = ktime_now_ns();
+            anyhow::ensure!(slot.admit_tat_ns > now - NS_PER_S && slot.admit_tat_ns <= now + NS_PER_S, "bucket not charged: {slot:?}");
+            Ok(())
+        })),
+    );
+    add(
+        "a SYN finding the bucket empty is dropped and trips once",
+        IN,
+        syn(IN, 25),
+        Box::new(move |h, p| {
+            rate_on(p);
+            h.seed_source(ing.src, seed::bucket_empty(&p.direction[IN as usize])).map_err(Into::into)
+        }),
+        counted(verdict::DROP, reason::RATE_LIMITED, 0),
+        Some(Box::new(move |h| {
+            let slot = h.source(ing.src)?.ok_or_else(|| anyhow::anyhow!("source not tracked"))?;
+            anyhow::ensure!(SlotInfo::unpack(slot.info).flags & slot_flag::LIMITED != 0, "limited flag not set");
+            let trips = h.dp.drain_events()?.iter().filter(|e| e.kind == event_kind::RATE_TRIP).count();
+            anyhow::ensure!(trips == 1, "{trips} rate-trip events");
+            Ok(())
+        })),
+    );
+    add(
+        "time refills the bucket",
+        IN,
+        syn(IN, 25),
+        Box::new(move |h, p| {
+            rate_on(p);
+            h.seed_source(ing.src, seed::bucket_refilled(&p.direction[IN as usize])).map_err(Into::into)
+        }),
+        counted(verdict::PASS, reason::DEFAULT_ALLOW, 0),
+        None,
+    );
+    add(
+        "established traffic of a throttled source is not throttled",
+        IN,
+        data(IN, 25, b"RCPT TO:<a@b>\r\n"),
+        Box::new(move |h, p| {
+            rate_on(p);
+            h.seed_source(ing.src, seed::bucket_empty(&p.direction[IN as usize])).map_err(Into::into)
+        }),
+        counted(verdict::PASS, reason::DEFAULT_ALLOW, 0),
+        None,
+    );
+    add(
+        "the SYN over the ban threshold bans the source",
+        IN,
+        syn(IN, 25),
+        Box::new(move |h, p| {
+            rate_on(p);
+            h.seed_source(ing.src, seed::meter_at(fixtures::BAN_THRESHOLD as u16, 0)).map_err(Into::into)
+        }),
+        counted(verdict::DROP, reason::RATE_BAN, 0),
+        Some(Box::new(move |h| check_ban(h, ing.src, 1, fixtures::BAN_BASE_S, ban_origin::AUTO))),
+    );
+    add(
+        "a repeat offender's ban escalates",
+        IN,
+        syn(IN, 25),
+        Box::new(move |h, p| {
+            rate_on(p);
+            h.seed_source(ing.src, seed::meter_at(fixtures::BAN_THRESHOLD as u16, 2)).map_err(Into::into)
+        }),
+        counted(verdict::DROP, reason::RATE_BAN, 0),
+        Some(Box::new(move |h| check_ban(h, ing.src, 3, fixtures::BAN_BASE_S * 4, ban_origin::ESCALATED))),
+    );
+    add(
+        "at the ban threshold a SYN still passes",
+        IN,
+        syn(IN, 25),
+        Box::new(move |h, p| {
+            rate_on(p);
+            h.seed_source(ing.src, seed::meter_at(fixtures::BAN_THRESHOLD as u16 - 1, 0)).map_err(Into::into)
+        }),
+        counted(verdict::PASS, reason::DEFAULT_ALLOW, 0),
+        None,
+    );
+    add(
+        "rate limits apply to egress sources too",
+        EG,
+        syn(EG, 587),
+        Box::new(move |h, p| {
+            dp_mut(p, EG).rate_enabled = 1;
+            h.seed_source(eg.src, seed::bucket_empty(&p.direction[EG as usize])).map_err(Into::into)
+        }),
+        counted(verdict::DROP, reason::RATE_LIMITED, 2),
+        None,
+    );
+
+    add("VRFY is dropped on 25", IN, data(IN, 25, b"VRFY root\r\n"), no_setup(), counted(verdict::DROP, reason::SMTP_COMMAND, 0), None);
+    add("vrfy in lower case is dropped", IN, data(IN, 25, b"vrfy root\r\n"), no_setup(), counted(verdict::DROP, reason::SMTP_COMMAND, 0), None);
+    add("EXPN is dropped", IN, data(IN, 25, b"EXPN staff\r\n"), no_setup(), counted(verdict::DROP, reason::SMTP_COMMAND, 0), None);
+    add("a bare 4-byte EXPN is dropped", IN, data(IN, 25, b"EXPN"), no_setup(), counted(verdict::DROP, reason::SMTP_COMMAND, 0), None);
+    add("VRFYX is no command", IN, data(IN, 25, b"VRFYX\r\n"), no_setup(), counted(verdict::PASS, reason::DEFAULT_ALLOW, 0), None);
+    add("MAIL FROM passes", IN, data(IN, 25, b"MAIL FROM:<a@example.org>\r\n"), no_setup(), counted(verdict::PASS, reason::DEFAULT_ALLOW, 0), None);
+    add("VRFY on submission (587) is not filtered", IN, data(IN, 587, b"VRFY root\r\n"), no_setup(), counted(verdict::PASS, reason::DEFAULT_ALLOW, 2), None);
+    add(
+        "only the listed commands are blocked",
+        IN,
+        data(IN, 25, b"EXPN staff\r\n"),
+        Box::new(|_, p| {
+            dp_mut(p, IN).smtp_block = smtp_command::VRFY;
+            Ok(())
+        }),
+        counted(verdict::PASS, reason::DEFAULT_ALLOW, 0),
+        None,
+    );
+
+    let monitor = |dir: u8| move |p: &mut PolicyConfig| dp_mut(p, dir).mode = mode::MONITOR;
+    add(
+        "monitor: a deny only counts",
+        IN,
+        syn(IN, 25),
+        Box::new(move |h, p| {
+            monitor(IN)(p);
+            h.add_acl(IN, side::PEER, ing.src, net_len, entry(0, 0, 22, 0)).map_err(Into::into)
+        }),
+        counted(verdict::WOULD_DROP, reason::DENY_ACL, 0),
+        None,
+    );
+    add(
+        "monitor: the egress default deny only counts",
+        EG,
+        syn(EG, 25),
+        Box::new(move |_, p| {
+            monitor(EG)(p);
+            Ok(())
+        }),
+        counted(verdict::WOULD_DROP, reason::DEFAULT_DENY, 0),
+        None,
+    );
+    add(
+        "monitor: a ban only counts",
+        IN,
+        syn(IN, 25),
+        Box::new(move |h, p| {
+            monitor(IN)(p);
+            h.seed_source(ing.src, seed::banned_for(600)).map_err(Into::into)
+        }),
+        counted(verdict::WOULD_DROP, reason::BANNED, 0),
+        None,
+    );
+    add(
+        "monitor: the rate limit only counts",
+        IN,
+        syn(IN, 25),
+        Box::new(move |h, p| {
+            monitor(IN)(p);
+            rate_on(p);
+            h.seed_source(ing.src, seed::bucket_empty(&p.direction[IN as usize])).map_err(Into::into)
+        }),
+        counted(verdict::WOULD_DROP, reason::RATE_LIMITED, 0),
+        None,
+    );
+    add(
+        "monitor: a would-be ban is recorded",
+        IN,
+        syn(IN, 25),
+        Box::new(move |h, p| {
+            monitor(IN)(p);
+            rate_on(p);
+            h.seed_source(ing.src, seed::meter_at(fixtures::BAN_THRESHOLD as u16, 0)).map_err(Into::into)
+        }),
+        counted(verdict::WOULD_DROP, reason::RATE_BAN, 0),
+        Some(Box::new(move |h| check_ban(h, ing.src, 1, fixtures::BAN_BASE_S, ban_origin::AUTO))),
+    );
+    add(
+        "monitor: a blocked country only counts",
+        IN,
+        syn(IN, 25),
+        Box::new(move |h, p| {
+            monitor(IN)(p);
+            dp_mut(p, IN).geo_enabled = 1;
+            h.add_acl(IN, side::PEER, ing.src, net_len, entry(0, 0, 0, fixtures::BLOCKED_COUNTRY)).map_err(Into::into)
+        }),
+        counted(verdict::WOULD_DROP, reason::GEO, 0),
+        None,
+    );
+    add(
+        "monitor: VRFY only counts",
+        IN,
+        data(IN, 25, b"VRFY root\r\n"),
+        Box::new(move |_, p| {
+            monitor(IN)(p);
+            Ok(())
+        }),
+        counted(verdict::WOULD_DROP, reason::SMTP_COMMAND, 0),
+        None,
+    );
+
+    // Fragments: the first carries the TCP header and is judged; later ones have no ports.
+    add("a first fragment is judged", EG, v.frame(EG, 25, SYN).fragment(0, true).build(), no_setup(), counted(verdict::DROP, reason::DEFAULT_DENY, 0), None);
+    add(
+        "a later fragment passes, counted as a fragment",
+        EG,
+        v.frame(EG, 25, SYN).fragment(185, false).build(),
+        no_setup(),
+        counted(verdict::PASS, reason::FRAGMENT, PORT_SLOT_UNKNOWN),
+        None,
+    );
+    add("a later UDP fragment is not ours", EG, v.frame(EG, 25, 0).protocol(17).fragment(185, false).build(), no_setup(), Expect::Uncounted, None);
+
+    // Malformed TCP to a guarded port: the action is configuration.
+    let mut bad_doff = syn(EG, 25);
+    let l4 = v.frame(EG, 25, SYN).l4_offset();
+    bad_doff[l4 + 12] = 4 << 4;
+    add("a TCP data offset below 5 is malformed", EG, bad_doff.clone(), no_setup(), counted(verdict::DROP, reason::MALFORMED, 0), None);
+    add(
+        "malformed packets pass when the policy says so",
+        EG,
+        bad_doff,
+        Box::new(|_, p| {
+            dp_mut(p, EG).malformed_action = action::PASS;
+            Ok(())
+        }),
+        counted(verdict::PASS, reason::MALFORMED, 0),
+        None,
+    );
+    add(
+        "monitor: a malformed packet only counts",
+        EG,
+        {
+            let mut f = syn(EG, 25);
+            f[l4 + 12] = 2 << 4;
+            f
+        },
+        Box::new(move |_, p| {
+            monitor(EG)(p);
+            Ok(())
+        }),
+        counted(verdict::WOULD_DROP, reason::MALFORMED, 0),
+        None,
+    );
+    cases
+}
+
+/// A frame cut at `len` bytes.
+fn cut(frame: &[u8], len: usize) -> Vec<u8> {
+    frame[..len].to_vec()
+}
+
+/// Truncations at every header boundary and inside every header.
+fn truncation_cases(v: &Variant) -> Vec<Case> {
+    let dir = direction::EGRESS;
+    let f = v.frame(dir, 25, SYN);
+    let full = f.build();
+    let l2 = f.l2_len();
+    let l4 = f.l4_offset();
+    let mut lengths = vec![14];
+    if !v.vlans.is_empty() {
+        lengths.extend([16, l2]);
+    }
+    lengths.extend([l2 + 1, l2 + 9, l2 + 19, l4 - 1, l4, l4 + 2]);
+    let mut cases: Vec<Case> = lengths
+        .into_iter()
+        .filter(|&n| n >= 14 && n < l4 + 4)
+        .map(|n| Case {
+            name: format!("cut at {n} bytes, before the ports [{}]", v.label),
+            dir,
+            frame: cut(&full, n),
+            setup: no_setup(),
+            expect: counted(verdict::DROP, reason::MALFORMED, PORT_SLOT_UNKNOWN),
+            after: None,
+        })
+        .collect();
+    for n in [l4 + 4, l4 + 12, l4 + 19] {
+        cases.push(Case {
+            name: format!("cut at {n} bytes, inside TCP after the ports [{}]", v.label),
+            dir,
+            frame: cut(&full, n),
+            setup: no_setup(),
+            expect: counted(verdict::DROP, reason::MALFORMED, 0),
+            after: None,
+        });
+    }
+    cases.push(Case {
+        name: format!("cut inside TCP, malformed action pass [{}]", v.label),
+        dir,
+        frame: cut(&full, l4 + 10),
+        setup: Box::new(|_, p| {
+            dp_mut(p, direction::EGRESS).malformed_action = action::PASS;
+            Ok(())
+        }),
+        expect: counted(verdict::PASS, reason::MALFORMED, 0),
+        after: None,
+    });
+    cases
+}
+
+/// Family-specific header cases.
+fn header_cases(v: &Variant) -> Vec<Case> {
+    let dir = direction::EGRESS;
+    let judged = counted(verdict::DROP, reason::DEFAULT_DENY, 0);
+    let mut cases = Vec::new();
+    let mut add = |name: &str, frame: Vec<u8>, expect: Expect| {
+        cases.push(Case { name: format!("{name} [{}]", v.label), dir, frame, setup: no_setup(), expect, after: None });
+    };
+    if v.v6 {
+        let f = v.frame(dir, 25, SYN);
+        add("hop-by-hop header is skipped", f.clone().ext(Ext::HopByHop).build(), judged);
+        add(
+            "hop-by-hop, destination options and routing headers are skipped",
+            f.clone().ext(Ext::HopByHop).ext(Ext::DestOpts).ext(Ext::Routing).build(),
+            judged,
+        );
+        add("extension headers then a first fragment are judged", f.clone().ext(Ext::HopByHop).ext(Ext::DestOpts).fragment(0, true).build(), judged);
+        add(
+            "extension headers then a later fragment count as a fragment",
+            f.clone().ext(Ext::HopByHop).fragment(100, true).build(),
+            counted(verdict::PASS, reason::FRAGMENT, PORT_SLOT_UNKNOWN),
+        );
+        let mut six = f.clone();
+        for _ in 0..6 {
+            six = six.ext(Ext::DestOpts);
+        }
+        add("six extension headers (the limit) are walked", six.clone().build(), judged);
+        add("seven extension headers exceed the limit", six.ext(Ext::DestOpts).build(), counted(verdict::DROP, reason::MALFORMED, PORT_SLOT_UNKNOWN));
+        let mut bad_version = f.build();
+        bad_version[f.l2_len()] = 0x40;
+        add("an IPv6 ethertype with version 4 is malformed", bad_version, counted(verdict::DROP, reason::MALFORMED, PORT_SLOT_UNKNOWN));
+    } else {
+        let f = v.frame(dir, 25, SYN);
+        // Option bytes that would read as port 80 if the IHL were ignored.
+        add("IPv4 options (IHL 6) are skipped", f.clone().ipv4_options(&[0x01, 0x01, 0x00, 0x50]).build(), judged);
+        add("IPv4 options (IHL 8) are skipped", f.clone().ipv4_options(&[0x01; 12]).build(), judged);
+        add("IPv4 options (IHL 15, the maximum) are skipped", f.clone().ipv4_options(&[0x01; 40]).build(), judged);
+        let mut short_ihl = f.build();
+        short_ihl[f.l2_len()] = 0x44;
+        add("an IHL below 5 is malformed", short_ihl, counted(verdict::DROP, reason::MALFORMED, PORT_SLOT_UNKNOWN));
+        let mut bad_version = f.build();
+        bad_version[f.l2_len()] = 0x65;
+        add("an IPv4 ethertype with version 6 is malformed", bad_version, counted(verdict::DROP, reason::MALFORMED, PORT_SLOT_UNKNOWN));
+    }
+    cases
+}
+
+/// Cases outside the variant grid.
+fn other_cases() -> Vec<Case> {
+    let dir = direction::EGRESS;
+    let e = ends(dir, false);
+    vec![
+        Case { name: "ARP is not ours".into(), dir, frame: arp_frame(), setup: no_setup(), expect: Expect::Uncounted, after: None },
+        Case {
+            name: "three VLAN tags exceed the limit".into(),
+            dir,
+            frame: TcpFrame::new(e.src, e.dst, 25, SYN).vlan(TPID_8021AD, 1).vlan(TPID_8021Q, 2).vlan(TPID_8021Q, 3).build(),
+            setup: no_setup(),
+            expect: counted(verdict::DROP, reason::MALFORMED, PORT_SLOT_UNKNOWN),
+            after: None,
+        },
+        Case {
+            name: "sampled drops reach the event stream".into(),
+            dir,
+            frame: TcpFrame::new(e.src, e.dst, 25, SYN).build(),
+            setup: Box::new(|_, _| Ok(())),
+            expect: counted(verdict::DROP, reason::DEFAULT_DENY, 0),
+            after: Some(Box::new(|h| {
+                let events = h.dp.drain_events()?;
+                anyhow::ensure!(
+                    events.iter().any(|e| e.kind == event_kind::DROP_SAMPLE && e.reason == reason::DEFAULT_DENY && e.dport == 25),
+                    "no drop sample: {events:?}"
+                );
+                Ok(())
+            })),
+        },
+    ]
+}
+
+fn check_ban(h: &mut Harness, addr: IpAddr, strikes: u16, duration_s: u32, origin: u8) -> anyhow::Result<()> {
+    let slot: SourceSlot = h.source(addr)?.ok_or_else(|| anyhow::anyhow!("source not tracked"))?;
+    let info = SlotInfo::unpack(slot.info);
+    let now = ktime_now_ns();
+    let expected_until = now + duration_s as u64 * NS_PER_S;
+    anyhow::ensure!(
+        slot.ban_until_ns > expected_until - 5 * NS_PER_S && slot.ban_until_ns <= expected_until,
+        "ban until {} s from now, expected {duration_s}",
+        (slot.ban_until_ns as i64 - now as i64) / NS_PER_S as i64
+    );
+    anyhow::ensure!(info.strikes == strikes && info.origin == origin, "slot info {info:?}");
+    let events = h.dp.drain_events()?;
+    let ban = events.iter().find(|e| e.kind == event_kind::BAN_ADDED).ok_or_else(|| anyhow::anyhow!("no ban event in {events:?}"))?;
+    anyhow::ensure!(
+        ban.count == fixtures::BAN_THRESHOLD + 1 && ban.duration_s == duration_s && ban.strikes == strikes as u32,
+        "ban event {ban:?}"
+    );
+    Ok(())
+}
+
+fn all_cases() -> Vec<Case> {
+    let mut cases = other_cases();
+    for v6 in [false, true] {
+        for (label, vlans) in l2_variants() {
+            let v = Variant { v6, vlans, label: format!("{}, {label}", if v6 { "IPv6" } else { "IPv4" }) };
+            cases.extend(pipeline_cases(&v));
+            cases.extend(header_cases(&v));
+            cases.extend(truncation_cases(&v));
         }
     }
+    cases
+}
+
+/// The kernel's skb test harness refuses an untagged IP frame shorter than
+/// its IP header (EINVAL) before any program runs; XDP runs those frames.
+fn skb_harness_refuses(frame: &[u8]) -> bool {
+    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    (ethertype == 0x0800 && frame.len() < 14 + 20) || (ethertype == 0x86dd && frame.len() < 14 + 40)
+}
+
+enum Ran {
+    Judged,
+    RefusedByHarness,
+}
+
+fn run_case(h: &mut Harness, hook: Hook, case: &Case) -> anyhow::Result<Ran> {
+    h.reset()?;
+    if hook != Hook::XdpIngress && skb_harness_refuses(&case.frame) {
+        return match h.dp.test_run(hook, &case.frame, 1) {
+            Err(e) if format!("{e:?}").contains("Invalid argument") => Ok(Ran::RefusedByHarness),
+            other => anyhow::bail!("expected the skb test harness to refuse this frame, got {other:?}"),
+        };
+    }
+    let sample = if case.name.starts_with("sampled drops") { 1 } else { 0 };
+    h.route(hook, case.dir, sample)?;
+    let mut policy = base_policy();
+    (case.setup)(h, &mut policy)?;
+    h.set_policy(&policy)?;
+    let (before, geo_before) = h.counters()?;
+    let (rc, _) = h.dp.test_run(hook, &case.frame, 1)?;
+    let (after, geo_after) = h.counters()?;
+
+    let (pass_code, drop_code) = hook.verdict_codes();
+    let expected_rc = match case.expect {
+        Expect::Counted { verdict: verdict::DROP, .. } => drop_code,
+        _ => pass_code,
+    };
+    anyhow::ensure!(rc == expected_rc, "returned {rc:#x}, expected {expected_rc:#x}");
+
+    let expected_cell = match case.expect {
+        Expect::Uncounted => None,
+        Expect::Counted { verdict, reason, slot } => Some(stats_index(case.dir, verdict, reason, slot) as usize),
+    };
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        let (packets, bytes) = (a.packets - b.packets, a.bytes - b.bytes);
+        let (want_packets, want_bytes) = if Some(i) == expected_cell { (1, case.frame.len() as u64) } else { (0, 0) };
+        anyhow::ensure!(
+            packets == want_packets && bytes == want_bytes,
+            "counter {} moved by {packets} packets / {bytes} bytes, expected {want_packets} / {want_bytes}",
+            describe_cell(i)
+        );
+    }
+    let geo_cell = match case.expect {
+        Expect::Counted { verdict, reason: reason::GEO, .. } if verdict != verdict::PASS => {
+            Some(geo_index(case.dir, fixtures::BLOCKED_COUNTRY) as usize)
+        }
+        _ => None,
+    };
+    for (i, (b, a)) in geo_before.iter().zip(&geo_after).enumerate() {
+        let want = u64::from(Some(i) == geo_cell);
+        anyhow::ensure!(a - b == want, "geo counter {i} moved by {}, expected {want}", a - b);
+    }
+    if let Some(after) = &case.after {
+        after(h)?;
+    }
+    Ok(Ran::Judged)
+}
+
+fn describe_cell(i: usize) -> String {
+    use policy_common::{reason::COUNT as R, verdict::COUNT as V, PORT_SLOTS as P};
+    if i >= direction::COUNT * V * R * P {
+        return "events_lost".into();
+    }
+    let slot = i % P;
+    let reason = (i / P) % R;
+    let verdict = (i / P / R) % V;
+    let dir = i / P / R / V;
+    format!(
+        "{}/{}/{}/slot{slot}",
+        direction::NAMES[dir],
+        policy_common::verdict::NAMES[verdict],
+        policy_common::reason::NAMES[reason]
+    )
+}
+
+#[test]
+fn verdict_table_through_every_hook() {
+    if !require_root() {
+        return;
+    }
+    let mut h = Harness::load().expect("loading the datapath");
+    let cases = all_cases();
+    let mut failures = Vec::new();
+    let (mut judged, mut refused) = (0, 0);
+    for hook in Hook::ALL {
+        for case in &cases {
+            match run_case(&mut h, hook, case) {
+                Ok(Ran::Judged) => judged += 1,
+                Ok(Ran::RefusedByHarness) => refused += 1,
+                Err(e) => failures.push(format!("{:?}: {}: {e:#}", hook, case.name)),
+            }
+        }
+    }
+    h.reset().expect("reset");
+    eprintln!(
+        "{} cases x {} hooks: {judged} judged as expected, {refused} short frames refused by the kernel's skb \
+         test harness (run through XDP instead), {} failed",
+        cases.len(),
+        Hook::ALL.len(),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
 }

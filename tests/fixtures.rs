@@ -1,0 +1,220 @@
+//! A loaded datapath with a base policy, and helpers to seed ACL entries
+//! and per-source state the way a case or a benchmark needs them.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use policy_common::{
+    acl_scope, action, direction, mode, profile, side, smtp_command,
+    source::{source_key_v4, source_key_v6, source_set, SlotInfo, SourceSet, SourceSlot, Window},
+    AclEntry, Counter, DirectionPolicy, PolicyConfig, MAX_PORTS, PORT_UNUSED,
+};
+use smtpguard::dataplane::{ktime_now_ns, AclPrefix, Dataplane, DataplaneError, Hook, LoadOptions};
+
+pub const NS_PER_S: u64 = 1_000_000_000;
+
+/// Guarded ports of the base policy, by slot.
+pub const PORTS: [u16; MAX_PORTS] = [25, 465, 587, 2525];
+pub const RATE_PER_MINUTE: u64 = 60;
+pub const RATE_BURST: u64 = 20;
+pub const BAN_THRESHOLD: u32 = 100;
+pub const BAN_BASE_S: u32 = 900;
+pub const BAN_FACTOR: u32 = 2;
+pub const BAN_MAX_S: u32 = 86_400;
+/// Country index the base policy blocks when geo is on.
+pub const BLOCKED_COUNTRY: u32 = 7;
+pub const OPEN_COUNTRY: u32 = 8;
+
+/// The two ends of a test flow in one direction and family.
+#[derive(Clone, Copy, Debug)]
+pub struct Ends {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+}
+
+/// Ingress: an outside client (peer, source) to a tenant server (local).
+/// Egress: a tenant (local, source) to a remote server (peer).
+pub fn ends(dir: u8, v6: bool) -> Ends {
+    let (src, dst): (IpAddr, IpAddr) = match (dir, v6) {
+        (direction::INGRESS, false) => (Ipv4Addr::new(198, 51, 100, 7).into(), Ipv4Addr::new(203, 0, 113, 25).into()),
+        (direction::INGRESS, true) => ("2001:db8:100::7".parse::<Ipv6Addr>().unwrap().into(), "2001:db8:25::25".parse::<Ipv6Addr>().unwrap().into()),
+        (_, false) => (Ipv4Addr::new(192, 0, 2, 10).into(), Ipv4Addr::new(203, 0, 113, 80).into()),
+        (_, true) => ("2001:db8:a::10".parse::<Ipv6Addr>().unwrap().into(), "2001:db8:80::80".parse::<Ipv6Addr>().unwrap().into()),
+    };
+    Ends { src, dst }
+}
+
+/// Base direction policy: ports 25 (smtp), 465, 587, 2525; ingress passes
+/// by default, egress denies 25; malformed packets dropped; VRFY and EXPN
+/// blocked; geo-fence and rate limit configured but switched off.
+pub fn base_direction(dir: u8) -> DirectionPolicy {
+    let mut p = DirectionPolicy::EMPTY;
+    for (i, port) in PORTS.iter().enumerate() {
+        p.ports[i] = *port as u32;
+    }
+    p.profile = [profile::SMTP, profile::SMTPS, profile::SUBMISSION, profile::OTHER];
+    p.default_action =
+        if dir == direction::EGRESS { [action::DROP, action::PASS, action::PASS, action::PASS] } else { [action::PASS; MAX_PORTS] };
+    p.mode = mode::ENFORCE;
+    p.malformed_action = action::DROP;
+    p.acl_sides = side::PEER_BIT | side::LOCAL_BIT;
+    p.smtp_block = smtp_command::VRFY | smtp_command::EXPN;
+    p.rate_interval_ns = 60 * NS_PER_S / RATE_PER_MINUTE;
+    p.rate_tolerance_ns = (RATE_BURST - 1) * p.rate_interval_ns;
+    p.ban_threshold = BAN_THRESHOLD;
+    p.ban_base_s = BAN_BASE_S;
+    p.ban_factor = BAN_FACTOR;
+    p.ban_max_s = BAN_MAX_S;
+    p.geo_drop[(BLOCKED_COUNTRY / 64) as usize] |= 1 << (BLOCKED_COUNTRY % 64);
+    p
+}
+
+pub fn base_policy() -> PolicyConfig {
+    PolicyConfig { generation: 1, direction: [base_direction(direction::INGRESS), base_direction(direction::EGRESS)] }
+}
+
+/// Guards nothing: `ports` all unused.
+pub fn unguarded() -> DirectionPolicy {
+    DirectionPolicy { ports: [PORT_UNUSED; MAX_PORTS], ..DirectionPolicy::EMPTY }
+}
+
+/// An ACL entry for one port slot.
+pub fn entry(slot: usize, allow_rule: u32, deny_rule: u32, country: u32) -> AclEntry {
+    let mut e = AclEntry { country, ..AclEntry::default() };
+    e.allow_rule[slot] = allow_rule;
+    e.deny_rule[slot] = deny_rule;
+    e
+}
+
+/// An ACL entry for every port slot.
+pub fn entry_all_ports(allow_rule: u32, deny_rule: u32, country: u32) -> AclEntry {
+    AclEntry { allow_rule: [allow_rule; MAX_PORTS], deny_rule: [deny_rule; MAX_PORTS], country }
+}
+
+/// The source key the datapath uses for an address.
+pub fn source_key(addr: IpAddr) -> u64 {
+    match addr {
+        IpAddr::V4(a) => source_key_v4(a.octets()),
+        IpAddr::V6(a) => source_key_v6(a.octets()),
+    }
+}
+
+/// The datapath under test plus what was seeded into it, so each case
+/// starts from a clean state.
+pub struct Harness {
+    pub dp: Dataplane,
+    acl: Vec<AclPrefix>,
+    sets: Vec<u32>,
+}
+
+impl Harness {
+    pub fn load() -> Result<Self, DataplaneError> {
+        let dp = Dataplane::load(LoadOptions::default())?;
+        let mut h = Self { dp, acl: Vec::new(), sets: Vec::new() };
+        h.set_policy(&base_policy())?;
+        Ok(h)
+    }
+
+    pub fn set_policy(&mut self, policy: &PolicyConfig) -> Result<(), DataplaneError> {
+        let generation = self.dp.runtime()?.active;
+        self.dp.set_policy(generation, policy)
+    }
+
+    /// Makes `hook` judge by `dir`, with events uncapped enough for tests.
+    pub fn route(&mut self, hook: Hook, dir: u8, drop_sample_one_in: u32) -> Result<(), DataplaneError> {
+        let mut rt = self.dp.runtime()?;
+        rt.hook_direction[hook.index()] = dir;
+        rt.drop_sample_one_in = drop_sample_one_in;
+        rt.events_per_second = 1_000;
+        self.dp.set_runtime(rt)
+    }
+
+    pub fn add_acl(&mut self, dir: u8, acl_side: u8, addr: IpAddr, prefix_len: u8, e: AclEntry) -> Result<(), DataplaneError> {
+        let generation = self.dp.runtime()?.active as u8;
+        let prefix = AclPrefix { generation, scope: acl_scope(dir, acl_side), addr, prefix_len };
+        self.dp.insert_acl(prefix, &e)?;
+        self.acl.push(prefix);
+        Ok(())
+    }
+
+    fn set_index(&self, addr: IpAddr) -> u32 {
+        source_set(source_key(addr), self.dp.source_sets())
+    }
+
+    /// Puts `slot` (with the key of `addr`) into the source's set.
+    pub fn seed_source(&mut self, addr: IpAddr, mut slot: SourceSlot) -> Result<(), DataplaneError> {
+        let index = self.set_index(addr);
+        let mut set = self.dp.source_set(index)?;
+        slot.key = source_key(addr);
+        let way = set.slots.iter().position(|s| s.key == 0 || s.key == slot.key).unwrap_or(0);
+        set.slots[way] = slot;
+        self.dp.set_source_set(index, &set)?;
+        self.sets.push(index);
+        Ok(())
+    }
+
+    /// The source's slot, if the datapath tracks it.
+    pub fn source(&mut self, addr: IpAddr) -> Result<Option<SourceSlot>, DataplaneError> {
+        let index = self.set_index(addr);
+        let key = source_key(addr);
+        self.sets.push(index);
+        Ok(self.dp.source_set(index)?.slots.iter().find(|s| s.key == key).copied())
+    }
+
+    /// Removes every seeded entry and resets the policy.
+    pub fn reset(&mut self) -> Result<(), DataplaneError> {
+        for prefix in std::mem::take(&mut self.acl) {
+            self.dp.remove_acl(prefix)?;
+        }
+        for index in std::mem::take(&mut self.sets) {
+            self.dp.set_source_set(index, &SourceSet::default())?;
+        }
+        self.set_policy(&base_policy())?;
+        self.dp.drain_events()?;
+        Ok(())
+    }
+
+    pub fn counters(&mut self) -> Result<(Vec<Counter>, Vec<u64>), DataplaneError> {
+        Ok((self.dp.stats()?, self.dp.geo_drops()?))
+    }
+}
+
+/// Ready-made source states, relative to the kernel clock now.
+pub mod seed {
+    use super::*;
+
+    pub fn banned_for(seconds: u64) -> SourceSlot {
+        let now = ktime_now_ns();
+        SourceSlot {
+            ban_until_ns: now + seconds * NS_PER_S,
+            info: SlotInfo { strikes: 1, origin: 1, flags: 0, last_seen_s: (now / NS_PER_S) as u32 }.pack(),
+            ..SourceSlot::default()
+        }
+    }
+
+    pub fn ban_expired() -> SourceSlot {
+        let now = ktime_now_ns();
+        SourceSlot { ban_until_ns: now - NS_PER_S, info: SlotInfo { strikes: 1, ..SlotInfo::default() }.pack(), ..SourceSlot::default() }
+    }
+
+    /// The bucket is empty: the next token is a whole interval away.
+    pub fn bucket_empty(policy: &DirectionPolicy) -> SourceSlot {
+        let now = ktime_now_ns();
+        SourceSlot { admit_tat_ns: now + policy.rate_tolerance_ns + policy.rate_interval_ns, ..SourceSlot::default() }
+    }
+
+    /// The bucket was empty two intervals ago; time has refilled a token.
+    pub fn bucket_refilled(policy: &DirectionPolicy) -> SourceSlot {
+        let now = ktime_now_ns();
+        SourceSlot { admit_tat_ns: now + policy.rate_tolerance_ns - policy.rate_interval_ns, ..SourceSlot::default() }
+    }
+
+    /// `count` SYNs so far in the current minute, after `strikes` bans.
+    pub fn meter_at(count: u16, strikes: u16) -> SourceSlot {
+        let now_s = (ktime_now_ns() / NS_PER_S) as u32;
+        SourceSlot {
+            window: Window { start_s: now_s, previous: 0, current: count }.pack(),
+            info: SlotInfo { strikes, ..SlotInfo::default() }.pack(),
+            ..SourceSlot::default()
+        }
+    }
+}
