@@ -3,6 +3,7 @@
 pub mod fixtures;
 pub mod netns;
 pub mod packet;
+pub mod testrun;
 
 /// Skips a privileged test with a printed reason when not root; under
 /// `cargo xtask test` (SMTPGUARD_PRIVILEGED=1) a missing privilege fails.

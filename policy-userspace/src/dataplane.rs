@@ -283,6 +283,20 @@ impl Dataplane {
         Ok((result.return_value, result.duration))
     }
 
+    /// The loaded program of a hook, for callers that drive BPF_PROG_TEST_RUN
+    /// themselves (benchmarks timing many repeats).
+    pub fn program_fd(&self, hook: Hook) -> Result<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        let name = hook.program_name();
+        let fd = match self.ebpf.program(name) {
+            Some(Program::Xdp(p)) => p.fd(),
+            Some(Program::SchedClassifier(p)) => p.fd(),
+            _ => return Err(DataplaneError::MissingProgram(name)),
+        }
+        .map_err(|source| DataplaneError::Program { name, source })?;
+        Ok(fd.as_fd())
+    }
+
     /// Attaches `xdp_ingress` to an interface.
     pub fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
         let name = policy_common::PROG_XDP_INGRESS;

@@ -1,1 +1,44 @@
-fn main(){}
+//! `cargo xtask`: tool setup, the test suite, benchmarks.
+mod bench;
+mod setup;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "smtpguard's development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent, fast when done).
+    Setup,
+    /// Run setup, then every test: unit, kernel verdict, attach (as root).
+    Test {
+        /// Extra arguments for `cargo test` (for example a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run a benchmark; prints ratios measured side by side in one run.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Test { args } => {
+            setup::run()?;
+            setup::test(&args)
+        }
+        Task::Bench { which } => {
+            setup::run()?;
+            bench::run(which)
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Idempotent set-up: rust-src, bpf-linker built against the toolchain's
+//! own LLVM, the Debian packages the tests use, a mounted bpffs.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the test suite runs (binary -> package).
+const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("nsenter", "util-linux"), ("bpftool", "bpftool")];
+
+fn cache_dir() -> Result<PathBuf> {
+    let home = env::var_os("HOME").context("HOME is not set")?;
+    Ok(PathBuf::from(home).join(".cache/smtpguard"))
+}
+
+/// Where bpf-linker is installed; policy-userspace's build script looks here.
+pub fn tools_bin() -> Result<PathBuf> {
+    Ok(cache_dir()?.join("tools/bin"))
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).map(|u| u == "0").unwrap_or(false)
+}
+
+pub fn run() -> Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    packages()?;
+    bpffs()?;
+    Ok(())
+}
+
+fn rust_src() -> Result<()> {
+    let sysroot = output(Command::new("rustc").args(["--print", "sysroot"]))?;
+    if Path::new(&sysroot).join("lib/rustlib/src/rust/library/core").is_dir() {
+        return Ok(());
+    }
+    eprintln!("setup: installing rust-src (needed for -Z build-std=core)");
+    status(Command::new("rustup").args(["component", "add", "rust-src"]))
+        .context("rustup could not add rust-src; install it with `rustup component add rust-src`")
+}
+
+fn bpf_linker() -> Result<()> {
+    let linker = tools_bin()?.join("bpf-linker");
+    if linker.is_file() {
+        if let Ok(v) = output(Command::new(&linker).arg("--version")) {
+            if v.ends_with(BPF_LINKER_VERSION) {
+                return Ok(());
+            }
+        }
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against the toolchain's LLVM (about a minute)");
+    let sysroot = output(Command::new("rustc").args(["--print", "sysroot"]))?;
+    let lib = Path::new(&sysroot).join("lib");
+    let llvm = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| {
+            format!("no libLLVM.so.* in {}: this toolchain does not ship LLVM as a shared library", lib.display())
+        })?;
+    let prefix = cache_dir()?.join("llvm");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    for link in ["libLLVM.so", llvm.as_str()] {
+        let path = prefix_lib.join(link);
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(lib.join(&llvm), &path).with_context(|| format!("linking {}", path.display()))?;
+    }
+    let major = llvm.trim_start_matches("libLLVM.so.").split('.').next().unwrap_or("").to_owned();
+    let root = cache_dir()?.join("tools");
+    status(
+        Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features"])
+            .args(["--features", &format!("llvm-{major}")])
+            .arg("--root")
+            .arg(&root)
+            .env("LLVM_PREFIX", &prefix)
+            .env_remove("RUSTC_BOOTSTRAP"),
+    )
+    .context("building bpf-linker failed; see the output above")
+}
+
+fn packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(bin, _)| !Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success()))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("missing Debian packages: {}. Install them as root: apt-get install {}", missing.join(", "), missing.join(" "));
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    status(Command::new("apt-get").arg("update").arg("-qq"))?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("bpffs is not mounted at /sys/fs/bpf; as root: mount -t bpf bpf /sys/fs/bpf");
+    }
+    status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+/// The whole suite. Privileged tests run single-threaded: they share the
+/// kernel's view of interfaces and the CPU they measure on.
+pub fn test(args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("the test suite loads BPF programs and creates network namespaces: run it as root");
+    }
+    status(
+        Command::new("cargo")
+            .args(["test", "--workspace"])
+            .args(args)
+            .args(["--", "--test-threads=1"])
+            .env("SMTPGUARD_PRIVILEGED", "1"),
+    )
+    .context("tests failed")
+}
