@@ -31,33 +31,32 @@ pub struct AclMatch {
 }
 
 #[inline(always)]
-fn lookup_addr(flow: &Flow, generation: u8, scope: u8, addr: &[u8; 16]) -> Option<&'static AclEntry> {
-    if flow.v6 {
-        let key = Key::new(ACL_KEY_HEADER_BITS + 128, AclKeyV6 { generation, scope, addr: *addr });
-        ACL_V6.get(&key)
+fn entry(v6: bool, addr: &[u8; 16], generation: u8, scope: u8) -> Option<&'static AclEntry> {
+    if v6 {
+        ACL_V6.get(Key::new(ACL_KEY_HEADER_BITS + 128, AclKeyV6 { generation, scope, addr: *addr }))
     } else {
         let addr = [addr[0], addr[1], addr[2], addr[3]];
-        let key = Key::new(ACL_KEY_HEADER_BITS + 32, AclKeyV4 { generation, scope, addr });
-        ACL_V4.get(&key)
+        ACL_V4.get(Key::new(ACL_KEY_HEADER_BITS + 32, AclKeyV4 { generation, scope, addr }))
     }
 }
 
 /// Looks the flow's peer and local addresses up, each only when the policy
-/// has rules for that side (`sides`, [`side`] bits).
+/// has rules for that side (`sides`, [`side`] bits). The peer is the
+/// source on ingress and the destination on egress.
 #[inline(always)]
 pub fn lookup(flow: &Flow, generation: u8, dir: u8, sides: u8) -> AclMatch {
     let (peer, local) = if dir == direction::INGRESS { (&flow.src, &flow.dst) } else { (&flow.dst, &flow.src) };
     let slot = flow.port_slot;
     let mut found = AclMatch::default();
     if sides & side::PEER_BIT != 0 {
-        if let Some(e) = lookup_addr(flow, generation, acl_scope(dir, side::PEER), peer) {
+        if let Some(e) = entry(flow.seg.v6, peer, generation, acl_scope(dir, side::PEER)) {
             found.allow_rule = *e.allow_rule.get(slot).unwrap_or(&0);
             found.deny_rule = *e.deny_rule.get(slot).unwrap_or(&0);
             found.country = e.country;
         }
     }
     if sides & side::LOCAL_BIT != 0 && found.allow_rule == 0 {
-        if let Some(e) = lookup_addr(flow, generation, acl_scope(dir, side::LOCAL), local) {
+        if let Some(e) = entry(flow.seg.v6, local, generation, acl_scope(dir, side::LOCAL)) {
             found.allow_rule = *e.allow_rule.get(slot).unwrap_or(&0);
             if found.deny_rule == 0 {
                 found.deny_rule = *e.deny_rule.get(slot).unwrap_or(&0);

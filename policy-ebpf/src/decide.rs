@@ -3,7 +3,7 @@
 //! SMTP command filter, default action. Every counted packet leaves
 //! through [`finish`], which applies monitor mode and records counters.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use policy_common::{
     action, blocked_smtp_command, event_kind, mode, profile, reason, verdict, DirectionPolicy,
     Runtime, PORT_SLOT_UNKNOWN,
@@ -12,7 +12,7 @@ use policy_common::{
 use crate::{
     acl, config, events,
     frame::Frame,
-    parse::{parse, Flow, Parsed, PULL_LEN},
+    parse::{self, outcome, Flow, Ports, PULL_LEN},
     sources::{self, BanCheck, SynOutcome},
     stats,
 };
@@ -37,31 +37,62 @@ impl Outcome {
     }
 }
 
+/// The kernel clock the datapath keeps time by. The coarse clock (tick
+/// resolution) costs a few loads; rates and bans need no more precision.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Where parsing stopped, once the packet is known to concern us:
+/// an [`outcome`], the port slot when known, the flow when parsed.
+struct Parsed {
+    outcome: u8,
+    port_slot: usize,
+    flow: Flow,
+}
+
+/// `None`: TCP to a port this direction does not guard.
+#[inline(always)]
+fn parse<F: Frame>(frame: &F, ports: Ports, dp: &DirectionPolicy) -> Option<Parsed> {
+    if ports.outcome != outcome::TCP {
+        return Some(Parsed { outcome: ports.outcome, port_slot: PORT_SLOT_UNKNOWN, flow: Flow::NONE });
+    }
+    let port_slot = dp.port_slot(ports.seg.dport)?;
+    let (outcome, flow) = parse::rest(frame, ports.seg, port_slot);
+    Some(Parsed { outcome, port_slot, flow })
+}
+
 #[inline(always)]
 pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
+    // Non-TCP leaves before any map is touched.
+    let ports = parse::ports(frame);
+    if ports.outcome == outcome::NOT_TCP {
+        return Verdict::Pass;
+    }
     let Some(runtime) = config::runtime() else { return Verdict::Pass };
     let Some(policy) = config::policy(runtime.active) else { return Verdict::Pass };
     let dir = runtime.hook_direction[hook];
     let Some(dp) = policy.direction.get(dir as usize) else { return Verdict::Pass };
 
-    let mut parsed = parse(frame, dp);
-    if let Parsed::Short { .. } = parsed {
-        if frame.pull(PULL_LEN) {
-            parsed = parse(frame, dp);
-        }
+    let Some(mut parsed) = parse(frame, ports, dp) else { return Verdict::Pass };
+    if parsed.outcome == outcome::SHORT && frame.pull(PULL_LEN) {
+        let Some(again) = parse(frame, parse::ports(frame), dp) else { return Verdict::Pass };
+        parsed = again;
     }
     let bytes = frame.wire_len();
-    match parsed {
-        Parsed::NotOurs => Verdict::Pass,
-        Parsed::Fragment => finish(runtime, dp, dir, None, PORT_SLOT_UNKNOWN, bytes, Outcome::new(action::PASS, reason::FRAGMENT)),
-        Parsed::Malformed { port_slot } | Parsed::Short { port_slot } => {
-            let outcome = Outcome::new(dp.malformed_action, reason::MALFORMED);
-            finish(runtime, dp, dir, None, port_slot, bytes, outcome)
+    let port_slot = parsed.port_slot;
+    match parsed.outcome {
+        outcome::TCP => {
+            let outcome = pipeline(frame, runtime, dp, dir, &parsed.flow);
+            finish(frame, runtime, dp, dir, Some(&parsed.flow), port_slot, bytes, outcome)
         }
-        Parsed::Tcp(flow) => {
-            let outcome = pipeline(frame, runtime, dp, dir, &flow);
-            finish(runtime, dp, dir, Some(&flow), flow.port_slot, bytes, outcome)
+        outcome::FRAGMENT => {
+            finish(frame, runtime, dp, dir, None, port_slot, bytes, Outcome::new(action::PASS, reason::FRAGMENT))
         }
+        // Malformed, or still short after a pull: the frame ends inside its headers.
+        _ => finish(frame, runtime, dp, dir, None, port_slot, bytes, Outcome::new(dp.malformed_action, reason::MALFORMED)),
     }
 }
 
@@ -72,7 +103,7 @@ fn pipeline<F: Frame>(frame: &F, runtime: &Runtime, dp: &DirectionPolicy, dir: u
         return Outcome { rule: acl.allow_rule, ..Outcome::new(action::PASS, reason::ALLOW_ACL) };
     }
 
-    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let now_ns = now_ns();
     let mut source = sources::locate(flow, runtime.source_sets, now_ns);
     match sources::check_ban(&source, now_ns) {
         BanCheck::Banned => return Outcome::new(action::DROP, reason::BANNED),
@@ -142,8 +173,10 @@ fn drop_verdict(dp: &DirectionPolicy) -> u8 {
 }
 
 /// The one exit for counted packets.
+#[expect(clippy::too_many_arguments, reason = "inlined exit path; a struct would only be copied")]
 #[inline(always)]
-fn finish(
+fn finish<F: Frame>(
+    frame: &F,
     runtime: &Runtime,
     dp: &DirectionPolicy,
     dir: u8,
@@ -161,14 +194,16 @@ fn finish(
         stats::record_geo_drop(dir, outcome.country);
     }
     if let Some(flow) = flow {
-        let now_ns = unsafe { bpf_ktime_get_ns() };
-        if events::sample_drop(runtime, now_ns) {
-            let mut e = events::about(flow, event_kind::DROP_SAMPLE, now_ns, dir);
-            e.verdict = v;
-            e.reason = outcome.reason;
-            e.rule = outcome.rule;
-            e.country = outcome.country;
-            events::emit(&e);
+        if runtime.drop_sample_one_in != 0 {
+            let now_ns = now_ns();
+            if events::sample_drop(runtime, now_ns) {
+                let mut e = events::about(flow, event_kind::DROP_SAMPLE, now_ns, dir);
+                e.verdict = v;
+                e.reason = outcome.reason;
+                e.rule = outcome.rule;
+                e.country = outcome.country;
+                events::emit(&e);
+            }
         }
     }
     if v == verdict::DROP {

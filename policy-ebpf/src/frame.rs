@@ -45,20 +45,26 @@ pub unsafe fn ptr_at<F: Frame, T>(frame: &F, offset: usize) -> Option<*const T> 
 
 pub struct XdpFrame<'a>(pub &'a XdpContext);
 
+// The context fields are u32, so LLVM may keep a packet pointer in a 32-bit
+// subregister and spill it with a 4-byte store, which the verifier rejects.
+// Volatile loads make every use re-read the field instead of keeping it.
 impl Frame for XdpFrame<'_> {
     #[inline(always)]
     fn start(&self) -> usize {
-        self.0.data()
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { core::ptr::read_volatile(&(*self.0.ctx).data) as usize }
     }
 
     #[inline(always)]
     fn end(&self) -> usize {
-        self.0.data_end()
+        // SAFETY: as above.
+        unsafe { core::ptr::read_volatile(&(*self.0.ctx).data_end) as usize }
     }
 
+    /// Frames are linear: this program is not loaded for multi-buffer XDP.
     #[inline(always)]
     fn wire_len(&self) -> u32 {
-        (self.0.data_end() - self.0.data()) as u32
+        (self.end() - self.start()) as u32
     }
 
     #[inline(always)]

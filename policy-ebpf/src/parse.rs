@@ -1,14 +1,15 @@
 //! Ethernet, up to two VLAN tags, IPv4 (honouring IHL) or IPv6 (walking
 //! extension headers up to a named limit), then TCP.
 //!
-//! Headers are read as byte arrays: packet data has no alignment, and
-//! network byte order is explicit at each read.
+//! Parsing reads only the bytes a decision needs and keeps offsets, not
+//! copies: every copied byte is an instruction on every packet. Addresses
+//! are read from the frame when a lookup needs them. Headers are byte
+//! arrays: packet data has no alignment guarantee.
 
-use policy_common::{DirectionPolicy, MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS, PORT_SLOT_UNKNOWN};
+use policy_common::{MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS};
 
 use crate::frame::{ptr_at, Frame};
 
-const ETH_HLEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
@@ -26,14 +27,28 @@ pub const HEADER_SPAN: usize = 512;
 /// How much a TC hook pulls into the linear area when headers are short.
 pub const PULL_LEN: u32 = (HEADER_SPAN + 64) as u32;
 
-/// A TCP segment to a guarded port.
-pub struct Flow {
+/// Where a TCP segment's headers are, as far as the ports.
+#[derive(Clone, Copy)]
+pub struct Segment {
     pub v6: bool,
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the TCP header.
+    pub l4: usize,
+    /// TCP header and payload, by the IP length fields.
+    pub len: usize,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// A TCP segment to a guarded port, fully parsed. The addresses are copied
+/// out here, once the port is known to be guarded: keeping header offsets
+/// instead would make the verifier walk the pipeline once per header layout.
+pub struct Flow {
+    pub seg: Segment,
     /// IPv4 addresses use the first four bytes.
     pub src: [u8; 16],
     pub dst: [u8; 16],
-    pub sport: u16,
-    pub dport: u16,
     pub port_slot: usize,
     /// SYN without ACK: a new connection.
     pub syn: bool,
@@ -41,20 +56,46 @@ pub struct Flow {
     pub payload_len: u32,
 }
 
-pub enum Parsed {
-    /// Not IP, not TCP, or no guarded port: none of our business.
-    NotOurs,
+/// How far parsing got. Plain integers rather than an enum with data:
+/// LLVM spills the unset payload of such enums as undefined registers,
+/// which the verifier rejects.
+pub mod outcome {
+    /// Not IP or not TCP: none of our business.
+    pub const NOT_TCP: u8 = 0;
     /// A non-first TCP fragment.
-    Fragment,
-    /// Broken headers; `port_slot` is known once the ports were read.
-    Malformed { port_slot: usize },
-    /// Headers run past the directly readable data.
-    Short { port_slot: usize },
-    Tcp(Flow),
+    pub const FRAGMENT: u8 = 1;
+    /// Broken headers.
+    pub const MALFORMED: u8 = 2;
+    /// The headers run past the directly readable data.
+    pub const SHORT: u8 = 3;
+    /// Parsed as far as asked.
+    pub const TCP: u8 = 4;
+}
+
+impl Segment {
+    pub const NONE: Self = Self { v6: false, l3: 0, l4: 0, len: 0, sport: 0, dport: 0 };
+}
+
+impl Flow {
+    pub const NONE: Self =
+        Self { seg: Segment::NONE, src: [0; 16], dst: [0; 16], port_slot: 0, syn: false, payload_offset: 0, payload_len: 0 };
+}
+
+/// The result of [`ports`]: an [`outcome`] and, for TCP, the segment.
+pub struct Ports {
+    pub outcome: u8,
+    pub seg: Segment,
+}
+
+impl Ports {
+    #[inline(always)]
+    const fn only(outcome: u8) -> Self {
+        Self { outcome, seg: Segment::NONE }
+    }
 }
 
 #[inline(always)]
-fn read<F: Frame, const N: usize>(frame: &F, offset: usize) -> Option<[u8; N]> {
+pub fn read<F: Frame, const N: usize>(frame: &F, offset: usize) -> Option<[u8; N]> {
     if offset > HEADER_SPAN {
         return None;
     }
@@ -67,125 +108,126 @@ fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
-const UNKNOWN_SHORT: Parsed = Parsed::Short { port_slot: PORT_SLOT_UNKNOWN };
-const UNKNOWN_MALFORMED: Parsed = Parsed::Malformed { port_slot: PORT_SLOT_UNKNOWN };
-
+/// Parses as far as the TCP ports.
 #[inline(always)]
-pub fn parse<F: Frame>(frame: &F, policy: &DirectionPolicy) -> Parsed {
-    let Some(eth) = read::<F, ETH_HLEN>(frame, 0) else { return UNKNOWN_SHORT };
-    let mut ethertype = be16([eth[12], eth[13]]);
-    let mut offset = ETH_HLEN;
+pub fn ports<F: Frame>(frame: &F) -> Ports {
+    let Some(ethertype) = read::<F, 2>(frame, 12) else { return Ports::only(outcome::SHORT) };
+    let mut ethertype = be16(ethertype);
+    let mut offset = 14;
     for _ in 0..MAX_VLAN_TAGS {
         if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
             break;
         }
-        let Some(tag) = read::<F, 4>(frame, offset) else { return UNKNOWN_SHORT };
-        ethertype = be16([tag[2], tag[3]]);
+        let Some(inner) = read::<F, 2>(frame, offset + 2) else { return Ports::only(outcome::SHORT) };
+        ethertype = be16(inner);
         offset += 4;
     }
     match ethertype {
-        ETH_P_IPV4 => parse_ipv4(frame, offset, policy),
-        ETH_P_IPV6 => parse_ipv6(frame, offset, policy),
-        ETH_P_8021Q | ETH_P_8021AD => UNKNOWN_MALFORMED,
-        _ => Parsed::NotOurs,
+        ETH_P_IPV4 => ipv4(frame, offset),
+        ETH_P_IPV6 => ipv6(frame, offset),
+        ETH_P_8021Q | ETH_P_8021AD => Ports::only(outcome::MALFORMED),
+        _ => Ports::only(outcome::NOT_TCP),
     }
 }
 
 #[inline(always)]
-fn parse_ipv4<F: Frame>(frame: &F, offset: usize, policy: &DirectionPolicy) -> Parsed {
-    let Some(ip) = read::<F, 20>(frame, offset) else { return UNKNOWN_SHORT };
+fn ipv4<F: Frame>(frame: &F, l3: usize) -> Ports {
+    let Some(ip) = read::<F, 10>(frame, l3) else { return Ports::only(outcome::SHORT) };
     if ip[9] != IPPROTO_TCP {
-        return Parsed::NotOurs;
+        return Ports::only(outcome::NOT_TCP);
     }
     let header_len = ((ip[0] & 0x0f) as usize) * 4;
     let total_len = be16([ip[2], ip[3]]) as usize;
     if ip[0] >> 4 != 4 || header_len < 20 || total_len < header_len {
-        return UNKNOWN_MALFORMED;
+        return Ports::only(outcome::MALFORMED);
     }
     if be16([ip[6], ip[7]]) & 0x1fff != 0 {
-        return Parsed::Fragment;
+        return Ports::only(outcome::FRAGMENT);
     }
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src[..4].copy_from_slice(&ip[12..16]);
-    dst[..4].copy_from_slice(&ip[16..20]);
-    parse_tcp(frame, offset + header_len, total_len - header_len, false, src, dst, policy)
+    tcp_ports(frame, false, l3, l3 + header_len, total_len - header_len)
 }
 
 #[inline(always)]
-fn parse_ipv6<F: Frame>(frame: &F, offset: usize, policy: &DirectionPolicy) -> Parsed {
-    let Some(ip) = read::<F, 40>(frame, offset) else { return UNKNOWN_SHORT };
+fn ipv6<F: Frame>(frame: &F, l3: usize) -> Ports {
+    let Some(ip) = read::<F, 8>(frame, l3) else { return Ports::only(outcome::SHORT) };
     if ip[0] >> 4 != 6 {
-        return UNKNOWN_MALFORMED;
+        return Ports::only(outcome::MALFORMED);
     }
     let payload_len = be16([ip[4], ip[5]]) as usize;
     let mut next = ip[6];
-    let mut offset = offset + 40;
-    let mut ext_len = 0usize;
+    let mut offset = l3 + 40;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
-                let Some(h) = read::<F, 2>(frame, offset) else { return UNKNOWN_SHORT };
+                let Some(h) = read::<F, 2>(frame, offset) else { return Ports::only(outcome::SHORT) };
                 next = h[0];
-                let len = (h[1] as usize + 1) * 8;
-                offset += len;
-                ext_len += len;
+                offset += (h[1] as usize + 1) * 8;
             }
             IPV6_FRAGMENT => {
-                let Some(h) = read::<F, 8>(frame, offset) else { return UNKNOWN_SHORT };
+                let Some(h) = read::<F, 4>(frame, offset) else { return Ports::only(outcome::SHORT) };
                 next = h[0];
                 if be16([h[2], h[3]]) >> 3 != 0 {
-                    return if next == IPPROTO_TCP { Parsed::Fragment } else { Parsed::NotOurs };
+                    return if next == IPPROTO_TCP { Ports::only(outcome::FRAGMENT) } else { Ports::only(outcome::NOT_TCP) };
                 }
                 offset += 8;
-                ext_len += 8;
             }
             _ => break,
         }
     }
     match next {
         IPPROTO_TCP => {}
-        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT => return UNKNOWN_MALFORMED,
-        _ => return Parsed::NotOurs,
+        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT => return Ports::only(outcome::MALFORMED),
+        _ => return Ports::only(outcome::NOT_TCP),
     }
+    let ext_len = offset - (l3 + 40);
     if payload_len < ext_len {
-        return UNKNOWN_MALFORMED;
+        return Ports::only(outcome::MALFORMED);
     }
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src.copy_from_slice(&ip[8..24]);
-    dst.copy_from_slice(&ip[24..40]);
-    parse_tcp(frame, offset, payload_len - ext_len, true, src, dst, policy)
+    tcp_ports(frame, true, l3, offset, payload_len - ext_len)
 }
 
 #[inline(always)]
-fn parse_tcp<F: Frame>(
-    frame: &F,
-    offset: usize,
-    segment_len: usize,
-    v6: bool,
-    src: [u8; 16],
-    dst: [u8; 16],
-    policy: &DirectionPolicy,
-) -> Parsed {
-    let Some(ports) = read::<F, 4>(frame, offset) else { return UNKNOWN_SHORT };
-    let dport = be16([ports[2], ports[3]]);
-    let Some(port_slot) = policy.port_slot(dport) else { return Parsed::NotOurs };
-    let Some(tcp) = read::<F, 20>(frame, offset) else { return Parsed::Short { port_slot } };
-    let header_len = ((tcp[12] >> 4) as usize) * 4;
-    if header_len < 20 || segment_len < header_len {
-        return Parsed::Malformed { port_slot };
+fn tcp_ports<F: Frame>(frame: &F, v6: bool, l3: usize, l4: usize, len: usize) -> Ports {
+    let Some(p) = read::<F, 4>(frame, l4) else { return Ports::only(outcome::SHORT) };
+    Ports { outcome: outcome::TCP, seg: Segment { v6, l3, l4, len, sport: be16([p[0], p[1]]), dport: be16([p[2], p[3]]) } }
+}
+
+/// Parses the rest of the TCP header of a segment to a guarded port: an
+/// [`outcome`] and, for TCP, the flow.
+#[inline(always)]
+pub fn rest<F: Frame>(frame: &F, seg: Segment, port_slot: usize) -> (u8, Flow) {
+    let Some(t) = read::<F, 2>(frame, seg.l4 + 12) else { return (outcome::SHORT, Flow::NONE) };
+    let header_len = ((t[0] >> 4) as usize) * 4;
+    // The whole TCP header must be in the frame, options included.
+    if header_len < 20 || seg.len < header_len || seg.l4 + header_len > frame.wire_len() as usize {
+        return (outcome::MALFORMED, Flow::NONE);
     }
-    let flags = tcp[13];
-    Parsed::Tcp(Flow {
-        v6,
+    let (Some(src), Some(dst)) = (seg.addr(frame, true), seg.addr(frame, false)) else {
+        return (outcome::SHORT, Flow::NONE);
+    };
+    let flow = Flow {
+        seg,
         src,
         dst,
-        sport: be16([ports[0], ports[1]]),
-        dport,
         port_slot,
-        syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
-        payload_offset: offset + header_len,
-        payload_len: (segment_len - header_len) as u32,
-    })
+        syn: t[1] & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        payload_offset: seg.l4 + header_len,
+        payload_len: (seg.len - header_len) as u32,
+    };
+    (outcome::TCP, flow)
+}
+
+impl Segment {
+    /// Source (`src`) or destination address, IPv4 in the first 4 bytes.
+    #[inline(always)]
+    fn addr<F: Frame>(&self, frame: &F, src: bool) -> Option<[u8; 16]> {
+        if self.v6 {
+            read::<F, 16>(frame, self.l3 + if src { 8 } else { 24 })
+        } else {
+            let a = read::<F, 4>(frame, self.l3 + if src { 12 } else { 16 })?;
+            let mut out = [0u8; 16];
+            out[..4].copy_from_slice(&a);
+            Some(out)
+        }
+    }
 }

@@ -86,7 +86,7 @@ fn opaque(value: u32) -> u32 {
 /// manual bans go last.
 #[inline(always)]
 pub fn locate(flow: &Flow, sets: u32, now_ns: u64) -> Source {
-    let key = if flow.v6 {
+    let key = if flow.seg.v6 {
         source_key_v6(flow.src)
     } else {
         source_key_v4([flow.src[0], flow.src[1], flow.src[2], flow.src[3]])

@@ -341,10 +341,10 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
     ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))
 }
 
-/// `bpf_ktime_get_ns`'s clock, for seeding time-dependent map state.
+/// The datapath's clock (`bpf_ktime_get_coarse_ns`), for time-dependent map state.
 pub fn ktime_now_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
