@@ -121,6 +121,7 @@ fn datapath(json: bool) -> Result<()> {
     let cpu = pin_to_last_cpu()?;
     let floor_prog = load_empty_xdp()?;
     let mut h = Harness::load().context("loading the datapath (needs root)")?;
+    if std::env::var("HOLD").is_ok() { std::thread::sleep(std::time::Duration::from_secs(20)); }
     // Background entries in other networks, present for every case.
     let mut background = Vec::new();
     let n: u32 = std::env::var("BG").ok().and_then(|v| v.parse().ok()).unwrap_or(BACKGROUND_ACL);
@@ -138,6 +139,8 @@ fn datapath(json: bool) -> Result<()> {
         }
         let mut policy = base_policy();
         (case.setup)(&mut h, &mut policy)?;
+        if let Ok(v) = std::env::var("SIDES") { policy.direction[0].acl_sides = v.parse().unwrap(); }
+        if std::env::var("NORATE").is_ok() { policy.direction[0].rate_enabled = 0; }
         h.set_policy(&policy)?;
         let fd = h.dp.program_fd(Hook::XdpIngress)?;
         let (pass, drop) = Hook::XdpIngress.verdict_codes();

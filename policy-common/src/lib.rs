@@ -257,19 +257,22 @@ impl PolicyConfig {
     pub const EMPTY: Self = Self { generation: 0, direction: [DirectionPolicy::EMPTY; 2] };
 }
 
-/// Data of an `ACL_V4` key: generation, scope, address (network order).
+/// Data of an `ACL_V4` key: generation, scope, zero padding, address.
 ///
 /// The scope byte is `direction << 1 | side`, so one trie per family holds
 /// both directions, both sides and both generations; the prefix length of
-/// a key is `16 + CIDR prefix length`.
+/// a key is `ACL_KEY_HEADER_BITS + CIDR prefix length`. Addresses are words
+/// holding the bytes in network order (as loaded from the packet), so keys
+/// are built with word stores.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AclKeyV4 {
     pub generation: u8,
     pub scope: u8,
-    pub addr: [u8; 4],
+    pub _pad: [u8; 2],
+    pub addr: u32,
 }
-const _: () = assert!(core::mem::size_of::<AclKeyV4>() == 6);
+const _: () = assert!(core::mem::size_of::<AclKeyV4>() == 8);
 
 /// Data of an `ACL_V6` key; see [`AclKeyV4`].
 #[repr(C)]
@@ -277,12 +280,29 @@ const _: () = assert!(core::mem::size_of::<AclKeyV4>() == 6);
 pub struct AclKeyV6 {
     pub generation: u8,
     pub scope: u8,
-    pub addr: [u8; 16],
+    pub _pad: [u8; 2],
+    pub addr: [u32; 4],
 }
-const _: () = assert!(core::mem::size_of::<AclKeyV6>() == 18);
+const _: () = assert!(core::mem::size_of::<AclKeyV6>() == 20);
 
-/// Bits of an ACL key's prefix length taken by generation and scope.
-pub const ACL_KEY_HEADER_BITS: u32 = 16;
+impl AclKeyV4 {
+    pub const fn new(generation: u8, scope: u8, octets: [u8; 4]) -> Self {
+        Self { generation, scope, _pad: [0; 2], addr: u32::from_ne_bytes(octets) }
+    }
+}
+
+impl AclKeyV6 {
+    pub fn new(generation: u8, scope: u8, octets: [u8; 16]) -> Self {
+        let mut addr = [0u32; 4];
+        for (i, w) in addr.iter_mut().enumerate() {
+            *w = u32::from_ne_bytes([octets[4 * i], octets[4 * i + 1], octets[4 * i + 2], octets[4 * i + 3]]);
+        }
+        Self { generation, scope, _pad: [0; 2], addr }
+    }
+}
+
+/// Bits of an ACL key's prefix length taken by generation, scope and padding.
+pub const ACL_KEY_HEADER_BITS: u32 = 32;
 
 /// Scope byte of an ACL key.
 #[inline(always)]
@@ -338,11 +358,31 @@ pub struct Event {
     pub strikes: u32,
     /// Country index of the peer, 0 if none.
     pub country: u32,
-    /// IPv4 addresses use the first four bytes.
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    /// Address words holding network-order bytes; IPv4 uses the first word.
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
 }
 const _: () = assert!(core::mem::size_of::<Event>() == 72);
+
+impl Event {
+    /// The source address as bytes (IPv4 in the first four).
+    pub fn src_octets(&self) -> [u8; 16] {
+        words_to_octets(&self.src)
+    }
+
+    pub fn dst_octets(&self) -> [u8; 16] {
+        words_to_octets(&self.dst)
+    }
+}
+
+/// Address words holding network-order bytes, as bytes.
+pub fn words_to_octets(words: &[u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        out[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    out
+}
 
 #[cfg(feature = "user")]
 mod pod {

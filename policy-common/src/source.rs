@@ -63,6 +63,18 @@ pub const fn source_key_v6(addr: [u8; 16]) -> u64 {
     u64::from_be_bytes([addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7]])
 }
 
+/// [`source_key_v4`] of an address word holding network-order bytes.
+#[inline(always)]
+pub const fn source_key_v4_word(addr: u32) -> u64 {
+    source_key_v4(addr.to_ne_bytes())
+}
+
+/// [`source_key_v6`] of address words holding network-order bytes.
+#[inline(always)]
+pub const fn source_key_v6_words(addr: &[u32; 4]) -> u64 {
+    ((u32::from_be(addr[0]) as u64) << 32) | u32::from_be(addr[1]) as u64
+}
+
 /// The set a key lives in.
 #[inline(always)]
 pub const fn source_set(key: u64, sets: u32) -> u32 {

@@ -31,12 +31,13 @@ pub struct AclMatch {
 }
 
 #[inline(always)]
-fn entry(v6: bool, addr: &[u8; 16], generation: u8, scope: u8) -> Option<&'static AclEntry> {
+fn entry(v6: bool, addr: &[u32; 4], generation: u8, scope: u8) -> Option<&'static AclEntry> {
     if v6 {
-        ACL_V6.get(Key::new(ACL_KEY_HEADER_BITS + 128, AclKeyV6 { generation, scope, addr: *addr }))
+        let data = AclKeyV6 { generation, scope, _pad: [0; 2], addr: *addr };
+        ACL_V6.get(Key::new(ACL_KEY_HEADER_BITS + 128, data))
     } else {
-        let addr = [addr[0], addr[1], addr[2], addr[3]];
-        ACL_V4.get(Key::new(ACL_KEY_HEADER_BITS + 32, AclKeyV4 { generation, scope, addr }))
+        let data = AclKeyV4 { generation, scope, _pad: [0; 2], addr: addr[0] };
+        ACL_V4.get(Key::new(ACL_KEY_HEADER_BITS + 32, data))
     }
 }
 

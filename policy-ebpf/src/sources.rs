@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use policy_common::{
     source::{
-        ban_duration_s, ban_origin, gcra_admit, sets_for, slot_flag, source_key_v4, source_key_v6,
+        ban_duration_s, ban_origin, gcra_admit, sets_for, slot_flag, source_key_v4_word, source_key_v6_words,
         source_set, Admit, SlotInfo, SourceSet, SourceSlot, Window, WAYS,
     },
     DirectionPolicy, DEFAULT_SOURCE_CAPACITY,
@@ -86,11 +86,7 @@ fn opaque(value: u32) -> u32 {
 /// manual bans go last.
 #[inline(always)]
 pub fn locate(flow: &Flow, sets: u32, now_ns: u64) -> Source {
-    let key = if flow.seg.v6 {
-        source_key_v6(flow.src)
-    } else {
-        source_key_v4([flow.src[0], flow.src[1], flow.src[2], flow.src[3]])
-    };
+    let key = if flow.seg.v6 { source_key_v6_words(&flow.src) } else { source_key_v4_word(flow.src[0]) };
     let set = SOURCES.get(source_set(key, sets));
     let mut way = 0;
     let mut tracked = false;

@@ -180,11 +180,11 @@ impl Dataplane {
         let bits = ACL_KEY_HEADER_BITS + prefix.prefix_len as u32;
         match prefix.addr {
             IpAddr::V4(a) => {
-                let data = AclKeyV4 { generation: prefix.generation, scope: prefix.scope, addr: a.octets() };
+                let data = AclKeyV4::new(prefix.generation, prefix.scope, a.octets());
                 self.trie_v4()?.insert(&Key::new(bits, data), entry, 0)
             }
             IpAddr::V6(a) => {
-                let data = AclKeyV6 { generation: prefix.generation, scope: prefix.scope, addr: a.octets() };
+                let data = AclKeyV6::new(prefix.generation, prefix.scope, a.octets());
                 self.trie_v6()?.insert(&Key::new(bits, data), entry, 0)
             }
         }
@@ -195,11 +195,11 @@ impl Dataplane {
         let bits = ACL_KEY_HEADER_BITS + prefix.prefix_len as u32;
         match prefix.addr {
             IpAddr::V4(a) => {
-                let data = AclKeyV4 { generation: prefix.generation, scope: prefix.scope, addr: a.octets() };
+                let data = AclKeyV4::new(prefix.generation, prefix.scope, a.octets());
                 self.trie_v4()?.remove(&Key::new(bits, data))
             }
             IpAddr::V6(a) => {
-                let data = AclKeyV6 { generation: prefix.generation, scope: prefix.scope, addr: a.octets() };
+                let data = AclKeyV6::new(prefix.generation, prefix.scope, a.octets());
                 self.trie_v6()?.remove(&Key::new(bits, data))
             }
         }
