@@ -132,7 +132,8 @@ fn datapath(json: bool) -> Result<()> {
     let probe = TcpFrame::new(ends(0, false).src, ends(0, false).dst, 25, SYN).build();
     let mut rows = Vec::new();
     let mut floors = Vec::new();
-    for case in cases() {
+    let only = std::env::args().skip_while(|a| a != "--only").nth(1);
+    for case in cases().into_iter().filter(|c| only.as_deref().is_none_or(|o| o == c.name)) {
         h.reset()?;
         for addr in &background {
             h.add_acl(direction::INGRESS, side::PEER, *addr, 24, entry(0, 0, 33, 0))?;

@@ -30,14 +30,39 @@ pub struct AclMatch {
     pub country: u32,
 }
 
+/// An LPM key laid out like aya's `Key<K>` but 4-byte aligned. aya's key
+/// is `packed`, so building one copies the address byte by byte; this one
+/// is built with word stores and viewed as aya's key for the lookup.
+#[repr(C)]
+struct AlignedKey<K> {
+    prefix_len: u32,
+    data: K,
+}
+
+impl<K> AlignedKey<K> {
+    #[inline(always)]
+    fn as_key(&self) -> &Key<K> {
+        // SAFETY: same fields in the same order at the same offsets (K is
+        // 4-byte aligned, so there is no padding after prefix_len); Key<K>
+        // is packed, so any alignment is enough.
+        unsafe { &*(self as *const Self as *const Key<K>) }
+    }
+}
+
 #[inline(always)]
 fn entry(v6: bool, addr: &[u32; 4], generation: u8, scope: u8) -> Option<&'static AclEntry> {
     if v6 {
-        let data = AclKeyV6 { generation, scope, _pad: [0; 2], addr: *addr };
-        ACL_V6.get(Key::new(ACL_KEY_HEADER_BITS + 128, data))
+        let key = AlignedKey {
+            prefix_len: ACL_KEY_HEADER_BITS + 128,
+            data: AclKeyV6 { generation, scope, _pad: [0; 2], addr: *addr },
+        };
+        ACL_V6.get(key.as_key())
     } else {
-        let data = AclKeyV4 { generation, scope, _pad: [0; 2], addr: addr[0] };
-        ACL_V4.get(Key::new(ACL_KEY_HEADER_BITS + 32, data))
+        let key = AlignedKey {
+            prefix_len: ACL_KEY_HEADER_BITS + 32,
+            data: AclKeyV4 { generation, scope, _pad: [0; 2], addr: addr[0] },
+        };
+        ACL_V4.get(key.as_key())
     }
 }
 

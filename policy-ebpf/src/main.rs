@@ -15,6 +15,7 @@ mod config;
 mod decide;
 mod events;
 mod frame;
+mod opaque;
 mod parse;
 mod sources;
 mod stats;

@@ -95,39 +95,105 @@ impl Ports {
     }
 }
 
-/// Loads a `T` at `offset`. Never a single byte: LLVM turns the bounds
-/// check of a 1-byte load into `ptr >= end`, which the verifier does not
-/// take as a proof of one readable byte.
+/// The header `T` at `offset`, after one bounds check for all of it.
 ///
-/// Packet fields are not always aligned for `T` (an IPv4 address after an
-/// odd number of VLAN tags is 2-byte aligned). The verifier and the JIT
-/// accept such loads on the architectures smtpguard targets; declaring
-/// them unaligned would make LLVM split each into byte loads.
+/// Packet fields are not always aligned for their type (an IPv4 address
+/// after an odd number of VLAN tags is only 2-byte aligned). The verifier
+/// and the JIT accept such loads on the architectures smtpguard targets,
+/// as in C XDP programs; declaring them unaligned would make LLVM split
+/// every field into byte loads.
 #[inline(always)]
-fn load<F: Frame, T: Copy>(frame: &F, offset: usize) -> Option<T> {
+fn header<F: Frame, T>(frame: &F, offset: usize) -> Option<*const T> {
     if offset > HEADER_SPAN {
         return None;
     }
-    // SAFETY: bounds checked by ptr_at; T is a plain integer or array.
-    unsafe { ptr_at::<F, T>(frame, offset).map(|p| core::ptr::read(p)) }
+    // SAFETY: ptr_at checks that size_of::<T>() bytes are readable.
+    unsafe { ptr_at::<F, T>(frame, offset) }
 }
 
-#[inline(always)]
-fn be16<F: Frame>(frame: &F, offset: usize) -> Option<u16> {
-    load::<F, u16>(frame, offset).map(u16::from_be)
+#[repr(C)]
+struct EthHdr {
+    dst: [u8; 6],
+    src: [u8; 6],
+    ethertype: u16,
+}
+
+#[repr(C)]
+struct VlanTag {
+    tci: u16,
+    ethertype: u16,
+}
+
+#[repr(C)]
+struct Ipv4Hdr {
+    ver_ihl: u8,
+    tos: u8,
+    total_len: u16,
+    id: u16,
+    frag: u16,
+    ttl: u8,
+    protocol: u8,
+    check: u16,
+    src: u32,
+    dst: u32,
+}
+
+#[repr(C)]
+struct Ipv6Hdr {
+    ver_class_flow: u32,
+    payload_len: u16,
+    next: u8,
+    hop_limit: u8,
+    src: [u32; 4],
+    dst: [u32; 4],
+}
+
+/// The first bytes shared by hop-by-hop, routing and destination options.
+#[repr(C)]
+struct Ipv6Ext {
+    next: u8,
+    len: u8,
+}
+
+#[repr(C)]
+struct Ipv6Frag {
+    next: u8,
+    reserved: u8,
+    offset_flags: u16,
+    id: u32,
+}
+
+#[repr(C)]
+struct TcpPorts {
+    sport: u16,
+    dport: u16,
+}
+
+#[repr(C)]
+struct TcpHdr {
+    ports: TcpPorts,
+    seq: u32,
+    ack: u32,
+    offset: u8,
+    flags: u8,
+    window: u16,
+    check: u16,
+    urgent: u16,
 }
 
 /// Parses as far as the TCP ports.
 #[inline(always)]
 pub fn ports<F: Frame>(frame: &F) -> Ports {
-    let Some(mut ethertype) = be16(frame, 12) else { return Ports::only(outcome::SHORT) };
+    let Some(eth) = header::<F, EthHdr>(frame, 0) else { return Ports::only(outcome::SHORT) };
+    // SAFETY (all header reads below): the pointer passed its bounds check.
+    let mut ethertype = u16::from_be(unsafe { (*eth).ethertype });
     let mut offset = 14;
     for _ in 0..MAX_VLAN_TAGS {
         if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
             break;
         }
-        let Some(inner) = be16(frame, offset + 2) else { return Ports::only(outcome::SHORT) };
-        ethertype = inner;
+        let Some(tag) = header::<F, VlanTag>(frame, offset) else { return Ports::only(outcome::SHORT) };
+        ethertype = u16::from_be(unsafe { (*tag).ethertype });
         offset += 4;
     }
     match ethertype {
@@ -140,19 +206,13 @@ pub fn ports<F: Frame>(frame: &F) -> Ports {
 
 #[inline(always)]
 fn ipv4<F: Frame>(frame: &F, l3: usize) -> Ports {
-    // Bytes 8, 9: TTL, protocol.
-    let Some([_, proto]) = load::<F, [u8; 2]>(frame, l3 + 8) else { return Ports::only(outcome::SHORT) };
-    if proto != IPPROTO_TCP {
+    let Some(ip) = header::<F, Ipv4Hdr>(frame, l3) else { return Ports::only(outcome::SHORT) };
+    let (ver_ihl, protocol, total_len, frag) =
+        unsafe { ((*ip).ver_ihl, (*ip).protocol, u16::from_be((*ip).total_len) as usize, u16::from_be((*ip).frag)) };
+    if protocol != IPPROTO_TCP {
         return Ports::only(outcome::NOT_TCP);
     }
-    // One check after another: matching a tuple of Options lets LLVM
-    // compute with a value whose load did not happen, which the verifier
-    // rejects when the register still holds a packet pointer.
-    let Some([ver_ihl, _]) = load::<F, [u8; 2]>(frame, l3) else { return Ports::only(outcome::SHORT) };
-    let Some(total_len) = be16(frame, l3 + 2) else { return Ports::only(outcome::SHORT) };
-    let Some(frag) = be16(frame, l3 + 6) else { return Ports::only(outcome::SHORT) };
     let header_len = ((ver_ihl & 0x0f) as usize) * 4;
-    let total_len = total_len as usize;
     if ver_ihl >> 4 != 4 || header_len < 20 || total_len < header_len {
         return Ports::only(outcome::MALFORMED);
     }
@@ -164,24 +224,24 @@ fn ipv4<F: Frame>(frame: &F, l3: usize) -> Ports {
 
 #[inline(always)]
 fn ipv6<F: Frame>(frame: &F, l3: usize) -> Ports {
-    let Some([version, _]) = load::<F, [u8; 2]>(frame, l3) else { return Ports::only(outcome::SHORT) };
-    let Some(payload_len) = be16(frame, l3 + 4) else { return Ports::only(outcome::SHORT) };
-    let Some([mut next, _]) = load::<F, [u8; 2]>(frame, l3 + 6) else { return Ports::only(outcome::SHORT) };
-    if version >> 4 != 6 {
+    let Some(ip) = header::<F, Ipv6Hdr>(frame, l3) else { return Ports::only(outcome::SHORT) };
+    let (first, payload_len, mut next) =
+        unsafe { ((*ip).ver_class_flow.to_ne_bytes()[0], u16::from_be((*ip).payload_len) as usize, (*ip).next) };
+    if first >> 4 != 6 {
         return Ports::only(outcome::MALFORMED);
     }
-    let payload_len = payload_len as usize;
     let mut offset = l3 + 40;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
-                let Some(h) = load::<F, [u8; 2]>(frame, offset) else { return Ports::only(outcome::SHORT) };
-                next = h[0];
-                offset += (h[1] as usize + 1) * 8;
+                let Some(h) = header::<F, Ipv6Ext>(frame, offset) else { return Ports::only(outcome::SHORT) };
+                let (n, len) = unsafe { ((*h).next, (*h).len) };
+                next = n;
+                offset += (len as usize + 1) * 8;
             }
             IPV6_FRAGMENT => {
-                let Some([n, _, hi, lo]) = load::<F, [u8; 4]>(frame, offset) else { return Ports::only(outcome::SHORT) };
-                let frag = u16::from_be_bytes([hi, lo]);
+                let Some(h) = header::<F, Ipv6Frag>(frame, offset) else { return Ports::only(outcome::SHORT) };
+                let (n, frag) = unsafe { ((*h).next, u16::from_be((*h).offset_flags)) };
                 next = n;
                 if frag >> 3 != 0 {
                     return Ports::only(if next == IPPROTO_TCP { outcome::FRAGMENT } else { outcome::NOT_TCP });
@@ -205,8 +265,8 @@ fn ipv6<F: Frame>(frame: &F, l3: usize) -> Ports {
 
 #[inline(always)]
 fn tcp_ports<F: Frame>(frame: &F, v6: bool, l3: usize, l4: usize, len: usize) -> Ports {
-    let Some(ports) = load::<F, [u16; 2]>(frame, l4) else { return Ports::only(outcome::SHORT) };
-    let (sport, dport) = (u16::from_be(ports[0]), u16::from_be(ports[1]));
+    let Some(p) = header::<F, TcpPorts>(frame, l4) else { return Ports::only(outcome::SHORT) };
+    let (sport, dport) = unsafe { (u16::from_be((*p).sport), u16::from_be((*p).dport)) };
     Ports { outcome: outcome::TCP, seg: Segment { v6, l3, l4, len, sport, dport } }
 }
 
@@ -214,25 +274,26 @@ fn tcp_ports<F: Frame>(frame: &F, v6: bool, l3: usize, l4: usize, len: usize) ->
 /// [`outcome`] and, for TCP, the flow.
 #[inline(always)]
 pub fn rest<F: Frame>(frame: &F, seg: Segment, port_slot: usize) -> (u8, Flow) {
-    let Some(t) = load::<F, [u8; 2]>(frame, seg.l4 + 12) else { return (outcome::SHORT, Flow::NONE) };
-    let header_len = ((t[0] >> 4) as usize) * 4;
+    let Some(tcp) = header::<F, TcpHdr>(frame, seg.l4) else { return (outcome::SHORT, Flow::NONE) };
+    let (offset, flags) = unsafe { ((*tcp).offset, (*tcp).flags) };
+    let header_len = ((offset >> 4) as usize) * 4;
     // The whole TCP header must be in the frame, options included.
     if header_len < 20 || seg.len < header_len || seg.l4 + header_len > frame.wire_len() as usize {
         return (outcome::MALFORMED, Flow::NONE);
     }
     let (src, dst) = if seg.v6 {
-        let Some(a) = load::<F, [u32; 8]>(frame, seg.l3 + 8) else { return (outcome::SHORT, Flow::NONE) };
-        ([a[0], a[1], a[2], a[3]], [a[4], a[5], a[6], a[7]])
+        let Some(ip) = header::<F, Ipv6Hdr>(frame, seg.l3) else { return (outcome::SHORT, Flow::NONE) };
+        unsafe { ((*ip).src, (*ip).dst) }
     } else {
-        let Some(a) = load::<F, [u32; 2]>(frame, seg.l3 + 12) else { return (outcome::SHORT, Flow::NONE) };
-        ([a[0], 0, 0, 0], [a[1], 0, 0, 0])
+        let Some(ip) = header::<F, Ipv4Hdr>(frame, seg.l3) else { return (outcome::SHORT, Flow::NONE) };
+        unsafe { ([(*ip).src, 0, 0, 0], [(*ip).dst, 0, 0, 0]) }
     };
     let flow = Flow {
         seg,
         src,
         dst,
         port_slot,
-        syn: t[1] & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
         payload_offset: seg.l4 + header_len,
         payload_len: (seg.len - header_len) as u32,
     };

@@ -1,15 +1,13 @@
 //! Per-source state shared by all CPUs: bans, the new-connection bucket
 //! and the ban meter, in the set-associative `SOURCES` table.
 //!
-//! Every field a packet changes is updated by compare-and-swap, so SYNs of
-//! one source spread over CPUs by RSS spend from one bucket. Losing a race
-//! a few times in a row counts as no token: under such contention the
-//! source is flooding anyway.
+//! The bucket and the ban are updated by compare-and-swap, so SYNs of one
+//! source spread over CPUs by RSS spend from one bucket. Losing a race a
+//! few times in a row counts as no token: under such contention the
+//! source is flooding anyway. The ban meter and bookkeeping use plain
+//! stores (see `on_syn`).
 
-use aya_ebpf::{
-    macros::map,
-    maps::{Array, PerCpuArray},
-};
+use aya_ebpf::{macros::map, maps::Array};
 use policy_common::{
     source::{
         ban_duration_s, ban_origin, gcra_admit, sets_for, slot_flag, source_key_v4_word, source_key_v6_words,
@@ -18,7 +16,7 @@ use policy_common::{
     DirectionPolicy, DEFAULT_SOURCE_CAPACITY,
 };
 
-use crate::{atomic::Word, parse::Flow};
+use crate::{atomic::Word, opaque::opaque, parse::Flow};
 
 /// Key: `source_set(source key)`; 8 ways per set. Writer: datapath (SYNs,
 /// expiries) and controller (manual bans). Capacity set at load time.
@@ -63,24 +61,6 @@ impl Source {
     }
 }
 
-/// Per-CPU scratch word. Passing the chosen way through it hides the way's
-/// exact value from the verifier, so the rest of the pipeline is verified
-/// once rather than once per way.
-#[map]
-static SCRATCH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
-
-#[inline(always)]
-fn opaque(value: u32) -> u32 {
-    match SCRATCH.get_ptr_mut(0) {
-        // SAFETY: per-CPU value of the right type, no concurrent user.
-        Some(p) => unsafe {
-            core::ptr::write_volatile(p, value);
-            core::ptr::read_volatile(p)
-        },
-        None => 0,
-    }
-}
-
 /// Finds the flow's source, or the way a new source would take: a free
 /// way, else the idlest unbanned source, else the ban that ends first;
 /// manual bans go last.
@@ -118,7 +98,7 @@ pub fn locate(flow: &Flow, sets: u32, now_ns: u64) -> Source {
             }
         }
     }
-    Source { key, set, way: opaque(way), tracked }
+    Source { key, set, way: opaque(way as u64) as u32, tracked }
 }
 
 pub enum BanCheck {
@@ -181,8 +161,13 @@ pub fn on_syn(source: &mut Source, policy: &DirectionPolicy, now_ns: u64) -> Syn
     let info_word = word(&slot.info);
 
     if policy.ban_threshold != 0 {
-        let meter = update(word(&slot.window), |w| Some(Window::unpack(w).record(now_s).pack()));
-        let count = meter.map(|w| Window::unpack(w).estimate(now_s)).unwrap_or(0);
+        // The meter is a plain read-modify-write: a race between CPUs can
+        // lose a count, which delays a ban by a SYN; a CAS here would cost
+        // every SYN a locked instruction.
+        let meter = word(&slot.window);
+        let window = Window::unpack(meter.load()).record(now_s);
+        meter.store(window.pack());
+        let count = window.estimate(now_s);
         if count > policy.ban_threshold {
             let info = SlotInfo::unpack(info_word.load());
             let strikes = info.strikes as u32 + 1;
@@ -211,14 +196,17 @@ pub fn on_syn(source: &mut Source, policy: &DirectionPolicy, now_ns: u64) -> Syn
             }
         })
         .is_some();
-    let mut trip = false;
-    update(info_word, |w| {
-        let mut info = SlotInfo::unpack(w);
-        trip = !admitted && info.flags & slot_flag::LIMITED == 0;
-        info.flags = if admitted { info.flags & !slot_flag::LIMITED } else { info.flags | slot_flag::LIMITED };
-        info.last_seen_s = now_s;
-        Some(info.pack())
-    });
+    // Bookkeeping for eviction and trip events, written only when it
+    // changes (at most once a second, or on a trip).
+    let old = info_word.load();
+    let mut info = SlotInfo::unpack(old);
+    let trip = !admitted && info.flags & slot_flag::LIMITED == 0;
+    info.flags = if admitted { info.flags & !slot_flag::LIMITED } else { info.flags | slot_flag::LIMITED };
+    info.last_seen_s = now_s;
+    let new = info.pack();
+    if new != old {
+        info_word.store(new);
+    }
     if admitted {
         SynOutcome::Admitted
     } else {

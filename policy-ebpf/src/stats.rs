@@ -1,6 +1,8 @@
 //! Counters, recorded once per counted packet on the single exit path.
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
+
+use crate::opaque::opaque;
 use policy_common::{
     geo_index, stats_index, Counter, GEO_DROPS_ENTRIES, STATS_ENTRIES, STATS_EVENTS_LOST,
 };
@@ -14,9 +16,14 @@ static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES
 #[map]
 static GEO_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GEO_DROPS_ENTRIES, 0);
 
+/// The index goes through `opaque`: the verifier tracks constant array
+/// keys exactly, which would make the direction, port slot and reason
+/// exact values for the whole pipeline before this call, multiplying
+/// its states.
 #[inline(always)]
 pub fn record(direction: u8, verdict: u8, reason: u8, port_slot: usize, bytes: u32) {
-    if let Some(c) = STATS.get_ptr_mut(stats_index(direction, verdict, reason, port_slot)) {
+    let index = opaque(stats_index(direction, verdict, reason, port_slot) as u64) as u32;
+    if let Some(c) = STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU cell; programs do not migrate while running.
         unsafe {
             (*c).packets += 1;
@@ -27,7 +34,7 @@ pub fn record(direction: u8, verdict: u8, reason: u8, port_slot: usize, bytes: u
 
 #[inline(always)]
 pub fn record_geo_drop(direction: u8, country: u32) {
-    if let Some(c) = GEO_DROPS.get_ptr_mut(geo_index(direction, country)) {
+    if let Some(c) = GEO_DROPS.get_ptr_mut(opaque(geo_index(direction, country) as u64) as u32) {
         // SAFETY: as in `record`.
         unsafe { *c += 1 }
     }
