@@ -8,10 +8,15 @@ use std::collections::BTreeSet;
 fn embedded_object_has_exactly_the_named_programs_and_maps() {
     let obj = Object::parse(smtpguard::EBPF_OBJECT).expect("parsing the embedded eBPF object");
 
-    let maps: BTreeSet<&str> = obj.maps.keys().map(String::as_str).collect();
-    // `.rodata` holds constants the compiler emitted (frozen, read-only).
-    let expected_maps: BTreeSet<&str> = policy_common::ALL_MAPS.into_iter().chain([".rodata"]).collect();
+    // Sections the compiler emits for constants (`.rodata*`) become frozen,
+    // read-only maps; the datapath has no mutable globals (.data, .bss).
+    let (sections, maps): (BTreeSet<&str>, BTreeSet<&str>) =
+        obj.maps.keys().map(String::as_str).partition(|n| n.starts_with('.'));
+    let expected_maps: BTreeSet<&str> = policy_common::ALL_MAPS.into_iter().collect();
     assert_eq!(maps, expected_maps, "maps in the object");
+    for s in &sections {
+        assert!(s.starts_with(".rodata"), "unexpected data section {s}: the datapath keeps state in named maps only");
+    }
 
     let programs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
     let expected_programs: BTreeSet<&str> = policy_common::ALL_PROGRAMS.into_iter().collect();
@@ -27,5 +32,22 @@ fn embedded_object_has_exactly_the_named_programs_and_maps() {
     }
     for name in policy_common::ALL_MAPS {
         assert!(name.len() <= 15, "map name {name} is longer than the kernel keeps");
+    }
+}
+
+/// The verifier walks each program within its 1,000,000-instruction budget
+/// with room to spare. The datapath is sensitive to this (see `opaque`):
+/// a change that multiplies verifier states fails here with a number,
+/// before it fails to load somewhere else.
+#[test]
+fn programs_verify_well_within_the_verifier_budget() {
+    if !smtpguard_tests::require_root() {
+        return;
+    }
+    const BUDGET: u32 = 1_000_000;
+    let dp = smtpguard::dataplane::Dataplane::load(Default::default()).expect("loading the datapath");
+    for (name, verified) in dp.verified_instructions().expect("program info") {
+        eprintln!("{name}: {verified} instructions verified");
+        assert!(verified < BUDGET / 2, "{name} needed {verified} of the verifier's {BUDGET}");
     }
 }

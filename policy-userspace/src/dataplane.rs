@@ -297,6 +297,23 @@ impl Dataplane {
         Ok(fd.as_fd())
     }
 
+    /// How many instructions the verifier processed for each program.
+    pub fn verified_instructions(&self) -> Result<Vec<(&'static str, u32)>> {
+        Hook::ALL
+            .iter()
+            .map(|hook| {
+                let name = hook.program_name();
+                let info = match self.ebpf.program(name) {
+                    Some(Program::Xdp(p)) => p.info(),
+                    Some(Program::SchedClassifier(p)) => p.info(),
+                    _ => return Err(DataplaneError::MissingProgram(name)),
+                }
+                .map_err(|source| DataplaneError::Program { name, source })?;
+                Ok((name, info.verified_instruction_count().unwrap_or(0)))
+            })
+            .collect()
+    }
+
     /// Attaches `xdp_ingress` to an interface.
     pub fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
         let name = policy_common::PROG_XDP_INGRESS;
