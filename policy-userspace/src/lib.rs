@@ -1,6 +1,9 @@
 //! smtpguard's controller library.
 
+pub mod commands;
 pub mod dataplane;
+pub mod model;
+pub mod policy;
 
 /// The eBPF object built by `build.rs`, aligned for the ELF parser.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy-ebpf.o"));
