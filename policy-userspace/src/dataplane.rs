@@ -109,6 +109,8 @@ pub struct Dataplane {
     ebpf: Ebpf,
     events: RingBuf<MapData>,
     source_sets: u32,
+    /// The ACL prefixes installed in each generation.
+    installed: [Vec<AclPrefix>; 2],
 }
 
 impl Dataplane {
@@ -131,7 +133,7 @@ impl Dataplane {
         let events = take_map(&mut ebpf, policy_common::EVENTS)?;
         let events = RingBuf::try_from(events)
             .map_err(|source| DataplaneError::Map { name: policy_common::EVENTS, source })?;
-        let mut dataplane = Self { ebpf, events, source_sets };
+        let mut dataplane = Self { ebpf, events, source_sets, installed: [Vec::new(), Vec::new()] };
         dataplane.set_runtime(Runtime {
             active: 0,
             source_sets,
@@ -174,6 +176,39 @@ impl Dataplane {
         self.array::<PolicyConfig>(name)?
             .set(generation, policy, 0)
             .map_err(|source| DataplaneError::Map { name, source })
+    }
+
+    /// Fills `generation` with a compiled policy, replacing what it held.
+    /// Packets do not see it until [`Dataplane::activate`].
+    pub fn install(&mut self, generation: u32, compiled: &crate::policy::Compiled, number: u64) -> Result<()> {
+        let gen = generation as usize & 1;
+        for prefix in std::mem::take(&mut self.installed[gen]) {
+            self.remove_acl(prefix)?;
+        }
+        let mut installed = Vec::with_capacity(compiled.entries());
+        for (scope, net, entry) in &compiled.v4 {
+            let prefix = AclPrefix { generation: gen as u8, scope: *scope, addr: IpAddr::V4(net.network()), prefix_len: net.prefix_len() };
+            self.insert_acl(prefix, entry)?;
+            installed.push(prefix);
+        }
+        for (scope, net, entry) in &compiled.v6 {
+            let prefix = AclPrefix { generation: gen as u8, scope: *scope, addr: IpAddr::V6(net.network()), prefix_len: net.prefix_len() };
+            self.insert_acl(prefix, entry)?;
+            installed.push(prefix);
+        }
+        self.installed[gen] = installed;
+        let mut config = compiled.config;
+        config.generation = number;
+        self.set_policy(gen as u32, &config)
+    }
+
+    /// Makes packets judge by `generation`, with the event settings given.
+    pub fn activate(&mut self, generation: u32, drop_sample_one_in: u32, events_per_second: u32) -> Result<()> {
+        let mut rt = self.runtime()?;
+        rt.active = generation & 1;
+        rt.drop_sample_one_in = drop_sample_one_in;
+        rt.events_per_second = events_per_second;
+        self.set_runtime(rt)
     }
 
     pub fn insert_acl(&mut self, prefix: AclPrefix, entry: &AclEntry) -> Result<()> {

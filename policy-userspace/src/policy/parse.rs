@@ -203,7 +203,7 @@ impl Walker<'_> {
         let fields = self.fields(root, "", TOP_FIELDS);
         let get = |name: &str| fields.iter().find(|(k, ..)| *k == name).map(|(_, p, n)| (*p, *n));
         match get("version") {
-            None => self.error(root.pos, "version", "missing; this reader understands `version: 1`"),
+            None => self.error(Pos { line: 1, col: 1 }, "version", "missing; this reader understands `version: 1`"),
             Some((_, n)) => {
                 if let Some(v) = self.int(n, "version", 0, i64::MAX) {
                     if v != 1 {
