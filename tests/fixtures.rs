@@ -160,6 +160,12 @@ impl Harness {
         Ok(self.dp.source_set(index)?.slots.iter().find(|s| s.key == key).copied())
     }
 
+    /// Forgets a source: the datapath sees it as new again.
+    pub fn clear_source(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
+        let index = self.set_index(addr);
+        self.dp.set_source_set(index, &SourceSet::default())
+    }
+
     /// Removes every seeded entry and resets the policy.
     pub fn reset(&mut self) -> Result<(), DataplaneError> {
         for prefix in std::mem::take(&mut self.acl) {

@@ -13,11 +13,17 @@ pub enum Which {
         #[arg(long)]
         json: bool,
     },
+    /// Time to validate and compile: the IDC default, 100,000 CIDRs, the whole real geo database.
+    Compile {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
     let (name, json) = match which {
         Which::Datapath { json } => ("datapath", json),
+        Which::Compile { json } => ("compile", json),
     };
     let build = Command::new("cargo")
         .args(["build", "--release", "--quiet", "-p", "smtpguard-tests", "--bin", "smtpguard-bench"])

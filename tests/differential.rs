@@ -1,0 +1,213 @@
+//! The kernel and the userspace model (`explain`) must agree: random
+//! policies, written as YAML and compiled the normal way, judge random
+//! packets through the real programs (BPF_PROG_TEST_RUN) and through the
+//! model, and every verdict and reason must match.
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use policy_common::{direction, reason, stats_index, verdict};
+use serde::Serialize;
+use smtpguard::{
+    dataplane::Hook,
+    model::{decide, AclIndex, Packet, SourceState},
+    policy::{self, time, LoadOptions},
+};
+use smtpguard_tests::{fixtures::Harness, packet::TcpFrame, require_root};
+
+const POLICIES: usize = 40;
+const PACKETS_PER_POLICY: usize = 60;
+const COUNTRIES: [&str; 4] = ["DE", "KP", "US", "BR"];
+const PORTS: [(u16, &str); 4] = [(25, "smtp"), (465, "smtps"), (587, "submission"), (2525, "other")];
+
+/// Deterministic xorshift, so a failure reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// Addresses come from a small pool so rules and packets meet.
+fn addr(rng: &mut Rng, v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, rng.below(4) as u16, rng.below(4) as u16, 0, 0, 0, rng.below(256) as u16))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(10, rng.below(4) as u8, rng.below(4) as u8, rng.below(256) as u8))
+    }
+}
+
+fn cidr(rng: &mut Rng, v6: bool) -> ipnet::IpNet {
+    let a = addr(rng, v6);
+    let len = if v6 { *rng.pick(&[32u8, 40, 48, 56, 64, 112, 128]) } else { *rng.pick(&[8u8, 14, 16, 22, 24, 28, 32]) };
+    ipnet::IpNet::new(a, len).unwrap().trunc()
+}
+
+#[derive(Serialize)]
+struct Record {
+    country_code: &'static str,
+    n: u32,
+}
+
+/// A geo database over the address pool: a country per /16 (IPv4) and /48 (IPv6).
+fn write_geo(path: &Path) {
+    let mut w = mmdb_writer::Writer::new("country");
+    let mut n = 0;
+    for b in 0..4u8 {
+        for c in 0..4u8 {
+            n += 1;
+            let cc = COUNTRIES[((b + c) % 4) as usize];
+            let v4: ipnet::IpNet = format!("10.{b}.{c}.0/24").parse().unwrap();
+            w.insert(v4, &Record { country_code: cc, n }).unwrap();
+            let v6: ipnet::IpNet = format!("2001:db8:{b}:{c}::/64").parse().unwrap();
+            w.insert(v6, &Record { country_code: cc, n }).unwrap();
+        }
+    }
+    std::fs::write(path, w.to_bytes().unwrap()).unwrap();
+}
+
+fn random_direction_yaml(rng: &mut Rng, ports: &[(u16, &str)]) -> String {
+    let mut y = String::new();
+    if rng.chance(25) {
+        y += "    mode: monitor\n";
+    }
+    let defaults: Vec<String> = ports.iter().map(|(p, _)| format!("{p}: {}", if rng.chance(50) { "deny" } else { "allow" })).collect();
+    writeln!(y, "    default: {{{}}}", defaults.join(", ")).unwrap();
+    for kind in ["allow", "deny"] {
+        let n = rng.below(6);
+        if n == 0 {
+            continue;
+        }
+        writeln!(y, "    {kind}:").unwrap();
+        for _ in 0..n {
+            let v6 = rng.chance(40);
+            let side = if rng.chance(40) { ", side: local" } else { "" };
+            let port_list = if rng.chance(40) {
+                let chosen: Vec<String> = ports.iter().filter(|_| rng.chance(50)).map(|(p, _)| p.to_string()).collect();
+                if chosen.is_empty() { String::new() } else { format!(", ports: [{}]", chosen.join(", ")) }
+            } else {
+                String::new()
+            };
+            writeln!(y, "      - {{cidr: \"{}\"{side}{port_list}}}", cidr(rng, v6)).unwrap();
+        }
+    }
+    if rng.chance(50) {
+        let countries: Vec<&str> = COUNTRIES.iter().copied().filter(|_| rng.chance(40)).collect();
+        let list = if rng.chance(70) { "block" } else { "allow_only" };
+        let unknown = if rng.chance(50) { "allow" } else { "deny" };
+        writeln!(y, "    geo: {{database: geo.mmdb, field: country_code, {list}: [{}], unknown: {unknown}}}", countries.join(", ")).unwrap();
+    }
+    if rng.chance(60) {
+        y += "    smtp_commands: {block: [VRFY, EXPN]}\n";
+    }
+    if rng.chance(40) {
+        y += "    rate_limit: {new_per_minute: 6000, burst: 1000, ban_above_per_minute: 60000}\n";
+    }
+    writeln!(y, "    malformed: {}", if rng.chance(50) { "deny" } else { "allow" }).unwrap();
+    y
+}
+
+fn random_policy(rng: &mut Rng) -> String {
+    let ports: Vec<(u16, &str)> = PORTS.iter().copied().filter(|(p, _)| *p == 25 || rng.chance(50)).collect();
+    let port_map: Vec<String> = ports.iter().map(|(p, prof)| format!("{p}: {prof}")).collect();
+    format!(
+        "version: 1\nmode: {}\nports: {{{}}}\ningress:\n{}egress:\n{}",
+        if rng.chance(15) { "monitor" } else { "enforce" },
+        port_map.join(", "),
+        random_direction_yaml(rng, &ports),
+        random_direction_yaml(rng, &ports)
+    )
+}
+
+fn random_packet(rng: &mut Rng) -> Packet {
+    let v6 = rng.chance(40);
+    let dport = if rng.chance(85) { rng.pick(&PORTS).0 } else { *rng.pick(&[80u16, 443, 26, 24]) };
+    let syn = rng.chance(50);
+    const PAYLOADS: [&str; 6] = ["", "VRFY root\r\n", "expn list\r\n", "EHLO x\r\n", "VRFYX\r\n", "QUIT\r\n"];
+    let payload: &[u8] = if syn { b"" } else { rng.pick(&PAYLOADS).as_bytes() };
+    Packet { direction: if rng.chance(50) { direction::INGRESS } else { direction::EGRESS }, src: addr(rng, v6), dst: addr(rng, v6), dport, syn, payload: payload.to_vec() }
+}
+
+#[test]
+fn kernel_and_model_agree_on_random_policies_and_packets() {
+    if !require_root() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("smtpguard-diff-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_geo(&dir.join("geo.mmdb"));
+    let mut h = Harness::load().expect("loading the datapath");
+    let mut rng = Rng(0x00c0_ffee_1234_5678);
+    let today = time::today();
+    let mut failures = Vec::new();
+    let (mut runs, mut counted, mut drops) = (0, 0, 0);
+    let mut generation = 0u32;
+    for p in 0..POLICIES {
+        let text = random_policy(&mut rng);
+        let path = dir.join(format!("policy-{p}.yaml"));
+        std::fs::write(&path, &text).unwrap();
+        let (policy, diags) = policy::load_file(&path, &LoadOptions::default());
+        let policy = policy.unwrap_or_else(|| panic!("generated policy is invalid:\n{text}\n{diags}"));
+        let c = policy::compile(&policy, today).unwrap();
+        let acl = AclIndex::new(&c);
+        generation ^= 1;
+        h.dp.install(generation, &c, p as u64 + 1).unwrap();
+        h.dp.activate(generation, 0, 0).unwrap();
+        for _ in 0..PACKETS_PER_POLICY {
+            let packet = random_packet(&mut rng);
+            let hook = *rng.pick(&Hook::ALL);
+            let flags = if packet.syn { 0x02 } else { 0x18 };
+            let frame = TcpFrame::new(packet.src, packet.dst, packet.dport, flags).payload(&packet.payload).build();
+            let mut rt = h.dp.runtime().unwrap();
+            rt.hook_direction[hook.index()] = packet.direction;
+            h.dp.set_runtime(rt).unwrap();
+            let before = h.dp.stats().unwrap();
+            let (rc, _) = h.dp.test_run(hook, &frame, 1).unwrap();
+            let after = h.dp.stats().unwrap();
+            // Keep every source fresh, as the model assumes.
+            h.clear_source(packet.src).unwrap();
+            let moved: Vec<usize> = (0..before.len()).filter(|i| after[*i].packets != before[*i].packets).collect();
+            let expected = decide(&c, &acl, &packet, SourceState::default());
+            let (pass_code, drop_code) = hook.verdict_codes();
+            let expected_cell = expected.counted.map(|(v, r)| stats_index(packet.direction, v, r, expected.port_slot.unwrap()) as usize);
+            let expected_rc = if expected.passes() { pass_code } else { drop_code };
+            runs += 1;
+            if expected.counted.is_some() {
+                counted += 1;
+            }
+            if !expected.passes() {
+                drops += 1;
+            }
+            if moved != expected_cell.into_iter().collect::<Vec<_>>() || rc != expected_rc {
+                failures.push(format!(
+                    "policy {p}, {hook:?}, {packet:?}: kernel rc {rc:#x} cells {moved:?}, model {:?} (cell {expected_cell:?}, rc {expected_rc:#x})\n{text}",
+                    expected.counted.map(|(v, r)| (verdict::NAMES[v as usize], reason::NAMES[r as usize]))
+                ));
+            }
+        }
+    }
+    h.reset().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("{runs} packets over {POLICIES} policies: {counted} counted, {drops} dropped, {} disagreements", failures.len());
+    assert!(counted > runs / 2 && drops > runs / 10, "the random mix should exercise the pipeline");
+    assert!(failures.is_empty(), "{}", failures.iter().take(5).cloned().collect::<Vec<_>>().join("\n\n"));
+}
