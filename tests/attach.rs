@@ -39,7 +39,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Fields drop in order: the greeters stop while their namespace exists.
 struct Lab {
-    listeners: Vec<Greeter>,
+    /// Held for their Drop, which stops them.
+    _listeners: Vec<Greeter>,
     client: Netns,
     server: Netns,
 }
@@ -56,7 +57,7 @@ fn lab() -> Result<Lab> {
         &[&format!("{SERVER_V4}/24"), &format!("{SERVER_V6}/64")],
     )?;
     let listeners = [25, 587].into_iter().map(|port| Greeter::start(&server, port)).collect::<Result<_>>()?;
-    Ok(Lab { listeners, client, server })
+    Ok(Lab { _listeners: listeners, client, server })
 }
 
 /// A TCP server on `[::]:port` that greets and closes every connection.

@@ -22,12 +22,14 @@ const ROUNDS: usize = 3;
 /// Background deny entries, so lookups walk a populated trie.
 const BACKGROUND_ACL: u32 = 10_000;
 
+type Setup = Box<dyn Fn(&mut Harness, &mut policy_common::PolicyConfig) -> Result<()>>;
+
 struct Case {
     name: &'static str,
     what: &'static str,
     frame: Vec<u8>,
     drops: bool,
-    setup: Box<dyn Fn(&mut Harness, &mut policy_common::PolicyConfig) -> Result<()>>,
+    setup: Setup,
 }
 
 fn cases() -> Vec<Case> {

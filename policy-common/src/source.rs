@@ -144,8 +144,7 @@ impl Window {
     #[inline(always)]
     pub const fn estimate(self, now_s: u32) -> u32 {
         let elapsed = now_s.wrapping_sub(self.start_s);
-        let overlap =
-            if elapsed >= super::BAN_WINDOW_S { 0 } else { super::BAN_WINDOW_S - elapsed };
+        let overlap = super::BAN_WINDOW_S.saturating_sub(elapsed);
         self.current as u32 + (self.previous as u32 * overlap) / super::BAN_WINDOW_S
     }
 }

@@ -86,13 +86,13 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
     match parsed.outcome {
         outcome::TCP => {
             let outcome = pipeline(frame, runtime, dp, dir, &parsed.flow);
-            finish(frame, runtime, dp, dir, Some(&parsed.flow), port_slot, bytes, outcome)
+            finish(runtime, dp, dir, Some(&parsed.flow), port_slot, bytes, outcome)
         }
         outcome::FRAGMENT => {
-            finish(frame, runtime, dp, dir, None, port_slot, bytes, Outcome::new(action::PASS, reason::FRAGMENT))
+            finish(runtime, dp, dir, None, port_slot, bytes, Outcome::new(action::PASS, reason::FRAGMENT))
         }
         // Malformed, or still short after a pull: the frame ends inside its headers.
-        _ => finish(frame, runtime, dp, dir, None, port_slot, bytes, Outcome::new(dp.malformed_action, reason::MALFORMED)),
+        _ => finish(runtime, dp, dir, None, port_slot, bytes, Outcome::new(dp.malformed_action, reason::MALFORMED)),
     }
 }
 
@@ -173,10 +173,8 @@ fn drop_verdict(dp: &DirectionPolicy) -> u8 {
 }
 
 /// The one exit for counted packets.
-#[expect(clippy::too_many_arguments, reason = "inlined exit path; a struct would only be copied")]
 #[inline(always)]
-fn finish<F: Frame>(
-    frame: &F,
+fn finish(
     runtime: &Runtime,
     dp: &DirectionPolicy,
     dir: u8,

@@ -55,7 +55,7 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
 fn tc_verdict(verdict: Verdict) -> i32 {
     match verdict {
         Verdict::Pass => TC_ACT_UNSPEC,
-        Verdict::Drop => TC_ACT_SHOT as i32,
+        Verdict::Drop => TC_ACT_SHOT,
     }
 }
 

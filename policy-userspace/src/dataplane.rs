@@ -15,7 +15,7 @@ use policy_common::{
     direction, hook,
     source::{sets_for, SourceSet},
     AclEntry, AclKeyV4, AclKeyV6, Counter, Event, PolicyConfig, Runtime, ACL_KEY_HEADER_BITS,
-    DEFAULT_SOURCE_CAPACITY, GEO_DROPS_ENTRIES, STATS_ENTRIES,
+    DEFAULT_SOURCE_CAPACITY,
 };
 
 use crate::EBPF_OBJECT;
@@ -263,33 +263,26 @@ impl Dataplane {
         self.array::<SourceSet>(name)?.set(index, set, 0).map_err(|source| DataplaneError::Map { name, source })
     }
 
-    /// Every `STATS` cell, summed over CPUs.
-    pub fn stats(&mut self) -> Result<Vec<Counter>> {
-        let name = policy_common::STATS;
+    /// Every cell of a per-CPU array, folded over CPUs with `add`.
+    fn per_cpu_sums<T: aya::Pod + Default>(&mut self, name: &'static str, add: impl Fn(T, &T) -> T) -> Result<Vec<T>> {
         let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
-        let cells = PerCpuArray::<_, Counter>::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
-        (0..STATS_ENTRIES)
+        let cells = PerCpuArray::<_, T>::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
+        (0..cells.len())
             .map(|i| {
                 let per_cpu = cells.get(&i, 0).map_err(|source| DataplaneError::Map { name, source })?;
-                Ok(per_cpu.iter().fold(Counter::default(), |sum, c| Counter {
-                    packets: sum.packets + c.packets,
-                    bytes: sum.bytes + c.bytes,
-                }))
+                Ok(per_cpu.iter().fold(T::default(), &add))
             })
             .collect()
     }
 
+    /// Every `STATS` cell, summed over CPUs.
+    pub fn stats(&mut self) -> Result<Vec<Counter>> {
+        self.per_cpu_sums(policy_common::STATS, |sum: Counter, c| Counter { packets: sum.packets + c.packets, bytes: sum.bytes + c.bytes })
+    }
+
     /// Every `GEO_DROPS` cell, summed over CPUs.
     pub fn geo_drops(&mut self) -> Result<Vec<u64>> {
-        let name = policy_common::GEO_DROPS;
-        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
-        let cells = PerCpuArray::<_, u64>::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
-        (0..GEO_DROPS_ENTRIES)
-            .map(|i| {
-                let per_cpu = cells.get(&i, 0).map_err(|source| DataplaneError::Map { name, source })?;
-                Ok(per_cpu.iter().sum())
-            })
-            .collect()
+        self.per_cpu_sums(policy_common::GEO_DROPS, |sum: u64, c| sum + c)
     }
 
     /// Events waiting in the ring buffer.

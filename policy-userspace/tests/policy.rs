@@ -44,7 +44,9 @@ fn load(dir: &Path, text: &str) -> (Option<policy::Policy>, Diagnostics) {
 fn every_kind_of_mistake_is_an_error_with_position_and_field() {
     let dir = temp_dir("errors");
     std::fs::write(dir.join("list.txt"), "192.0.2.0/24\n10.0.0.1/8 ; host bits\n").unwrap();
-    let cases: &[(&str, &str, (usize, usize), &str, &str)] = &[
+    // (name, policy text, expected line and column, field, words in the message)
+    type Case<'a> = (&'a str, &'a str, (usize, usize), &'a str, &'a str);
+    let cases: &[Case] = &[
         ("missing version", "mode: enforce\n", (1, 1), "version", "missing"),
         ("wrong version", "version: 2\n", (1, 10), "version", "not supported"),
         ("unknown top field", "version: 1\ncolour: red\n", (2, 1), "colour", "unknown field"),

@@ -16,12 +16,14 @@ struct Cli {
 enum Task {
     /// Install what building and testing need (idempotent, fast when done).
     Setup,
-    /// Run setup, then every test: unit, kernel verdict, attach (as root).
+    /// Run setup and clippy, then every test: unit, policy, kernel verdict, attach (as root).
     Test {
         /// Extra arguments for `cargo test` (for example a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Clippy over the userspace crates and, for its own target, the eBPF crate.
+    Clippy,
     /// Run a benchmark; prints ratios measured side by side in one run.
     Bench {
         #[command(subcommand)]
@@ -34,7 +36,12 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(),
         Task::Test { args } => {
             setup::run()?;
+            setup::clippy()?;
             setup::test(&args)
+        }
+        Task::Clippy => {
+            setup::run()?;
+            setup::clippy()
         }
         Task::Bench { which } => {
             setup::run()?;

@@ -151,3 +151,21 @@ pub fn test(args: &[String]) -> Result<()> {
     )
     .context("tests failed")
 }
+
+/// Clippy, denying warnings, for the host crates and for the eBPF crate on
+/// its own target (which needs the same unstable flags as its build).
+pub fn clippy() -> Result<()> {
+    status(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    let mut path = std::ffi::OsString::from(tools_bin()?);
+    path.push(":");
+    path.push(env::var_os("PATH").unwrap_or_default());
+    status(
+        Command::new("cargo")
+            .current_dir("policy-ebpf")
+            .args(["clippy", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+            .args(["--target-dir", "../target/ebpf-clippy", "--", "-D", "warnings"])
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-cpu=v3")
+            .env("PATH", path),
+    )
+}

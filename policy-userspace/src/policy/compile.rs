@@ -88,9 +88,8 @@ pub fn load_geo(policy: &Policy) -> Result<GeoTables, GeoError> {
     let mut tables = GeoTables::new();
     for d in [&policy.ingress, &policy.egress] {
         if let Some(g) = &d.geo {
-            let key = (g.database.clone(), g.field);
-            if !tables.contains_key(&key) {
-                tables.insert(key, geo::read(&g.database, g.field)?);
+            if let std::collections::hash_map::Entry::Vacant(slot) = tables.entry((g.database.clone(), g.field)) {
+                slot.insert(geo::read(&g.database, g.field)?);
             }
         }
     }
