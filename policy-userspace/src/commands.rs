@@ -120,3 +120,101 @@ pub fn explain(path: &Path, options: &LoadOptions, args: ExplainArgs) -> ExitCod
     }
     ExitCode::SUCCESS
 }
+
+/// Prints an error chain and turns it into the exit code.
+pub fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("smtpguard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn reload(pins: &crate::pins::Pins) -> anyhow::Result<()> {
+    let pid = pins.controller_pid().ok_or_else(|| anyhow::anyhow!("no controller is running (no live pid in {})", pins.pid_file().display()))?;
+    // SAFETY: sending a signal to a pid we read.
+    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        anyhow::bail!("signalling pid {pid}: {}", std::io::Error::last_os_error());
+    }
+    println!("asked controller {pid} to reload");
+    Ok(())
+}
+
+pub fn status(pins: &crate::pins::Pins) -> anyhow::Result<()> {
+    print!("{}", crate::ops::status(pins)?);
+    Ok(())
+}
+
+pub fn bans(pins: &crate::pins::Pins, json: bool) -> anyhow::Result<()> {
+    let maps = crate::ops::PinnedMaps::open(pins)?;
+    let bans = crate::ops::active_bans(&maps.sources()?);
+    if json {
+        println!("{}", serde_json::to_string(&bans)?);
+    } else {
+        println!("{:<45} {:>10} {:>8} {:<10}", "source", "remaining", "strikes", "origin");
+        for b in &bans {
+            println!("{:<45} {:>9}s {:>8} {:<10}", b.source, b.remaining_s, b.strikes, b.origin);
+        }
+        println!("{} active", bans.len());
+    }
+    Ok(())
+}
+
+/// A source address; a CIDR is accepted when it is exactly one source
+/// (an IPv4 /32 or an IPv6 /64, the unit the rate and ban table tracks).
+fn source_addr(s: &str) -> anyhow::Result<IpAddr> {
+    if let Ok(a) = s.parse::<IpAddr>() {
+        return Ok(a);
+    }
+    let net: ipnet::IpNet = s.parse().map_err(|_| anyhow::anyhow!("`{s}` is neither an address nor a CIDR"))?;
+    match net {
+        ipnet::IpNet::V4(n) if n.prefix_len() == 32 => Ok(IpAddr::V4(n.addr())),
+        ipnet::IpNet::V6(n) if n.prefix_len() == 64 => Ok(IpAddr::V6(n.network())),
+        _ => anyhow::bail!("bans are per source (an IPv4 address, an IPv6 /64); for a wider network add a deny rule to the policy"),
+    }
+}
+
+pub fn ban(pins: &crate::pins::Pins, source: &str, duration: &str, reason: Option<&str>) -> anyhow::Result<()> {
+    let addr = source_addr(source)?;
+    let secs = time::parse_duration(duration).ok_or_else(|| anyhow::anyhow!("`{duration}` is not a duration; write such as 30s, 15m, 2h, 7d"))?;
+    let mut maps = crate::ops::PinnedMaps::open(pins)?;
+    maps.ban(addr, std::time::Duration::from_secs(secs))?;
+    let line = serde_json::json!({"time": crate::events::rfc3339(crate::events::now_unix_ns()), "event": "ban_added", "origin": "manual",
+        "src": addr.to_string(), "duration_s": secs, "reason": reason});
+    println!("{line}");
+    Ok(())
+}
+
+pub fn unban(pins: &crate::pins::Pins, source: &str) -> anyhow::Result<()> {
+    let addr = source_addr(source)?;
+    let mut maps = crate::ops::PinnedMaps::open(pins)?;
+    if maps.unban(addr)? {
+        println!("{addr}: ban lifted");
+        Ok(())
+    } else {
+        anyhow::bail!("{addr} is not banned")
+    }
+}
+
+pub fn detach(pins: &crate::pins::Pins) -> anyhow::Result<()> {
+    if let Some(pid) = pins.controller_pid() {
+        // SAFETY: sending a signal to a pid we read.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        // Its links close with it; wait for it to go (bounded).
+        for _ in 0..100 {
+            // SAFETY: signal 0 probes the process.
+            if unsafe { libc::kill(pid, 0) } != 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    if !pins.dir.exists() {
+        anyhow::bail!("nothing is attached: {} does not exist", pins.dir.display());
+    }
+    let removed = pins.remove_all()?;
+    println!("removed {removed} pins from {}; smtpguard no longer judges any packet", pins.dir.display());
+    Ok(())
+}

@@ -6,7 +6,9 @@ use std::{net::IpAddr, time::Duration};
 use aya::{
     maps::{lpm_trie::Key, Array, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
     programs::{
-        tc::{self, TcAttachType},
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink, TcAttachType},
+        xdp::XdpLink,
         Program, SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
@@ -36,20 +38,42 @@ pub enum DataplaneError {
     Tc { iface: String, source: aya::programs::tc::TcError },
     #[error("event of {0} bytes does not match the event layout")]
     BadEvent(usize),
+    #[error("pin {path}: {message}")]
+    Pin { path: String, message: String },
+}
+
+fn pin_error(path: &std::path::Path, e: impl std::fmt::Display) -> DataplaneError {
+    DataplaneError::Pin { path: path.display().to_string(), message: e.to_string() }
+}
+
+/// Waits until every CPU has left any program run that began before the
+/// call (an RCU grace period), via membarrier(MEMBARRIER_CMD_GLOBAL).
+/// After a generation flip, that is when the old generation is unused.
+pub fn rcu_grace_period() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes no pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        // Kernels with nohz_full refuse it; program runs last microseconds.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 
 /// Settings fixed when the object is loaded.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Sources `SOURCES` holds (rate buckets and bans).
     pub source_capacity: u32,
+    /// Pin every map here (reusing maps already pinned there), so state
+    /// outlives this process. `None`: maps live as long as the process.
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { source_capacity: DEFAULT_SOURCE_CAPACITY }
+        Self { source_capacity: DEFAULT_SOURCE_CAPACITY, pin_dir: None }
     }
 }
 
@@ -118,9 +142,17 @@ impl Dataplane {
     /// attached yet; the runtime starts with an empty policy.
     pub fn load(options: LoadOptions) -> Result<Self> {
         let source_sets = sets_for(options.source_capacity);
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(policy_common::SOURCES, source_sets)
-            .load(EBPF_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(policy_common::SOURCES, source_sets);
+        let pin_paths: Vec<(&str, std::path::PathBuf)> = match &options.pin_dir {
+            Some(dir) => policy_common::ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
+            None => Vec::new(),
+        };
+        let adopted = pin_paths.iter().any(|(_, p)| p.exists());
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in policy_common::ALL_PROGRAMS {
             let program = ebpf.program_mut(name).ok_or(DataplaneError::MissingProgram(name))?;
             let loaded = match program {
@@ -134,14 +166,24 @@ impl Dataplane {
         let events = RingBuf::try_from(events)
             .map_err(|source| DataplaneError::Map { name: policy_common::EVENTS, source })?;
         let mut dataplane = Self { ebpf, events, source_sets, installed: [Vec::new(), Vec::new()] };
-        dataplane.set_runtime(Runtime {
-            active: 0,
-            source_sets,
-            hook_direction: DEFAULT_HOOK_DIRECTION,
-            _pad0: 0,
-            drop_sample_one_in: 0,
-            events_per_second: 0,
-        })?;
+        if adopted {
+            // Pinned state from an earlier run: keep the active generation
+            // as it is; what the inactive one holds is found by reading it.
+            let rt = dataplane.runtime()?;
+            dataplane.source_sets = rt.source_sets;
+            let inactive = (rt.active ^ 1) as usize;
+            dataplane.installed[inactive] = dataplane.acl_prefixes(inactive as u8)?;
+            dataplane.installed[rt.active as usize] = dataplane.acl_prefixes(rt.active as u8)?;
+        } else {
+            dataplane.set_runtime(Runtime {
+                active: 0,
+                source_sets,
+                hook_direction: DEFAULT_HOOK_DIRECTION,
+                _pad0: 0,
+                drop_sample_one_in: 0,
+                events_per_second: 0,
+            })?;
+        }
         Ok(dataplane)
     }
 
@@ -202,13 +244,124 @@ impl Dataplane {
         self.set_policy(gen as u32, &config)
     }
 
-    /// Makes packets judge by `generation`, with the event settings given.
+    /// Makes packets judge by `generation`, with the event settings given,
+    /// and returns once no packet can still be judged by the other one.
     pub fn activate(&mut self, generation: u32, drop_sample_one_in: u32, events_per_second: u32) -> Result<()> {
         let mut rt = self.runtime()?;
         rt.active = generation & 1;
         rt.drop_sample_one_in = drop_sample_one_in;
         rt.events_per_second = events_per_second;
-        self.set_runtime(rt)
+        self.set_runtime(rt)?;
+        rcu_grace_period();
+        Ok(())
+    }
+
+    /// Every tracked source slot.
+    pub fn sources(&mut self) -> Result<Vec<policy_common::source::SourceSlot>> {
+        let mut out = Vec::new();
+        for i in 0..self.source_sets {
+            out.extend(self.source_set(i)?.slots.iter().filter(|s| s.key != 0).copied());
+        }
+        Ok(out)
+    }
+
+    /// ACL entries installed, IPv4 and IPv6, both generations.
+    pub fn acl_entry_counts(&self) -> (usize, usize) {
+        let all = self.installed.iter().flatten();
+        let v4 = all.clone().filter(|p| p.addr.is_ipv4()).count();
+        (v4, all.count() - v4)
+    }
+
+    /// The generation packets are judged by now.
+    pub fn active_generation(&mut self) -> Result<u32> {
+        Ok(self.runtime()?.active)
+    }
+
+    /// Every ACL prefix stored for `generation`, read from the tries.
+    fn acl_prefixes(&mut self, generation: u8) -> Result<Vec<AclPrefix>> {
+        let mut out = Vec::new();
+        let name = policy_common::ACL_V4;
+        for key in self.trie_v4()?.keys() {
+            let key = key.map_err(|source| DataplaneError::Map { name, source })?;
+            let data = key.data();
+            if data.generation == generation {
+                let addr = std::net::Ipv4Addr::from(data.addr.to_ne_bytes());
+                out.push(AclPrefix { generation, scope: data.scope, addr: IpAddr::V4(addr), prefix_len: (key.prefix_len() - ACL_KEY_HEADER_BITS) as u8 });
+            }
+        }
+        let name = policy_common::ACL_V6;
+        for key in self.trie_v6()?.keys() {
+            let key = key.map_err(|source| DataplaneError::Map { name, source })?;
+            let data = key.data();
+            if data.generation == generation {
+                let addr = std::net::Ipv6Addr::from(policy_common::words_to_octets(&data.addr));
+                out.push(AclPrefix { generation, scope: data.scope, addr: IpAddr::V6(addr), prefix_len: (key.prefix_len() - ACL_KEY_HEADER_BITS) as u8 });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Pins each program at `dir/prog_NAME` (replacing an older pin).
+    pub fn pin_programs(&mut self, dir: &std::path::Path) -> Result<()> {
+        for hook in Hook::ALL {
+            let name = hook.program_name();
+            let path = dir.join(format!("prog_{name}"));
+            let _ = std::fs::remove_file(&path);
+            let pinned = match self.ebpf.program_mut(name) {
+                Some(Program::Xdp(p)) => p.pin(&path),
+                Some(Program::SchedClassifier(p)) => p.pin(&path),
+                _ => return Err(DataplaneError::MissingProgram(name)),
+            };
+            pinned.map_err(|e| DataplaneError::Pin { path: path.display().to_string(), message: e.to_string() })?;
+        }
+        Ok(())
+    }
+
+    /// Attaches `xdp_ingress` to `iface` through a link pinned at `link_pin`,
+    /// or, when that pin exists, swaps this program into the pinned link
+    /// atomically: packets never go unjudged. Returns whether it adopted.
+    pub fn attach_xdp_pinned(&mut self, iface: &str, mode: XdpMode, link_pin: &std::path::Path) -> Result<bool> {
+        let name = policy_common::PROG_XDP_INGRESS;
+        let program: &mut Xdp = match self.ebpf.program_mut(name) {
+            Some(Program::Xdp(p)) => p,
+            _ => return Err(DataplaneError::MissingProgram(name)),
+        };
+        if link_pin.exists() {
+            let pinned = PinnedLink::from_pin(link_pin).map_err(|e| pin_error(link_pin, e))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_error(link_pin, e))?;
+            program.attach_to_link(link).map_err(|source| DataplaneError::Program { name, source })?;
+            return Ok(true);
+        }
+        let id = program.attach(iface, mode).map_err(|source| DataplaneError::Program { name, source })?;
+        let link = program.take_link(id).map_err(|source| DataplaneError::Program { name, source })?;
+        let fd = FdLink::try_from(link).map_err(|e| pin_error(link_pin, e))?;
+        fd.pin(link_pin).map_err(|e| pin_error(link_pin, e))?;
+        Ok(false)
+    }
+
+    /// As [`Dataplane::attach_xdp_pinned`], for a TC hook (a TCX link).
+    pub fn attach_tc_pinned(&mut self, hook: Hook, iface: &str, link_pin: &std::path::Path) -> Result<bool> {
+        let attach_type = match hook {
+            Hook::TcIngress => TcAttachType::Ingress,
+            Hook::TcEgress => TcAttachType::Egress,
+            Hook::XdpIngress => return Err(DataplaneError::MissingProgram("xdp is not a TC hook")),
+        };
+        let name = hook.program_name();
+        let program: &mut SchedClassifier = match self.ebpf.program_mut(name) {
+            Some(Program::SchedClassifier(p)) => p,
+            _ => return Err(DataplaneError::MissingProgram(name)),
+        };
+        if link_pin.exists() {
+            let pinned = PinnedLink::from_pin(link_pin).map_err(|e| pin_error(link_pin, e))?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| pin_error(link_pin, e))?;
+            program.attach_to_link(link).map_err(|source| DataplaneError::Program { name, source })?;
+            return Ok(true);
+        }
+        let id = program.attach(iface, attach_type).map_err(|source| DataplaneError::Program { name, source })?;
+        let link = program.take_link(id).map_err(|source| DataplaneError::Program { name, source })?;
+        let fd = FdLink::try_from(link).map_err(|e| pin_error(link_pin, e))?;
+        fd.pin(link_pin).map_err(|e| pin_error(link_pin, e))?;
+        Ok(false)
     }
 
     pub fn insert_acl(&mut self, prefix: AclPrefix, entry: &AclEntry) -> Result<()> {
@@ -283,6 +436,14 @@ impl Dataplane {
     /// Every `GEO_DROPS` cell, summed over CPUs.
     pub fn geo_drops(&mut self) -> Result<Vec<u64>> {
         self.per_cpu_sums(policy_common::GEO_DROPS, |sum: u64, c| sum + c)
+    }
+
+    /// A duplicate of the ring buffer's fd, to wait on for events.
+    pub fn events_fd(&self) -> Result<std::os::fd::OwnedFd> {
+        use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+        // SAFETY: the ring buffer's fd is open for as long as self is.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.events.as_raw_fd()) };
+        fd.as_fd().try_clone_to_owned().map_err(|e| DataplaneError::Pin { path: "EVENTS".into(), message: e.to_string() })
     }
 
     /// Events waiting in the ring buffer.

@@ -1,8 +1,13 @@
 //! smtpguard's controller library.
 
 pub mod commands;
+pub mod controller;
 pub mod dataplane;
+pub mod events;
+pub mod metrics;
 pub mod model;
+pub mod ops;
+pub mod pins;
 pub mod policy;
 
 /// The eBPF object built by `build.rs`, aligned for the ELF parser.

@@ -1,10 +1,16 @@
 //! `smtpguard`: argument parsing only; the work is in the library.
 
-use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use smtpguard::{
     commands::{self, ExplainArgs},
+    controller::{RunOptions, XdpModeChoice},
+    pins::{Pins, DEFAULT_PIN_DIR, DEFAULT_RUN_DIR},
     policy::LoadOptions,
 };
 
@@ -37,8 +43,93 @@ impl PolicyArgs {
     }
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum XdpModeArg {
+    /// Native (driver) XDP, falling back to generic with a warning.
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(clap::Args)]
+struct PinArgs {
+    /// bpffs directory holding the pinned programs, links and maps.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Directory for the controller's pid file.
+    #[arg(long, default_value = DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
+}
+
+impl PinArgs {
+    fn pins(&self) -> Pins {
+        Pins::new(&self.pin_dir, &self.run_dir)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Enforce a policy: attach to the interfaces, serve metrics, stream events.
+    ///
+    /// Example: smtpguard run --policy /etc/smtpguard/policy.yaml --uplink eth0 --tenant tap0 --tenant tap1
+    Run {
+        /// The policy file; reloaded on SIGHUP, on `smtpguard reload` and when it or a file it names changes.
+        #[arg(long)]
+        policy: PathBuf,
+        /// Host uplink: XDP judges arriving mail by the ingress policy, TC egress what leaves by the egress policy.
+        #[arg(long)]
+        uplink: Vec<String>,
+        /// Tenant-facing interface (host side of a tap/veth): TC ingress judges what the VM sends by the egress policy.
+        #[arg(long)]
+        tenant: Vec<String>,
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: XdpModeArg,
+        /// Where /metrics and /healthz are served.
+        #[arg(long, default_value = "127.0.0.1:9425")]
+        metrics_addr: SocketAddr,
+        /// Append events (JSON lines) to this file instead of stdout.
+        #[arg(long)]
+        events: Option<PathBuf>,
+        /// Sources the rate and ban table holds.
+        #[arg(long, default_value_t = policy_common::DEFAULT_SOURCE_CAPACITY)]
+        source_capacity: u32,
+        /// Use this MaxMind database for every geo-fence instead of the paths in the file.
+        #[arg(long)]
+        geo_database: Option<PathBuf>,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Ask the running controller to reload its policy (SIGHUP).
+    Reload(PinArgs),
+    /// Counters, policy generation and attached interfaces, from the pinned state.
+    Status(PinArgs),
+    /// List active bans.
+    Bans {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Ban a source address (an IPv6 source is its /64) for a while.
+    ///
+    /// Example: smtpguard ban 198.51.100.7 --for 1h --reason "spam run"
+    Ban {
+        source: String,
+        #[arg(long = "for")]
+        duration: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Lift a ban.
+    Unban {
+        source: String,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Stop the controller if it runs, and remove every program, link and pin.
+    Detach(PinArgs),
     /// Validate a policy: exit 0 when valid (warnings printed), 1 with every error listed.
     ///
     /// Example: smtpguard check /etc/smtpguard/policy.yaml
@@ -73,6 +164,31 @@ enum Command {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Run { policy, uplink, tenant, xdp_mode, metrics_addr, events, source_capacity, geo_database, pins } => {
+            let xdp_mode = match xdp_mode {
+                XdpModeArg::Auto => XdpModeChoice::Auto,
+                XdpModeArg::Native => XdpModeChoice::Native,
+                XdpModeArg::Generic => XdpModeChoice::Generic,
+            };
+            let options = RunOptions {
+                policy,
+                uplinks: uplink,
+                tenants: tenant,
+                xdp_mode,
+                metrics_addr,
+                pins: pins.pins(),
+                events,
+                policy_options: LoadOptions { geo_database, today: None },
+                source_capacity,
+            };
+            commands::report(smtpguard::controller::run(options))
+        }
+        Command::Reload(p) => commands::report(commands::reload(&p.pins())),
+        Command::Status(p) => commands::report(commands::status(&p.pins())),
+        Command::Bans { json, pins } => commands::report(commands::bans(&pins.pins(), json)),
+        Command::Ban { source, duration, reason, pins } => commands::report(commands::ban(&pins.pins(), &source, &duration, reason.as_deref())),
+        Command::Unban { source, pins } => commands::report(commands::unban(&pins.pins(), &source)),
+        Command::Detach(p) => commands::report(commands::detach(&p.pins())),
         Command::Check(p) => commands::check(&p.file, &p.options()),
         Command::Schema => commands::schema(),
         Command::Explain { policy, direction, src, dst, dport, syn, payload, json } => {

@@ -1,0 +1,138 @@
+//! The Prometheus exposition, built at each scrape from the maps (kernel
+//! totals become counters) and from the controller's own records.
+
+use prometheus::{
+    core::Collector, Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use policy_common::{direction, reason, source::SlotInfo, stats_index, verdict, GEO_DROPS_ENTRIES, MAX_COUNTRIES, PORT_SLOTS};
+
+use crate::{dataplane::Dataplane, ops, policy::Compiled};
+
+/// What the controller keeps between scrapes.
+pub struct ControllerMetrics {
+    pub reload_duration: Histogram,
+    pub reloads: IntCounterVec,
+    pub bans_started: IntCounterVec,
+    pub last_reload_ok: IntGauge,
+    pub last_reload_time: Gauge,
+}
+
+impl ControllerMetrics {
+    pub fn new() -> Self {
+        Self {
+            reload_duration: Histogram::with_opts(
+                HistogramOpts::new("smtpguard_reload_duration_seconds", "Time to validate, compile and load a policy")
+                    .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            )
+            .expect("valid histogram"),
+            reloads: IntCounterVec::new(Opts::new("smtpguard_reloads_total", "Policy reloads by result"), &["result"]).expect("valid"),
+            bans_started: IntCounterVec::new(
+                Opts::new("smtpguard_bans_total", "Bans started, by origin (auto, escalated, manual), as seen in events and commands"),
+                &["origin"],
+            )
+            .expect("valid"),
+            last_reload_ok: IntGauge::new("smtpguard_last_reload_success", "1 when the last reload was applied, 0 when it was rejected").expect("valid"),
+            last_reload_time: Gauge::new("smtpguard_last_reload_timestamp_seconds", "When the last reload was attempted (Unix time)").expect("valid"),
+        }
+    }
+}
+
+impl Default for ControllerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn register(r: &Registry, c: impl Collector + 'static) {
+    r.register(Box::new(c)).expect("unique metric names");
+}
+
+/// Renders the whole exposition.
+pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, ports: &[u16]) -> Result<String, String> {
+    let r = Registry::new();
+    let packets = IntCounterVec::new(
+        Opts::new("smtpguard_packets_total", "Packets on guarded ports by direction, verdict, reason and port"),
+        &["direction", "verdict", "reason", "port"],
+    )
+    .expect("valid");
+    let bytes = IntCounterVec::new(
+        Opts::new("smtpguard_bytes_total", "Bytes on guarded ports by direction, verdict, reason and port"),
+        &["direction", "verdict", "reason", "port"],
+    )
+    .expect("valid");
+    let stats = dp.stats().map_err(|e| e.to_string())?;
+    for d in [direction::INGRESS, direction::EGRESS] {
+        for v in 0..verdict::COUNT as u8 {
+            for why in 0..reason::COUNT as u8 {
+                for slot in 0..PORT_SLOTS {
+                    let c = stats[stats_index(d, v, why, slot) as usize];
+                    if c.packets == 0 {
+                        continue;
+                    }
+                    let port = ports.get(slot).map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
+                    let labels = [direction::NAMES[d as usize], verdict::NAMES[v as usize], reason::NAMES[why as usize], port.as_str()];
+                    packets.with_label_values(&labels).inc_by(c.packets);
+                    bytes.with_label_values(&labels).inc_by(c.bytes);
+                }
+            }
+        }
+    }
+    let events_lost = IntCounterVec::new(Opts::new("smtpguard_events_lost_total", "Events dropped because the ring buffer was full"), &[]).expect("valid");
+    events_lost.with_label_values(&[] as &[&str]).inc_by(stats[policy_common::STATS_EVENTS_LOST as usize].packets);
+    let geo = IntCounterVec::new(Opts::new("smtpguard_geo_drops_total", "Drops (and would-drops) by the geo-fence, by country"), &["direction", "country"]).expect("valid");
+    let geo_cells = dp.geo_drops().map_err(|e| e.to_string())?;
+    for i in 0..GEO_DROPS_ENTRIES as usize {
+        if geo_cells[i] > 0 {
+            let d = i / MAX_COUNTRIES;
+            let country = compiled.country((i % MAX_COUNTRIES) as u32).unwrap_or("unknown");
+            geo.with_label_values(&[direction::NAMES[d], country]).inc_by(geo_cells[i]);
+        }
+    }
+    let slots = dp.sources().map_err(|e| e.to_string())?;
+    let active = ops::active_bans(&slots);
+    let bans = IntGaugeVec::new(Opts::new("smtpguard_active_bans", "Sources banned now, by origin"), &["origin"]).expect("valid");
+    for origin in ["auto", "escalated", "manual"] {
+        bans.with_label_values(&[origin]).set(active.iter().filter(|b| b.origin == origin).count() as i64);
+    }
+    let tracked = IntGauge::new("smtpguard_tracked_sources", "Sources in the rate and ban table").expect("valid");
+    tracked.set(slots.len() as i64);
+    let _ = SlotInfo::default();
+    let entries = IntGaugeVec::new(Opts::new("smtpguard_map_entries", "Entries in each map"), &["map"]).expect("valid");
+    let capacity = IntGaugeVec::new(Opts::new("smtpguard_map_capacity", "Capacity of each map"), &["map"]).expect("valid");
+    let (acl4, acl6) = dp.acl_entry_counts();
+    entries.with_label_values(&[policy_common::ACL_V4]).set(acl4 as i64);
+    entries.with_label_values(&[policy_common::ACL_V6]).set(acl6 as i64);
+    entries.with_label_values(&[policy_common::SOURCES]).set(slots.len() as i64);
+    for (name, cap) in [
+        (policy_common::ACL_V4, policy_common::ACL_CAPACITY as i64),
+        (policy_common::ACL_V6, policy_common::ACL_CAPACITY as i64),
+        (policy_common::SOURCES, dp.source_sets() as i64 * policy_common::source::WAYS as i64),
+    ] {
+        capacity.with_label_values(&[name]).set(cap);
+    }
+    let generation = IntGauge::new("smtpguard_policy_generation", "Generation number of the policy in force").expect("valid");
+    let active_gen = dp.active_generation().map_err(|e| e.to_string())?;
+    generation.set(dp.policy(active_gen).map_err(|e| e.to_string())?.generation as i64);
+    let build = IntGaugeVec::new(Opts::new("smtpguard_build_info", "Build information"), &["version"]).expect("valid");
+    build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+
+    for c in [packets, bytes, events_lost, geo] {
+        register(&r, c);
+    }
+    register(&r, bans);
+    register(&r, tracked);
+    register(&r, entries);
+    register(&r, capacity);
+    register(&r, generation);
+    register(&r, build);
+    register(&r, m.reload_duration.clone());
+    register(&r, m.reloads.clone());
+    register(&r, m.bans_started.clone());
+    register(&r, m.last_reload_ok.clone());
+    register(&r, m.last_reload_time.clone());
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&r.gather(), &mut out).map_err(|e| e.to_string())?;
+    String::from_utf8(out).map_err(|e| e.to_string())
+}

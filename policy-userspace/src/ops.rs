@@ -1,0 +1,213 @@
+//! Operator commands that work on the pinned state, with or without a
+//! running controller: status, bans, ban, unban, detach.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use aya::maps::{Array, Map, MapData, PerCpuArray};
+use policy_common::{
+    direction, reason,
+    source::{ban_origin, source_key_v4, source_key_v6, source_set, SlotInfo, SourceSet, SourceSlot, WAYS},
+    stats_index, verdict, Counter, PolicyConfig, Runtime, PORT_SLOTS, PORT_SLOT_UNKNOWN,
+};
+
+use crate::{dataplane::ktime_now_ns, pins::Pins};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error("nothing is attached: no smtpguard state pinned at {0} (start `smtpguard run` first)")]
+    NotAttached(String),
+    #[error("opening pinned map {path}: {message}")]
+    Map { path: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type Result<T> = std::result::Result<T, OpsError>;
+
+/// The pinned maps the operator commands use.
+pub struct PinnedMaps {
+    runtime: Array<MapData, Runtime>,
+    policy: Array<MapData, PolicyConfig>,
+    stats: PerCpuArray<MapData, Counter>,
+    sources: Array<MapData, SourceSet>,
+}
+
+fn open(pins: &Pins, name: &str) -> Result<MapData> {
+    let path = pins.dir.join(name);
+    MapData::from_pin(&path).map_err(|e| OpsError::Map { path: path.display().to_string(), message: e.to_string() })
+}
+
+fn typed<T>(r: std::result::Result<T, aya::maps::MapError>, name: &str) -> Result<T> {
+    r.map_err(|e| OpsError::Map { path: name.to_owned(), message: e.to_string() })
+}
+
+impl PinnedMaps {
+    pub fn open(pins: &Pins) -> Result<Self> {
+        if !pins.exists() {
+            return Err(OpsError::NotAttached(pins.dir.display().to_string()));
+        }
+        Ok(Self {
+            runtime: typed(Array::try_from(Map::Array(open(pins, policy_common::RUNTIME)?)), policy_common::RUNTIME)?,
+            policy: typed(Array::try_from(Map::Array(open(pins, policy_common::POLICY)?)), policy_common::POLICY)?,
+            stats: typed(PerCpuArray::try_from(Map::PerCpuArray(open(pins, policy_common::STATS)?)), policy_common::STATS)?,
+            sources: typed(Array::try_from(Map::Array(open(pins, policy_common::SOURCES)?)), policy_common::SOURCES)?,
+        })
+    }
+
+    pub fn runtime(&self) -> Result<Runtime> {
+        typed(self.runtime.get(&0, 0), policy_common::RUNTIME)
+    }
+
+    pub fn policy(&self, generation: u32) -> Result<PolicyConfig> {
+        typed(self.policy.get(&generation, 0), policy_common::POLICY)
+    }
+
+    pub fn stats(&self) -> Result<Vec<Counter>> {
+        (0..self.stats.len())
+            .map(|i| {
+                let v = typed(self.stats.get(&i, 0), policy_common::STATS)?;
+                Ok(v.iter().fold(Counter::default(), |s, c| Counter { packets: s.packets + c.packets, bytes: s.bytes + c.bytes }))
+            })
+            .collect()
+    }
+
+    /// Every tracked source slot.
+    pub fn sources(&self) -> Result<Vec<SourceSlot>> {
+        let mut out = Vec::new();
+        for i in 0..self.sources.len() {
+            let set = typed(self.sources.get(&i, 0), policy_common::SOURCES)?;
+            out.extend(set.slots.iter().filter(|s| s.key != 0).copied());
+        }
+        Ok(out)
+    }
+
+    fn source_key(addr: IpAddr) -> u64 {
+        match addr {
+            IpAddr::V4(a) => source_key_v4(a.octets()),
+            IpAddr::V6(a) => source_key_v6(a.octets()),
+        }
+    }
+
+    /// Bans `addr` until `duration` from now (a manual ban).
+    pub fn ban(&mut self, addr: IpAddr, duration: Duration) -> Result<()> {
+        let key = Self::source_key(addr);
+        let sets = self.runtime()?.source_sets;
+        let index = source_set(key, sets);
+        let mut set = typed(self.sources.get(&index, 0), policy_common::SOURCES)?;
+        let now = ktime_now_ns();
+        let way = set
+            .slots
+            .iter()
+            .position(|s| s.key == key)
+            .or_else(|| set.slots.iter().position(|s| s.key == 0))
+            .or_else(|| (0..WAYS).filter(|w| set.slots[*w].ban_until_ns <= now).min_by_key(|w| SlotInfo::unpack(set.slots[*w].info).last_seen_s))
+            .unwrap_or(0);
+        let slot = &mut set.slots[way];
+        if slot.key != key {
+            *slot = SourceSlot { key, ..SourceSlot::default() };
+        }
+        let mut info = SlotInfo::unpack(slot.info);
+        info.strikes = info.strikes.saturating_add(1);
+        info.origin = ban_origin::MANUAL;
+        info.last_seen_s = (now / 1_000_000_000) as u32;
+        slot.info = info.pack();
+        slot.ban_until_ns = now + duration.as_nanos() as u64;
+        typed(self.sources.set(index, set, 0), policy_common::SOURCES)
+    }
+
+    /// Lifts a ban; returns whether there was one.
+    pub fn unban(&mut self, addr: IpAddr) -> Result<bool> {
+        let key = Self::source_key(addr);
+        let index = source_set(key, self.runtime()?.source_sets);
+        let mut set = typed(self.sources.get(&index, 0), policy_common::SOURCES)?;
+        let now = ktime_now_ns();
+        let Some(slot) = set.slots.iter_mut().find(|s| s.key == key && s.ban_until_ns > now) else { return Ok(false) };
+        slot.ban_until_ns = 0;
+        typed(self.sources.set(index, set, 0), policy_common::SOURCES)?;
+        Ok(true)
+    }
+}
+
+/// The address a source key stands for (IPv6: the /64).
+pub fn key_addr(key: u64) -> (IpAddr, u8) {
+    if key >> 32 == 0xffff_ffff {
+        (IpAddr::V4(Ipv4Addr::from(key as u32)), 32)
+    } else {
+        (IpAddr::V6(Ipv6Addr::from((key as u128) << 64)), 64)
+    }
+}
+
+/// A ban as `bans` lists it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Ban {
+    pub source: String,
+    pub remaining_s: u64,
+    pub strikes: u16,
+    pub origin: &'static str,
+}
+
+pub fn origin_name(origin: u8) -> &'static str {
+    match origin {
+        ban_origin::AUTO => "auto",
+        ban_origin::ESCALATED => "escalated",
+        ban_origin::MANUAL => "manual",
+        _ => "none",
+    }
+}
+
+pub fn active_bans(slots: &[SourceSlot]) -> Vec<Ban> {
+    let now = ktime_now_ns();
+    let mut bans: Vec<Ban> = slots
+        .iter()
+        .filter(|s| s.ban_until_ns > now)
+        .map(|s| {
+            let (addr, len) = key_addr(s.key);
+            let info = SlotInfo::unpack(s.info);
+            Ban { source: format!("{addr}/{len}"), remaining_s: (s.ban_until_ns - now) / 1_000_000_000, strikes: info.strikes, origin: origin_name(info.origin) }
+        })
+        .collect();
+    bans.sort_by(|a, b| b.remaining_s.cmp(&a.remaining_s));
+    bans
+}
+
+/// `smtpguard status`.
+pub fn status(pins: &Pins) -> Result<String> {
+    let maps = PinnedMaps::open(pins)?;
+    let rt = maps.runtime()?;
+    let policy = maps.policy(rt.active)?;
+    let stats = maps.stats()?;
+    let mut out = format!("policy generation {} (slot {})\n", policy.generation, rt.active);
+    out += &format!("controller: {}\n", pins.controller_pid().map(|p| format!("running, pid {p}")).unwrap_or_else(|| "not running (enforcement continues from the pins)".into()));
+    out += "attached:\n";
+    for (kind, iface) in pins.links() {
+        out += &format!("  {kind:<10} {iface}\n");
+    }
+    out += "counters (packets, bytes):\n";
+    for dir in [direction::INGRESS, direction::EGRESS] {
+        for v in 0..verdict::COUNT as u8 {
+            for r in 0..reason::COUNT as u8 {
+                let (mut p, mut b) = (0, 0);
+                for slot in 0..PORT_SLOTS {
+                    let c = stats[stats_index(dir, v, r, slot) as usize];
+                    p += c.packets;
+                    b += c.bytes;
+                }
+                if p > 0 {
+                    out += &format!(
+                        "  {:<8} {:<10} {:<14} {p:>12} {b:>14}\n",
+                        direction::NAMES[dir as usize],
+                        verdict::NAMES[v as usize],
+                        reason::NAMES[r as usize]
+                    );
+                }
+            }
+        }
+    }
+    let _ = PORT_SLOT_UNKNOWN;
+    let bans = active_bans(&maps.sources()?);
+    out += &format!("active bans: {}\n", bans.len());
+    Ok(out)
+}

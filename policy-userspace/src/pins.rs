@@ -1,0 +1,97 @@
+//! The bpffs directory that keeps enforcement alive without the controller,
+//! and the run directory beside it for the controller's pid.
+//!
+//! Layout under the pin directory (names without dots, as bpffs wants):
+//! one pin per map (`ACL_V4`, `SOURCES`, ...), `prog_<program>`, and one
+//! link per attachment: `link_xdp_<iface>`, `link_tcegress_<iface>`,
+//! `link_tcingress_<iface>`.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/smtpguard";
+pub const DEFAULT_RUN_DIR: &str = "/run/smtpguard";
+
+#[derive(Clone, Debug)]
+pub struct Pins {
+    pub dir: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+/// The kinds of attachment, as they appear in link pin names.
+pub const LINK_KINDS: [&str; 3] = ["xdp", "tcegress", "tcingress"];
+
+impl Pins {
+    pub fn new(dir: impl Into<PathBuf>, run_dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into(), run_dir: run_dir.into() }
+    }
+
+    pub fn link(&self, kind: &str, iface: &str) -> PathBuf {
+        self.dir.join(format!("link_{kind}_{}", iface.replace('.', "_")))
+    }
+
+    pub fn pid_file(&self) -> PathBuf {
+        self.run_dir.join("controller.pid")
+    }
+
+    /// Creates both directories, owner-only.
+    pub fn create(&self) -> std::io::Result<()> {
+        for d in [&self.dir, &self.run_dir] {
+            std::fs::create_dir_all(d)?;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(())
+    }
+
+    pub fn exists(&self) -> bool {
+        self.dir.join(policy_common::RUNTIME).exists()
+    }
+
+    /// (kind, interface) of every pinned link.
+    pub fn links(&self) -> Vec<(String, String)> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
+        let mut out: Vec<(String, String)> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let rest = name.strip_prefix("link_")?;
+                let (kind, iface) = rest.split_once('_')?;
+                Some((kind.to_owned(), iface.to_owned()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The running controller's pid, if its pid file names a live process.
+    pub fn controller_pid(&self) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.pid_file()).ok()?.trim().parse().ok()?;
+        // A killed controller nobody reaped yet is a zombie: not running.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+        (state != Some("Z") && state.is_some()).then_some(pid)
+    }
+
+    /// Removes every pin (links first, so programs detach) and both directories.
+    pub fn remove_all(&self) -> std::io::Result<usize> {
+        let mut removed = 0;
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+            paths.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_")));
+            for p in paths {
+                std::fs::remove_file(&p)?;
+                removed += 1;
+            }
+            std::fs::remove_dir(&self.dir)?;
+        }
+        let _ = std::fs::remove_file(self.pid_file());
+        let _ = std::fs::remove_dir(&self.run_dir);
+        Ok(removed)
+    }
+}
+
+pub fn map_pin(dir: &Path, map: &str) -> PathBuf {
+    dir.join(map)
+}
