@@ -6,27 +6,18 @@
 //! A connection succeeds when the greeting arrives; a dropped SYN shows as
 //! a connect timeout, and the counters say why.
 
-use std::{
-    io::Read,
-    net::{IpAddr, SocketAddr, TcpListener},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    thread::JoinHandle,
-    time::Duration,
-};
+use std::net::IpAddr;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use aya::programs::XdpMode;
 use policy_common::{direction, reason, side, stats_index, verdict};
 use smtpguard::dataplane::Hook;
 use smtpguard_tests::{
     fixtures::{entry, Harness},
+    lab::{assert_dropped, assert_greeted, connect, Greeter},
     netns::{veth_pair, Netns},
     require_root,
 };
-use socket2::{Domain, Socket, Type};
 
 const CLIENT_OK_V4: &str = "192.0.2.1";
 const CLIENT_DENIED_V4: &str = "192.0.2.3";
@@ -34,8 +25,6 @@ const SERVER_V4: &str = "192.0.2.2";
 const CLIENT_OK_V6: &str = "2001:db8::1";
 const CLIENT_DENIED_V6: &str = "2001:db8::3";
 const SERVER_V6: &str = "2001:db8::2";
-/// Long enough for an answered SYN on a veth many times over.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Fields drop in order: the greeters stop while their namespace exists.
 struct Lab {
@@ -58,79 +47,6 @@ fn lab() -> Result<Lab> {
     )?;
     let listeners = [25, 587].into_iter().map(|port| Greeter::start(&server, port)).collect::<Result<_>>()?;
     Ok(Lab { _listeners: listeners, client, server })
-}
-
-/// A TCP server on `[::]:port` that greets and closes every connection.
-struct Greeter {
-    stop: Arc<AtomicBool>,
-    port: u16,
-    ns_name: String,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Greeter {
-    fn start(ns: &Netns, port: u16) -> Result<Self> {
-        let listener = ns.enter(|| TcpListener::bind(("::", port)))?.context("binding the greeter")?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if flag.load(Ordering::SeqCst) {
-                    break;
-                }
-                if let Ok(mut c) = conn {
-                    let _ = std::io::Write::write_all(&mut c, b"220 smtpguard-test ESMTP\r\n");
-                }
-            }
-        });
-        Ok(Self { stop, port, ns_name: ns.name().to_owned(), thread: Some(thread) })
-    }
-}
-
-impl Drop for Greeter {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop from inside its namespace.
-        let _ = std::process::Command::new("nsenter")
-            .args([&format!("--net=/run/netns/{}", self.ns_name), "--", "bash", "-c"])
-            .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{}", self.port))
-            .status();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Connects from `src` to `dst:port` and reads the greeting.
-fn connect(ns: &Netns, src: &str, dst: &str, port: u16) -> Result<Result<String, std::io::ErrorKind>> {
-    let src: IpAddr = src.parse()?;
-    let dst: IpAddr = dst.parse()?;
-    ns.enter(|| -> Result<Result<String, std::io::ErrorKind>> {
-        let domain = if src.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
-        let socket = Socket::new(domain, Type::STREAM, None)?;
-        socket.bind(&SocketAddr::new(src, 0).into())?;
-        if let Err(e) = socket.connect_timeout(&SocketAddr::new(dst, port).into(), CONNECT_TIMEOUT) {
-            return Ok(Err(e.kind()));
-        }
-        let mut stream: std::net::TcpStream = socket.into();
-        stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
-        let mut greeting = String::new();
-        match stream.read_to_string(&mut greeting) {
-            Ok(_) => Ok(Ok(greeting)),
-            Err(e) => Ok(Err(e.kind())),
-        }
-    })?
-}
-
-fn assert_greeted(r: Result<String, std::io::ErrorKind>, what: &str) {
-    match r {
-        Ok(g) => assert!(g.starts_with("220 "), "{what}: odd greeting {g:?}"),
-        Err(e) => panic!("{what}: expected a greeting, got {e:?}"),
-    }
-}
-
-fn assert_dropped(r: Result<String, std::io::ErrorKind>, what: &str) {
-    assert_eq!(r, Err(std::io::ErrorKind::TimedOut), "{what}: expected the SYN to be dropped");
 }
 
 fn cell(h: &mut Harness, dir: u8, v: u8, r: u8, slot: usize) -> u64 {

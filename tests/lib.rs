@@ -1,6 +1,7 @@
 //! Fixtures for smtpguard's privileged tests and benchmarks: crafted
 //! frames, a seeded datapath, and network namespaces that clean up.
 pub mod fixtures;
+pub mod lab;
 pub mod netns;
 pub mod packet;
 pub mod testrun;

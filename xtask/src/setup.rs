@@ -11,7 +11,8 @@ use anyhow::{bail, Context, Result};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the test suite runs (binary -> package).
-const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("nsenter", "util-linux"), ("bpftool", "bpftool")];
+const PACKAGES: &[(&str, &str)] =
+    &[("ip", "iproute2"), ("nsenter", "util-linux"), ("bpftool", "bpftool"), ("promtool", "prometheus")];
 
 fn cache_dir() -> Result<PathBuf> {
     let home = env::var_os("HOME").context("HOME is not set")?;

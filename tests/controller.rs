@@ -1,0 +1,365 @@
+//! `smtpguard run` as an operator runs it, on a veth pair between two
+//! network namespaces, with real TCP connections: enforcement, operator
+//! commands, kill -9, restart with state carried over, detach, atomic
+//! reloads under traffic, and the metrics exposition (promtool).
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{Map, MapData, PerCpuArray};
+use policy_common::{direction, reason, stats_index, verdict, Counter};
+use smtpguard_tests::{
+    lab::{assert_dropped, assert_greeted, connect, Greeter},
+    netns::{veth_pair, Netns},
+    packet::{TcpFrame, SYN},
+    require_root,
+    testrun::time_run,
+};
+
+const SERVER: &str = "192.0.2.2";
+const CLIENT_OK: &str = "192.0.2.1";
+const CLIENT_DENIED: &str = "192.0.2.3";
+
+fn smtpguard_bin() -> PathBuf {
+    // tests run from target/<profile>/deps; the binary sits one level up.
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("smtpguard")
+}
+
+/// A client and a server namespace, a greeter on 25 in the server.
+struct Lab {
+    _greeter: Greeter,
+    client: Netns,
+    server: Netns,
+}
+
+fn lab() -> Result<Lab> {
+    let client = Netns::new("ccli")?;
+    let server = Netns::new("csrv")?;
+    veth_pair(&client, "a0", &[&format!("{CLIENT_OK}/24"), &format!("{CLIENT_DENIED}/24")], &server, "b0", &[&format!("{SERVER}/24")])?;
+    let greeter = Greeter::start(&server, 25)?;
+    Ok(Lab { _greeter: greeter, client, server })
+}
+
+/// Where one test keeps its pins and pid file, removed on drop.
+struct State {
+    pin_dir: PathBuf,
+    run_dir: PathBuf,
+}
+
+impl State {
+    fn new(tag: &str) -> Self {
+        let id = format!("{tag}_{}", std::process::id());
+        Self { pin_dir: PathBuf::from(format!("/sys/fs/bpf/sgtest_{id}")), run_dir: std::env::temp_dir().join(format!("sgtest-{id}")) }
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec!["--pin-dir".into(), self.pin_dir.display().to_string(), "--run-dir".into(), self.run_dir.display().to_string()]
+    }
+
+    /// Runs an operator command; returns exit code and stdout.
+    fn cmd(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(smtpguard_bin()).args(args).args(self.args()).output().unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        let _ = smtpguard::pins::Pins::new(&self.pin_dir, &self.run_dir).remove_all();
+    }
+}
+
+/// A running controller in the server namespace; killed on drop.
+struct Controller {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Controller {
+    fn start(lab: &Lab, state: &State, policy: &Path, port: u16) -> Result<Self> {
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", lab.server.name()))
+            .arg("--")
+            .arg(smtpguard_bin())
+            .args(["run", "--policy"])
+            .arg(policy)
+            .args(["--uplink", "b0", "--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(["--events"])
+            .arg(state.run_dir.with_extension("events.jsonl"))
+            .args(state.args())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting smtpguard run")?;
+        let mut c = Self { child: Some(child), port };
+        c.wait_ready(lab)?;
+        Ok(c)
+    }
+
+    /// Polls /healthz until it answers (bounded: the controller loads and verifies first).
+    fn wait_ready(&mut self, lab: &Lab) -> Result<()> {
+        for _ in 0..200 {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                bail!("the controller exited: {status}");
+            }
+            if http_get(lab, self.port, "/healthz").is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the controller did not answer /healthz in 10 s")
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn http_get(lab: &Lab, port: u16, path: &str) -> Result<String> {
+    lab.server.enter(|| -> Result<String> {
+        let mut s = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse()?, Duration::from_secs(1))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        let (head, rest) = body.split_once("\r\n\r\n").context("no HTTP body")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("{head}");
+        }
+        Ok(rest.to_owned())
+    })?
+}
+
+/// The value of a metric line with all the given label pairs.
+fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .next()
+}
+
+fn write_policy(dir: &Path, name: &str, text: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn run_enforces_survives_kill_9_restarts_with_state_and_detaches_cleanly() {
+    if !require_root() {
+        return;
+    }
+    let lab = lab().expect("lab");
+    let state = State::new("life");
+    let policy = write_policy(&state.run_dir.with_extension("d"), "policy.yaml", &format!(
+        "version: 1\ningress:\n  default: {{25: allow}}\n  deny: [{{id: bad-host, cidr: {CLIENT_DENIED}/32}}]\n"
+    ));
+    let mut ctl = Controller::start(&lab, &state, &policy, 19425).expect("controller");
+
+    assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "allowed source");
+    assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "denied source");
+
+    // A manual ban, listed by `bans`.
+    let (code, out) = state.cmd(&["ban", CLIENT_OK, "--for", "1h", "--reason", "test"]);
+    assert_eq!(code, 0, "{out}");
+    let (_, bans) = state.cmd(&["bans", "--json"]);
+    assert!(bans.contains(&format!("\"source\":\"{CLIENT_OK}/32\"")) && bans.contains("\"origin\":\"manual\""), "{bans}");
+    assert_dropped(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "banned source");
+
+    let metrics = http_get(&lab, 19425, "/metrics").unwrap();
+    let denied_before = metric(&metrics, "smtpguard_packets_total", &["reason=\"deny_acl\""]).expect("deny counter");
+    assert!(denied_before >= 1.0);
+    assert_eq!(metric(&metrics, "smtpguard_active_bans", &["origin=\"manual\""]), Some(1.0));
+
+    // kill -9: the pins keep judging.
+    ctl.kill9();
+    assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "denied source after kill -9");
+    assert_dropped(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "banned source after kill -9");
+    let (code, out) = state.cmd(&["status"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("not running") && out.contains("xdp") && out.contains("b0"), "{out}");
+    // Operator commands work without the daemon.
+    let (code, out) = state.cmd(&["unban", CLIENT_OK]);
+    assert_eq!(code, 0, "{out}");
+    assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "after unban without the daemon");
+    let (code, _) = state.cmd(&["ban", CLIENT_OK, "--for", "1h"]);
+    assert_eq!(code, 0);
+
+    // Restart: the ban and the counters carry on.
+    let mut ctl = Controller::start(&lab, &state, &policy, 19425).expect("restart");
+    let (_, bans) = state.cmd(&["bans", "--json"]);
+    assert!(bans.contains(&format!("{CLIENT_OK}/32")), "ban kept across restart: {bans}");
+    let metrics = http_get(&lab, 19425, "/metrics").unwrap();
+    let denied_after = metric(&metrics, "smtpguard_packets_total", &["reason=\"deny_acl\""]).unwrap();
+    assert!(denied_after >= denied_before + 1.0, "counters kept: {denied_before} then {denied_after}");
+    assert_dropped(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "still banned after restart");
+
+    // Detach: nothing left.
+    let (code, out) = state.cmd(&["detach"]);
+    assert_eq!(code, 0, "{out}");
+    ctl.kill9();
+    assert!(!state.pin_dir.exists(), "pins left in {}", state.pin_dir.display());
+    let link = lab.server.ip(&["link", "show", "b0"]).unwrap();
+    assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"), "XDP still attached");
+    assert_greeted(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "nothing judges after detach");
+    let (code, out) = state.cmd(&["status"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("nothing is attached"), "{out}");
+}
+
+fn bpf_obj_get(path: &Path) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut attr = [0u64; 4];
+    attr[0] = c.as_ptr() as u64;
+    // SAFETY: BPF_OBJ_GET (7) with a pathname.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 7, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    if fd < 0 {
+        bail!("BPF_OBJ_GET {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd from the kernel.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Policy A denies the peer; policy B denies by default and allows the
+/// local server. A packet from the peer to the server is (drop, deny_acl)
+/// under A and (pass, allow_acl) under B. Judged by A's tries with B's
+/// configuration it would be (drop, default_deny); by B's tries with A's
+/// configuration (pass, default_allow): an update that wrote the maps in
+/// place would show one of those while the reloads run.
+#[test]
+fn reloads_under_traffic_judge_every_packet_by_one_whole_policy() {
+    if !require_root() {
+        return;
+    }
+    const RELOADS: usize = 30;
+    let lab = lab().expect("lab");
+    let state = State::new("atomic");
+    let dir = state.run_dir.with_extension("d");
+    let peer = "198.51.100.7";
+    let local = "203.0.113.25";
+    let a = format!("version: 1\ningress:\n  default: {{25: allow}}\n  deny: [{{id: a-peer, cidr: {peer}/32}}]\n");
+    let b = format!("version: 1\ningress:\n  default: {{25: deny}}\n  allow: [{{id: b-local, cidr: {local}/32, side: local}}]\n");
+    let policy = write_policy(&dir, "policy.yaml", &a);
+    let ctl = Controller::start(&lab, &state, &policy, 19426).expect("controller");
+
+    let prog = bpf_obj_get(&state.pin_dir.join("prog_xdp_ingress")).unwrap();
+    let stats = PerCpuArray::<MapData, Counter>::try_from(Map::PerCpuArray(MapData::from_pin(state.pin_dir.join("STATS")).unwrap())).unwrap();
+    let frame = TcpFrame::new(peer.parse().unwrap(), local.parse().unwrap(), 25, SYN).build();
+    let cells = [
+        ("A", stats_index(direction::INGRESS, verdict::DROP, reason::DENY_ACL, 0)),
+        ("B", stats_index(direction::INGRESS, verdict::PASS, reason::ALLOW_ACL, 0)),
+        ("mix: A tries, B config", stats_index(direction::INGRESS, verdict::DROP, reason::DEFAULT_DENY, 0)),
+        ("mix: B tries, A config", stats_index(direction::INGRESS, verdict::PASS, reason::DEFAULT_ALLOW, 0)),
+    ];
+    let read = |i: u32| stats.get(&i, 0).map(|v| v.iter().map(|c| c.packets).sum::<u64>()).unwrap_or(0);
+    let before: Vec<u64> = cells.iter().map(|(_, i)| read(*i)).collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        let frame = frame.clone();
+        std::thread::spawn(move || {
+            let mut sent = 0u64;
+            // Bounded: stops when told, or after 2,000,000 packets.
+            while !stop.load(Ordering::Relaxed) && sent < 2_000_000 {
+                use std::os::fd::AsFd;
+                time_run(prog.as_fd(), &frame, 100).unwrap();
+                sent += 100;
+            }
+            sent
+        })
+    };
+    for i in 0..RELOADS {
+        let text = if i % 2 == 0 { &b } else { &a };
+        std::fs::write(&policy, text).unwrap();
+        let (code, out) = state.cmd(&["reload"]);
+        assert_eq!(code, 0, "{out}");
+        // Wait for the new generation (bounded).
+        let want = format!("generation {}", i + 2);
+        let mut ok = false;
+        for _ in 0..200 {
+            if http_get(&lab, 19426, "/healthz").map(|h| h.contains(&want)).unwrap_or(false) {
+                ok = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(ok, "reload {i} not applied");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = traffic.join().unwrap();
+    let delta: Vec<u64> = cells.iter().zip(&before).map(|((_, i), b)| read(*i) - b).collect();
+    eprintln!("{sent} packets over {RELOADS} reloads: {:?}", cells.iter().map(|(n, _)| *n).zip(&delta).collect::<Vec<_>>());
+    assert_eq!(delta.iter().sum::<u64>(), sent, "every packet counted in one of the cells");
+    assert!(delta[0] > 0 && delta[1] > 0, "both policies were in force during the run");
+    assert_eq!((delta[2], delta[3]), (0, 0), "packets judged by half of one policy and half of another");
+    drop(ctl);
+}
+
+#[test]
+fn metrics_pass_promtool_and_invalid_reloads_keep_the_running_policy() {
+    if !require_root() {
+        return;
+    }
+    let lab = lab().expect("lab");
+    let state = State::new("metrics");
+    let dir = state.run_dir.with_extension("d");
+    let policy = write_policy(&dir, "policy.yaml", &format!("version: 1\ningress:\n  deny: [{CLIENT_DENIED}/32]\n"));
+    let _ctl = Controller::start(&lab, &state, &policy, 19427).expect("controller");
+    assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "denied source");
+
+    // An invalid edit is rejected; the deny stays in force.
+    std::fs::write(&policy, "version: 1\ningress:\n  deny: [not-a-cidr]\n").unwrap();
+    let (code, _) = state.cmd(&["reload"]);
+    assert_eq!(code, 0);
+    let mut rejected = false;
+    for _ in 0..200 {
+        let m = http_get(&lab, 19427, "/metrics").unwrap();
+        if metric(&m, "smtpguard_reloads_total", &["result=\"rejected\""]).is_some_and(|v| v >= 1.0) {
+            assert_eq!(metric(&m, "smtpguard_last_reload_success", &[]), Some(0.0));
+            rejected = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(rejected, "the invalid reload was not counted");
+    assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "deny still in force after a rejected reload");
+    let events = std::fs::read_to_string(state.run_dir.with_extension("events.jsonl")).unwrap();
+    assert!(events.lines().any(|l| l.contains("\"result\":\"rejected\"") && l.contains("not-a-cidr")), "{events}");
+
+    let text = http_get(&lab, 19427, "/metrics").unwrap();
+    for name in [
+        "smtpguard_packets_total", "smtpguard_bytes_total", "smtpguard_active_bans", "smtpguard_tracked_sources", "smtpguard_map_entries",
+        "smtpguard_map_capacity", "smtpguard_policy_generation", "smtpguard_last_reload_success", "smtpguard_last_reload_timestamp_seconds",
+        "smtpguard_reload_duration_seconds", "smtpguard_build_info", "smtpguard_reloads_total",
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+    }
+    assert!(text.contains("# TYPE smtpguard_packets_total counter") && text.contains("# TYPE smtpguard_active_bans gauge"));
+    let mut promtool = Command::new("promtool").args(["check", "metrics"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("promtool (Debian prometheus)");
+    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(out.status.success(), "promtool: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
