@@ -22,3 +22,11 @@ pub fn runtime() -> Option<&'static Runtime> {
 pub fn policy(generation: u32) -> Option<&'static PolicyConfig> {
     POLICY.get(generation)
 }
+
+/// The generation to judge by, read exactly once per packet (volatile, so
+/// the compiler cannot read the map word again later).
+#[inline(always)]
+pub fn active_generation(runtime: &Runtime) -> u32 {
+    // SAFETY: a valid reference to map memory.
+    unsafe { core::ptr::read_volatile(&runtime.active) }
+}

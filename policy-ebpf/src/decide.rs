@@ -72,7 +72,10 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
         return Verdict::Pass;
     }
     let Some(runtime) = config::runtime() else { return Verdict::Pass };
-    let Some(policy) = config::policy(runtime.active) else { return Verdict::Pass };
+    // Read the generation once: every later step must use this value, or a
+    // flip in between would judge the packet by two policies at once.
+    let generation = config::active_generation(runtime);
+    let Some(policy) = config::policy(generation) else { return Verdict::Pass };
     let dir = runtime.hook_direction[hook];
     let Some(dp) = policy.direction.get(dir as usize) else { return Verdict::Pass };
 
@@ -85,7 +88,7 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
     let port_slot = parsed.port_slot;
     match parsed.outcome {
         outcome::TCP => {
-            let outcome = pipeline(frame, runtime, dp, dir, &parsed.flow);
+            let outcome = pipeline(frame, runtime, generation, dp, dir, &parsed.flow);
             finish(runtime, dp, dir, Some(&parsed.flow), port_slot, bytes, outcome)
         }
         outcome::FRAGMENT => {
@@ -97,8 +100,8 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
 }
 
 #[inline(always)]
-fn pipeline<F: Frame>(frame: &F, runtime: &Runtime, dp: &DirectionPolicy, dir: u8, flow: &Flow) -> Outcome {
-    let acl = acl::lookup(flow, runtime.active as u8, dir, dp.acl_sides);
+fn pipeline<F: Frame>(frame: &F, runtime: &Runtime, generation: u32, dp: &DirectionPolicy, dir: u8, flow: &Flow) -> Outcome {
+    let acl = acl::lookup(flow, generation as u8, dir, dp.acl_sides);
     if acl.allow_rule != 0 {
         return Outcome { rule: acl.allow_rule, ..Outcome::new(action::PASS, reason::ALLOW_ACL) };
     }

@@ -87,6 +87,8 @@ struct Controller {
     watched: Vec<(PathBuf, Option<SystemTime>)>,
     metrics: ControllerMetrics,
     out: Box<dyn Write>,
+    /// Modification times at the previous poll, for settling.
+    last_seen: Option<Vec<Option<SystemTime>>>,
 }
 
 fn mtime(p: &Path) -> Option<SystemTime> {
@@ -174,8 +176,14 @@ impl Controller {
         Ok(())
     }
 
-    fn changed(&self) -> bool {
-        self.watched.iter().any(|(p, t)| mtime(p) != *t)
+    /// Whether a watched file changed and has since stayed unchanged for
+    /// one poll: a file caught half-written is read on the next tick.
+    fn changed(&mut self) -> bool {
+        let now: Vec<Option<SystemTime>> = self.watched.iter().map(|(p, _)| mtime(p)).collect();
+        let differs = self.watched.iter().zip(&now).any(|((_, t), n)| t != n);
+        let settled = self.last_seen.as_ref() == Some(&now);
+        self.last_seen = Some(now);
+        differs && settled
     }
 
     fn expiry_due(&self) -> bool {
@@ -288,7 +296,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         None => Box::new(std::io::stdout()),
     };
     let watched = watch_list(&o.policy, &policy);
-    let mut c = Controller { o: o.clone(), dp, policy, compiled, generation, watched, metrics: ControllerMetrics::new(), out };
+    let mut c = Controller { o: o.clone(), dp, policy, compiled, generation, watched, metrics: ControllerMetrics::new(), out, last_seen: None };
     // Load the policy before attaching, so the first packet a new link
     // judges already has it; adopted links judge by the pinned one meanwhile.
     let (p, comp) = (c.policy.clone(), c.compiled.clone());
