@@ -143,6 +143,8 @@ pub fn test(args: &[String]) -> Result<()> {
     if !is_root() {
         bail!("the test suite loads BPF programs and creates network namespaces: run it as root");
     }
+    // The controller tests run the smtpguard binary: build it first.
+    status(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
     status(
         Command::new("cargo")
             .args(["test", "--workspace"])
