@@ -144,7 +144,7 @@ pub fn test(args: &[String]) -> Result<()> {
         bail!("the test suite loads BPF programs and creates network namespaces: run it as root");
     }
     // The controller tests run the smtpguard binary: build it first.
-    status(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
+    status(Command::new("cargo").args(["build", "--bins"]))?;
     status(
         Command::new("cargo")
             .args(["test", "--workspace"])
