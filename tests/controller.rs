@@ -139,7 +139,7 @@ fn http_get(lab: &Lab, port: u16, path: &str) -> Result<String> {
     lab.server.enter(|| -> Result<String> {
         let mut s = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse()?, Duration::from_secs(1))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
         let mut body = String::new();
         s.read_to_string(&mut body)?;
         let (head, rest) = body.split_once("\r\n\r\n").context("no HTTP body")?;
@@ -371,4 +371,68 @@ fn metrics_pass_promtool_and_invalid_reloads_keep_the_running_policy() {
     promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     let out = promtool.wait_with_output().unwrap();
     assert!(out.status.success(), "promtool: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// A Prometheus server in the server namespace, killed on drop.
+struct PrometheusServer {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_controller_and_promql_matches_the_datapath() {
+    if !require_root() {
+        return;
+    }
+    let lab = lab().expect("lab");
+    let state = State::new("prom");
+    let dir = state.run_dir.with_extension("d");
+    let policy = write_policy(&dir, "policy.yaml", &format!("version: 1\ningress:\n  deny: [{CLIENT_DENIED}/32]\n"));
+    let _ctl = Controller::start(&lab, &state, &policy, 19428).expect("controller");
+    for _ in 0..3 {
+        assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "denied source");
+    }
+    // The datapath's own count, from the pinned counters.
+    let stats = PerCpuArray::<MapData, Counter>::try_from(Map::PerCpuArray(MapData::from_pin(state.pin_dir.join("STATS")).unwrap())).unwrap();
+    let cell = stats_index(direction::INGRESS, verdict::DROP, reason::DENY_ACL, 0);
+    let kernel: u64 = stats.get(&cell, 0).unwrap().iter().map(|c| c.packets).sum();
+    assert!(kernel >= 3);
+
+    let prom_dir = dir.join("prometheus");
+    std::fs::create_dir_all(prom_dir.join("data")).unwrap();
+    let config = prom_dir.join("prometheus.yml");
+    std::fs::write(&config, "global: {scrape_interval: 1s}\nscrape_configs:\n  - job_name: smtpguard\n    static_configs: [{targets: ['127.0.0.1:19428']}]\n").unwrap();
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.server.name()))
+        .args(["--", "prometheus"])
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", prom_dir.join("data").display()))
+        .args(["--web.listen-address=127.0.0.1:19090", "--log.level=warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (Debian package)");
+    let _prom = PrometheusServer { child, dir: prom_dir };
+    let query = "/api/v1/query?query=sum(smtpguard_packets_total%7Breason%3D%22deny_acl%22%7D)";
+    let mut answer = None;
+    // Prometheus answers after its first scrape, some seconds after start (bounded: 60 s).
+    for _ in 0..600 {
+        if let Ok(body) = http_get(&lab, 19090, query) {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            if let Some(value) = v["data"]["result"][0]["value"][1].as_str() {
+                answer = value.parse::<f64>().ok();
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(answer, Some(kernel as f64), "PromQL answer against the kernel's count");
 }

@@ -143,6 +143,7 @@ pub fn test(args: &[String]) -> Result<()> {
     if !is_root() {
         bail!("the test suite loads BPF programs and creates network namespaces: run it as root");
     }
+    remove_stale_test_state();
     // The controller tests run the smtpguard binary: build it first.
     status(Command::new("cargo").args(["build", "--bins"]))?;
     status(
@@ -171,4 +172,24 @@ pub fn clippy() -> Result<()> {
             .env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-cpu=v3")
             .env("PATH", path),
     )
+}
+
+/// What an earlier, killed test run left behind: its namespaces (`sg-*`)
+/// and pin directories (`/sys/fs/bpf/sgtest_*`). Tests clean up after
+/// themselves on failure; only SIGKILL gets past that.
+fn remove_stale_test_state() {
+    if let Ok(out) = output(Command::new("ip").args(["netns", "list"])) {
+        for ns in out.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with("sg-")) {
+            eprintln!("setup: removing namespace {ns} left by an earlier run");
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("sgtest_") {
+                eprintln!("setup: removing pins {} left by an earlier run", e.path().display());
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
 }
