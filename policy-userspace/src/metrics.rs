@@ -83,11 +83,11 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
     events_lost.with_label_values(&[] as &[&str]).inc_by(stats[policy_common::STATS_EVENTS_LOST as usize].packets);
     let geo = IntCounterVec::new(Opts::new("smtpguard_geo_drops_total", "Drops (and would-drops) by the geo-fence, by country"), &["direction", "country"]).expect("valid");
     let geo_cells = dp.geo_drops().map_err(|e| e.to_string())?;
-    for i in 0..GEO_DROPS_ENTRIES as usize {
-        if geo_cells[i] > 0 {
+    for (i, drops) in geo_cells.iter().enumerate().take(GEO_DROPS_ENTRIES as usize) {
+        if *drops > 0 {
             let d = i / MAX_COUNTRIES;
             let country = compiled.country((i % MAX_COUNTRIES) as u32).unwrap_or("unknown");
-            geo.with_label_values(&[direction::NAMES[d], country]).inc_by(geo_cells[i]);
+            geo.with_label_values(&[direction::NAMES[d], country]).inc_by(*drops);
         }
     }
     let slots = dp.sources().map_err(|e| e.to_string())?;

@@ -169,7 +169,7 @@ pub fn active_bans(slots: &[SourceSlot]) -> Vec<Ban> {
             Ban { source: format!("{addr}/{len}"), remaining_s: (s.ban_until_ns - now) / 1_000_000_000, strikes: info.strikes, origin: origin_name(info.origin) }
         })
         .collect();
-    bans.sort_by(|a, b| b.remaining_s.cmp(&a.remaining_s));
+    bans.sort_by_key(|b| std::cmp::Reverse(b.remaining_s));
     bans
 }
 
