@@ -173,12 +173,29 @@ fn run_enforces_survives_kill_9_restarts_with_state_and_detaches_cleanly() {
     let lab = lab().expect("lab");
     let state = State::new("life");
     let policy = write_policy(&state.run_dir.with_extension("d"), "policy.yaml", &format!(
-        "version: 1\ningress:\n  default: {{25: allow}}\n  deny: [{{id: bad-host, cidr: {CLIENT_DENIED}/32}}]\n"
+        "version: 1\nevents: {{drop_sample_one_in: 1, per_second: 100}}\ningress:\n  default: {{25: allow}}\n  deny: [{{id: bad-host, cidr: {CLIENT_DENIED}/32}}]\n"
     ));
     let mut ctl = Controller::start(&lab, &state, &policy, 19425).expect("controller");
 
     assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "allowed source");
     assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "denied source");
+    // Sampled drops reach the event stream as JSON lines naming the rule.
+    let events_file = state.run_dir.with_extension("events.jsonl");
+    let mut sampled = None;
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&events_file).unwrap_or_default();
+        sampled = text.lines().find(|l| l.contains("\"event\":\"drop_sample\"")).map(str::to_owned);
+        if sampled.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sampled: serde_json::Value = serde_json::from_str(&sampled.expect("a drop_sample event")).unwrap();
+    assert_eq!(
+        (sampled["src"].as_str(), sampled["dport"].as_u64(), sampled["rule"].as_str(), sampled["reason"].as_str(), sampled["direction"].as_str()),
+        (Some(CLIENT_DENIED), Some(25), Some("bad-host"), Some("deny_acl"), Some("ingress"))
+    );
+    assert!(sampled["time"].as_str().is_some_and(|t| t.starts_with("20") && t.ends_with('Z')));
 
     // A manual ban, listed by `bans`.
     let (code, out) = state.cmd(&["ban", CLIENT_OK, "--for", "1h", "--reason", "test"]);
