@@ -5,12 +5,10 @@
 pub const RUNTIME: &str = "RUNTIME";
 /// `Array<PolicyConfig>`, one entry per generation. Writer: controller.
 pub const POLICY: &str = "POLICY";
-/// `LpmTrie<AclKeyV4, AclEntry>` per generation: allow, deny and geo
-/// folded per prefix. One trie per generation, so rewriting the inactive
-/// one never restructures nodes that lookups in the active one walk.
-pub const ACL_V4: [&str; 2] = ["ACL_V4_G0", "ACL_V4_G1"];
-/// `LpmTrie<AclKeyV6, AclEntry>` per generation.
-pub const ACL_V6: [&str; 2] = ["ACL_V6_G0", "ACL_V6_G1"];
+/// `LpmTrie<AclKeyV4, AclEntry>`: allow, deny and geo folded per prefix.
+pub const ACL_V4: &str = "ACL_V4";
+/// `LpmTrie<AclKeyV6, AclEntry>`.
+pub const ACL_V6: &str = "ACL_V6";
 /// `Array<SourceSet>`: rate buckets and bans per source, shared by all CPUs.
 pub const SOURCES: &str = "SOURCES";
 /// `PerCpuArray<Counter>`, indexed by `stats_index`.
@@ -26,20 +24,8 @@ pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
 pub const SCRATCH: &str = "SCRATCH";
 
 /// Every map of the object, for the ELF test and the controller.
-pub const ALL_MAPS: [&str; 12] = [
-    RUNTIME,
-    POLICY,
-    ACL_V4[0],
-    ACL_V4[1],
-    ACL_V6[0],
-    ACL_V6[1],
-    SOURCES,
-    STATS,
-    GEO_DROPS,
-    EVENTS,
-    EVENT_BUDGET,
-    SCRATCH,
-];
+pub const ALL_MAPS: [&str; 10] =
+    [RUNTIME, POLICY, ACL_V4, ACL_V6, SOURCES, STATS, GEO_DROPS, EVENTS, EVENT_BUDGET, SCRATCH];
 
 /// Program names, one per hook.
 pub const PROG_XDP_INGRESS: &str = "xdp_ingress";
@@ -49,8 +35,8 @@ pub const ALL_PROGRAMS: [&str; 3] = [PROG_XDP_INGRESS, PROG_TC_INGRESS, PROG_TC_
 
 /// Policy generations kept side by side for atomic swaps.
 pub const GENERATIONS: u32 = 2;
-/// ACL trie capacity per family and generation. LPM tries allocate per
-/// entry, so this is a bound, not a reservation.
+/// ACL trie capacity per family, shared by both generations. LPM tries
+/// allocate per entry, so this is a bound, not a reservation.
 pub const ACL_CAPACITY: u32 = 4_194_304;
 /// Default capacity of `SOURCES`, in sources. Settable at load time.
 pub const DEFAULT_SOURCE_CAPACITY: u32 = 1_310_720;

@@ -14,18 +14,13 @@ use policy_common::{
 
 use crate::parse::Flow;
 
-/// Key: (generation, direction << 1 | side, IPv4 prefix), one trie per
-/// generation. Writer: controller, into the inactive generation only.
+/// Key: (generation, direction << 1 | side, IPv4 prefix). Writer: controller.
 #[map]
-static ACL_V4_G0: LpmTrie<AclKeyV4, AclEntry> = LpmTrie::with_max_entries(ACL_CAPACITY, 0);
-#[map]
-static ACL_V4_G1: LpmTrie<AclKeyV4, AclEntry> = LpmTrie::with_max_entries(ACL_CAPACITY, 0);
+static ACL_V4: LpmTrie<AclKeyV4, AclEntry> = LpmTrie::with_max_entries(ACL_CAPACITY, 0);
 
-/// Key: (generation, direction << 1 | side, IPv6 prefix), as above.
+/// Key: (generation, direction << 1 | side, IPv6 prefix). Writer: controller.
 #[map]
-static ACL_V6_G0: LpmTrie<AclKeyV6, AclEntry> = LpmTrie::with_max_entries(ACL_CAPACITY, 0);
-#[map]
-static ACL_V6_G1: LpmTrie<AclKeyV6, AclEntry> = LpmTrie::with_max_entries(ACL_CAPACITY, 0);
+static ACL_V6: LpmTrie<AclKeyV6, AclEntry> = LpmTrie::with_max_entries(ACL_CAPACITY, 0);
 
 /// The ACL's opinion of a flow; rule ids are 0 when no rule applies.
 #[derive(Default)]
@@ -61,21 +56,13 @@ fn entry(v6: bool, addr: &[u32; 4], generation: u8, scope: u8) -> Option<&'stati
             prefix_len: ACL_KEY_HEADER_BITS + 128,
             data: AclKeyV6 { generation, scope, _pad: [0; 2], addr: *addr },
         };
-        if generation == 0 {
-            ACL_V6_G0.get(key.as_key())
-        } else {
-            ACL_V6_G1.get(key.as_key())
-        }
+        ACL_V6.get(key.as_key())
     } else {
         let key = AlignedKey {
             prefix_len: ACL_KEY_HEADER_BITS + 32,
             data: AclKeyV4 { generation, scope, _pad: [0; 2], addr: addr[0] },
         };
-        if generation == 0 {
-            ACL_V4_G0.get(key.as_key())
-        } else {
-            ACL_V4_G1.get(key.as_key())
-        }
+        ACL_V4.get(key.as_key())
     }
 }
 

@@ -280,8 +280,8 @@ impl Dataplane {
     /// Every ACL prefix stored for `generation`, read from the tries.
     fn acl_prefixes(&mut self, generation: u8) -> Result<Vec<AclPrefix>> {
         let mut out = Vec::new();
-        let name = policy_common::ACL_V4[generation as usize & 1];
-        for key in self.trie_v4(generation)?.keys() {
+        let name = policy_common::ACL_V4;
+        for key in self.trie_v4()?.keys() {
             let key = key.map_err(|source| DataplaneError::Map { name, source })?;
             let data = key.data();
             if data.generation == generation {
@@ -289,8 +289,8 @@ impl Dataplane {
                 out.push(AclPrefix { generation, scope: data.scope, addr: IpAddr::V4(addr), prefix_len: (key.prefix_len() - ACL_KEY_HEADER_BITS) as u8 });
             }
         }
-        let name = policy_common::ACL_V6[generation as usize & 1];
-        for key in self.trie_v6(generation)?.keys() {
+        let name = policy_common::ACL_V6;
+        for key in self.trie_v6()?.keys() {
             let key = key.map_err(|source| DataplaneError::Map { name, source })?;
             let data = key.data();
             if data.generation == generation {
@@ -369,14 +369,14 @@ impl Dataplane {
         match prefix.addr {
             IpAddr::V4(a) => {
                 let data = AclKeyV4::new(prefix.generation, prefix.scope, a.octets());
-                self.trie_v4(prefix.generation)?.insert(&Key::new(bits, data), entry, 0)
+                self.trie_v4()?.insert(&Key::new(bits, data), entry, 0)
             }
             IpAddr::V6(a) => {
                 let data = AclKeyV6::new(prefix.generation, prefix.scope, a.octets());
-                self.trie_v6(prefix.generation)?.insert(&Key::new(bits, data), entry, 0)
+                self.trie_v6()?.insert(&Key::new(bits, data), entry, 0)
             }
         }
-        .map_err(|source| DataplaneError::Map { name: acl_map_name(prefix), source })
+        .map_err(|source| DataplaneError::Map { name: acl_map_name(prefix.addr), source })
     }
 
     pub fn remove_acl(&mut self, prefix: AclPrefix) -> Result<()> {
@@ -384,24 +384,24 @@ impl Dataplane {
         match prefix.addr {
             IpAddr::V4(a) => {
                 let data = AclKeyV4::new(prefix.generation, prefix.scope, a.octets());
-                self.trie_v4(prefix.generation)?.remove(&Key::new(bits, data))
+                self.trie_v4()?.remove(&Key::new(bits, data))
             }
             IpAddr::V6(a) => {
                 let data = AclKeyV6::new(prefix.generation, prefix.scope, a.octets());
-                self.trie_v6(prefix.generation)?.remove(&Key::new(bits, data))
+                self.trie_v6()?.remove(&Key::new(bits, data))
             }
         }
-        .map_err(|source| DataplaneError::Map { name: acl_map_name(prefix), source })
+        .map_err(|source| DataplaneError::Map { name: acl_map_name(prefix.addr), source })
     }
 
-    fn trie_v4(&mut self, generation: u8) -> Result<LpmTrie<&mut MapData, AclKeyV4, AclEntry>> {
-        let name = policy_common::ACL_V4[generation as usize & 1];
+    fn trie_v4(&mut self) -> Result<LpmTrie<&mut MapData, AclKeyV4, AclEntry>> {
+        let name = policy_common::ACL_V4;
         let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
         LpmTrie::try_from(map).map_err(|source| DataplaneError::Map { name, source })
     }
 
-    fn trie_v6(&mut self, generation: u8) -> Result<LpmTrie<&mut MapData, AclKeyV6, AclEntry>> {
-        let name = policy_common::ACL_V6[generation as usize & 1];
+    fn trie_v6(&mut self) -> Result<LpmTrie<&mut MapData, AclKeyV6, AclEntry>> {
+        let name = policy_common::ACL_V6;
         let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
         LpmTrie::try_from(map).map_err(|source| DataplaneError::Map { name, source })
     }
@@ -535,12 +535,11 @@ impl Dataplane {
     }
 }
 
-fn acl_map_name(prefix: AclPrefix) -> &'static str {
-    let g = prefix.generation as usize & 1;
-    if prefix.addr.is_ipv4() {
-        policy_common::ACL_V4[g]
+fn acl_map_name(addr: IpAddr) -> &'static str {
+    if addr.is_ipv4() {
+        policy_common::ACL_V4
     } else {
-        policy_common::ACL_V6[g]
+        policy_common::ACL_V6
     }
 }
 

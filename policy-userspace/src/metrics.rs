@@ -102,12 +102,12 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
     let entries = IntGaugeVec::new(Opts::new("smtpguard_map_entries", "Entries in each map"), &["map"]).expect("valid");
     let capacity = IntGaugeVec::new(Opts::new("smtpguard_map_capacity", "Capacity of each map"), &["map"]).expect("valid");
     let (acl4, acl6) = dp.acl_entry_counts();
-    entries.with_label_values(&["ACL_V4"]).set(acl4 as i64);
-    entries.with_label_values(&["ACL_V6"]).set(acl6 as i64);
+    entries.with_label_values(&[policy_common::ACL_V4]).set(acl4 as i64);
+    entries.with_label_values(&[policy_common::ACL_V6]).set(acl6 as i64);
     entries.with_label_values(&[policy_common::SOURCES]).set(slots.len() as i64);
     for (name, cap) in [
-        ("ACL_V4", 2 * policy_common::ACL_CAPACITY as i64),
-        ("ACL_V6", 2 * policy_common::ACL_CAPACITY as i64),
+        (policy_common::ACL_V4, policy_common::ACL_CAPACITY as i64),
+        (policy_common::ACL_V6, policy_common::ACL_CAPACITY as i64),
         (policy_common::SOURCES, dp.source_sets() as i64 * policy_common::source::WAYS as i64),
     ] {
         capacity.with_label_values(&[name]).set(cap);
