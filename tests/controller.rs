@@ -453,3 +453,31 @@ fn a_real_prometheus_scrapes_the_controller_and_promql_matches_the_datapath() {
     }
     assert_eq!(answer, Some(kernel as f64), "PromQL answer against the kernel's count");
 }
+
+#[test]
+fn run_refuses_a_missing_interface_or_an_invalid_policy_before_changing_anything() {
+    if !require_root() {
+        return;
+    }
+    let state = State::new("preflight");
+    let dir = state.run_dir.with_extension("d");
+    let good = write_policy(&dir, "good.yaml", "version: 1\n");
+    let bad = write_policy(&dir, "bad.yaml", "version: 1\nmode: sideways\n");
+    let run = |policy: &Path, iface: &str| {
+        let out = Command::new(smtpguard_bin())
+            .args(["run", "--policy"])
+            .arg(policy)
+            .args(["--uplink", iface, "--metrics-addr", "127.0.0.1:19429"])
+            .args(state.args())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run(&good, "nosuchif0");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("interface nosuchif0 does not exist (nothing was changed)"), "{err}");
+    let (code, err) = run(&bad, "lo");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("bad.yaml:2:7: error: mode:") && err.contains("nothing was changed"), "{err}");
+    assert!(!state.pin_dir.exists(), "a refused run must not create pins");
+}
