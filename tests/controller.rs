@@ -88,13 +88,18 @@ struct Controller {
 
 impl Controller {
     fn start(lab: &Lab, state: &State, policy: &Path, port: u16) -> Result<Self> {
+        Self::start_on(lab, state, policy, port, &["--uplink", "b0"])
+    }
+
+    fn start_on(lab: &Lab, state: &State, policy: &Path, port: u16, interfaces: &[&str]) -> Result<Self> {
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", lab.server.name()))
             .arg("--")
             .arg(smtpguard_bin())
             .args(["run", "--policy"])
             .arg(policy)
-            .args(["--uplink", "b0", "--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(interfaces)
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .args(["--events"])
             .arg(state.run_dir.with_extension("events.jsonl"))
             .args(state.args())
@@ -480,4 +485,29 @@ fn run_refuses_a_missing_interface_or_an_invalid_policy_before_changing_anything
     assert_eq!(code, Some(1));
     assert!(err.contains("bad.yaml:2:7: error: mode:") && err.contains("nothing was changed"), "{err}");
     assert!(!state.pin_dir.exists(), "a refused run must not create pins");
+}
+
+/// The server namespace plays the hypervisor and b0 the host side of a
+/// tenant's veth: what the tenant sends is judged by the egress policy.
+#[test]
+fn a_tenant_interface_judges_what_the_vm_sends_by_the_egress_policy() {
+    if !require_root() {
+        return;
+    }
+    let lab = lab().expect("lab");
+    let _submission = Greeter::start(&lab.server, 587).expect("greeter on 587");
+    let state = State::new("tenant");
+    let dir = state.run_dir.with_extension("d");
+    let policy = write_policy(&dir, "policy.yaml", &format!(
+        "version: 1\nports: {{25: smtp, 587: submission}}\negress:\n  default: {{25: deny, 587: allow}}\n  exemptions:\n    - {{id: ticket-1, cidr: {CLIENT_OK}/32, ports: [25], until: 2099-12-31}}\n"
+    ));
+    let _ctl = Controller::start_on(&lab, &state, &policy, 19430, &["--tenant", "b0"]).expect("controller");
+    let (_, status) = state.cmd(&["status"]);
+    assert!(status.contains("tcingress") && status.contains("b0"), "{status}");
+    assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "exempt tenant on 25");
+    assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "ordinary tenant on 25");
+    assert_greeted(connect(&lab.client, CLIENT_DENIED, SERVER, 587).unwrap(), "ordinary tenant on 587");
+    let metrics = http_get(&lab, 19430, "/metrics").unwrap();
+    assert!(metric(&metrics, "smtpguard_packets_total", &["direction=\"egress\"", "reason=\"default_deny\"", "port=\"25\""]).is_some_and(|v| v >= 1.0), "{metrics}");
+    assert!(metric(&metrics, "smtpguard_packets_total", &["direction=\"egress\"", "reason=\"allow_acl\"", "port=\"25\""]).is_some_and(|v| v >= 1.0));
 }
