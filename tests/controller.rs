@@ -213,6 +213,7 @@ fn run_enforces_survives_kill_9_restarts_with_state_and_detaches_cleanly() {
     let denied_before = metric(&metrics, "smtpguard_packets_total", &["reason=\"deny_acl\""]).expect("deny counter");
     assert!(denied_before >= 1.0);
     assert_eq!(metric(&metrics, "smtpguard_active_bans", &["origin=\"manual\""]), Some(1.0));
+    assert_eq!(metric(&metrics, "smtpguard_bans_total", &["origin=\"manual\""]), Some(1.0));
 
     // kill -9: the pins keep judging.
     ctl.kill9();

@@ -657,6 +657,18 @@ fn run_case(h: &mut Harness, hook: Hook, case: &Case) -> anyhow::Result<Ran> {
     let (before, geo_before) = h.counters()?;
     let (rc, _) = h.dp.test_run(hook, &case.frame, 1)?;
     let (after, geo_after) = h.counters()?;
+    // A started ban is counted once, by origin.
+    let bans = |s: &[policy_common::Counter], cell: u32| s[cell as usize].packets;
+    let started = (
+        bans(&after, policy_common::STATS_BANS_AUTO) - bans(&before, policy_common::STATS_BANS_AUTO),
+        bans(&after, policy_common::STATS_BANS_ESCALATED) - bans(&before, policy_common::STATS_BANS_ESCALATED),
+    );
+    let expected_started = match case.expect {
+        Expect::Counted { reason: reason::RATE_BAN, .. } if case.name.contains("escalates") => (0, 1),
+        Expect::Counted { reason: reason::RATE_BAN, .. } => (1, 0),
+        _ => (0, 0),
+    };
+    anyhow::ensure!(started == expected_started, "bans started (auto, escalated) {started:?}, expected {expected_started:?}");
 
     let (pass_code, drop_code) = hook.verdict_codes();
     let expected_rc = match case.expect {
@@ -669,7 +681,9 @@ fn run_case(h: &mut Harness, hook: Hook, case: &Case) -> anyhow::Result<Ran> {
         Expect::Uncounted => None,
         Expect::Counted { verdict, reason, slot } => Some(stats_index(case.dir, verdict, reason, slot) as usize),
     };
-    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+    // Verdict cells and events-lost; the ban-origin cells follow the ban checks.
+    let checked = policy_common::STATS_EVENTS_LOST as usize + 1;
+    for (i, (b, a)) in before.iter().zip(&after).enumerate().take(checked) {
         let (packets, bytes) = (a.packets - b.packets, a.bytes - b.bytes);
         let (want_packets, want_bytes) = if Some(i) == expected_cell { (1, case.frame.len() as u64) } else { (0, 0) };
         anyhow::ensure!(

@@ -143,8 +143,13 @@ pub const STATS_VERDICT_CELLS: u32 =
     (direction::COUNT * verdict::COUNT * reason::COUNT * PORT_SLOTS) as u32;
 /// The `STATS` cell (packets only) counting events lost to a full ring buffer.
 pub const STATS_EVENTS_LOST: u32 = STATS_VERDICT_CELLS;
+/// `STATS` cells (packets only) counting bans started, by origin: automatic
+/// and escalated (datapath), manual (`smtpguard ban`).
+pub const STATS_BANS_AUTO: u32 = STATS_VERDICT_CELLS + 1;
+pub const STATS_BANS_ESCALATED: u32 = STATS_VERDICT_CELLS + 2;
+pub const STATS_BANS_MANUAL: u32 = STATS_VERDICT_CELLS + 3;
 /// Entries of the `STATS` per-CPU array.
-pub const STATS_ENTRIES: u32 = STATS_VERDICT_CELLS + 1;
+pub const STATS_ENTRIES: u32 = STATS_VERDICT_CELLS + 4;
 
 /// Index of a (direction, country) drop counter in `GEO_DROPS`.
 #[inline(always)]

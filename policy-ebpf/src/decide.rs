@@ -135,6 +135,7 @@ fn pipeline<F: Frame>(frame: &F, runtime: &Runtime, generation: u32, dp: &Direct
                 return Outcome::new(action::DROP, reason::RATE_LIMITED);
             }
             SynOutcome::BanStarted { count, duration_s, strikes } => {
+                stats::record_ban(strikes > 1);
                 let mut e = events::about(flow, event_kind::BAN_ADDED, now_ns, dir);
                 e.reason = reason::RATE_BAN;
                 e.verdict = drop_verdict(dp);

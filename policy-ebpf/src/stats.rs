@@ -4,7 +4,8 @@ use aya_ebpf::{macros::map, maps::PerCpuArray};
 
 use crate::opaque::opaque;
 use policy_common::{
-    geo_index, stats_index, Counter, GEO_DROPS_ENTRIES, STATS_ENTRIES, STATS_EVENTS_LOST,
+    geo_index, stats_index, Counter, GEO_DROPS_ENTRIES, STATS_BANS_AUTO, STATS_BANS_ESCALATED, STATS_ENTRIES,
+    STATS_EVENTS_LOST,
 };
 
 /// Key: `stats_index(direction, verdict, reason, port slot)`, plus the
@@ -37,6 +38,16 @@ pub fn record_geo_drop(direction: u8, country: u32) {
     if let Some(c) = GEO_DROPS.get_ptr_mut(opaque(geo_index(direction, country) as u64) as u32) {
         // SAFETY: as in `record`.
         unsafe { *c += 1 }
+    }
+}
+
+/// Counts a ban the rate meter started.
+#[inline(always)]
+pub fn record_ban(escalated: bool) {
+    let cell = if escalated { STATS_BANS_ESCALATED } else { STATS_BANS_AUTO };
+    if let Some(c) = STATS.get_ptr_mut(cell) {
+        // SAFETY: as in `record`.
+        unsafe { (*c).packets += 1 }
     }
 }
 

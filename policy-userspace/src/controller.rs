@@ -194,10 +194,6 @@ impl Controller {
         let Ok(evs) = self.dp.drain_events() else { return };
         let ports = self.ports();
         for e in evs {
-            if e.kind == policy_common::event_kind::BAN_ADDED {
-                let origin = if e.strikes > 1 { "escalated" } else { "auto" };
-                self.metrics.bans_started.with_label_values(&[origin]).inc();
-            }
             let v = events::to_json(&e, &self.compiled, &ports);
             self.emit(v);
         }

@@ -14,7 +14,6 @@ use crate::{dataplane::Dataplane, ops, policy::Compiled};
 pub struct ControllerMetrics {
     pub reload_duration: Histogram,
     pub reloads: IntCounterVec,
-    pub bans_started: IntCounterVec,
     pub last_reload_ok: IntGauge,
     pub last_reload_time: Gauge,
 }
@@ -28,11 +27,6 @@ impl ControllerMetrics {
             )
             .expect("valid histogram"),
             reloads: IntCounterVec::new(Opts::new("smtpguard_reloads_total", "Policy reloads by result"), &["result"]).expect("valid"),
-            bans_started: IntCounterVec::new(
-                Opts::new("smtpguard_bans_total", "Bans started, by origin (auto, escalated, manual), as seen in events and commands"),
-                &["origin"],
-            )
-            .expect("valid"),
             last_reload_ok: IntGauge::new("smtpguard_last_reload_success", "1 when the last reload was applied, 0 when it was rejected").expect("valid"),
             last_reload_time: Gauge::new("smtpguard_last_reload_timestamp_seconds", "When the last reload was attempted (Unix time)").expect("valid"),
         }
@@ -81,6 +75,14 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
     }
     let events_lost = IntCounterVec::new(Opts::new("smtpguard_events_lost_total", "Events dropped because the ring buffer was full"), &[]).expect("valid");
     events_lost.with_label_values(&[] as &[&str]).inc_by(stats[policy_common::STATS_EVENTS_LOST as usize].packets);
+    let bans_total = IntCounterVec::new(Opts::new("smtpguard_bans_total", "Bans started, by origin"), &["origin"]).expect("valid");
+    for (origin, cell) in [
+        ("auto", policy_common::STATS_BANS_AUTO),
+        ("escalated", policy_common::STATS_BANS_ESCALATED),
+        ("manual", policy_common::STATS_BANS_MANUAL),
+    ] {
+        bans_total.with_label_values(&[origin]).inc_by(stats[cell as usize].packets);
+    }
     let geo = IntCounterVec::new(Opts::new("smtpguard_geo_drops_total", "Drops (and would-drops) by the geo-fence, by country"), &["direction", "country"]).expect("valid");
     let geo_cells = dp.geo_drops().map_err(|e| e.to_string())?;
     for (i, drops) in geo_cells.iter().enumerate().take(GEO_DROPS_ENTRIES as usize) {
@@ -118,7 +120,7 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
     let build = IntGaugeVec::new(Opts::new("smtpguard_build_info", "Build information"), &["version"]).expect("valid");
     build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
-    for c in [packets, bytes, events_lost, geo] {
+    for c in [packets, bytes, events_lost, bans_total, geo] {
         register(&r, c);
     }
     register(&r, bans);
@@ -129,7 +131,6 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
     register(&r, build);
     register(&r, m.reload_duration.clone());
     register(&r, m.reloads.clone());
-    register(&r, m.bans_started.clone());
     register(&r, m.last_reload_ok.clone());
     register(&r, m.last_reload_time.clone());
     let mut out = Vec::new();

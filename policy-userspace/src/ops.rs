@@ -115,7 +115,13 @@ impl PinnedMaps {
         info.last_seen_s = (now / 1_000_000_000) as u32;
         slot.info = info.pack();
         slot.ban_until_ns = now + duration.as_nanos() as u64;
-        typed(self.sources.set(index, set, 0), policy_common::SOURCES)
+        typed(self.sources.set(index, set, 0), policy_common::SOURCES)?;
+        // Counted on the first CPU's cell; readers sum all CPUs.
+        let cell = policy_common::STATS_BANS_MANUAL;
+        let mut values: Vec<Counter> = typed(self.stats.get(&cell, 0), policy_common::STATS)?.iter().copied().collect();
+        values[0].packets += 1;
+        let values = aya::maps::PerCpuValues::try_from(values).map_err(|e| OpsError::Invalid(e.to_string()))?;
+        typed(self.stats.set(cell, values, 0), policy_common::STATS)
     }
 
     /// Lifts a ban; returns whether there was one.
