@@ -170,7 +170,9 @@ pub struct Runtime {
     pub source_sets: u32,
     /// Direction each hook judges by, indexed by [`hook`].
     pub hook_direction: [u8; hook::COUNT],
-    pub _pad0: u8,
+    /// Non-zero while `BAN_V4`/`BAN_V6` hold manual network bans, so an
+    /// empty ban trie costs no lookup.
+    pub cidr_bans: u8,
     /// One drop in this many is offered to the event stream (0: none).
     pub drop_sample_one_in: u32,
     /// Cap on sampled-drop and rate-trip events per second and CPU.

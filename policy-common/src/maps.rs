@@ -20,12 +20,20 @@ pub const EVENTS: &str = "EVENTS";
 /// `PerCpuArray<EventBudget>`: token bucket capping sampled events per CPU.
 pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
 
+/// `LpmTrie<[u32; 1], u64>`: manual network bans (source prefix → until,
+/// ns of the coarse clock). Writer: `smtpguard ban`. Reader: pipeline.
+pub const BAN_V4: &str = "BAN_V4";
+/// `LpmTrie<[u32; 4], u64>`.
+pub const BAN_V6: &str = "BAN_V6";
+/// Capacity of each manual network ban trie.
+pub const BAN_CIDR_CAPACITY: u32 = 65_536;
+
 /// `PerCpuArray<u32>`, 1 entry: scratch word that keeps verifier state small.
 pub const SCRATCH: &str = "SCRATCH";
 
 /// Every map of the object, for the ELF test and the controller.
-pub const ALL_MAPS: [&str; 10] =
-    [RUNTIME, POLICY, ACL_V4, ACL_V6, SOURCES, STATS, GEO_DROPS, EVENTS, EVENT_BUDGET, SCRATCH];
+pub const ALL_MAPS: [&str; 12] =
+    [RUNTIME, POLICY, ACL_V4, ACL_V6, BAN_V4, BAN_V6, SOURCES, STATS, GEO_DROPS, EVENTS, EVENT_BUDGET, SCRATCH];
 
 /// Program names, one per hook.
 pub const PROG_XDP_INGRESS: &str = "xdp_ingress";

@@ -108,6 +108,9 @@ fn pipeline<F: Frame>(frame: &F, runtime: &Runtime, generation: u32, dp: &Direct
 
     let now_ns = now_ns();
     let mut source = sources::locate(flow, runtime.source_sets, now_ns);
+    if runtime.cidr_bans != 0 && sources::network_banned(flow, now_ns) {
+        return Outcome::new(action::DROP, reason::BANNED);
+    }
     match sources::check_ban(&source, now_ns) {
         BanCheck::Banned => return Outcome::new(action::DROP, reason::BANNED),
         BanCheck::Expired => events::emit(&events::about(flow, event_kind::BAN_EXPIRED, now_ns, dir)),

@@ -7,13 +7,16 @@
 //! source is flooding anyway. The ban meter and bookkeeping use plain
 //! stores (see `on_syn`).
 
-use aya_ebpf::{macros::map, maps::Array};
+use aya_ebpf::{
+    macros::map,
+    maps::{lpm_trie::Key, Array, LpmTrie},
+};
 use policy_common::{
     source::{
         ban_duration_s, ban_origin, gcra_admit, sets_for, slot_flag, source_key_v4_word, source_key_v6_words,
         source_set, Admit, SlotInfo, SourceSet, SourceSlot, Window, WAYS,
     },
-    DirectionPolicy, DEFAULT_SOURCE_CAPACITY,
+    DirectionPolicy, BAN_CIDR_CAPACITY, DEFAULT_SOURCE_CAPACITY,
 };
 
 use crate::{atomic::Word, opaque::opaque, parse::Flow};
@@ -126,6 +129,25 @@ pub fn check_ban(source: &Source, now_ns: u64) -> BanCheck {
     } else {
         BanCheck::Clear
     }
+}
+
+/// Key: source prefix (words in memory order). Value: banned until (ns).
+/// Writer: `smtpguard ban` for networks. Reader: pipeline, when
+/// `Runtime::cidr_bans` says there are any.
+#[map]
+static BAN_V4: LpmTrie<[u32; 1], u64> = LpmTrie::with_max_entries(BAN_CIDR_CAPACITY, 0);
+#[map]
+static BAN_V6: LpmTrie<[u32; 4], u64> = LpmTrie::with_max_entries(BAN_CIDR_CAPACITY, 0);
+
+/// Is the flow's source inside a manually banned network at `now_ns`?
+#[inline(always)]
+pub fn network_banned(flow: &Flow, now_ns: u64) -> bool {
+    let until = if flow.seg.v6 {
+        BAN_V6.get(Key::new(128, flow.src)).copied()
+    } else {
+        BAN_V4.get(Key::new(32, [flow.src[0]])).copied()
+    };
+    until.is_some_and(|u| u > now_ns)
 }
 
 /// Gives the source its chosen way, evicting whoever held it.

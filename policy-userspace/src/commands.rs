@@ -149,7 +149,8 @@ pub fn status(pins: &crate::pins::Pins) -> anyhow::Result<()> {
 
 pub fn bans(pins: &crate::pins::Pins, json: bool) -> anyhow::Result<()> {
     let maps = crate::ops::PinnedMaps::open(pins)?;
-    let bans = crate::ops::active_bans(&maps.sources()?);
+    let mut bans = crate::ops::active_bans(&maps.sources()?);
+    bans.extend(crate::ops::network_ban_rows(&maps.network_bans()?));
     if json {
         println!("{}", serde_json::to_string(&bans)?);
     } else {
@@ -162,39 +163,56 @@ pub fn bans(pins: &crate::pins::Pins, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A source address; a CIDR is accepted when it is exactly one source
-/// (an IPv4 /32 or an IPv6 /64, the unit the rate and ban table tracks).
-fn source_addr(s: &str) -> anyhow::Result<IpAddr> {
+/// What a ban names: one source (an address; an IPv4 /32 or IPv6 /64 CIDR
+/// is the same thing) or a network of sources.
+enum BanTarget {
+    Source(IpAddr),
+    Network(ipnet::IpNet),
+}
+
+fn ban_target(s: &str) -> anyhow::Result<BanTarget> {
     if let Ok(a) = s.parse::<IpAddr>() {
-        return Ok(a);
+        return Ok(BanTarget::Source(a));
     }
-    let net: ipnet::IpNet = s.parse().map_err(|_| anyhow::anyhow!("`{s}` is neither an address nor a CIDR"))?;
-    match net {
-        ipnet::IpNet::V4(n) if n.prefix_len() == 32 => Ok(IpAddr::V4(n.addr())),
-        ipnet::IpNet::V6(n) if n.prefix_len() == 64 => Ok(IpAddr::V6(n.network())),
-        _ => anyhow::bail!("bans are per source (an IPv4 address, an IPv6 /64); for a wider network add a deny rule to the policy"),
-    }
+    let net = crate::policy::parse::parse_cidr(s).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(match net {
+        ipnet::IpNet::V4(n) if n.prefix_len() == 32 => BanTarget::Source(IpAddr::V4(n.addr())),
+        ipnet::IpNet::V6(n) if n.prefix_len() == 64 => BanTarget::Source(IpAddr::V6(n.network())),
+        net => BanTarget::Network(net),
+    })
 }
 
 pub fn ban(pins: &crate::pins::Pins, source: &str, duration: &str, reason: Option<&str>) -> anyhow::Result<()> {
-    let addr = source_addr(source)?;
+    let target = ban_target(source)?;
     let secs = time::parse_duration(duration).ok_or_else(|| anyhow::anyhow!("`{duration}` is not a duration; write such as 30s, 15m, 2h, 7d"))?;
     let mut maps = crate::ops::PinnedMaps::open(pins)?;
-    maps.ban(addr, std::time::Duration::from_secs(secs))?;
+    let src = match target {
+        BanTarget::Source(addr) => {
+            maps.ban(addr, std::time::Duration::from_secs(secs))?;
+            addr.to_string()
+        }
+        BanTarget::Network(net) => {
+            maps.ban_network(net, std::time::Duration::from_secs(secs))?;
+            net.to_string()
+        }
+    };
     let line = serde_json::json!({"time": crate::events::rfc3339(crate::events::now_unix_ns()), "event": "ban_added", "origin": "manual",
-        "src": addr.to_string(), "duration_s": secs, "reason": reason});
+        "src": src, "duration_s": secs, "reason": reason});
     println!("{line}");
     Ok(())
 }
 
 pub fn unban(pins: &crate::pins::Pins, source: &str) -> anyhow::Result<()> {
-    let addr = source_addr(source)?;
     let mut maps = crate::ops::PinnedMaps::open(pins)?;
-    if maps.unban(addr)? {
-        println!("{addr}: ban lifted");
+    let lifted = match ban_target(source)? {
+        BanTarget::Source(addr) => maps.unban(addr)?,
+        BanTarget::Network(net) => maps.unban_network(net)?,
+    };
+    if lifted {
+        println!("{source}: ban lifted");
         Ok(())
     } else {
-        anyhow::bail!("{addr} is not banned")
+        anyhow::bail!("{source} is not banned")
     }
 }
 

@@ -179,7 +179,7 @@ impl Dataplane {
                 active: 0,
                 source_sets,
                 hook_direction: DEFAULT_HOOK_DIRECTION,
-                _pad0: 0,
+                cidr_bans: 0,
                 drop_sample_one_in: 0,
                 events_per_second: 0,
             })?;

@@ -15,6 +15,14 @@ use policy_common::{
 
 use crate::{dataplane::ktime_now_ns, pins::Pins};
 
+/// Network bans as `bans` lists them.
+pub fn network_ban_rows(bans: &[(ipnet::IpNet, u64)]) -> Vec<Ban> {
+    let now = ktime_now_ns();
+    bans.iter()
+        .map(|(net, until)| Ban { source: net.to_string(), remaining_s: until.saturating_sub(now) / 1_000_000_000, strikes: 1, origin: "manual" })
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
     #[error("nothing is attached: no smtpguard state pinned at {0} (start `smtpguard run` first)")]
@@ -29,6 +37,7 @@ type Result<T> = std::result::Result<T, OpsError>;
 
 /// The pinned maps the operator commands use.
 pub struct PinnedMaps {
+    pins: Pins,
     runtime: Array<MapData, Runtime>,
     policy: Array<MapData, PolicyConfig>,
     stats: PerCpuArray<MapData, Counter>,
@@ -50,6 +59,7 @@ impl PinnedMaps {
             return Err(OpsError::NotAttached(pins.dir.display().to_string()));
         }
         Ok(Self {
+            pins: pins.clone(),
             runtime: typed(Array::try_from(Map::Array(open(pins, policy_common::RUNTIME)?)), policy_common::RUNTIME)?,
             policy: typed(Array::try_from(Map::Array(open(pins, policy_common::POLICY)?)), policy_common::POLICY)?,
             stats: typed(PerCpuArray::try_from(Map::PerCpuArray(open(pins, policy_common::STATS)?)), policy_common::STATS)?,
@@ -122,6 +132,79 @@ impl PinnedMaps {
         values[0].packets += 1;
         let values = aya::maps::PerCpuValues::try_from(values).map_err(|e| OpsError::Invalid(e.to_string()))?;
         typed(self.stats.set(cell, values, 0), policy_common::STATS)
+    }
+
+    /// Bans a whole network (every source in it) until `duration` from now.
+    pub fn ban_network(&mut self, net: ipnet::IpNet, duration: Duration) -> Result<()> {
+        let until = ktime_now_ns() + duration.as_nanos() as u64;
+        self.network_trie_op(net, Some(until))?;
+        let mut rt = self.runtime()?;
+        rt.cidr_bans = 1;
+        typed(self.runtime.set(0, rt, 0), policy_common::RUNTIME)
+    }
+
+    /// Lifts a network ban; returns whether there was one.
+    pub fn unban_network(&mut self, net: ipnet::IpNet) -> Result<bool> {
+        let removed = self.network_trie_op(net, None)?;
+        if self.network_bans()?.is_empty() {
+            let mut rt = self.runtime()?;
+            rt.cidr_bans = 0;
+            typed(self.runtime.set(0, rt, 0), policy_common::RUNTIME)?;
+        }
+        Ok(removed)
+    }
+
+    /// Inserts (`Some(until)`) or removes a network ban.
+    fn network_trie_op(&mut self, net: ipnet::IpNet, until: Option<u64>) -> Result<bool> {
+        use aya::maps::lpm_trie::{Key, LpmTrie};
+        match net {
+            ipnet::IpNet::V4(n) => {
+                let mut trie: LpmTrie<MapData, [u32; 1], u64> =
+                    typed(LpmTrie::try_from(Map::LpmTrie(open(&self.pins, policy_common::BAN_V4)?)), policy_common::BAN_V4)?;
+                let key = Key::new(n.prefix_len() as u32, [u32::from_ne_bytes(n.network().octets())]);
+                match until {
+                    Some(u) => typed(trie.insert(&key, u, 0), policy_common::BAN_V4).map(|_| true),
+                    None => Ok(trie.remove(&key).is_ok()),
+                }
+            }
+            ipnet::IpNet::V6(n) => {
+                let mut trie: LpmTrie<MapData, [u32; 4], u64> =
+                    typed(LpmTrie::try_from(Map::LpmTrie(open(&self.pins, policy_common::BAN_V6)?)), policy_common::BAN_V6)?;
+                let o = n.network().octets();
+                let words = [0, 1, 2, 3].map(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]));
+                let key = Key::new(n.prefix_len() as u32, words);
+                match until {
+                    Some(u) => typed(trie.insert(&key, u, 0), policy_common::BAN_V6).map(|_| true),
+                    None => Ok(trie.remove(&key).is_ok()),
+                }
+            }
+        }
+    }
+
+    /// Active network bans: (network, until ns).
+    pub fn network_bans(&self) -> Result<Vec<(ipnet::IpNet, u64)>> {
+        use aya::maps::lpm_trie::LpmTrie;
+        let now = ktime_now_ns();
+        let mut out = Vec::new();
+        let v4: LpmTrie<MapData, [u32; 1], u64> =
+            typed(LpmTrie::try_from(Map::LpmTrie(open(&self.pins, policy_common::BAN_V4)?)), policy_common::BAN_V4)?;
+        for item in v4.iter() {
+            let (k, until) = typed(item, policy_common::BAN_V4)?;
+            let addr = Ipv4Addr::from(k.data()[0].to_ne_bytes());
+            if until > now {
+                out.push((ipnet::IpNet::V4(ipnet::Ipv4Net::new(addr, k.prefix_len() as u8).map_err(|e| OpsError::Invalid(e.to_string()))?), until));
+            }
+        }
+        let v6: LpmTrie<MapData, [u32; 4], u64> =
+            typed(LpmTrie::try_from(Map::LpmTrie(open(&self.pins, policy_common::BAN_V6)?)), policy_common::BAN_V6)?;
+        for item in v6.iter() {
+            let (k, until) = typed(item, policy_common::BAN_V6)?;
+            let addr = Ipv6Addr::from(policy_common::words_to_octets(&k.data()));
+            if until > now {
+                out.push((ipnet::IpNet::V6(ipnet::Ipv6Net::new(addr, k.prefix_len() as u8).map_err(|e| OpsError::Invalid(e.to_string()))?), until));
+            }
+        }
+        Ok(out)
     }
 
     /// Lifts a ban; returns whether there was one.
