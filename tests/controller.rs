@@ -391,6 +391,9 @@ fn metrics_pass_promtool_and_invalid_reloads_keep_the_running_policy() {
         assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
     }
     assert!(text.contains("# TYPE smtpguard_packets_total counter") && text.contains("# TYPE smtpguard_active_bans gauge"));
+    for map in policy_common::ALL_MAPS {
+        assert!(metric(&text, "smtpguard_map_capacity", &[&format!("map=\"{map}\"")]).is_some_and(|v| v > 0.0), "capacity of {map}");
+    }
     let mut promtool = Command::new("promtool").args(["check", "metrics"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("promtool (Debian prometheus)");
     promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     let out = promtool.wait_with_output().unwrap();

@@ -265,6 +265,19 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// Manual network bans stored, IPv4 and IPv6 (expired ones included).
+    pub fn network_ban_counts(&mut self) -> (usize, usize) {
+        let mut count = |name: &str, v6: bool| -> usize {
+            let Some(map) = self.ebpf.map_mut(name) else { return 0 };
+            if v6 {
+                LpmTrie::<_, [u32; 4], u64>::try_from(map).map(|t| t.keys().count()).unwrap_or(0)
+            } else {
+                LpmTrie::<_, [u32; 1], u64>::try_from(map).map(|t| t.keys().count()).unwrap_or(0)
+            }
+        };
+        (count(policy_common::BAN_V4, false), count(policy_common::BAN_V6, true))
+    }
+
     /// ACL entries installed, IPv4 and IPv6, both generations.
     pub fn acl_entry_counts(&self) -> (usize, usize) {
         let all = self.installed.iter().flatten();

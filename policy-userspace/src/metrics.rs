@@ -101,16 +101,34 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
     let tracked = IntGauge::new("smtpguard_tracked_sources", "Sources in the rate and ban table").expect("valid");
     tracked.set(slots.len() as i64);
     let _ = SlotInfo::default();
-    let entries = IntGaugeVec::new(Opts::new("smtpguard_map_entries", "Entries in each map"), &["map"]).expect("valid");
-    let capacity = IntGaugeVec::new(Opts::new("smtpguard_map_capacity", "Capacity of each map"), &["map"]).expect("valid");
+    let entries = IntGaugeVec::new(Opts::new("smtpguard_map_entries", "Entries in each map (EVENTS: bytes waiting is not tracked)"), &["map"]).expect("valid");
+    let capacity = IntGaugeVec::new(Opts::new("smtpguard_map_capacity", "Capacity of each map (EVENTS: bytes)"), &["map"]).expect("valid");
     let (acl4, acl6) = dp.acl_entry_counts();
     entries.with_label_values(&[policy_common::ACL_V4]).set(acl4 as i64);
     entries.with_label_values(&[policy_common::ACL_V6]).set(acl6 as i64);
     entries.with_label_values(&[policy_common::SOURCES]).set(slots.len() as i64);
+    let (ban4, ban6) = dp.network_ban_counts();
+    entries.with_label_values(&[policy_common::BAN_V4]).set(ban4 as i64);
+    entries.with_label_values(&[policy_common::BAN_V6]).set(ban6 as i64);
+    // Fixed-size arrays are always full: entries equal capacity.
+    for (name, cap) in [
+        (policy_common::RUNTIME, 1),
+        (policy_common::POLICY, policy_common::GENERATIONS as i64),
+        (policy_common::STATS, policy_common::STATS_ENTRIES as i64),
+        (policy_common::GEO_DROPS, policy_common::GEO_DROPS_ENTRIES as i64),
+        (policy_common::EVENT_BUDGET, 1),
+        (policy_common::SCRATCH, 1),
+    ] {
+        entries.with_label_values(&[name]).set(cap);
+        capacity.with_label_values(&[name]).set(cap);
+    }
     for (name, cap) in [
         (policy_common::ACL_V4, policy_common::ACL_CAPACITY as i64),
         (policy_common::ACL_V6, policy_common::ACL_CAPACITY as i64),
+        (policy_common::BAN_V4, policy_common::BAN_CIDR_CAPACITY as i64),
+        (policy_common::BAN_V6, policy_common::BAN_CIDR_CAPACITY as i64),
         (policy_common::SOURCES, dp.source_sets() as i64 * policy_common::source::WAYS as i64),
+        (policy_common::EVENTS, policy_common::EVENTS_BYTES as i64),
     ] {
         capacity.with_label_values(&[name]).set(cap);
     }
