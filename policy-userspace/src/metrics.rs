@@ -6,7 +6,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use policy_common::{direction, reason, source::SlotInfo, stats_index, verdict, GEO_DROPS_ENTRIES, MAX_COUNTRIES, PORT_SLOTS};
+use policy_common::{direction, reason, stats_index, verdict, GEO_DROPS_ENTRIES, MAX_COUNTRIES, PORT_SLOTS};
 
 use crate::{dataplane::Dataplane, ops, policy::Compiled};
 
@@ -100,7 +100,6 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
     }
     let tracked = IntGauge::new("smtpguard_tracked_sources", "Sources in the rate and ban table").expect("valid");
     tracked.set(slots.len() as i64);
-    let _ = SlotInfo::default();
     let entries = IntGaugeVec::new(Opts::new("smtpguard_map_entries", "Entries in each map (EVENTS: bytes waiting is not tracked)"), &["map"]).expect("valid");
     let capacity = IntGaugeVec::new(Opts::new("smtpguard_map_capacity", "Capacity of each map (EVENTS: bytes)"), &["map"]).expect("valid");
     let (acl4, acl6) = dp.acl_entry_counts();

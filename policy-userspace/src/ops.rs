@@ -10,7 +10,7 @@ use aya::maps::{Array, Map, MapData, PerCpuArray};
 use policy_common::{
     direction, reason,
     source::{ban_origin, source_key_v4, source_key_v6, source_set, SlotInfo, SourceSet, SourceSlot, WAYS},
-    stats_index, verdict, Counter, PolicyConfig, Runtime, PORT_SLOTS, PORT_SLOT_UNKNOWN,
+    stats_index, verdict, Counter, PolicyConfig, Runtime, PORT_SLOTS,
 };
 
 use crate::{dataplane::ktime_now_ns, pins::Pins};
@@ -295,7 +295,6 @@ pub fn status(pins: &Pins) -> Result<String> {
             }
         }
     }
-    let _ = PORT_SLOT_UNKNOWN;
     let bans = active_bans(&maps.sources()?);
     out += &format!("active bans: {}\n", bans.len());
     Ok(out)

@@ -6,10 +6,7 @@
 //! link per attachment: `link_xdp_<iface>`, `link_tcegress_<iface>`,
 //! `link_tcingress_<iface>`.
 
-use std::{
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-};
+use std::{os::unix::fs::PermissionsExt, path::PathBuf};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/smtpguard";
 pub const DEFAULT_RUN_DIR: &str = "/run/smtpguard";
@@ -90,8 +87,4 @@ impl Pins {
         let _ = std::fs::remove_dir(&self.run_dir);
         Ok(removed)
     }
-}
-
-pub fn map_pin(dir: &Path, map: &str) -> PathBuf {
-    dir.join(map)
 }
