@@ -133,6 +133,7 @@ impl Controller {
             Some((policy, compiled)) => self.apply(policy, compiled).map_err(|e| vec![e.to_string()]),
         };
         let seconds = start.elapsed().as_secs_f64();
+        let applied = result.is_ok();
         self.metrics.reload_duration.observe(seconds);
         match result {
             Ok(()) => {
@@ -155,9 +156,10 @@ impl Controller {
                 self.emit(ev);
             }
         }
-        // Watch what the file names now, even after a rejected edit.
-        if let (Some(p), _) = policy::load_file(&self.o.policy, &self.o.policy_options) {
-            self.watched = watch_list(&self.o.policy, &p);
+        // Watch what the policy in force names. After a rejected edit the
+        // policy file stays watched, so fixing it triggers the next reload.
+        if applied {
+            self.watched = watch_list(&self.o.policy, &self.policy);
         } else {
             for w in &mut self.watched {
                 w.1 = mtime(&w.0);

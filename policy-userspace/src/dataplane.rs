@@ -46,6 +46,22 @@ fn pin_error(path: &std::path::Path, e: impl std::fmt::Display) -> DataplaneErro
     DataplaneError::Pin { path: path.display().to_string(), message: e.to_string() }
 }
 
+/// A link pinned at `path`, as the program type's own link.
+fn open_pinned_link<L: TryFrom<FdLink, Error = aya::programs::links::LinkError>>(path: &std::path::Path) -> Result<L> {
+    let pinned = PinnedLink::from_pin(path).map_err(|e| pin_error(path, e))?;
+    L::try_from(FdLink::from(pinned)).map_err(|e| pin_error(path, e))
+}
+
+/// Pins a fresh link at `path`, so it outlives this process.
+fn pin_link<L>(link: L, path: &std::path::Path) -> Result<()>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    let fd = FdLink::try_from(link).map_err(|e| pin_error(path, e))?;
+    fd.pin(path).map_err(|e| pin_error(path, e))?;
+    Ok(())
+}
+
 /// Waits until every CPU has left any program run that began before the
 /// call (an RCU grace period), via membarrier(MEMBARRIER_CMD_GLOBAL).
 /// After a generation flip, that is when the old generation is unused.
@@ -340,15 +356,13 @@ impl Dataplane {
             _ => return Err(DataplaneError::MissingProgram(name)),
         };
         if link_pin.exists() {
-            let pinned = PinnedLink::from_pin(link_pin).map_err(|e| pin_error(link_pin, e))?;
-            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_error(link_pin, e))?;
+            let link: XdpLink = open_pinned_link(link_pin)?;
             program.attach_to_link(link).map_err(|source| DataplaneError::Program { name, source })?;
             return Ok(true);
         }
         let id = program.attach(iface, mode).map_err(|source| DataplaneError::Program { name, source })?;
         let link = program.take_link(id).map_err(|source| DataplaneError::Program { name, source })?;
-        let fd = FdLink::try_from(link).map_err(|e| pin_error(link_pin, e))?;
-        fd.pin(link_pin).map_err(|e| pin_error(link_pin, e))?;
+        pin_link(link, link_pin)?;
         Ok(false)
     }
 
@@ -365,15 +379,13 @@ impl Dataplane {
             _ => return Err(DataplaneError::MissingProgram(name)),
         };
         if link_pin.exists() {
-            let pinned = PinnedLink::from_pin(link_pin).map_err(|e| pin_error(link_pin, e))?;
-            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| pin_error(link_pin, e))?;
+            let link: SchedClassifierLink = open_pinned_link(link_pin)?;
             program.attach_to_link(link).map_err(|source| DataplaneError::Program { name, source })?;
             return Ok(true);
         }
         let id = program.attach(iface, attach_type).map_err(|source| DataplaneError::Program { name, source })?;
         let link = program.take_link(id).map_err(|source| DataplaneError::Program { name, source })?;
-        let fd = FdLink::try_from(link).map_err(|e| pin_error(link_pin, e))?;
-        fd.pin(link_pin).map_err(|e| pin_error(link_pin, e))?;
+        pin_link(link, link_pin)?;
         Ok(false)
     }
 
