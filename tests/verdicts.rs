@@ -86,6 +86,8 @@ fn pipeline_cases(v: &Variant) -> Vec<Case> {
 
     add("UDP to port 25 is not ours", IN, v.frame(IN, 25, 0).protocol(17).build(), no_setup(), Expect::Uncounted, None);
     add("TCP to port 80 is not ours", IN, syn(IN, 80), no_setup(), Expect::Uncounted, None);
+    // 281 & 255 == 25: past the port filter, the policy itself says no.
+    add("TCP to port 281 is not ours either", IN, syn(IN, 281), no_setup(), Expect::Uncounted, None);
     add("reply from a server's port 25 is not ours", IN, v.frame(IN, 40_000, ACK).sport(25).build(), no_setup(), Expect::Uncounted, None);
     add(
         "unguarded policy lets port 25 through uncounted",

@@ -177,8 +177,35 @@ pub struct Runtime {
     pub drop_sample_one_in: u32,
     /// Cap on sampled-drop and rate-trip events per second and CPU.
     pub events_per_second: u32,
+    /// Bit `port & 255` is set for every port guarded by either direction
+    /// of either generation: TCP to a port whose bit is clear leaves
+    /// before any policy is read. A superset is always safe.
+    pub port_filter: [u32; PORT_FILTER_WORDS],
 }
-const _: () = assert!(core::mem::size_of::<Runtime>() == 20);
+const _: () = assert!(core::mem::size_of::<Runtime>() == 52);
+
+pub const PORT_FILTER_WORDS: usize = 8;
+
+impl Runtime {
+    /// May TCP to `port` be guarded? `false` is certain; `true` may not be.
+    #[inline(always)]
+    pub fn may_guard(&self, port: u16) -> bool {
+        let bit = port as usize & 255;
+        self.port_filter[bit >> 5] & (1 << (bit & 31)) != 0
+    }
+}
+
+/// The [`Runtime::port_filter`] bits of one policy generation.
+pub fn port_filter(policy: &PolicyConfig) -> [u32; PORT_FILTER_WORDS] {
+    let mut words = [0; PORT_FILTER_WORDS];
+    for dp in &policy.direction {
+        for &port in dp.ports.iter().filter(|&&p| p != PORT_UNUSED) {
+            let bit = port as usize & 255;
+            words[bit >> 5] |= 1 << (bit & 31);
+        }
+    }
+    words
+}
 
 /// One direction's share of a policy generation.
 #[repr(C)]

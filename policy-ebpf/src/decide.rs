@@ -66,12 +66,24 @@ fn parse<F: Frame>(frame: &F, ports: Ports, dp: &DirectionPolicy) -> Option<Pars
 
 #[inline(always)]
 pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
-    // Non-TCP leaves before any map is touched.
+    // Non-TCP leaves before any map is touched, TCP to a port no policy
+    // guards after one word of configuration; the common frame takes a
+    // shortcut to both exits.
+    let plain = parse::plain(frame);
+    if plain == parse::plain::NOT_TCP {
+        return Verdict::Pass;
+    }
+    let Some(runtime) = config::runtime() else { return Verdict::Pass };
+    if plain < parse::plain::NOT_TCP && !runtime.may_guard(plain as u16) {
+        return Verdict::Pass;
+    }
     let ports = parse::ports(frame);
     if ports.outcome == outcome::NOT_TCP {
         return Verdict::Pass;
     }
-    let Some(runtime) = config::runtime() else { return Verdict::Pass };
+    if ports.outcome == outcome::TCP && !runtime.may_guard(ports.seg.dport) {
+        return Verdict::Pass;
+    }
     // Read the generation once: every later step must use this value, or a
     // flip in between would judge the packet by two policies at once.
     let generation = config::active_generation(runtime);

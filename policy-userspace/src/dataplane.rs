@@ -198,6 +198,7 @@ impl Dataplane {
                 cidr_bans: 0,
                 drop_sample_one_in: 0,
                 events_per_second: 0,
+                port_filter: [0; policy_common::PORT_FILTER_WORDS],
             })?;
         }
         Ok(dataplane)
@@ -229,11 +230,26 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Map { name, source })
     }
 
+    /// Writes one generation's settings. The port filter is widened to
+    /// this policy's ports first, so no packet to them skips the pipeline.
     pub fn set_policy(&mut self, generation: u32, policy: &PolicyConfig) -> Result<()> {
+        let other = self.policy(generation ^ 1)?;
+        self.set_port_filter(&[policy, &other])?;
         let name = policy_common::POLICY;
         self.array::<PolicyConfig>(name)?
             .set(generation, policy, 0)
             .map_err(|source| DataplaneError::Map { name, source })
+    }
+
+    fn set_port_filter(&mut self, policies: &[&PolicyConfig]) -> Result<()> {
+        let mut rt = self.runtime()?;
+        rt.port_filter = [0; policy_common::PORT_FILTER_WORDS];
+        for policy in policies {
+            for (word, bits) in rt.port_filter.iter_mut().zip(policy_common::port_filter(policy)) {
+                *word |= bits;
+            }
+        }
+        self.set_runtime(rt)
     }
 
     /// Fills `generation` with a compiled policy, replacing what it held.
@@ -269,7 +285,9 @@ impl Dataplane {
         rt.events_per_second = events_per_second;
         self.set_runtime(rt)?;
         rcu_grace_period();
-        Ok(())
+        // No packet reads the old generation any more: narrow the filter.
+        let active = self.policy(generation & 1)?;
+        self.set_port_filter(&[&active])
     }
 
     /// Every tracked source slot.
