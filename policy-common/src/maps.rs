@@ -31,9 +31,28 @@ pub const BAN_CIDR_CAPACITY: u32 = 65_536;
 /// `PerCpuArray<u32>`, 1 entry: scratch word that keeps verifier state small.
 pub const SCRATCH: &str = "SCRATCH";
 
+/// `HashMap<u32, u32>`: ifindexes of tenant interfaces (value 1). A packet
+/// forwarded from one of them was judged there, so `tc_egress` on the
+/// uplink lets it go uncounted instead of judging it a second time.
+pub const TENANT_IFACES: &str = "TENANT_IFACES";
+pub const TENANT_IFACES_CAPACITY: u32 = 4096;
+
 /// Every map of the object, for the ELF test and the controller.
-pub const ALL_MAPS: [&str; 12] =
-    [RUNTIME, POLICY, ACL_V4, ACL_V6, BAN_V4, BAN_V6, SOURCES, STATS, GEO_DROPS, EVENTS, EVENT_BUDGET, SCRATCH];
+pub const ALL_MAPS: [&str; 13] = [
+    RUNTIME,
+    POLICY,
+    ACL_V4,
+    ACL_V6,
+    BAN_V4,
+    BAN_V6,
+    SOURCES,
+    STATS,
+    GEO_DROPS,
+    EVENTS,
+    EVENT_BUDGET,
+    SCRATCH,
+    TENANT_IFACES,
+];
 
 /// Program names, one per hook.
 pub const PROG_XDP_INGRESS: &str = "xdp_ingress";

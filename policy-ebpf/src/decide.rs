@@ -5,7 +5,7 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use policy_common::{
-    action, blocked_smtp_command, event_kind, mode, profile, reason, verdict, DirectionPolicy,
+    action, blocked_smtp_command, event_kind, hook, mode, profile, reason, verdict, DirectionPolicy,
     Runtime, PORT_SLOT_UNKNOWN,
 };
 
@@ -82,6 +82,10 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
         return Verdict::Pass;
     }
     if ports.outcome == outcome::TCP && !runtime.may_guard(ports.seg.dport) {
+        return Verdict::Pass;
+    }
+    // Forwarded from a tenant interface: judged (and counted) there.
+    if hook == hook::TC_EGRESS && config::judged_on_arrival(frame.arrived_on()) {
         return Verdict::Pass;
     }
     // Read the generation once: every later step must use this value, or a

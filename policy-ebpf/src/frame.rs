@@ -25,6 +25,9 @@ pub trait Frame {
     fn pull(&self, len: u32) -> bool;
     /// Copies `N` (at most 8) bytes at `offset`, wherever they are.
     fn copy<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
+    /// Ifindex the packet arrived on before being forwarded; 0 when it
+    /// was generated on this host (or not known, as in XDP).
+    fn arrived_on(&self) -> u32;
 }
 
 /// Pointer to a `T` at `offset` into the frame, after the bounds check the
@@ -101,6 +104,11 @@ impl Frame for XdpFrame<'_> {
         let rc = unsafe { bpf_xdp_load_bytes(self.0.as_ptr() as *mut _, offset as u32, buf.as_mut_ptr(), N as u32) };
         (rc == 0).then(|| buf.first())
     }
+
+    #[inline(always)]
+    fn arrived_on(&self) -> u32 {
+        0
+    }
 }
 
 pub struct SkbFrame<'a>(pub &'a TcContext);
@@ -134,5 +142,11 @@ impl Frame for SkbFrame<'_> {
         // SAFETY: the helper bounds-checks and writes at most N <= 8 bytes.
         let rc = unsafe { bpf_skb_load_bytes(self.0.as_ptr(), offset as u32, buf.as_mut_ptr(), N as u32) };
         (rc == 0).then(|| buf.first())
+    }
+
+    #[inline(always)]
+    fn arrived_on(&self) -> u32 {
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { (*self.0.skb.skb).ingress_ifindex }
     }
 }

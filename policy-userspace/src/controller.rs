@@ -46,10 +46,15 @@ pub struct RunOptions {
     pub source_capacity: u32,
 }
 
-fn iface_exists(name: &str) -> bool {
-    let Ok(c) = std::ffi::CString::new(name) else { return false };
+/// The interface's index, 0 when there is none by that name.
+fn ifindex(name: &str) -> u32 {
+    let Ok(c) = std::ffi::CString::new(name) else { return 0 };
     // SAFETY: a valid C string.
-    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
+}
+
+fn iface_exists(name: &str) -> bool {
+    ifindex(name) != 0
 }
 
 /// Everything that can be refused before anything changes.
@@ -239,7 +244,8 @@ fn attach_all(o: &RunOptions, dp: &mut Dataplane) -> Result<()> {
         let adopted = dp.attach_tc_pinned(Hook::TcIngress, iface, &tc).with_context(|| format!("attaching tc_ingress to {iface}"))?;
         eprintln!("smtpguard: tc_ingress {} {iface}", if adopted { "adopted on" } else { "attached to" });
     }
-    Ok(())
+    let tenants: Vec<u32> = o.tenants.iter().map(|i| ifindex(i)).collect();
+    dp.set_tenant_ifaces(&tenants).context("recording the tenant interfaces")
 }
 
 async fn serve(stream: &mut tokio::net::TcpStream, c: &mut Controller) {

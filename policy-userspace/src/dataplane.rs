@@ -4,7 +4,7 @@
 use std::{net::IpAddr, time::Duration};
 
 use aya::{
-    maps::{lpm_trie::Key, Array, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink, TcAttachType},
@@ -288,6 +288,27 @@ impl Dataplane {
         // No packet reads the old generation any more: narrow the filter.
         let active = self.policy(generation & 1)?;
         self.set_port_filter(&[&active])
+    }
+
+    /// Makes `ifindexes` the tenant interfaces, replacing any earlier set
+    /// (interfaces of a previous run may be gone, their numbers reused).
+    pub fn set_tenant_ifaces(&mut self, ifindexes: &[u32]) -> Result<()> {
+        let name = policy_common::TENANT_IFACES;
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        let mut set: HashMap<_, u32, u32> = HashMap::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
+        let old: Vec<u32> = set.keys().filter_map(|k| k.ok()).filter(|k| !ifindexes.contains(k)).collect();
+        for k in old {
+            set.remove(&k).map_err(|source| DataplaneError::Map { name, source })?;
+        }
+        for &k in ifindexes {
+            set.insert(k, 1, 0).map_err(|source| DataplaneError::Map { name, source })?;
+        }
+        Ok(())
+    }
+
+    pub fn tenant_iface_count(&mut self) -> usize {
+        let Some(map) = self.ebpf.map_mut(policy_common::TENANT_IFACES) else { return 0 };
+        HashMap::<_, u32, u32>::try_from(map).map(|m| m.keys().count()).unwrap_or(0)
     }
 
     /// Every tracked source slot.

@@ -109,6 +109,7 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
     let (ban4, ban6) = dp.network_ban_counts();
     entries.with_label_values(&[policy_common::BAN_V4]).set(ban4 as i64);
     entries.with_label_values(&[policy_common::BAN_V6]).set(ban6 as i64);
+    entries.with_label_values(&[policy_common::TENANT_IFACES]).set(dp.tenant_iface_count() as i64);
     // Fixed-size arrays are always full: entries equal capacity.
     for (name, cap) in [
         (policy_common::RUNTIME, 1),
@@ -128,6 +129,7 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
         (policy_common::BAN_V6, policy_common::BAN_CIDR_CAPACITY as i64),
         (policy_common::SOURCES, dp.source_sets() as i64 * policy_common::source::WAYS as i64),
         (policy_common::EVENTS, policy_common::EVENTS_BYTES as i64),
+        (policy_common::TENANT_IFACES, policy_common::TENANT_IFACES_CAPACITY as i64),
     ] {
         capacity.with_label_values(&[name]).set(cap);
     }
