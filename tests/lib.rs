@@ -1,9 +1,11 @@
 //! Fixtures for smtpguard's privileged tests and benchmarks: crafted
 //! frames, a seeded datapath, and network namespaces that clean up.
 pub mod fixtures;
+pub mod hvlab;
 pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod scenario;
 pub mod testrun;
 
 /// Skips a privileged test with a printed reason when not root; under

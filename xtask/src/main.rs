@@ -1,4 +1,4 @@
-//! `cargo xtask`: tool setup, the test suite, benchmarks.
+//! `cargo xtask`: the demo, tool setup, the test suite, benchmarks.
 mod bench;
 mod setup;
 
@@ -14,6 +14,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Set up, build, and run smtpguard on a hypervisor lab with the default policy (as root).
+    Demo,
     /// Install what building and testing need (idempotent, fast when done).
     Setup,
     /// Run setup and clippy, then every test: unit, policy, kernel verdict, attach (as root).
@@ -33,6 +35,10 @@ enum Task {
 
 fn main() -> Result<()> {
     match Cli::parse().task {
+        Task::Demo => {
+            setup::run()?;
+            setup::demo()
+        }
         Task::Setup => setup::run(),
         Task::Test { args } => {
             setup::run()?;

@@ -11,8 +11,32 @@ use anyhow::{bail, Context, Result};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the test suite runs (binary -> package).
-const PACKAGES: &[(&str, &str)] =
-    &[("ip", "iproute2"), ("nsenter", "util-linux"), ("bpftool", "bpftool"), ("promtool", "prometheus")];
+/// (what proves it is installed: a command, or an absolute path; package).
+const PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("bpftool", "bpftool"),
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
+    // The lab's mail servers and clients.
+    ("smtp-sink", "postfix"),
+    ("smtp-source", "postfix"),
+    ("swaks", "swaks"),
+    ("/usr/share/perl5/IO/Socket/INET6.pm", "libio-socket-inet6-perl"),
+    // What the benchmarks compare smtpguard with.
+    ("xdp-filter", "xdp-tools"),
+    ("nft", "nftables"),
+    ("iptables", "iptables"),
+    ("ipset", "ipset"),
+    ("ethtool", "ethtool"),
+];
+
+fn installed(probe: &str) -> bool {
+    if probe.starts_with('/') {
+        return std::path::Path::new(probe).exists();
+    }
+    Command::new("sh").args(["-c", &format!("command -v {probe}")]).output().is_ok_and(|o| o.status.success())
+}
 
 fn cache_dir() -> Result<PathBuf> {
     let home = env::var_os("HOME").context("HOME is not set")?;
@@ -105,11 +129,8 @@ fn bpf_linker() -> Result<()> {
 }
 
 fn packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .filter(|(bin, _)| !Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success()))
-        .map(|(_, pkg)| *pkg)
-        .collect();
+    let mut missing: Vec<&str> = PACKAGES.iter().filter(|(probe, _)| !installed(probe)).map(|(_, pkg)| *pkg).collect();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
@@ -156,6 +177,21 @@ pub fn test(args: &[String]) -> Result<()> {
     .context("tests failed")
 }
 
+/// The release build of smtpguard and the lab, then the scripted demo.
+pub fn demo() -> Result<()> {
+    if !is_root() {
+        bail!("the demo creates network namespaces and loads BPF programs: run it as root");
+    }
+    remove_stale_test_state();
+    status(Command::new("cargo").args(["build", "--release", "--quiet", "--bin", "smtpguard", "--bin", "smtpguard-demo"]))?;
+    let target = env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    status(&mut Command::new(target.join("release/smtpguard-demo"))).context("the demo found a step that did not behave as described")
+}
+
+fn workspace_root() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
 /// Clippy, denying warnings, for the host crates and for the eBPF crate on
 /// its own target (which needs the same unstable flags as its build).
 pub fn clippy() -> Result<()> {
@@ -175,7 +211,7 @@ pub fn clippy() -> Result<()> {
 }
 
 /// What an earlier, killed test run left behind: its namespaces (`sg-*`)
-/// and pin directories (`/sys/fs/bpf/sgtest_*`). Tests clean up after
+/// and pin directories (`/sys/fs/bpf/sgtest_*`, `sglab_*`). Tests clean up after
 /// themselves on failure; only SIGKILL gets past that.
 fn remove_stale_test_state() {
     if let Ok(out) = output(Command::new("ip").args(["netns", "list"])) {
@@ -186,7 +222,8 @@ fn remove_stale_test_state() {
     }
     if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with("sgtest_") {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("sgtest_") || name.starts_with("sglab_") {
                 eprintln!("setup: removing pins {} left by an earlier run", e.path().display());
                 let _ = std::fs::remove_dir_all(e.path());
             }
