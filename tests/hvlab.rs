@@ -58,6 +58,8 @@ pub enum Role {
     Spammer,
     /// An outside source in a blocked country (KP for IPv4, IR for IPv6).
     Blocked,
+    /// The hypervisor itself, sending out of its uplink.
+    Host,
 }
 
 impl Family {
@@ -72,6 +74,7 @@ impl Family {
             (Family::V4, Role::Prober) => "203.0.113.78",
             (Family::V4, Role::Spammer) => "203.0.113.66",
             (Family::V4, Role::Blocked) => "175.45.176.10",
+            (Family::V4, Role::Host) => "100.64.0.1",
             (Family::V6, Role::Tenant) => "2001:db8:4712::66",
             (Family::V6, Role::Exempt) => "2001:db8:4711::5",
             (Family::V6, Role::Mx) => "2001:db8:25::25",
@@ -79,7 +82,16 @@ impl Family {
             (Family::V6, Role::Prober) => "2001:db8:77::78",
             (Family::V6, Role::Spammer) => "2001:db8:66::66",
             (Family::V6, Role::Blocked) => "2a01:5ec0::10",
+            (Family::V6, Role::Host) => "fd00:64::1",
         }
+    }
+
+    /// How `smtpguard bans` lists a role's source: IPv4 per address,
+    /// IPv6 per /64.
+    pub fn ban_entry(self, role: Role) -> String {
+        let addr: IpAddr = self.addr(role).parse().expect("lab addresses parse");
+        let net = ipnet::IpNet::new(addr, if addr.is_ipv4() { 32 } else { 64 }).expect("valid prefix");
+        net.trunc().to_string()
     }
 
     pub fn label(self) -> &'static str {
@@ -294,10 +306,13 @@ impl Lab {
         Ok(())
     }
 
-    /// Messages the server `role` has accepted on `port`.
+    /// Messages the server `role` has accepted on `port`. smtp-sink creates
+    /// a transaction's file at MAIL FROM and fills it at the final ".":
+    /// only filled files are delivered messages.
     pub fn delivered(&self, role: Role, family: Family, port: u16) -> usize {
         let sink = self.sinks.iter().find(|(k, _)| *k == (role, family, port)).map(|(_, s)| &s.dir);
-        sink.and_then(|d| std::fs::read_dir(d).ok()).map(|r| r.count()).unwrap_or(0)
+        let Some(entries) = sink.and_then(|d| std::fs::read_dir(d).ok()) else { return 0 };
+        entries.flatten().filter(|e| e.metadata().is_ok_and(|m| m.len() > 0)).count()
     }
 
     /// The namespace a role's clients run in.
@@ -305,6 +320,7 @@ impl Lab {
         match role {
             Role::Tenant => &self.tenant,
             Role::Exempt => &self.exempt,
+            Role::Host => &self.hv,
             _ => &self.wan,
         }
     }
@@ -653,8 +669,9 @@ impl Drop for Prometheus {
 
 /// The lab's policy: `policies/idc-default.yaml` with the `ingress.geo`
 /// block of `policies/geo-fence.yaml` added, file paths made absolute.
-/// `mode` overrides the mode; `extra_exemption` adds one for a tenant CIDR.
-pub fn lab_policy(repo: &Path, mode: &str, extra_exemption: Option<&str>) -> Result<String> {
+/// `mode` overrides the mode; `extra_exemptions` adds exemptions on 25 for
+/// tenant CIDRs; `ingress_ban_above` overrides the inbound ban threshold.
+pub fn lab_policy(repo: &Path, mode: &str, extra_exemptions: &[&str], ingress_ban_above: Option<i64>) -> Result<String> {
     use yaml_rust2::{yaml::Hash, Yaml, YamlEmitter, YamlLoader};
     let key = |k: &str| Yaml::String(k.to_owned());
     let read = |name: &str| -> Result<Yaml> {
@@ -689,13 +706,20 @@ pub fn lab_policy(repo: &Path, mode: &str, extra_exemption: Option<&str>) -> Res
             }
         }
     }
-    if let Some(cidr) = extra_exemption {
-        let egress = hash(&mut policy, "egress")?;
-        let Some(Yaml::Array(list)) = egress.get_mut(&key("exemptions")) else { bail!("idc-default.yaml: egress.exemptions") };
+    if let Some(limit) = ingress_ban_above {
+        let Some(Yaml::Hash(rate)) = ingress.get_mut(&key("rate_limit")) else { bail!("idc-default.yaml: ingress.rate_limit") };
+        rate.insert(key("ban_above_per_minute"), Yaml::Integer(limit));
+    }
+    let egress = hash(&mut policy, "egress")?;
+    let Some(Yaml::Array(list)) = egress.get_mut(&key("exemptions")) else { bail!("idc-default.yaml: egress.exemptions") };
+    for (i, cidr) in extra_exemptions.iter().enumerate() {
         let mut e = Hash::new();
-        e.insert(key("id"), Yaml::String(format!("ticket-lab-{}", if cidr.contains(':') { "v6" } else { "v4" })));
-        e.insert(key("cidr"), Yaml::String(cidr.to_owned()));
+        e.insert(key("id"), Yaml::String(format!("ticket-lab-{i}")));
+        e.insert(key("cidr"), Yaml::String((*cidr).to_owned()));
         e.insert(key("ports"), Yaml::Array(vec![Yaml::Integer(25)]));
+        // A week from today: the lab's own ticket.
+        let until = smtpguard::policy::time::format_date(smtpguard::policy::time::today() + 7);
+        e.insert(key("until"), Yaml::String(until));
         list.push(Yaml::Hash(e));
     }
     let mut out = String::new();

@@ -54,7 +54,7 @@ pub fn describe(moved: &[(u8, u8, u8, u64)]) -> String {
 
 impl<'a> Scenario<'a> {
     pub fn new(lab: &'a Lab, monitor: bool, progress: bool, families: usize, with_flood: bool) -> Self {
-        let steps = families * 7 + usize::from(with_flood);
+        let steps = families * 8 + usize::from(with_flood);
         Self { lab, monitor, progress, rows: Vec::new(), step: 0, steps }
     }
 
@@ -88,7 +88,11 @@ impl<'a> Scenario<'a> {
         let (d, v, r) = cell;
         let counted = moved.iter().any(|m| (m.0, m.1, m.2) == (d, v, r));
         let ok = accepted == delivered && got == usize::from(delivered) && counted;
-        let path = if d == direction::INGRESS { "XDP up0" } else { "TC tap" };
+        let path = match (d, from) {
+            (direction::INGRESS, _) => "XDP up0",
+            (_, Role::Host) => "TC up0",
+            _ => "TC tap",
+        };
         self.rows.push(Row {
             step: format!("{step} [{}]", family.label()),
             path,
@@ -112,6 +116,7 @@ impl<'a> Scenario<'a> {
         self.send(family, Role::Sender, Role::Tenant, 25, true, (INGRESS, verdict::PASS, reason::DEFAULT_ALLOW), "outside sender mails the tenant")?;
         self.vrfy(family)?;
         self.send(family, Role::Blocked, Role::Tenant, 25, monitor, (INGRESS, b, reason::GEO), "source in a blocked country")?;
+        self.send(family, Role::Host, Role::Mx, 25, monitor, (EGRESS, b, reason::DEFAULT_DENY), "the hypervisor itself sends on 25")?;
         Ok(())
     }
 
@@ -156,7 +161,7 @@ impl<'a> Scenario<'a> {
         let src = format!("\"src\":\"{spammer}\"");
         let ban_event = |lab: &Lab| lab.wait_for_event(&[&src, "\"ban_added\""], events_before, Duration::ZERO).is_ok();
         let f = flood(lab, family, FLOOD_PER_MINUTE, FLOOD_MAX, ban_event)?;
-        let banned = lab.smtpguard(&["bans"]).map(|t| t.contains(spammer)).unwrap_or(false);
+        let banned = lab.smtpguard(&["bans"]).map(|t| t.contains(&family.ban_entry(Role::Spammer))).unwrap_or(false);
         let delivered = lab.delivered(Role::Tenant, family, 25) - delivered_before;
         let moved = lab.counters()?.moved_since(&before);
         // Tokens: the burst, then one per second of the flood.
