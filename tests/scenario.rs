@@ -77,7 +77,7 @@ impl<'a> Scenario<'a> {
 
     /// swaks from `from` to `to`'s server on `port`; checks delivery and
     /// that the counter cell (dir, verdict, reason) moved.
-    fn send(&mut self, family: Family, from: Role, to: Role, port: u16, delivered: bool, cell: (u8, u8, u8), step: &str) -> Result<()> {
+    fn send(&mut self, step: &str, family: Family, (from, to, port): (Role, Role, u16), delivered: bool, cell: (u8, u8, u8)) -> Result<()> {
         self.begin(step);
         let lab = self.lab;
         let before = lab.counters()?;
@@ -109,14 +109,14 @@ impl<'a> Scenario<'a> {
         use direction::{EGRESS, INGRESS};
         let monitor = self.monitor;
         let b = self.blocked();
-        self.send(family, Role::Tenant, Role::Mx, 25, monitor, (EGRESS, b, reason::DEFAULT_DENY), "ordinary tenant sends on 25")?;
-        self.send(family, Role::Tenant, Role::Mx, 587, true, (EGRESS, verdict::PASS, reason::DEFAULT_ALLOW), "ordinary tenant sends on 587")?;
-        self.send(family, Role::Tenant, Role::Mx, 465, true, (EGRESS, verdict::PASS, reason::DEFAULT_ALLOW), "ordinary tenant sends on 465")?;
-        self.send(family, Role::Exempt, Role::Mx, 25, true, (EGRESS, verdict::PASS, reason::ALLOW_ACL), "exempted tenant sends on 25")?;
-        self.send(family, Role::Sender, Role::Tenant, 25, true, (INGRESS, verdict::PASS, reason::DEFAULT_ALLOW), "outside sender mails the tenant")?;
+        self.send("ordinary tenant sends on 25", family, (Role::Tenant, Role::Mx, 25), monitor, (EGRESS, b, reason::DEFAULT_DENY))?;
+        self.send("ordinary tenant sends on 587", family, (Role::Tenant, Role::Mx, 587), true, (EGRESS, verdict::PASS, reason::DEFAULT_ALLOW))?;
+        self.send("ordinary tenant sends on 465", family, (Role::Tenant, Role::Mx, 465), true, (EGRESS, verdict::PASS, reason::DEFAULT_ALLOW))?;
+        self.send("exempted tenant sends on 25", family, (Role::Exempt, Role::Mx, 25), true, (EGRESS, verdict::PASS, reason::ALLOW_ACL))?;
+        self.send("outside sender mails the tenant", family, (Role::Sender, Role::Tenant, 25), true, (INGRESS, verdict::PASS, reason::DEFAULT_ALLOW))?;
         self.vrfy(family)?;
-        self.send(family, Role::Blocked, Role::Tenant, 25, monitor, (INGRESS, b, reason::GEO), "source in a blocked country")?;
-        self.send(family, Role::Host, Role::Mx, 25, monitor, (EGRESS, b, reason::DEFAULT_DENY), "the hypervisor itself sends on 25")?;
+        self.send("source in a blocked country", family, (Role::Blocked, Role::Tenant, 25), monitor, (INGRESS, b, reason::GEO))?;
+        self.send("the hypervisor itself sends on 25", family, (Role::Host, Role::Mx, 25), monitor, (EGRESS, b, reason::DEFAULT_DENY))?;
         Ok(())
     }
 
