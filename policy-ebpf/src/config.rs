@@ -42,5 +42,5 @@ static TENANT_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(TENANT_IFACE
 #[inline(always)]
 pub fn judged_on_arrival(ifindex: u32) -> bool {
     // SAFETY: the value is only tested for presence.
-    ifindex != 0 && unsafe { TENANT_IFACES.get(&ifindex) }.is_some()
+    ifindex != 0 && unsafe { TENANT_IFACES.get(ifindex) }.is_some()
 }
