@@ -39,7 +39,7 @@ fn demo() -> Result<()> {
     eprintln!("building the lab: two tenants, a hypervisor, an uplink to the internet (network namespaces)");
     let mut lab = Lab::new(&smtpguard_bin()?, "demo")?;
     let policy = lab.dir.join("policy.yaml");
-    std::fs::write(&policy, lab_policy(&repo, "enforce", &[], None)?)?;
+    std::fs::write(&policy, lab_policy(&repo, &lab.geo_db, "enforce", &[], None)?)?;
     eprintln!("starting smtpguard run: policies/idc-default.yaml + ingress.geo of policies/geo-fence.yaml (real database)");
     lab.start_controller(&policy, "native")?;
 
@@ -52,7 +52,7 @@ fn demo() -> Result<()> {
 
     eprintln!("switching the policy to monitor mode (smtpguard reload) and lifting the spammer's ban");
     let events = lab.event_lines();
-    std::fs::write(&policy, lab_policy(&repo, "monitor", &[], None)?)?;
+    std::fs::write(&policy, lab_policy(&repo, &lab.geo_db, "monitor", &[], None)?)?;
     lab.smtpguard(&["reload"])?;
     lab.wait_for_event(&["\"policy_reload\"", "\"result\":\"ok\""], events, std::time::Duration::from_secs(10))?;
     lab.smtpguard(&["unban", Family::V4.addr(Role::Spammer)])?;

@@ -19,11 +19,12 @@ fn smtpguard_bin() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().join("smtpguard")
 }
 
-/// A lab with the controller running `policy` (written into the lab).
-fn lab_with(tag: &str, policy: &str) -> (Lab, PathBuf) {
+/// A lab with the controller running the lab policy in `mode` (written
+/// into the lab as policy.yaml).
+fn lab_with(tag: &str, mode: &str, ingress_ban_above: Option<i64>) -> (Lab, PathBuf) {
     let mut lab = Lab::new(&smtpguard_bin(), tag).expect("lab");
     let path = lab.dir.join("policy.yaml");
-    std::fs::write(&path, policy).unwrap();
+    std::fs::write(&path, lab_policy(&repo_root(), &lab.geo_db, mode, &[], ingress_ban_above).unwrap()).unwrap();
     lab.start_controller(&path, "native").expect("controller");
     (lab, path)
 }
@@ -58,7 +59,7 @@ fn every_scenario_line_holds_over_ipv4_and_ipv6_and_prometheus_agrees() {
     if !require_root() {
         return;
     }
-    let (lab, _) = lab_with("e2e", &lab_policy(&repo_root(), "enforce", &[], None).unwrap());
+    let (lab, _) = lab_with("e2e", "enforce", None);
     let prom = Prometheus::start(&lab, 19091).expect("prometheus");
     let mut s = Scenario::new(&lab, false, false, 2, true);
     for family in Family::ALL {
@@ -84,7 +85,7 @@ fn monitor_mode_delivers_everything_and_counts_what_it_would_drop() {
     if !require_root() {
         return;
     }
-    let (lab, _) = lab_with("e2emon", &lab_policy(&repo_root(), "monitor", &[], None).unwrap());
+    let (lab, _) = lab_with("e2emon", "monitor", None);
     let mut s = Scenario::new(&lab, true, false, 2, true);
     for family in Family::ALL {
         s.run_family(family).unwrap();
@@ -107,7 +108,7 @@ fn rate_limit_admits_the_configured_rate_within_10_percent() {
     if !require_root() {
         return;
     }
-    let (lab, _) = lab_with("e2erate", &lab_policy(&repo_root(), "enforce", &[], Some(65_535)).unwrap());
+    let (lab, _) = lab_with("e2erate", "enforce", Some(65_535));
     let offered = (RATE_PER_MINUTE * 3.0) as u32;
     let f = flood(&lab, Family::V4, offered, Duration::from_secs(45), |_| false).unwrap();
     let rate = (f.accepted as f64 - RATE_BURST) / f.seconds * 60.0;
@@ -123,7 +124,7 @@ fn kill_9_keeps_enforcing_and_a_restart_keeps_the_bans() {
     if !require_root() {
         return;
     }
-    let (mut lab, policy) = lab_with("e2ekill", &lab_policy(&repo_root(), "enforce", &[], None).unwrap());
+    let (mut lab, policy) = lab_with("e2ekill", "enforce", None);
     let mut s = Scenario::new(&lab, false, false, 0, true);
     s.run_flood(Family::V4).unwrap();
     assert_rows(&s);
@@ -157,7 +158,7 @@ fn an_exemption_added_by_a_policy_edit_takes_effect_without_dropping_sessions() 
         return;
     }
     let repo = repo_root();
-    let (lab, policy) = lab_with("e2eedit", &lab_policy(&repo, "enforce", &[], None).unwrap());
+    let (lab, policy) = lab_with("e2eedit", "enforce", None);
     for family in Family::ALL {
         assert!(!swaks(&lab.tenant, family.addr(Role::Tenant), family.addr(Role::Mx), 25).unwrap(), "before the edit [{family:?}]");
     }
@@ -174,7 +175,7 @@ fn an_exemption_added_by_a_policy_edit_takes_effect_without_dropping_sessions() 
     }
     let events = lab.event_lines();
     // Written whole and renamed, as an operator's tooling should.
-    let edited = lab_policy(&repo, "enforce", &["198.51.100.66/32", "2001:db8:4712::66/128"], None).unwrap();
+    let edited = lab_policy(&repo, &lab.geo_db, "enforce", &["198.51.100.66/32", "2001:db8:4712::66/128"], None).unwrap();
     let tmp = policy.with_extension("new");
     std::fs::write(&tmp, edited).unwrap();
     std::fs::rename(&tmp, &policy).unwrap();

@@ -184,6 +184,8 @@ struct Sink {
 
 pub struct Lab {
     pub smtpguard: PathBuf,
+    /// The geo database the lab's policy uses (see [`real_geo_database`]).
+    pub geo_db: PathBuf,
     pub dir: PathBuf,
     pub pin_dir: PathBuf,
     pub run_dir: PathBuf,
@@ -220,6 +222,7 @@ impl Lab {
         let (hv, tenant, exempt, wan) = (made("hv")?, made("tenant")?, made("exempt")?, made("wan")?);
         let mut lab = Self {
             smtpguard: smtpguard.to_owned(),
+            geo_db: geo_database(&dir)?,
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/sglab_{id}")),
             run_dir: dir.join("run"),
             events: dir.join("events.jsonl"),
@@ -667,11 +670,46 @@ impl Drop for Prometheus {
     }
 }
 
+/// Where the real IP-to-country database is: `$SMTPGUARD_GEO_DATABASE`,
+/// else beside the repository (`../shared/data`), when it exists.
+pub fn real_geo_database() -> Option<PathBuf> {
+    let path = std::env::var_os("SMTPGUARD_GEO_DATABASE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared/data/geo-whois-asn-country.mmdb"));
+    path.canonicalize().ok()
+}
+
+#[derive(serde::Serialize)]
+struct CountryRecord {
+    country_code: &'static str,
+}
+
+/// The real database, or (said plainly) a stand-in in `dir` that holds
+/// only the lab's blocked-country networks, in the real one's layout.
+fn geo_database(dir: &Path) -> Result<PathBuf> {
+    if let Some(real) = real_geo_database() {
+        return Ok(real);
+    }
+    let path = dir.join("stand-in-country.mmdb");
+    eprintln!(
+        "NOTE: no real geo database (looked at $SMTPGUARD_GEO_DATABASE, else ../shared/data/geo-whois-asn-country.mmdb; \
+         get it with npm pack @ip-location-db/geo-whois-asn-country-mmdb): \
+         the lab uses a stand-in with 175.45.176.0/22 as KP and 2a01:5ec0::/29 as IR"
+    );
+    let mut w = mmdb_writer::Writer::new("country");
+    for (net, cc) in [("175.45.176.0/22", "KP"), ("2a01:5ec0::/29", "IR")] {
+        w.insert(net.parse::<ipnet::IpNet>()?, &CountryRecord { country_code: cc }).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
+    std::fs::write(&path, w.to_bytes().map_err(|e| anyhow::anyhow!("{e:?}"))?)?;
+    Ok(path)
+}
+
 /// The lab's policy: `policies/idc-default.yaml` with the `ingress.geo`
-/// block of `policies/geo-fence.yaml` added, file paths made absolute.
-/// `mode` overrides the mode; `extra_exemptions` adds exemptions on 25 for
-/// tenant CIDRs; `ingress_ban_above` overrides the inbound ban threshold.
-pub fn lab_policy(repo: &Path, mode: &str, extra_exemptions: &[&str], ingress_ban_above: Option<i64>) -> Result<String> {
+/// block of `policies/geo-fence.yaml` added (over `geo_db`), file paths
+/// made absolute. `mode` overrides the mode; `extra_exemptions` adds
+/// exemptions on 25 for tenant CIDRs; `ingress_ban_above` overrides the
+/// inbound ban threshold.
+pub fn lab_policy(repo: &Path, geo_db: &Path, mode: &str, extra_exemptions: &[&str], ingress_ban_above: Option<i64>) -> Result<String> {
     use yaml_rust2::{yaml::Hash, Yaml, YamlEmitter, YamlLoader};
     let key = |k: &str| Yaml::String(k.to_owned());
     let read = |name: &str| -> Result<Yaml> {
@@ -691,9 +729,7 @@ pub fn lab_policy(repo: &Path, mode: &str, extra_exemptions: &[&str], ingress_ba
     let mut policy = read("idc-default.yaml")?;
     let mut geo = read("geo-fence.yaml")?["ingress"]["geo"].clone();
     let Yaml::Hash(g) = &mut geo else { bail!("geo-fence.yaml: ingress.geo is not a mapping") };
-    let db = g.get(&key("database")).and_then(|d| d.as_str()).context("geo-fence.yaml: ingress.geo.database")?;
-    let db = policies.join(db).canonicalize().context("the geo database beside the repository (../shared/data)")?;
-    g.insert(key("database"), Yaml::String(db.display().to_string()));
+    g.insert(key("database"), Yaml::String(geo_db.display().to_string()));
     let Yaml::Hash(top) = &mut policy else { bail!("idc-default.yaml is not a mapping") };
     top.insert(key("mode"), Yaml::String(mode.to_owned()));
     let ingress = hash(&mut policy, "ingress")?;

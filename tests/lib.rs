@@ -3,6 +3,7 @@
 pub mod fixtures;
 pub mod hvlab;
 pub mod lab;
+pub mod livegen;
 pub mod netns;
 pub mod packet;
 pub mod scenario;

@@ -177,6 +177,12 @@ impl Controller {
         let number = self.generation + 1;
         self.dp.install(inactive, &compiled, number)?;
         self.dp.activate(inactive, compiled.events.drop_sample_one_in, compiled.events.per_second)?;
+        // Bring the now idle generation level with the active one, so the
+        // next edit is written as a diff against it (off the critical path:
+        // the new policy is already in force).
+        if let Err(e) = self.dp.install(inactive ^ 1, &compiled, number) {
+            eprintln!("smtpguard: warning: updating the standby generation failed ({e}); the next reload rewrites it");
+        }
         self.generation = number;
         self.policy = policy;
         self.compiled = compiled;

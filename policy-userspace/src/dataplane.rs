@@ -1,7 +1,14 @@
 //! The loaded datapath: one type that owns the eBPF object and every map,
 //! and offers typed operations on them. Nothing else touches a map handle.
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    collections::HashMap as StdHashMap,
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd},
+    time::Duration,
+};
+
+use ipnet::IpNet;
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
@@ -40,6 +47,8 @@ pub enum DataplaneError {
     BadEvent(usize),
     #[error("pin {path}: {message}")]
     Pin { path: String, message: String },
+    #[error("batch write to {name}: {source}")]
+    Batch { name: &'static str, source: std::io::Error },
 }
 
 fn pin_error(path: &std::path::Path, e: impl std::fmt::Display) -> DataplaneError {
@@ -149,9 +158,12 @@ pub struct Dataplane {
     ebpf: Ebpf,
     events: RingBuf<MapData>,
     source_sets: u32,
-    /// The ACL prefixes installed in each generation.
-    installed: [Vec<AclPrefix>; 2],
+    /// What each generation's ACL entries are, as the tries hold them.
+    installed: [AclContents; 2],
 }
+
+/// (scope, prefix) -> entry: one generation's share of the ACL tries.
+type AclContents = StdHashMap<(u8, IpNet), AclEntry>;
 
 impl Dataplane {
     /// Loads and verifies the programs and creates the maps. Nothing is
@@ -181,15 +193,15 @@ impl Dataplane {
         let events = take_map(&mut ebpf, policy_common::EVENTS)?;
         let events = RingBuf::try_from(events)
             .map_err(|source| DataplaneError::Map { name: policy_common::EVENTS, source })?;
-        let mut dataplane = Self { ebpf, events, source_sets, installed: [Vec::new(), Vec::new()] };
+        let mut dataplane = Self { ebpf, events, source_sets, installed: [AclContents::new(), AclContents::new()] };
         if adopted {
             // Pinned state from an earlier run: keep the active generation
             // as it is; what the inactive one holds is found by reading it.
             let rt = dataplane.runtime()?;
             dataplane.source_sets = rt.source_sets;
             let inactive = (rt.active ^ 1) as usize;
-            dataplane.installed[inactive] = dataplane.acl_prefixes(inactive as u8)?;
-            dataplane.installed[rt.active as usize] = dataplane.acl_prefixes(rt.active as u8)?;
+            dataplane.installed[inactive] = dataplane.acl_contents(inactive as u8)?;
+            dataplane.installed[rt.active as usize] = dataplane.acl_contents(rt.active as u8)?;
         } else {
             dataplane.set_runtime(Runtime {
                 active: 0,
@@ -252,28 +264,67 @@ impl Dataplane {
         self.set_runtime(rt)
     }
 
-    /// Fills `generation` with a compiled policy, replacing what it held.
-    /// Packets do not see it until [`Dataplane::activate`].
+    /// Fills `generation` with a compiled policy, replacing what it held:
+    /// only entries that differ are written, in batches, so a one-rule
+    /// edit of a large policy costs a few syscalls. Packets do not see it
+    /// until [`Dataplane::activate`].
     pub fn install(&mut self, generation: u32, compiled: &crate::policy::Compiled, number: u64) -> Result<()> {
         let gen = generation as usize & 1;
-        for prefix in std::mem::take(&mut self.installed[gen]) {
-            self.remove_acl(prefix)?;
+        let wanted: AclContents = compiled
+            .v4
+            .iter()
+            .map(|(s, n, e)| ((*s, IpNet::V4(*n)), *e))
+            .chain(compiled.v6.iter().map(|(s, n, e)| ((*s, IpNet::V6(*n)), *e)))
+            .collect();
+        let old = std::mem::take(&mut self.installed[gen]);
+        let stale: Vec<(u8, IpNet)> = old.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        let changed: Vec<((u8, IpNet), AclEntry)> =
+            wanted.iter().filter(|(k, e)| old.get(*k) != Some(*e)).map(|(k, e)| (*k, *e)).collect();
+        if let Err(e) = self.write_acl(gen as u8, &stale, &changed) {
+            // Part of it may be written: learn what the tries hold now.
+            self.installed[gen] = self.acl_contents(gen as u8).unwrap_or_default();
+            return Err(e);
         }
-        let mut installed = Vec::with_capacity(compiled.entries());
-        for (scope, net, entry) in &compiled.v4 {
-            let prefix = AclPrefix { generation: gen as u8, scope: *scope, addr: IpAddr::V4(net.network()), prefix_len: net.prefix_len() };
-            self.insert_acl(prefix, entry)?;
-            installed.push(prefix);
-        }
-        for (scope, net, entry) in &compiled.v6 {
-            let prefix = AclPrefix { generation: gen as u8, scope: *scope, addr: IpAddr::V6(net.network()), prefix_len: net.prefix_len() };
-            self.insert_acl(prefix, entry)?;
-            installed.push(prefix);
-        }
-        self.installed[gen] = installed;
+        self.installed[gen] = wanted;
         let mut config = compiled.config;
         config.generation = number;
         self.set_policy(gen as u32, &config)
+    }
+
+    /// Deletes `stale` and writes `changed` in `generation`, per family.
+    fn write_acl(&mut self, generation: u8, stale: &[(u8, IpNet)], changed: &[((u8, IpNet), AclEntry)]) -> Result<()> {
+        let (mut del4, mut del6, mut up4, mut up6, mut val4, mut val6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let key_bytes = |scope: u8, net: &IpNet, v4: &mut Vec<u8>, v6: &mut Vec<u8>| {
+            let bits = ACL_KEY_HEADER_BITS + net.prefix_len() as u32;
+            match net {
+                IpNet::V4(n) => v4.extend_from_slice(crate::batch::bytes_of(&Key::new(bits, AclKeyV4::new(generation, scope, n.network().octets())))),
+                IpNet::V6(n) => v6.extend_from_slice(crate::batch::bytes_of(&Key::new(bits, AclKeyV6::new(generation, scope, n.network().octets())))),
+            }
+        };
+        for (scope, net) in stale {
+            key_bytes(*scope, net, &mut del4, &mut del6);
+        }
+        for ((scope, net), entry) in changed {
+            key_bytes(*scope, net, &mut up4, &mut up6);
+            let values = if net.addr().is_ipv4() { &mut val4 } else { &mut val6 };
+            values.extend_from_slice(crate::batch::bytes_of(entry));
+        }
+        let entry = std::mem::size_of::<AclEntry>();
+        for (name, del, up, val) in [(policy_common::ACL_V4, del4, up4, val4), (policy_common::ACL_V6, del6, up6, val6)] {
+            let fd = self.map_fd(name)?;
+            crate::batch::delete(fd, &del, del.len() / key_size(name)).map_err(|source| DataplaneError::Batch { name, source })?;
+            crate::batch::update(fd, &up, &val, val.len() / entry).map_err(|source| DataplaneError::Batch { name, source })?;
+        }
+        Ok(())
+    }
+
+    fn map_fd(&self, name: &'static str) -> Result<std::os::fd::RawFd> {
+        let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+        let data = match map {
+            Map::LpmTrie(d) | Map::Array(d) | Map::HashMap(d) | Map::PerCpuArray(d) => d,
+            _ => return Err(DataplaneError::MissingMap(name)),
+        };
+        Ok(data.fd().as_fd().as_raw_fd())
     }
 
     /// Makes packets judge by `generation`, with the event settings given,
@@ -335,8 +386,8 @@ impl Dataplane {
 
     /// ACL entries installed, IPv4 and IPv6, both generations.
     pub fn acl_entry_counts(&self) -> (usize, usize) {
-        let all = self.installed.iter().flatten();
-        let v4 = all.clone().filter(|p| p.addr.is_ipv4()).count();
+        let all = self.installed.iter().flat_map(|g| g.keys());
+        let v4 = all.clone().filter(|(_, n)| n.addr().is_ipv4()).count();
         (v4, all.count() - v4)
     }
 
@@ -345,25 +396,27 @@ impl Dataplane {
         Ok(self.runtime()?.active)
     }
 
-    /// Every ACL prefix stored for `generation`, read from the tries.
-    fn acl_prefixes(&mut self, generation: u8) -> Result<Vec<AclPrefix>> {
-        let mut out = Vec::new();
+    /// Every ACL entry stored for `generation`, read from the tries.
+    fn acl_contents(&mut self, generation: u8) -> Result<AclContents> {
+        let mut out = AclContents::new();
         let name = policy_common::ACL_V4;
-        for key in self.trie_v4()?.keys() {
-            let key = key.map_err(|source| DataplaneError::Map { name, source })?;
+        for item in self.trie_v4()?.iter() {
+            let (key, entry) = item.map_err(|source| DataplaneError::Map { name, source })?;
             let data = key.data();
             if data.generation == generation {
                 let addr = std::net::Ipv4Addr::from(data.addr.to_ne_bytes());
-                out.push(AclPrefix { generation, scope: data.scope, addr: IpAddr::V4(addr), prefix_len: (key.prefix_len() - ACL_KEY_HEADER_BITS) as u8 });
+                let net = IpNet::new(IpAddr::V4(addr), (key.prefix_len() - ACL_KEY_HEADER_BITS) as u8).expect("stored prefix length");
+                out.insert((data.scope, net), entry);
             }
         }
         let name = policy_common::ACL_V6;
-        for key in self.trie_v6()?.keys() {
-            let key = key.map_err(|source| DataplaneError::Map { name, source })?;
+        for item in self.trie_v6()?.iter() {
+            let (key, entry) = item.map_err(|source| DataplaneError::Map { name, source })?;
             let data = key.data();
             if data.generation == generation {
                 let addr = std::net::Ipv6Addr::from(policy_common::words_to_octets(&data.addr));
-                out.push(AclPrefix { generation, scope: data.scope, addr: IpAddr::V6(addr), prefix_len: (key.prefix_len() - ACL_KEY_HEADER_BITS) as u8 });
+                let net = IpNet::new(IpAddr::V6(addr), (key.prefix_len() - ACL_KEY_HEADER_BITS) as u8).expect("stored prefix length");
+                out.insert((data.scope, net), entry);
             }
         }
         Ok(out)
@@ -617,4 +670,13 @@ pub fn ktime_now_ns() -> u64 {
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Key bytes of an ACL trie: the LPM prefix length, then the key struct.
+fn key_size(name: &str) -> usize {
+    if name == policy_common::ACL_V4 {
+        std::mem::size_of::<Key<AclKeyV4>>()
+    } else {
+        std::mem::size_of::<Key<AclKeyV6>>()
+    }
 }

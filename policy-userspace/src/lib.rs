@@ -1,5 +1,6 @@
 //! smtpguard's controller library.
 
+mod batch;
 pub mod commands;
 pub mod controller;
 pub mod dataplane;

@@ -18,12 +18,18 @@ pub enum Which {
         #[arg(long)]
         json: bool,
     },
+    /// Drop rate of a SYN flood on veth: smtpguard beside an XDP floor, xdp-filter, nftables, iptables.
+    Throughput {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
     let (name, json) = match which {
         Which::Datapath { json } => ("datapath", json),
         Which::Compile { json } => ("compile", json),
+        Which::Throughput { json } => ("throughput", json),
     };
     let build = Command::new("cargo")
         .args(["build", "--release", "--quiet", "-p", "smtpguard-tests", "--bin", "smtpguard-bench"])
