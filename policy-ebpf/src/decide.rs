@@ -123,7 +123,7 @@ fn pipeline<F: Frame>(frame: &F, runtime: &Runtime, generation: u32, dp: &Direct
     }
 
     let now_ns = now_ns();
-    let mut source = sources::locate(flow, runtime.source_sets, now_ns);
+    let mut source = sources::locate(flow, runtime.source_sets);
     if runtime.cidr_bans != 0 && sources::network_banned(flow, now_ns) {
         return Outcome::new(action::DROP, reason::BANNED);
     }

@@ -64,44 +64,53 @@ impl Source {
     }
 }
 
-/// Finds the flow's source, or the way a new source would take: a free
-/// way, else the idlest unbanned source, else the ban that ends first;
-/// manual bans go last.
+/// Finds the flow's source in its set. Only keys are compared here: most
+/// packets that ask (ACL, geo and ban checks) are from sources that stay
+/// untracked, and choosing a way for a newcomer waits for its first SYN.
 #[inline(always)]
-pub fn locate(flow: &Flow, sets: u32, now_ns: u64) -> Source {
+pub fn locate(flow: &Flow, sets: u32) -> Source {
     let key = if flow.seg.v6 { source_key_v6_words(&flow.src) } else { source_key_v4_word(flow.src[0]) };
     let set = SOURCES.get(source_set(key, sets));
     let mut way = 0;
     let mut tracked = false;
     if let Some(set) = set {
-        let mut best = u64::MAX;
         for i in 0..WAYS {
-            let s = &set.slots[i];
-            let k = word(&s.key).load();
-            if k == key {
+            if word(&set.slots[i].key).load() == key {
                 way = i as u32;
                 tracked = true;
                 break;
             }
-            let score = if k == 0 {
-                0
-            } else {
-                let until = word(&s.ban_until_ns).load();
-                if until > now_ns {
-                    let info = SlotInfo::unpack(word(&s.info).load());
-                    let rank = if info.origin == ban_origin::MANUAL { 3u64 << 62 } else { 1u64 << 62 };
-                    rank | (until / NS_PER_S)
-                } else {
-                    1 + SlotInfo::unpack(word(&s.info).load()).last_seen_s as u64
-                }
-            };
-            if score < best {
-                best = score;
-                way = i as u32;
-            }
         }
     }
     Source { key, set, way: opaque(way as u64) as u32, tracked }
+}
+
+/// The way a new source takes: a free way, else the idlest unbanned
+/// source, else the ban that ends first; manual bans go last.
+#[inline(always)]
+fn victim(set: &SourceSet, now_ns: u64) -> u32 {
+    let mut way = 0;
+    let mut best = u64::MAX;
+    for i in 0..WAYS {
+        let s = &set.slots[i];
+        let score = if word(&s.key).load() == 0 {
+            0
+        } else {
+            let until = word(&s.ban_until_ns).load();
+            if until > now_ns {
+                let info = SlotInfo::unpack(word(&s.info).load());
+                let rank = if info.origin == ban_origin::MANUAL { 3u64 << 62 } else { 1u64 << 62 };
+                rank | (until / NS_PER_S)
+            } else {
+                1 + SlotInfo::unpack(word(&s.info).load()).last_seen_s as u64
+            }
+        };
+        if score < best {
+            best = score;
+            way = i as u32;
+        }
+    }
+    opaque(way as u64) as u32
 }
 
 pub enum BanCheck {
@@ -174,12 +183,15 @@ pub enum SynOutcome {
 /// bucket decides whether it may pass.
 #[inline(always)]
 pub fn on_syn(source: &mut Source, policy: &DirectionPolicy, now_ns: u64) -> SynOutcome {
-    let Some(slot) = source.slot() else { return SynOutcome::Admitted };
+    let Some(set) = source.set else { return SynOutcome::Admitted };
     let now_s = (now_ns / NS_PER_S) as u32;
     if !source.tracked {
+        source.way = victim(set, now_ns);
+        let Some(slot) = source.slot() else { return SynOutcome::Admitted };
         claim(slot, source.key, now_s);
         source.tracked = true;
     }
+    let Some(slot) = source.slot() else { return SynOutcome::Admitted };
     let info_word = word(&slot.info);
 
     if policy.ban_threshold != 0 {

@@ -318,6 +318,14 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Kernel memory charged to a map (its fdinfo `memlock`), in bytes.
+    pub fn map_memlock(&self, name: &'static str) -> Result<u64> {
+        let fd = self.map_fd(name)?;
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+            .map_err(|e| DataplaneError::Pin { path: format!("/proc/self/fdinfo/{fd}"), message: e.to_string() })?;
+        Ok(info.lines().find_map(|l| l.strip_prefix("memlock:")?.trim().parse().ok()).unwrap_or(0))
+    }
+
     fn map_fd(&self, name: &'static str) -> Result<std::os::fd::RawFd> {
         let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
         let data = match map {

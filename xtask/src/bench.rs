@@ -23,24 +23,33 @@ pub enum Which {
         #[arg(long)]
         json: bool,
     },
+    /// Cost, load and reload time and memory for 10 to 1,000,000 CIDRs, beside nftables and iptables.
+    Scale {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A one-rule change and a whole swap of a 100,000-entry policy under traffic.
+    Reload {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run every benchmark and rewrite docs/benchmarks.md and its charts from their JSON.
+    Report,
 }
+
+const ALL: [&str; 5] = ["datapath", "compile", "throughput", "scale", "reload"];
 
 pub fn run(which: Which) -> Result<()> {
     let (name, json) = match which {
+        Which::Report => return report(),
         Which::Datapath { json } => ("datapath", json),
         Which::Compile { json } => ("compile", json),
         Which::Throughput { json } => ("throughput", json),
+        Which::Scale { json } => ("scale", json),
+        Which::Reload { json } => ("reload", json),
     };
-    let build = Command::new("cargo")
-        .args(["build", "--release", "--quiet", "-p", "smtpguard-tests", "--bin", "smtpguard-bench"])
-        .status()
-        .context("building smtpguard-bench")?;
-    if !build.success() {
-        bail!("building smtpguard-bench failed");
-    }
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(Into::into).unwrap_or_else(|| root.join("target"));
-    let mut cmd = Command::new(target.join("release/smtpguard-bench"));
+    build()?;
+    let mut cmd = Command::new(bench_bin()?);
     cmd.arg(name);
     if json {
         cmd.arg("--json");
@@ -49,5 +58,46 @@ pub fn run(which: Which) -> Result<()> {
     if !st.success() {
         bail!("benchmark {name} failed ({st})");
     }
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    let build = Command::new("cargo")
+        .args(["build", "--release", "--quiet", "-p", "smtpguard-tests", "--bin", "smtpguard-bench"])
+        .status()
+        .context("building smtpguard-bench")?;
+    if !build.success() {
+        bail!("building smtpguard-bench failed");
+    }
+    Ok(())
+}
+
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+fn bench_bin() -> Result<std::path::PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(Into::into).unwrap_or_else(|| root().join("target"));
+    Ok(target.join("release/smtpguard-bench"))
+}
+
+/// Every benchmark with `--json` into docs/bench/NAME.json (a missed
+/// target still yields its JSON), then the page and charts from them.
+fn report() -> Result<()> {
+    build()?;
+    let dir = root().join("docs/bench");
+    std::fs::create_dir_all(&dir)?;
+    for name in ALL {
+        eprintln!("bench report: {name}");
+        let out = Command::new(bench_bin()?).args([name, "--json"]).stderr(std::process::Stdio::inherit()).output().with_context(|| format!("running {name}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let json = text.lines().rev().find(|l| l.starts_with('{')).with_context(|| format!("{name} printed no JSON ({})", out.status))?;
+        std::fs::write(dir.join(format!("{name}.json")), format!("{json}\n"))?;
+    }
+    let st = Command::new(bench_bin()?).arg("render").arg(&dir).arg(root().join("docs")).status()?;
+    if !st.success() {
+        bail!("rendering docs/benchmarks.md failed");
+    }
+    eprintln!("wrote docs/benchmarks.md and docs/bench/");
     Ok(())
 }

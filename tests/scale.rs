@@ -1,0 +1,261 @@
+//! `scale` and `reload`: how smtpguard and the netfilter equivalents grow
+//! with the rule count, what loading and swapping a policy costs, and the
+//! maps' kernel memory.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+use aya::programs::XdpMode;
+use policy_common::{direction, reason, verdict};
+use smtpguard::{
+    dataplane::{Dataplane, Hook, LoadOptions},
+    policy::Compiled,
+};
+use smtpguard_tests::{
+    livegen,
+    netns::{veth_pair, Netns},
+    packet::{TcpFrame, SYN},
+    testrun::{load_empty_xdp, time_run},
+};
+
+use crate::throughput::random_cidrs;
+
+pub const SIZES: [usize; 4] = [10, 1_000, 100_000, 1_000_000];
+const REPEAT: u32 = 2_000_000;
+/// Sources probed per size: each inside a different listed network.
+const PROBES: usize = 16;
+
+/// A policy file denying `cidrs` on ingress port 25 (a DROP-format list),
+/// plus `extra_yaml` under `ingress:`.
+pub fn write_policy(dir: &Path, name: &str, cidrs: &[ipnet::Ipv4Net], extra_yaml: &str) -> Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let list: String = cidrs.iter().map(|c| format!("{c}\n")).collect();
+    std::fs::write(dir.join(format!("{name}.txt")), list)?;
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, format!("version: 1\nports: {{25: smtp}}\ningress:\n  default: {{25: allow}}\n  deny_files: [{name}.txt]\n{extra_yaml}"))?;
+    Ok(path)
+}
+
+/// Compile, install and activate: what a reload does before the new
+/// policy is in force (the standby copy is written afterwards).
+fn apply(dp: &mut Dataplane, path: &Path, number: u64) -> Result<(f64, Compiled)> {
+    let start = Instant::now();
+    let compiled = crate::compile_file(path)?;
+    let target = dp.active_generation()? ^ 1;
+    dp.install(target, &compiled, number)?;
+    dp.activate(target, 0, 0)?;
+    let took = start.elapsed().as_secs_f64();
+    dp.install(target ^ 1, &compiled, number)?;
+    Ok((took, compiled))
+}
+
+fn syn_from(src: Ipv4Addr) -> Vec<u8> {
+    TcpFrame::new(IpAddr::V4(src), IpAddr::V4(Ipv4Addr::new(10, 99, 0, 2)), 25, SYN).build()
+}
+
+/// An address inside `net` (its network address plus one, or itself).
+fn inside(net: &ipnet::Ipv4Net) -> Ipv4Addr {
+    let base = u32::from(net.network());
+    Ipv4Addr::from(if net.prefix_len() < 32 { base | 1 } else { base })
+}
+
+pub struct SizeRow {
+    pub size: usize,
+    pub smtpguard_ns: f64,
+    pub floor_ns: f64,
+    pub nft_mpps: f64,
+    pub iptables_mpps: f64,
+    pub load_s: f64,
+    pub reload_s: f64,
+    pub map_bytes: u64,
+}
+
+/// One throughput round of `packets` SYNs from `src` into a DUT set up by
+/// `setup` (commands in the DUT namespace); Mpps.
+fn netfilter_mpps(src: Ipv4Addr, packets: u32, setup: &dyn Fn(&Netns) -> Result<()>) -> Result<f64> {
+    let gen = Netns::new("scgen")?;
+    let dut = Netns::new("scdut")?;
+    veth_pair(&gen, "g0", &["10.99.0.1/24"], &dut, "d0", &["10.99.0.2/24"])?;
+    gen.ip(&["link", "set", "g0", "address", "02:00:00:00:00:01"])?;
+    dut.ip(&["link", "set", "d0", "address", "02:00:00:00:00:02"])?;
+    dut.exec(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.d0.rp_filter=0"])?;
+    dut.exec(&["ethtool", "-K", "d0", "gro", "on"])?;
+    setup(&dut)?;
+    let ifindex = gen.enter(|| {
+        // SAFETY: a valid C string.
+        unsafe { libc::if_nametoindex(c"g0".as_ptr()) }
+    })?;
+    let generator = livegen::load_redirect(ifindex)?;
+    let frame = syn_from(src);
+    gen.enter(|| livegen::send(&generator, &frame, 10_000))??;
+    let took = gen.enter(|| livegen::send(&generator, &frame, packets))??;
+    Ok(packets as f64 / took.as_secs_f64() / 1e6)
+}
+
+pub fn run_scale(work: &Path, sizes: &[usize]) -> Result<(Vec<SizeRow>, u64)> {
+    let floor = load_empty_xdp()?;
+    let mut rows = Vec::new();
+    for &size in sizes {
+        eprintln!("scale: {size} CIDRs");
+        let cidrs = random_cidrs(size, 0xc1d2 + size as u64);
+        let other = random_cidrs(size, 0x0de7 + size as u64);
+        let a = write_policy(&work.join("scale"), &format!("a{size}"), &cidrs, "")?;
+        let b = write_policy(&work.join("scale"), &format!("b{size}"), &other, "")?;
+        let mut dp = Dataplane::load(LoadOptions::default()).context("loading the datapath")?;
+        let (load_s, compiled) = apply(&mut dp, &a, 1)?;
+        if compiled.entries() == 0 {
+            bail!("{size}: the policy compiled to nothing");
+        }
+        let (reload_s, _) = apply(&mut dp, &b, 2)?;
+        // Back to `a` for the per-packet probe.
+        apply(&mut dp, &a, 3)?;
+        let map_bytes = dp.map_memlock(policy_common::ACL_V4)? + dp.map_memlock(policy_common::ACL_V6)?;
+
+        let fd = dp.program_fd(Hook::XdpIngress)?;
+        let (_, drop_code) = Hook::XdpIngress.verdict_codes();
+        let (mut ns, mut floor_ns) = (0.0, 0.0);
+        for i in 0..PROBES {
+            let frame = syn_from(inside(&cidrs[(i * 7919) % size]));
+            let t = time_run(fd, &frame, REPEAT)?;
+            if t.retval != drop_code {
+                bail!("{size}: a listed source was not dropped (verdict {})", t.retval);
+            }
+            ns += t.wall_ns / PROBES as f64;
+            floor_ns += time_run(std::os::fd::AsFd::as_fd(&floor), &frame, REPEAT)?.wall_ns / PROBES as f64;
+        }
+        drop(dp);
+
+        let src = inside(&cidrs[0]);
+        let nft_file = work.join(format!("scale-{size}.nft"));
+        let elements: Vec<String> = cidrs.iter().map(|c| c.to_string()).collect();
+        std::fs::write(
+            &nft_file,
+            format!(
+                "table netdev sg {{\n  set deny4 {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {} }} }}\n  chain c {{\n    type filter hook ingress device \"d0\" priority 0; policy accept;\n    ip saddr @deny4 tcp dport 25 counter drop\n  }}\n}}\n",
+                elements.join(", ")
+            ),
+        )?;
+        let started = Instant::now();
+        let nft_mpps = netfilter_mpps(src, 2_000_000, &|dut| dut.exec(&["nft", "-f", &nft_file.display().to_string()]).map(drop))?;
+        eprintln!("  nft netdev: {nft_mpps:.2} Mpps (setup and run {:.1} s)", started.elapsed().as_secs_f64());
+        let restore: String = std::iter::once("create sgdeny hash:net maxelem 2000000\n".to_owned()).chain(cidrs.iter().map(|c| format!("add sgdeny {c}\n"))).collect();
+        let ipset_file = work.join(format!("scale-{size}.ipset"));
+        std::fs::write(&ipset_file, restore)?;
+        let iptables_mpps = netfilter_mpps(src, 2_000_000, &|dut| {
+            dut.exec(&["ipset", "restore", "-file", &ipset_file.display().to_string()])?;
+            dut.exec(&["iptables-legacy", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "25", "-m", "set", "--match-set", "sgdeny", "src", "-j", "DROP"])?;
+            Ok(())
+        })?;
+        eprintln!("  smtpguard {ns:.2} ns/pkt (floor {floor_ns:.2}), load {load_s:.3} s, reload {reload_s:.3} s, {map_bytes} map bytes; iptables {iptables_mpps:.2} Mpps");
+        rows.push(SizeRow { size, smtpguard_ns: ns, floor_ns, nft_mpps, iptables_mpps, load_s, reload_s, map_bytes });
+    }
+    let dp = Dataplane::load(LoadOptions { source_capacity: 1_000_000, pin_dir: None })?;
+    let sources = dp.map_memlock(policy_common::SOURCES)?;
+    Ok((rows, sources))
+}
+
+pub struct Reload {
+    pub one_rule_ms: f64,
+    pub full_swap_ms: f64,
+    pub misjudged: u64,
+    pub judged: u64,
+    pub entries: usize,
+}
+
+/// A 100,000-CIDR policy under a flood from one source S: a one-rule edit
+/// (deny S) and back, then a whole-policy swap to another 100,000 CIDRs
+/// (with S allowed by rule). Every packet of S must be judged by the old or
+/// the new policy: drop deny_acl, pass default_allow or pass allow_acl.
+pub fn run_reload(work: &Path) -> Result<Reload> {
+    const ROUNDS: usize = 5;
+    let dir = work.join("reload");
+    let cidrs = random_cidrs(100_000, 0xa11);
+    let other = random_cidrs(100_000, 0xb22);
+    let s = crate::throughput::CLEAN_SOURCE;
+    let base = write_policy(&dir, "base", &cidrs, "")?;
+    let one = write_policy(&dir, "one", &cidrs, &format!("  deny: [{{id: one-rule, cidr: {s}/32}}]\n"))?;
+    let swap = write_policy(&dir, "swap", &other, &format!("  allow: [{{id: swapped, cidr: {s}/32}}]\n"))?;
+
+    let gen = Netns::new("rlgen")?;
+    let dut = Netns::new("rldut")?;
+    veth_pair(&gen, "g0", &["10.99.0.1/24"], &dut, "d0", &["10.99.0.2/24"])?;
+    let mut dp = Dataplane::load(LoadOptions::default())?;
+    let (_, compiled) = apply(&mut dp, &base, 1)?;
+    dut.enter(|| dp.attach_xdp("d0", XdpMode::Driver))??;
+
+    // The flood runs until the swaps are done (bounded by its packet budget).
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        let gen_name = gen.name().to_owned();
+        std::thread::spawn(move || -> Result<u64> {
+            let ns = std::fs::File::open(format!("/run/netns/{gen_name}"))?;
+            // SAFETY: setns on this thread only.
+            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns: {}", std::io::Error::last_os_error());
+            }
+            // SAFETY: a valid C string.
+            let ifindex = unsafe { libc::if_nametoindex(c"g0".as_ptr()) };
+            let generator = livegen::load_redirect(ifindex)?;
+            let frame = syn_from(s);
+            let mut sent = 0u64;
+            // At most 2,000 chunks of 100,000 (about 15 s at full speed).
+            for _ in 0..2_000 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                livegen::send(&generator, &frame, 100_000)?;
+                sent += 100_000;
+            }
+            Ok(sent)
+        })
+    };
+    let before = dp.stats()?;
+    let mut number = 2;
+    let (mut one_rule, mut full) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        for (path, whole) in [(&one, false), (&base, false), (&swap, true), (&base, true)] {
+            let (took, _) = apply(&mut dp, path, number)?;
+            if whole { &mut full } else { &mut one_rule }.push(took * 1000.0);
+            number += 1;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let sent = flood.join().map_err(|_| anyhow::anyhow!("the flood thread panicked"))??;
+    let after = dp.stats()?;
+    let cell = |v: u8, r: u8| -> u64 {
+        (0..policy_common::PORT_SLOTS)
+            .map(|slot| {
+                let i = policy_common::stats_index(direction::INGRESS, v, r, slot) as usize;
+                after[i].packets - before[i].packets
+            })
+            .sum()
+    };
+    let mut judged = 0;
+    let mut expected = 0;
+    for v in 0..verdict::COUNT as u8 {
+        for r in 0..reason::COUNT as u8 {
+            let n = cell(v, r);
+            judged += n;
+            if matches!((v, r), (verdict::DROP, reason::DENY_ACL) | (verdict::PASS, reason::DEFAULT_ALLOW) | (verdict::PASS, reason::ALLOW_ACL)) {
+                expected += n;
+            }
+        }
+    }
+    if judged < sent / 2 {
+        bail!("only {judged} of {sent} flood packets were judged");
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(Reload { one_rule_ms: median(one_rule), full_swap_ms: median(full), misjudged: judged - expected, judged, entries: compiled.entries() })
+}
