@@ -33,8 +33,11 @@ fn bar_chart(title: &str, unit: &str, bars: &[(String, f64)]) -> String {
     s + "</svg>\n"
 }
 
+/// A chart line: name, colour, (x, y) points.
+type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
 /// Lines over a log-scaled x axis: one series per (name, points).
-fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[(&str, &str, Vec<(f64, f64)>)]) -> String {
+fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
     let (w, h, l, r, t, b) = (760.0, 380.0, 70.0, 170.0, 40.0, 50.0);
     let xs: Vec<f64> = series.iter().flat_map(|s| s.2.iter().map(|p| p.0.log10())).collect();
     let (x0, x1) = (xs.iter().cloned().fold(f64::INFINITY, f64::min), xs.iter().cloned().fold(0.0, f64::max).max(1.0));
@@ -185,8 +188,9 @@ pub fn render(dir: &Path, docs: &Path) -> Result<()> {
 
     let _ = writeln!(md, "## Reload: `cargo xtask bench reload`\n");
     let _ = writeln!(md, "A policy of 100,000 random deny CIDRs under a flood from one source through smtpguard XDP on a veth.");
-    let _ = writeln!(md, "Each change is compile + diff + batched write of the standby generation + flip + RCU grace period;");
-    let _ = writeln!(md, "median of 5. Every flood packet must be judged by the old or the new policy.\n");
+    let _ = writeln!(md, "Each change is compile (as a reload does) + diff against the standby generation + batched write");
+    let _ = writeln!(md, "of what differs + flip; the RCU grace period follows, before the old generation is brought level.");
+    let _ = writeln!(md, "Median of 5. Every flood packet must be judged by the old or the new policy.\n");
     let _ = writeln!(md, "| change | ms |\n|---|---:|");
     let _ = writeln!(md, "| one rule (deny one /32, and back) | {:.1} |", f(&reload["one_rule_ms"]));
     let _ = writeln!(md, "| whole policy (another 100,000 CIDRs) | {:.1} |", f(&reload["full_swap_ms"]));

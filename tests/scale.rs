@@ -44,8 +44,8 @@ pub fn write_policy(dir: &Path, name: &str, cidrs: &[ipnet::Ipv4Net], extra_yaml
     Ok(path)
 }
 
-/// Compile, install and activate: what a reload does before the new
-/// policy is in force (the standby copy is written afterwards).
+/// Compile, install and activate: what a reload does until the new policy
+/// is in force (the standby copy is brought level afterwards, untimed).
 fn apply(dp: &mut Dataplane, path: &Path, number: u64) -> Result<(f64, Compiled)> {
     let start = Instant::now();
     let compiled = crate::compile_file(path)?;
@@ -150,7 +150,7 @@ pub fn run_scale(work: &Path, sizes: &[usize]) -> Result<(Vec<SizeRow>, u64)> {
         let ipset_file = work.join(format!("scale-{size}.ipset"));
         std::fs::write(&ipset_file, restore)?;
         let iptables_mpps = netfilter_mpps(src, 2_000_000, &|dut| {
-            dut.exec(&["ipset", "restore", "-file", &ipset_file.display().to_string()])?;
+            dut.exec(&["ipset", "-exist", "restore", "-file", &ipset_file.display().to_string()])?;
             dut.exec(&["iptables-legacy", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "25", "-m", "set", "--match-set", "sgdeny", "src", "-j", "DROP"])?;
             Ok(())
         })?;

@@ -267,7 +267,7 @@ pub fn run_all(work: &Path, only: Option<&str>) -> Result<Vec<Mode>> {
         let restore: String = std::iter::once("create sgdeny hash:net maxelem 2000000\n".to_owned()).chain(cidrs.iter().map(|c| format!("add sgdeny {c}\n"))).collect();
         let file = work.join("ipset.restore");
         std::fs::write(&file, restore)?;
-        bed.dut.exec(&["ipset", "restore", "-file", &file.display().to_string()])?;
+        bed.dut.exec(&["ipset", "-exist", "restore", "-file", &file.display().to_string()])?;
         bed.dut.exec(&["iptables-legacy", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "25", "-m", "set", "--match-set", "sgdeny", "src", "-j", "DROP"])?;
         bed.dut.exec(&[
             "iptables-legacy", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "25", "--syn", "-m", "hashlimit", "--hashlimit-above", "60/min",

@@ -11,11 +11,28 @@ use crate::{
 
 /// Loads, validates, analyzes and compiles a policy: everything `check` does.
 pub fn load_and_compile(path: &Path, options: &LoadOptions) -> (Option<(Policy, Compiled)>, Diagnostics) {
+    load(path, options, true)
+}
+
+/// What a reload needs: the policy validated and compiled, errors only.
+/// The controller logs no warnings on reload, so the analysis is skipped.
+pub fn compile_for_reload(path: &Path, options: &LoadOptions) -> (Option<(Policy, Compiled)>, Diagnostics) {
+    load(path, options, false)
+}
+
+fn load(path: &Path, options: &LoadOptions, with_warnings: bool) -> (Option<(Policy, Compiled)>, Diagnostics) {
     let (policy, mut diags) = policy::load_file(path, options);
     let Some(policy) = policy else { return (None, diags) };
-    analyze::warnings(&policy, &mut diags);
     let today = options.today.unwrap_or_else(time::today);
-    match policy::compile(&policy, today) {
+    // The analysis only adds warnings: it runs beside the compiler.
+    let compiled = std::thread::scope(|s| {
+        let compiling = s.spawn(|| policy::compile(&policy, today));
+        if with_warnings {
+            analyze::warnings(&policy, &mut diags);
+        }
+        compiling.join().expect("the compiler does not panic")
+    });
+    match compiled {
         Ok(c) => (Some((policy, c)), diags),
         Err(e) => {
             diags.error(path, Default::default(), "", e.to_string());

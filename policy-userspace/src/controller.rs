@@ -18,7 +18,7 @@ use tokio::{
 };
 
 use crate::{
-    commands::load_and_compile,
+    commands::{compile_for_reload, load_and_compile},
     dataplane::{Dataplane, Hook, LoadOptions},
     events,
     metrics::{self, ControllerMetrics},
@@ -132,7 +132,7 @@ impl Controller {
     fn reload(&mut self, why: &str) {
         let start = Instant::now();
         self.metrics.last_reload_time.set(events::now_unix_ns() as f64 / 1e9);
-        let (compiled, diags) = load_and_compile(&self.o.policy, &self.o.policy_options);
+        let (compiled, diags) = compile_for_reload(&self.o.policy, &self.o.policy_options);
         let result = match compiled {
             None => Err(diags.errors().map(|d| d.to_string()).collect::<Vec<_>>()),
             Some((policy, compiled)) => self.apply(policy, compiled).map_err(|e| vec![e.to_string()]),
@@ -177,9 +177,9 @@ impl Controller {
         let number = self.generation + 1;
         self.dp.install(inactive, &compiled, number)?;
         self.dp.activate(inactive, compiled.events.drop_sample_one_in, compiled.events.per_second)?;
-        // Bring the now idle generation level with the active one, so the
-        // next edit is written as a diff against it (off the critical path:
-        // the new policy is already in force).
+        // Bring the now idle generation level with the active one (after
+        // the grace period `install` waits for), so the next edit is a diff
+        // against it; the new policy is already in force.
         if let Err(e) = self.dp.install(inactive ^ 1, &compiled, number) {
             eprintln!("smtpguard: warning: updating the standby generation failed ({e}); the next reload rewrites it");
         }

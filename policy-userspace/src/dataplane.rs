@@ -2,7 +2,6 @@
 //! and offers typed operations on them. Nothing else touches a map handle.
 
 use std::{
-    collections::HashMap as StdHashMap,
     net::IpAddr,
     os::fd::{AsFd, AsRawFd},
     time::Duration,
@@ -160,10 +159,16 @@ pub struct Dataplane {
     source_sets: u32,
     /// What each generation's ACL entries are, as the tries hold them.
     installed: [AclContents; 2],
+    /// A flip happened since the last RCU grace period: the generation
+    /// flipped away from may still be read by packets in flight.
+    grace_pending: bool,
 }
 
-/// (scope, prefix) -> entry: one generation's share of the ACL tries.
-type AclContents = StdHashMap<(u8, IpNet), AclEntry>;
+/// (scope, prefix) and entry, sorted by key: one generation's share of
+/// the ACL tries. Sorted so that two of them diff in one merge pass.
+type AclContents = Vec<(AclKey, AclEntry)>;
+/// (scope, prefix): where an entry sits in a generation.
+type AclKey = (u8, IpNet);
 
 impl Dataplane {
     /// Loads and verifies the programs and creates the maps. Nothing is
@@ -193,7 +198,7 @@ impl Dataplane {
         let events = take_map(&mut ebpf, policy_common::EVENTS)?;
         let events = RingBuf::try_from(events)
             .map_err(|source| DataplaneError::Map { name: policy_common::EVENTS, source })?;
-        let mut dataplane = Self { ebpf, events, source_sets, installed: [AclContents::new(), AclContents::new()] };
+        let mut dataplane = Self { ebpf, events, source_sets, installed: [AclContents::new(), AclContents::new()], grace_pending: false };
         if adopted {
             // Pinned state from an earlier run: keep the active generation
             // as it is; what the inactive one holds is found by reading it.
@@ -270,16 +275,19 @@ impl Dataplane {
     /// until [`Dataplane::activate`].
     pub fn install(&mut self, generation: u32, compiled: &crate::policy::Compiled, number: u64) -> Result<()> {
         let gen = generation as usize & 1;
-        let wanted: AclContents = compiled
+        if self.grace_pending {
+            rcu_grace_period();
+            self.grace_pending = false;
+        }
+        let mut wanted: AclContents = compiled
             .v4
             .iter()
             .map(|(s, n, e)| ((*s, IpNet::V4(*n)), *e))
             .chain(compiled.v6.iter().map(|(s, n, e)| ((*s, IpNet::V6(*n)), *e)))
             .collect();
+        wanted.sort_unstable_by_key(|(k, _)| *k);
         let old = std::mem::take(&mut self.installed[gen]);
-        let stale: Vec<(u8, IpNet)> = old.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
-        let changed: Vec<((u8, IpNet), AclEntry)> =
-            wanted.iter().filter(|(k, e)| old.get(*k) != Some(*e)).map(|(k, e)| (*k, *e)).collect();
+        let (stale, changed) = diff(&old, &wanted);
         if let Err(e) = self.write_acl(gen as u8, &stale, &changed) {
             // Part of it may be written: learn what the tries hold now.
             self.installed[gen] = self.acl_contents(gen as u8).unwrap_or_default();
@@ -335,18 +343,31 @@ impl Dataplane {
         Ok(data.fd().as_fd().as_raw_fd())
     }
 
-    /// Makes packets judge by `generation`, with the event settings given,
-    /// and returns once no packet can still be judged by the other one.
+    /// Makes packets judge by `generation`, with the event settings given:
+    /// every packet that starts from now on is judged by it. The other
+    /// generation is not written again before an RCU grace period has let
+    /// the packets still reading it finish (see [`Dataplane::install`]);
+    /// [`Dataplane::settle`] waits for that at once.
     pub fn activate(&mut self, generation: u32, drop_sample_one_in: u32, events_per_second: u32) -> Result<()> {
         let mut rt = self.runtime()?;
         rt.active = generation & 1;
         rt.drop_sample_one_in = drop_sample_one_in;
         rt.events_per_second = events_per_second;
         self.set_runtime(rt)?;
-        rcu_grace_period();
-        // No packet reads the old generation any more: narrow the filter.
-        let active = self.policy(generation & 1)?;
-        self.set_port_filter(&[&active])
+        self.grace_pending = true;
+        Ok(())
+    }
+
+    /// Returns once no packet can still be judged by the generation
+    /// flipped away from, and narrows the port filter to the active one.
+    pub fn settle(&mut self) -> Result<()> {
+        if self.grace_pending {
+            rcu_grace_period();
+            self.grace_pending = false;
+        }
+        let active = self.runtime()?.active;
+        let policy = self.policy(active)?;
+        self.set_port_filter(&[&policy])
     }
 
     /// Makes `ifindexes` the tenant interfaces, replacing any earlier set
@@ -394,7 +415,7 @@ impl Dataplane {
 
     /// ACL entries installed, IPv4 and IPv6, both generations.
     pub fn acl_entry_counts(&self) -> (usize, usize) {
-        let all = self.installed.iter().flat_map(|g| g.keys());
+        let all = self.installed.iter().flat_map(|g| g.iter().map(|(k, _)| k));
         let v4 = all.clone().filter(|(_, n)| n.addr().is_ipv4()).count();
         (v4, all.count() - v4)
     }
@@ -407,6 +428,7 @@ impl Dataplane {
     /// Every ACL entry stored for `generation`, read from the tries.
     fn acl_contents(&mut self, generation: u8) -> Result<AclContents> {
         let mut out = AclContents::new();
+        let mut insert = |k, e| out.push((k, e));
         let name = policy_common::ACL_V4;
         for item in self.trie_v4()?.iter() {
             let (key, entry) = item.map_err(|source| DataplaneError::Map { name, source })?;
@@ -414,7 +436,7 @@ impl Dataplane {
             if data.generation == generation {
                 let addr = std::net::Ipv4Addr::from(data.addr.to_ne_bytes());
                 let net = IpNet::new(IpAddr::V4(addr), (key.prefix_len() - ACL_KEY_HEADER_BITS) as u8).expect("stored prefix length");
-                out.insert((data.scope, net), entry);
+                insert((data.scope, net), entry);
             }
         }
         let name = policy_common::ACL_V6;
@@ -424,9 +446,10 @@ impl Dataplane {
             if data.generation == generation {
                 let addr = std::net::Ipv6Addr::from(policy_common::words_to_octets(&data.addr));
                 let net = IpNet::new(IpAddr::V6(addr), (key.prefix_len() - ACL_KEY_HEADER_BITS) as u8).expect("stored prefix length");
-                out.insert((data.scope, net), entry);
+                insert((data.scope, net), entry);
             }
         }
+        out.sort_unstable_by_key(|(k, _)| *k);
         Ok(out)
     }
 
@@ -686,5 +709,59 @@ fn key_size(name: &str) -> usize {
         std::mem::size_of::<Key<AclKeyV4>>()
     } else {
         std::mem::size_of::<Key<AclKeyV6>>()
+    }
+}
+
+/// What turns `old` into `new` (both sorted by key): keys to delete, and
+/// entries to write (new or changed).
+fn diff(old: &AclContents, new: &AclContents) -> (Vec<AclKey>, AclContents) {
+    let (mut stale, mut changed) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        match (old.get(i), new.get(j)) {
+            (Some(o), Some(n)) if o.0 == n.0 => {
+                if o.1 != n.1 {
+                    changed.push(*n);
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(o), Some(n)) if o.0 < n.0 => {
+                stale.push(o.0);
+                i += 1;
+            }
+            (Some(o), None) => {
+                stale.push(o.0);
+                i += 1;
+            }
+            (_, Some(n)) => {
+                changed.push(*n);
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    (stale, changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(rule: u32) -> AclEntry {
+        AclEntry { deny_rule: [rule; policy_common::MAX_PORTS], ..AclEntry::default() }
+    }
+
+    #[test]
+    fn diff_deletes_what_went_and_writes_what_is_new_or_changed() {
+        let k = |s: &str| (0u8, s.parse::<IpNet>().unwrap());
+        let old = vec![(k("10.0.0.0/8"), e(1)), (k("10.1.0.0/16"), e(2)), (k("192.0.2.0/24"), e(3))];
+        let new = vec![(k("10.0.0.0/8"), e(1)), (k("10.1.0.0/16"), e(5)), (k("172.16.0.0/12"), e(4))];
+        let (stale, changed) = diff(&old, &new);
+        assert_eq!(stale, vec![k("192.0.2.0/24")]);
+        assert_eq!(changed, vec![(k("10.1.0.0/16"), e(5)), (k("172.16.0.0/12"), e(4))]);
+        assert_eq!(diff(&new, &new), (vec![], vec![]));
+        assert_eq!(diff(&vec![], &new).1.len(), 3);
+        assert_eq!(diff(&old, &vec![]).0.len(), 3);
     }
 }

@@ -30,7 +30,16 @@ fn ports_text(policy: &Policy, mask: u8) -> String {
 }
 
 pub fn warnings(policy: &Policy, diags: &mut Diagnostics) {
+    // Only the warnings shown are formatted: a big list file can shadow
+    // itself a hundred thousand times, and every reload runs this.
     let mut found: Vec<(&Rule, String)> = Vec::new();
+    let mut total = 0;
+    let mut keep = |r, msg: &dyn Fn() -> String| {
+        total += 1;
+        if found.len() < MAX_WARNINGS {
+            found.push((r, msg()));
+        }
+    };
     for (dir_name, d) in [("ingress", &policy.ingress), ("egress", &policy.egress)] {
         for side in [policy_common::side::PEER, policy_common::side::LOCAL] {
             let mut rules: Vec<&Rule> = d.rules.iter().filter(|r| r.side == side).collect();
@@ -42,8 +51,7 @@ pub fn warnings(policy: &Policy, diags: &mut Diagnostics) {
                 }
                 let same = stack.iter().rev().find(|a| a.kind.is_allow() == r.kind.is_allow() && a.port_mask & r.port_mask == r.port_mask);
                 if let Some(a) = same {
-                    found.push((
-                        r,
+                    keep(r, &|| {
                         format!(
                             "{dir_name} {} `{}` ({}) can never match: {} `{}` ({}) already covers it on the same ports",
                             r.kind.name(),
@@ -52,14 +60,13 @@ pub fn warnings(policy: &Policy, diags: &mut Diagnostics) {
                             a.kind.name(),
                             a.id,
                             a.net
-                        ),
-                    ));
+                        )
+                    });
                 }
                 let opposite = stack.iter().rev().find(|a| a.kind.is_allow() != r.kind.is_allow() && a.port_mask & r.port_mask != 0);
                 if let Some(a) = opposite {
                     let (allow, deny) = if a.kind.is_allow() { (*a, r) } else { (r, *a) };
-                    found.push((
-                        r,
+                    keep(r, &|| {
                         format!(
                             "{dir_name} allow `{}` ({}) and deny `{}` ({}) overlap on port {}: the allow wins there",
                             allow.id,
@@ -67,15 +74,14 @@ pub fn warnings(policy: &Policy, diags: &mut Diagnostics) {
                             deny.id,
                             deny.net,
                             ports_text(policy, a.port_mask & r.port_mask)
-                        ),
-                    ));
+                        )
+                    });
                 }
                 stack.push(r);
             }
         }
     }
-    let total = found.len();
-    for (r, msg) in found.into_iter().take(MAX_WARNINGS) {
+    for (r, msg) in found {
         diags.warning(&r.origin.file, r.origin.pos, "", msg);
     }
     if total > MAX_WARNINGS {

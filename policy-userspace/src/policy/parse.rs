@@ -512,10 +512,11 @@ impl Walker<'_> {
         match lists::read(&path) {
             Err(e) => self.error(path_node.pos, &file_field, format!("cannot read list file {}: {e}", path.display())),
             Ok(list) => {
-                for (line, col, msg) in list.errors {
-                    self.diags.error(&path, Pos { line, col }, "", msg);
+                for (line, col, msg) in &list.errors {
+                    self.diags.error(&path, Pos { line: *line, col: *col }, "", msg.clone());
                 }
-                for (net, line) in list.nets {
+                rules.reserve(list.nets.len());
+                for &(net, line) in &list.nets {
                     rules.push(Rule {
                         id: id.clone(),
                         kind,
