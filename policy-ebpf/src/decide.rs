@@ -73,10 +73,11 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
     if plain == parse::plain::NOT_TCP {
         return Verdict::Pass;
     }
-    let Some(runtime) = config::runtime() else { return Verdict::Pass };
-    if plain < parse::plain::NOT_TCP && !runtime.may_guard(plain as u16) {
+    // Its own lookup, so nothing of it has to live on past this exit.
+    if plain < parse::plain::NOT_TCP && !config::runtime().is_some_and(|r| r.may_guard(plain as u16)) {
         return Verdict::Pass;
     }
+    let Some(runtime) = config::runtime() else { return Verdict::Pass };
     let ports = parse::ports(frame);
     if ports.outcome == outcome::NOT_TCP {
         return Verdict::Pass;
