@@ -244,9 +244,15 @@ pub fn run_all(work: &Path, only: Option<&str>) -> Result<Vec<Mode>> {
     }
     if wanted("xdp_filter") {
         let bed = Bed::new(false)?;
+        // libxdp keeps its dispatcher pins under /sys/fs/bpf/xdp.
+        let libxdp_dir = Path::new("/sys/fs/bpf/xdp");
+        let had_dir = libxdp_dir.exists();
         bed.dut.exec(&["xdp-filter", "load", "-m", "native", "-f", "tcp,ipv4", "d0"])?;
         let r = bed.dut.exec(&["xdp-filter", "port", "-p", "tcp", "25"]).and_then(|_| bed.flood(&acl_frame, Bed::xdp_drops));
         let _ = bed.dut.exec(&["xdp-filter", "unload", "d0"]);
+        if !had_dir {
+            let _ = std::fs::remove_dir(libxdp_dir);
+        }
         push("xdp_filter", "xdp-filter -f tcp,ipv4, port 25 (drops all of port 25: no ACL, no rate)", r?);
     }
     for (name, family, what) in [
