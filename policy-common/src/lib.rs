@@ -344,6 +344,38 @@ pub const fn acl_scope(direction: u8, side: u8) -> u8 {
     (direction << 1) | side
 }
 
+/// ACL scopes: (direction, side) pairs.
+pub const ACL_SCOPES: usize = 4;
+/// Words of an [`AclSkip`] set: one bit per IPv4 /16.
+pub const ACL_SKIP_WORDS: usize = 65_536 / 64;
+
+/// The IPv4 /16s where one (generation, scope) has no ACL entry at all:
+/// an address there needs no trie lookup. A clear bit only means "look".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AclSkip {
+    pub words: [u64; ACL_SKIP_WORDS],
+}
+
+impl AclSkip {
+    /// Nothing skipped: every lookup goes to the trie.
+    pub const NONE: Self = Self { words: [0; ACL_SKIP_WORDS] };
+
+    /// Index of the `ACL_SKIP` entry of a (generation, scope).
+    #[inline(always)]
+    pub const fn index(generation: u8, scope: u8) -> u32 {
+        (generation as u32 & 1) * ACL_SCOPES as u32 + (scope as u32 & 3)
+    }
+
+    /// Is the /16 of `addr` (memory-order word) free of entries?
+    #[inline(always)]
+    pub fn skips(&self, addr: u32) -> bool {
+        let b = addr.to_ne_bytes();
+        let slash16 = ((b[0] as usize) << 8) | b[1] as usize;
+        self.words[slash16 >> 6] & (1 << (slash16 & 63)) != 0
+    }
+}
+
 /// What the longest matching prefix means, resolved by the compiler.
 ///
 /// For each guarded port slot: the rule allowing it (wins over everything)
@@ -428,6 +460,7 @@ mod pod {
     unsafe impl aya::Pod for AclKeyV4 {}
     unsafe impl aya::Pod for AclKeyV6 {}
     unsafe impl aya::Pod for AclEntry {}
+    unsafe impl aya::Pod for AclSkip {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for source::SourceSet {}
     unsafe impl aya::Pod for maps::Counter {}

@@ -28,6 +28,10 @@ pub const BAN_V6: &str = "BAN_V6";
 /// Capacity of each manual network ban trie.
 pub const BAN_CIDR_CAPACITY: u32 = 65_536;
 
+/// `Array<AclSkip>`, one per (generation, scope): IPv4 /16s without ACL
+/// entries, so most addresses skip the trie. Writer: controller (install).
+pub const ACL_SKIP: &str = "ACL_SKIP";
+
 /// `PerCpuArray<u32>`, 1 entry: scratch word that keeps verifier state small.
 pub const SCRATCH: &str = "SCRATCH";
 
@@ -38,11 +42,12 @@ pub const TENANT_IFACES: &str = "TENANT_IFACES";
 pub const TENANT_IFACES_CAPACITY: u32 = 4096;
 
 /// Every map of the object, for the ELF test and the controller.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     RUNTIME,
     POLICY,
     ACL_V4,
     ACL_V6,
+    ACL_SKIP,
     BAN_V4,
     BAN_V6,
     SOURCES,

@@ -6,10 +6,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::Key, LpmTrie},
+    maps::{lpm_trie::Key, Array, LpmTrie},
 };
 use policy_common::{
-    acl_scope, direction, side, AclEntry, AclKeyV4, AclKeyV6, ACL_CAPACITY, ACL_KEY_HEADER_BITS,
+    acl_scope, direction, side, AclEntry, AclKeyV4, AclKeyV6, AclSkip, ACL_CAPACITY, ACL_KEY_HEADER_BITS, ACL_SCOPES,
+    GENERATIONS,
 };
 
 use crate::parse::Flow;
@@ -21,6 +22,10 @@ static ACL_V4: LpmTrie<AclKeyV4, AclEntry> = LpmTrie::with_max_entries(ACL_CAPAC
 /// Key: (generation, direction << 1 | side, IPv6 prefix). Writer: controller.
 #[map]
 static ACL_V6: LpmTrie<AclKeyV6, AclEntry> = LpmTrie::with_max_entries(ACL_CAPACITY, 0);
+
+/// Key: `AclSkip::index(generation, scope)`. Writer: controller.
+#[map]
+static ACL_SKIP: Array<AclSkip> = Array::with_max_entries(GENERATIONS * ACL_SCOPES as u32, 0);
 
 /// The ACL's opinion of a flow; rule ids are 0 when no rule applies.
 #[derive(Default)]
@@ -58,6 +63,10 @@ fn entry(v6: bool, addr: &[u32; 4], generation: u8, scope: u8) -> Option<&'stati
         };
         ACL_V6.get(key.as_key())
     } else {
+        // Most addresses sit in a /16 without entries: one word answers.
+        if ACL_SKIP.get(AclSkip::index(generation, scope)).is_some_and(|s| s.skips(addr[0])) {
+            return None;
+        }
         let key = AlignedKey {
             prefix_len: ACL_KEY_HEADER_BITS + 32,
             data: AclKeyV4 { generation, scope, _pad: [0; 2], addr: addr[0] },

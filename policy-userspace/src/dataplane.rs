@@ -22,7 +22,7 @@ use aya::{
 use policy_common::{
     direction, hook,
     source::{sets_for, SourceSet},
-    AclEntry, AclKeyV4, AclKeyV6, Counter, Event, PolicyConfig, Runtime, ACL_KEY_HEADER_BITS,
+    AclEntry, AclKeyV4, AclKeyV6, AclSkip, Counter, Event, PolicyConfig, Runtime, ACL_KEY_HEADER_BITS,
     DEFAULT_SOURCE_CAPACITY,
 };
 
@@ -293,6 +293,7 @@ impl Dataplane {
             self.installed[gen] = self.acl_contents(gen as u8).unwrap_or_default();
             return Err(e);
         }
+        self.write_acl_skip(gen as u8, &wanted)?;
         self.installed[gen] = wanted;
         let mut config = compiled.config;
         config.generation = number;
@@ -322,6 +323,33 @@ impl Dataplane {
             let fd = self.map_fd(name)?;
             crate::batch::delete(fd, &del, del.len() / key_size(name)).map_err(|source| DataplaneError::Batch { name, source })?;
             crate::batch::update(fd, &up, &val, val.len() / entry).map_err(|source| DataplaneError::Batch { name, source })?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the IPv4 skip sets of `generation` from what its trie
+    /// holds (for ACL entries written one by one, as the tests do).
+    pub fn refresh_acl_skip(&mut self, generation: u32) -> Result<()> {
+        let contents = self.acl_contents(generation as u8 & 1)?;
+        self.write_acl_skip(generation as u8 & 1, &contents)
+    }
+
+    /// Marks, per scope, the /16s that no IPv4 entry of `contents` touches.
+    fn write_acl_skip(&mut self, generation: u8, contents: &AclContents) -> Result<()> {
+        let mut sets = [AclSkip { words: [u64::MAX; policy_common::ACL_SKIP_WORDS] }; policy_common::ACL_SCOPES];
+        for ((scope, net), _) in contents {
+            let IpNet::V4(n) = net else { continue };
+            let set = &mut sets[*scope as usize % policy_common::ACL_SCOPES];
+            let first = (u32::from(n.network()) >> 16) as usize;
+            let count = 1usize << 16u8.saturating_sub(n.prefix_len());
+            for i in first..first + count {
+                set.words[i >> 6] &= !(1 << (i & 63));
+            }
+        }
+        let name = policy_common::ACL_SKIP;
+        let mut array = self.array::<AclSkip>(name)?;
+        for (scope, set) in sets.iter().enumerate() {
+            array.set(AclSkip::index(generation, scope as u8), set, 0).map_err(|source| DataplaneError::Map { name, source })?;
         }
         Ok(())
     }

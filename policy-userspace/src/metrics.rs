@@ -114,6 +114,7 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
     for (name, cap) in [
         (policy_common::RUNTIME, 1),
         (policy_common::POLICY, policy_common::GENERATIONS as i64),
+        (policy_common::ACL_SKIP, policy_common::GENERATIONS as i64 * policy_common::ACL_SCOPES as i64),
         (policy_common::STATS, policy_common::STATS_ENTRIES as i64),
         (policy_common::GEO_DROPS, policy_common::GEO_DROPS_ENTRIES as i64),
         (policy_common::EVENT_BUDGET, 1),
