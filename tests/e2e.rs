@@ -199,3 +199,29 @@ fn an_exemption_added_by_a_policy_edit_takes_effect_without_dropping_sessions() 
         assert!(allowed > 0, "passed by the new exemption [{family:?}]");
     }
 }
+
+/// The exempt tenant's segments in its own TCP counters.
+fn out_segments(ns: &smtpguard_tests::netns::Netns) -> u64 {
+    let out = ns.exec(&["nstat", "-asz", "TcpOutSegs"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines().find_map(|l| l.strip_prefix("TcpOutSegs")?.split_whitespace().next()?.parse().ok()).expect("nstat TcpOutSegs")
+}
+
+/// A tenant's session to the internet passes its tap's tc_ingress and the
+/// uplink's tc_egress: every segment it sends is counted exactly once.
+#[test]
+fn a_routed_tenant_session_is_counted_once() {
+    if !require_root() {
+        return;
+    }
+    let (lab, _) = lab_with("e2eonce", "enforce", None);
+    for family in Family::ALL {
+        let before = lab.counters().unwrap();
+        let segments = out_segments(&lab.exempt);
+        assert!(swaks(&lab.exempt, family.addr(Role::Exempt), family.addr(Role::Mx), 25).unwrap(), "exempt tenant on 25 [{family:?}]");
+        let sent = out_segments(&lab.exempt) - segments;
+        let counted = lab.counters().unwrap().packets(direction::EGRESS, verdict::PASS, reason::ALLOW_ACL) - before.packets(direction::EGRESS, verdict::PASS, reason::ALLOW_ACL);
+        assert!(sent >= 5, "a whole SMTP session [{family:?}]: {sent} segments");
+        assert_eq!(counted, sent, "segments the tenant sent against packets smtpguard counted [{family:?}]");
+    }
+}
