@@ -200,11 +200,15 @@ fn an_exemption_added_by_a_policy_edit_takes_effect_without_dropping_sessions() 
     }
 }
 
-/// The exempt tenant's segments in its own TCP counters.
+/// Segments a namespace's TCP has sent, retransmissions included (the
+/// kernel counts those apart from TcpOutSegs).
 fn out_segments(ns: &smtpguard_tests::netns::Netns) -> u64 {
-    let out = ns.exec(&["nstat", "-asz", "TcpOutSegs"]).unwrap();
+    let out = ns.exec(&["nstat", "-asz", "TcpOutSegs", "TcpRetransSegs"]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.lines().find_map(|l| l.strip_prefix("TcpOutSegs")?.split_whitespace().next()?.parse().ok()).expect("nstat TcpOutSegs")
+    let value = |name: &str| -> u64 {
+        text.lines().find_map(|l| l.strip_prefix(name)?.split_whitespace().next()?.parse().ok()).unwrap_or_else(|| panic!("nstat {name}"))
+    };
+    value("TcpOutSegs") + value("TcpRetransSegs")
 }
 
 /// A tenant's session to the internet passes its tap's tc_ingress and the
