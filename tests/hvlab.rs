@@ -706,7 +706,7 @@ fn geo_database(dir: &Path) -> Result<PathBuf> {
 
 /// The lab's policy: `policies/idc-default.yaml` with the `ingress.geo`
 /// block of `policies/geo-fence.yaml` added (over `geo_db`), file paths
-/// made absolute. `mode` overrides the mode; `extra_exemptions` adds
+/// made absolute, exemptions renewed to a month from today. `mode` overrides the mode; `extra_exemptions` adds
 /// exemptions on 25 for tenant CIDRs; `ingress_ban_above` overrides the
 /// inbound ban threshold.
 pub fn lab_policy(repo: &Path, geo_db: &Path, mode: &str, extra_exemptions: &[&str], ingress_ban_above: Option<i64>) -> Result<String> {
@@ -748,6 +748,14 @@ pub fn lab_policy(repo: &Path, geo_db: &Path, mode: &str, extra_exemptions: &[&s
     }
     let egress = hash(&mut policy, "egress")?;
     let Some(Yaml::Array(list)) = egress.get_mut(&key("exemptions")) else { bail!("idc-default.yaml: egress.exemptions") };
+    // The example's tickets carry fixed last days; the lab renews them a
+    // month ahead so that the demo keeps showing an exempt tenant.
+    let renewed = smtpguard::policy::time::format_date(smtpguard::policy::time::today() + 30);
+    for e in list.iter_mut() {
+        if let Yaml::Hash(e) = e {
+            e.insert(key("until"), Yaml::String(renewed.clone()));
+        }
+    }
     for (i, cidr) in extra_exemptions.iter().enumerate() {
         let mut e = Hash::new();
         e.insert(key("id"), Yaml::String(format!("ticket-lab-{i}")));
