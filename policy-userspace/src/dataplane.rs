@@ -421,11 +421,8 @@ impl Dataplane {
 
     /// Every tracked source slot.
     pub fn sources(&mut self) -> Result<Vec<policy_common::source::SourceSlot>> {
-        let mut out = Vec::new();
-        for i in 0..self.source_sets {
-            out.extend(self.source_set(i)?.slots.iter().filter(|s| s.key != 0).copied());
-        }
-        Ok(out)
+        let name = policy_common::SOURCES;
+        tracked_sources(self.map_fd(name)?, self.source_sets).map_err(|source| DataplaneError::Batch { name, source })
     }
 
     /// Manual network bans stored, IPv4 and IPv6 (expired ones included).
@@ -770,6 +767,13 @@ fn diff(old: &AclContents, new: &AclContents) -> (Vec<AclKey>, AclContents) {
         }
     }
     (stale, changed)
+}
+
+/// Every tracked slot of the source table behind `fd` (`sets` sets), read
+/// in batches.
+pub(crate) fn tracked_sources(fd: std::os::fd::RawFd, sets: u32) -> std::io::Result<Vec<policy_common::source::SourceSlot>> {
+    let sets: Vec<SourceSet> = crate::batch::array_values(fd, sets)?;
+    Ok(sets.iter().flat_map(|s| s.slots.iter().filter(|slot| slot.key != 0).copied()).collect())
 }
 
 #[cfg(test)]

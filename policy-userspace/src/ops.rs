@@ -42,6 +42,8 @@ pub struct PinnedMaps {
     policy: Array<MapData, PolicyConfig>,
     stats: PerCpuArray<MapData, Counter>,
     sources: Array<MapData, SourceSet>,
+    /// The same map again, for batch reads.
+    sources_bulk: MapData,
 }
 
 fn open(pins: &Pins, name: &str) -> Result<MapData> {
@@ -64,6 +66,7 @@ impl PinnedMaps {
             policy: typed(Array::try_from(Map::Array(open(pins, policy_common::POLICY)?)), policy_common::POLICY)?,
             stats: typed(PerCpuArray::try_from(Map::PerCpuArray(open(pins, policy_common::STATS)?)), policy_common::STATS)?,
             sources: typed(Array::try_from(Map::Array(open(pins, policy_common::SOURCES)?)), policy_common::SOURCES)?,
+            sources_bulk: open(pins, policy_common::SOURCES)?,
         })
     }
 
@@ -86,12 +89,9 @@ impl PinnedMaps {
 
     /// Every tracked source slot.
     pub fn sources(&self) -> Result<Vec<SourceSlot>> {
-        let mut out = Vec::new();
-        for i in 0..self.sources.len() {
-            let set = typed(self.sources.get(&i, 0), policy_common::SOURCES)?;
-            out.extend(set.slots.iter().filter(|s| s.key != 0).copied());
-        }
-        Ok(out)
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(self.sources_bulk.fd()));
+        crate::dataplane::tracked_sources(fd, self.sources.len())
+            .map_err(|e| OpsError::Map { path: policy_common::SOURCES.to_owned(), message: e.to_string() })
     }
 
     fn source_key(addr: IpAddr) -> u64 {
