@@ -16,36 +16,12 @@ use smtpguard::{
     model::{decide, AclIndex, Packet, SourceState},
     policy::{self, time, LoadOptions},
 };
-use smtpguard_tests::{fixtures::Harness, packet::TcpFrame, require_root};
+use smtpguard_tests::{fixtures::Harness, packet::TcpFrame, require_root, rng::Rng};
 
 const POLICIES: usize = 40;
 const PACKETS_PER_POLICY: usize = 60;
 const COUNTRIES: [&str; 4] = ["DE", "KP", "US", "BR"];
 const PORTS: [(u16, &str); 4] = [(25, "smtp"), (465, "smtps"), (587, "submission"), (2525, "other")];
-
-/// Deterministic xorshift, so a failure reproduces.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
 
 /// Addresses come from a small pool so rules and packets meet.
 fn addr(rng: &mut Rng, v6: bool) -> IpAddr {

@@ -23,6 +23,7 @@ use smtpguard_tests::{
     livegen,
     netns::{run, veth_pair, Netns},
     packet::{TcpFrame, SYN},
+    rng::Rng,
 };
 
 pub const PACKETS: u32 = 5_000_000;
@@ -32,29 +33,13 @@ const DUT_ADDR: &str = "10.99.0.2";
 /// Never inside a generated CIDR: the rate-limited source.
 pub const CLEAN_SOURCE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 77);
 
-/// A deterministic PRNG (xorshift64*), so every run loads the same rules.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed | 1)
-    }
-
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 /// `n` random IPv4 CIDRs of mixed prefix lengths (/8 to /32, weighted to
 /// /16-/24 like real block lists), none containing [`CLEAN_SOURCE`].
 pub fn random_cidrs(n: usize, seed: u64) -> Vec<ipnet::Ipv4Net> {
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng(seed | 1);
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        let r = rng.next();
+        let r = rng.next_u64();
         let len = [8, 12, 16, 18, 20, 22, 24, 24, 24, 26, 28, 32][(r % 12) as usize];
         let net = ipnet::Ipv4Net::new(Ipv4Addr::from((r >> 32) as u32), len).expect("valid length").trunc();
         if !net.contains(&CLEAN_SOURCE) && !net.contains(&DUT_ADDR.parse::<Ipv4Addr>().expect("address")) {
