@@ -157,7 +157,7 @@ pub fn render(dir: &Path, docs: &Path) -> Result<()> {
     let _ = writeln!(md, "smtpguard's XDP path does the work of every row below it (ACL, rate limit, bans, geo) and drops");
     let _ = writeln!(md, "2–3× faster than nftables or iptables doing less; xdp-filter, which only matches the port, is");
     let _ = writeln!(md, "faster still. The gap to the floor is the LPM trie lookup plus the source-table check: on this");
-    let _ = writeln!(md, "path every program's cost shows about 2–2.5× its BPF_PROG_TEST_RUN cost (xdp-filter too).\n");
+    let _ = writeln!(md, "path every program's cost shows about 2–3× its BPF_PROG_TEST_RUN cost (xdp-filter too).\n");
     std::fs::create_dir_all(docs.join("bench"))?;
     std::fs::write(docs.join("bench/throughput.svg"), bar_chart("SYN flood to port 25 on veth: drop rate per mode", "Mpps", &bars))?;
 
