@@ -603,7 +603,7 @@ impl Dataplane {
 
     /// Every `STATS` cell, summed over CPUs.
     pub fn stats(&mut self) -> Result<Vec<Counter>> {
-        self.per_cpu_sums(policy_common::STATS, |sum: Counter, c| Counter { packets: sum.packets + c.packets, bytes: sum.bytes + c.bytes })
+        self.per_cpu_sums(policy_common::STATS, |sum: Counter, c| sum + *c)
     }
 
     /// Every `GEO_DROPS` cell, summed over CPUs.

@@ -82,7 +82,7 @@ impl PinnedMaps {
         (0..self.stats.len())
             .map(|i| {
                 let v = typed(self.stats.get(&i, 0), policy_common::STATS)?;
-                Ok(v.iter().fold(Counter::default(), |s, c| Counter { packets: s.packets + c.packets, bytes: s.bytes + c.bytes }))
+                Ok(v.iter().fold(Counter::default(), |s, c| s + *c))
             })
             .collect()
     }
