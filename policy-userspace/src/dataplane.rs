@@ -374,8 +374,7 @@ impl Dataplane {
     /// Makes packets judge by `generation`, with the event settings given:
     /// every packet that starts from now on is judged by it. The other
     /// generation is not written again before an RCU grace period has let
-    /// the packets still reading it finish (see [`Dataplane::install`]);
-    /// [`Dataplane::settle`] waits for that at once.
+    /// the packets still reading it finish (see [`Dataplane::install`]).
     pub fn activate(&mut self, generation: u32, drop_sample_one_in: u32, events_per_second: u32) -> Result<()> {
         let mut rt = self.runtime()?;
         rt.active = generation & 1;
@@ -384,18 +383,6 @@ impl Dataplane {
         self.set_runtime(rt)?;
         self.grace_pending = true;
         Ok(())
-    }
-
-    /// Returns once no packet can still be judged by the generation
-    /// flipped away from, and narrows the port filter to the active one.
-    pub fn settle(&mut self) -> Result<()> {
-        if self.grace_pending {
-            rcu_grace_period();
-            self.grace_pending = false;
-        }
-        let active = self.runtime()?.active;
-        let policy = self.policy(active)?;
-        self.set_port_filter(&[&policy])
     }
 
     /// Makes `ifindexes` the tenant interfaces, replacing any earlier set
