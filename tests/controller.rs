@@ -4,8 +4,7 @@
 //! reloads under traffic, and the metrics exposition (promtool).
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
+    io::Write,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -19,7 +18,8 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{Map, MapData, PerCpuArray};
 use policy_common::{direction, reason, stats_index, verdict, Counter};
 use smtpguard_tests::{
-    lab::{assert_dropped, assert_greeted, connect, Greeter},
+    smtpguard_bin,
+    lab::{assert_dropped, assert_greeted, connect, Greeter, Prometheus},
     netns::{veth_pair, Netns},
     packet::{TcpFrame, SYN},
     require_root,
@@ -29,12 +29,6 @@ use smtpguard_tests::{
 const SERVER: &str = "192.0.2.2";
 const CLIENT_OK: &str = "192.0.2.1";
 const CLIENT_DENIED: &str = "192.0.2.3";
-
-fn smtpguard_bin() -> PathBuf {
-    // tests run from target/<profile>/deps; the binary sits one level up.
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("smtpguard")
-}
 
 /// A client and a server namespace, a greeter on 25 in the server.
 struct Lab {
@@ -141,18 +135,7 @@ impl Drop for Controller {
 }
 
 fn http_get(lab: &Lab, port: u16, path: &str) -> Result<String> {
-    lab.server.enter(|| -> Result<String> {
-        let mut s = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse()?, Duration::from_secs(1))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-        let mut body = String::new();
-        s.read_to_string(&mut body)?;
-        let (head, rest) = body.split_once("\r\n\r\n").context("no HTTP body")?;
-        if !head.starts_with("HTTP/1.1 200") {
-            bail!("{head}");
-        }
-        Ok(rest.to_owned())
-    })?
+    smtpguard_tests::lab::http_get(&lab.server, port, path)
 }
 
 /// The value of a metric line with all the given label pairs.
@@ -400,20 +383,6 @@ fn metrics_pass_promtool_and_invalid_reloads_keep_the_running_policy() {
     assert!(out.status.success(), "promtool: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
-/// A Prometheus server in the server namespace, killed on drop.
-struct PrometheusServer {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for PrometheusServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[test]
 fn a_real_prometheus_scrapes_the_controller_and_promql_matches_the_datapath() {
     if !require_root() {
@@ -433,31 +402,13 @@ fn a_real_prometheus_scrapes_the_controller_and_promql_matches_the_datapath() {
     let kernel: u64 = stats.get(&cell, 0).unwrap().iter().map(|c| c.packets).sum();
     assert!(kernel >= 3);
 
-    let prom_dir = dir.join("prometheus");
-    std::fs::create_dir_all(prom_dir.join("data")).unwrap();
-    let config = prom_dir.join("prometheus.yml");
-    std::fs::write(&config, "global: {scrape_interval: 1s}\nscrape_configs:\n  - job_name: smtpguard\n    static_configs: [{targets: ['127.0.0.1:19428']}]\n").unwrap();
-    let child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.server.name()))
-        .args(["--", "prometheus"])
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", prom_dir.join("data").display()))
-        .args(["--web.listen-address=127.0.0.1:19090", "--log.level=warn"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("prometheus (Debian package)");
-    let _prom = PrometheusServer { child, dir: prom_dir };
-    let query = "/api/v1/query?query=sum(smtpguard_packets_total%7Breason%3D%22deny_acl%22%7D)";
+    let prom = Prometheus::start(&lab.server, &dir.join("prometheus"), 19428, 19090).expect("prometheus");
     let mut answer = None;
     // Prometheus answers after its first scrape, some seconds after start (bounded: 60 s).
     for _ in 0..600 {
-        if let Ok(body) = http_get(&lab, 19090, query) {
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            if let Some(value) = v["data"]["result"][0]["value"][1].as_str() {
-                answer = value.parse::<f64>().ok();
-                break;
-            }
+        if let Some((_, value)) = prom.query(&lab.server, "sum(smtpguard_packets_total{reason=\"deny_acl\"})") {
+            answer = Some(value);
+            break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -8,16 +8,12 @@ use std::{path::PathBuf, time::Duration};
 
 use policy_common::{direction, reason, verdict};
 use smtpguard_tests::{
-    hvlab::{flood, greeting, lab_policy, repo_root, swaks, Family, Lab, Prometheus, Role, SmtpSession},
+    smtpguard_bin,
+    hvlab::{flood, greeting, lab_policy, repo_root, swaks, Family, Lab, Role, SmtpSession, METRICS_PORT},
+    lab::Prometheus,
     require_root,
     scenario::{Scenario, RATE_BURST, RATE_PER_MINUTE},
 };
-
-fn smtpguard_bin() -> PathBuf {
-    // Tests run from target/<profile>/deps; the binary sits one level up.
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("smtpguard")
-}
 
 /// A lab with the controller running the lab policy in `mode` (written
 /// into the lab as policy.yaml).
@@ -42,8 +38,8 @@ fn assert_promql_matches(lab: &Lab, prom: &Prometheus, promql: &str, kernel: imp
         let before = kernel(lab);
         let read_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
         std::thread::sleep(Duration::from_millis(200));
-        let scraped_at = prom.query(lab, "max(timestamp(smtpguard_build_info))").map(|(_, t)| t);
-        if let (Some(scraped_at), Some((_, value))) = (scraped_at, prom.query(lab, promql)) {
+        let scraped_at = prom.query(&lab.hv, "max(timestamp(smtpguard_build_info))").map(|(_, t)| t);
+        if let (Some(scraped_at), Some((_, value))) = (scraped_at, prom.query(&lab.hv, promql)) {
             if scraped_at > read_at && kernel(lab) == before {
                 assert_eq!(value, before as f64, "PromQL {promql} against the datapath's own count");
                 return;
@@ -60,7 +56,7 @@ fn every_scenario_line_holds_over_ipv4_and_ipv6_and_prometheus_agrees() {
         return;
     }
     let (lab, _) = lab_with("e2e", "enforce", None);
-    let prom = Prometheus::start(&lab, 19091).expect("prometheus");
+    let prom = Prometheus::start(&lab.hv, &lab.dir.join("prometheus"), METRICS_PORT, 19091).expect("prometheus");
     let mut s = Scenario::new(&lab, false, false, 2, true);
     for family in Family::ALL {
         s.run_family(family).unwrap();

@@ -390,18 +390,7 @@ impl Lab {
 
     /// A GET on the hypervisor's loopback.
     pub fn http_get(&self, port: u16, path: &str) -> Result<String> {
-        self.hv.enter(|| -> Result<String> {
-            let mut s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(1))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-            let mut body = String::new();
-            s.read_to_string(&mut body)?;
-            let (head, rest) = body.split_once("\r\n\r\n").context("no HTTP body")?;
-            if !head.starts_with("HTTP/1.1 200") {
-                bail!("{head}");
-            }
-            Ok(rest.to_owned())
-        })?
+        crate::lab::http_get(&self.hv, port, path)
     }
 
     /// The datapath's own counters, read from the pinned map.
@@ -448,6 +437,12 @@ impl Drop for Lab {
 /// Per-cell packet counts of `STATS`, summed over CPUs.
 #[derive(Clone)]
 pub struct Counters(Vec<Counter>);
+
+impl From<Vec<Counter>> for Counters {
+    fn from(cells: Vec<Counter>) -> Self {
+        Self(cells)
+    }
+}
 
 impl Counters {
     /// Packets of (direction, verdict, reason) over every port slot.
@@ -621,52 +616,6 @@ impl SmtpSession {
 
     pub fn set_timeout(&mut self, t: Duration) -> Result<()> {
         Ok(self.stream.set_read_timeout(Some(t))?)
-    }
-}
-
-/// A Prometheus server on the hypervisor scraping the controller each second.
-pub struct Prometheus {
-    child: Child,
-    pub port: u16,
-}
-
-impl Prometheus {
-    pub fn start(lab: &Lab, port: u16) -> Result<Self> {
-        let dir = lab.dir.join("prometheus");
-        std::fs::create_dir_all(dir.join("data"))?;
-        let config = dir.join("prometheus.yml");
-        std::fs::write(&config, format!("global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: smtpguard\n    static_configs: [{{targets: ['127.0.0.1:{METRICS_PORT}']}}]\n"))?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", lab.hv.name()))
-            .args(["--", "prometheus"])
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .args([&format!("--web.listen-address=127.0.0.1:{port}"), "--log.level=warn"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting prometheus (Debian package)")?;
-        lab.teardown.lock().unwrap().pids.push(child.id());
-        Ok(Self { child, port })
-    }
-
-    /// An instant query's first value and its sample time, when there is one.
-    pub fn query(&self, lab: &Lab, promql: &str) -> Option<(f64, f64)> {
-        let q: String = promql
-            .bytes()
-            .map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
-            .collect();
-        let body = lab.http_get(self.port, &format!("/api/v1/query?query={q}")).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let value = &v["data"]["result"][0]["value"];
-        Some((value[0].as_f64()?, value[1].as_str()?.parse().ok()?))
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -2,8 +2,10 @@
 //! client that connects from a chosen source address.
 
 use std::{
-    io::Read,
-    net::{IpAddr, SocketAddr, TcpListener},
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -12,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use socket2::{Domain, Socket, Type};
 
 use crate::netns::Netns;
@@ -93,3 +95,67 @@ pub fn assert_dropped(r: Result<String, std::io::ErrorKind>, what: &str) {
     assert_eq!(r, Err(std::io::ErrorKind::TimedOut), "{what}: expected the SYN to be dropped");
 }
 
+
+/// A GET to `127.0.0.1:port` from inside `ns`: the body of a 200 answer.
+pub fn http_get(ns: &Netns, port: u16, path: &str) -> Result<String> {
+    ns.enter(|| -> Result<String> {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(1))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        let (head, rest) = body.split_once("\r\n\r\n").context("no HTTP body")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("{head}");
+        }
+        Ok(rest.to_owned())
+    })?
+}
+
+/// A Prometheus server in a namespace scraping `127.0.0.1:scrape_port`
+/// each second; killed, and its `dir` removed, on drop.
+pub struct Prometheus {
+    child: Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Prometheus {
+    pub fn start(ns: &Netns, dir: &Path, scrape_port: u16, port: u16) -> Result<Self> {
+        std::fs::create_dir_all(dir.join("data"))?;
+        let config = dir.join("prometheus.yml");
+        std::fs::write(&config, format!("global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: smtpguard\n    static_configs: [{{targets: ['127.0.0.1:{scrape_port}']}}]\n"))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", ns.name()))
+            .args(["--", "prometheus"])
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .args([&format!("--web.listen-address=127.0.0.1:{port}"), "--log.level=warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting prometheus (Debian package)")?;
+        Ok(Self { child, dir: dir.to_owned(), port })
+    }
+
+    /// An instant query's first value and its sample time, when there is
+    /// one (none before the first scrape, some seconds after start).
+    pub fn query(&self, ns: &Netns, promql: &str) -> Option<(f64, f64)> {
+        let q: String = promql
+            .bytes()
+            .map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect();
+        let body = http_get(ns, self.port, &format!("/api/v1/query?query={q}")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let value = &v["data"]["result"][0]["value"];
+        Some((value[0].as_f64()?, value[1].as_str()?.parse().ok()?))
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -24,3 +24,10 @@ pub fn require_root() -> bool {
     eprintln!("SKIPPED: needs root (BPF and network namespaces); run `cargo xtask test`");
     false
 }
+
+/// The `smtpguard` binary of the profile the tests were built in (they run
+/// from target/<profile>/deps; the binary sits one level up).
+pub fn smtpguard_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    exe.parent().and_then(|d| d.parent()).expect("target/<profile>").join("smtpguard")
+}
