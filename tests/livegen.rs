@@ -4,44 +4,17 @@
 //! (about 15 Mpps on one CPU here; pktgen is not built into this kernel).
 
 use std::{
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Result};
 
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_PROG_TYPE_XDP: u32 = 6;
+use crate::testrun::{bpf, insn, load_xdp, BPF_PROG_TEST_RUN};
+
 const BPF_F_TEST_XDP_LIVE_FRAMES: u64 = 1 << 1;
 const BPF_FUNC_REDIRECT: i32 = 23;
 pub const XDP_DROP: i32 = 1;
-
-fn bpf(cmd: libc::c_long, attr: &mut [u64; 20]) -> libc::c_long {
-    // SAFETY: attr is a zeroed bpf_attr-sized buffer filled for `cmd`.
-    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) }
-}
-
-/// One eBPF instruction: opcode, dst/src registers, offset, immediate.
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
-    let o = off.to_le_bytes();
-    let i = imm.to_le_bytes();
-    u64::from_le_bytes([code, dst | (src << 4), o[0], o[1], i[0], i[1], i[2], i[3]])
-}
-
-fn load_xdp(insns: &[u64], what: &str) -> Result<OwnedFd> {
-    let license = b"GPL\0";
-    let mut attr = [0u64; 20];
-    attr[0] = BPF_PROG_TYPE_XDP as u64 | (insns.len() as u64) << 32;
-    attr[1] = insns.as_ptr() as u64;
-    attr[2] = license.as_ptr() as u64;
-    let fd = bpf(BPF_PROG_LOAD, &mut attr);
-    if fd < 0 {
-        bail!("loading {what}: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this fd to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
 
 /// `return XDP_DROP`: the floor of any dropping XDP program.
 pub fn load_xdp_drop() -> Result<OwnedFd> {

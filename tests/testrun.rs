@@ -9,17 +9,24 @@ use std::{
 use anyhow::{bail, Result};
 
 const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
+pub(crate) const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 
-fn bpf(cmd: libc::c_long, attr: &mut [u64; 20]) -> libc::c_long {
+pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u64; 20]) -> libc::c_long {
     // SAFETY: attr is a zeroed bpf_attr-sized buffer filled for `cmd`.
     unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) }
 }
 
-/// Loads `r0 = XDP_PASS; exit`: the floor of any XDP program's cost.
-pub fn load_empty_xdp() -> Result<OwnedFd> {
-    let insns: [u64; 2] = [u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]), u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0])];
+/// One eBPF instruction: opcode, dst/src registers, offset, immediate.
+pub(crate) fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    let o = off.to_le_bytes();
+    let i = imm.to_le_bytes();
+    u64::from_le_bytes([code, dst | (src << 4), o[0], o[1], i[0], i[1], i[2], i[3]])
+}
+
+/// Loads hand-written instructions as an XDP program (`what` names it in errors).
+pub(crate) fn load_xdp(insns: &[u64], what: &str) -> Result<OwnedFd> {
     let license = b"GPL\0";
     let mut attr = [0u64; 20];
     attr[0] = BPF_PROG_TYPE_XDP as u64 | (insns.len() as u64) << 32;
@@ -27,10 +34,27 @@ pub fn load_empty_xdp() -> Result<OwnedFd> {
     attr[2] = license.as_ptr() as u64;
     let fd = bpf(BPF_PROG_LOAD, &mut attr);
     if fd < 0 {
-        bail!("loading the empty XDP program: {}", std::io::Error::last_os_error());
+        bail!("loading {what}: {}", std::io::Error::last_os_error());
     }
     // SAFETY: the kernel just returned this fd to us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins a program at `path` (for tools such as `ip link set xdp pinned`).
+pub fn pin(prog: BorrowedFd<'_>, path: &std::path::Path) -> Result<()> {
+    let c = std::ffi::CString::new(path.display().to_string())?;
+    let mut attr = [0u64; 20];
+    attr[0] = c.as_ptr() as u64;
+    attr[1] = prog.as_raw_fd() as u64;
+    if bpf(BPF_OBJ_PIN, &mut attr) < 0 {
+        bail!("pinning at {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Loads `r0 = XDP_PASS; exit`: the floor of any XDP program's cost.
+pub fn load_empty_xdp() -> Result<OwnedFd> {
+    load_xdp(&[insn(0xb7, 0, 0, 0, 2), insn(0x95, 0, 0, 0, 0)], "the empty XDP program")
 }
 
 /// One timed BPF_PROG_TEST_RUN.
