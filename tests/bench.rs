@@ -245,8 +245,8 @@ fn time_compile(path: &std::path::Path, runs: usize) -> Result<(f64, smtpguard::
 fn compile(json: bool) -> Result<()> {
     const RUNS: usize = 3;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
-    let dir = std::env::temp_dir().join(format!("smtpguard-bench-compile-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let work = Work::new("compile")?;
+    let dir = &work.0;
     // 100,000 distinct random networks of mixed lengths, in two list files.
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut seen = std::collections::HashSet::new();
@@ -268,17 +268,13 @@ fn compile(json: bool) -> Result<()> {
 
     let (idc_ms, idc) = time_compile(&root.join("policies/idc-default.yaml"), RUNS)?;
     let (cidr_ms, cidr) = time_compile(&cidr_policy, RUNS)?;
-    let db = root.join("../shared/data/geo-whois-asn-country.mmdb");
-    if !db.is_file() {
-        bail!("{} is missing: the geo benchmark needs the real database (see its README)", db.display());
-    }
+    let db = geo_database()?;
     let geo_policy = dir.join("geo-full.yaml");
     std::fs::write(
         &geo_policy,
         format!("version: 1\ningress:\n  geo: {{database: {}, field: country_code, allow_only: [US]}}\n", db.display()),
     )?;
     let (geo_ms, geo) = time_compile(&geo_policy, RUNS)?;
-    let _ = std::fs::remove_dir_all(&dir);
     let geo_ok = geo_ms < 2000.0;
     if json {
         println!(
@@ -302,10 +298,11 @@ fn compile(json: bool) -> Result<()> {
     Ok(())
 }
 
-/// The real IP-to-country database beside the repository.
+/// The real IP-to-country database (`$SMTPGUARD_GEO_DATABASE`, else
+/// beside the repository); the benchmarks need the real one.
 fn geo_database() -> Result<std::path::PathBuf> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
-    root.join("../shared/data/geo-whois-asn-country.mmdb").canonicalize().context("../shared/data/geo-whois-asn-country.mmdb")
+    smtpguard_tests::hvlab::real_geo_database()
+        .context("the real geo database: set SMTPGUARD_GEO_DATABASE or put it at ../shared/data (see its README)")
 }
 
 /// Compiled as a reload compiles it (`compile_for_reload`).

@@ -3,12 +3,9 @@
 //! maps' kernel memory.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::Ipv4Addr,
     path::Path,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::atomic::{AtomicBool, Ordering},
     time::Instant,
 };
 
@@ -20,13 +17,12 @@ use smtpguard::{
     policy::Compiled,
 };
 use smtpguard_tests::{
-    livegen,
-    netns::{veth_pair, Netns},
-    packet::{TcpFrame, SYN},
+    hvlab::Counters,
+    netns::Netns,
     testrun::{load_empty_xdp, time_run},
 };
 
-use crate::throughput::random_cidrs;
+use crate::throughput::{iptables_rules, nft_ruleset, random_cidrs, syn_from, Bed};
 
 pub const SIZES: [usize; 4] = [10, 1_000, 100_000, 1_000_000];
 const REPEAT: u32 = 2_000_000;
@@ -57,10 +53,6 @@ fn apply(dp: &mut Dataplane, path: &Path, number: u64) -> Result<(f64, Compiled)
     Ok((took, compiled))
 }
 
-fn syn_from(src: Ipv4Addr) -> Vec<u8> {
-    TcpFrame::new(IpAddr::V4(src), IpAddr::V4(Ipv4Addr::new(10, 99, 0, 2)), 25, SYN).build()
-}
-
 /// An address inside `net` (its network address plus one, or itself).
 fn inside(net: &ipnet::Ipv4Net) -> Ipv4Addr {
     let base = u32::from(net.network());
@@ -81,22 +73,11 @@ pub struct SizeRow {
 /// One throughput round of `packets` SYNs from `src` into a DUT set up by
 /// `setup` (commands in the DUT namespace); Mpps.
 fn netfilter_mpps(src: Ipv4Addr, packets: u32, setup: &dyn Fn(&Netns) -> Result<()>) -> Result<f64> {
-    let gen = Netns::new("scgen")?;
-    let dut = Netns::new("scdut")?;
-    veth_pair(&gen, "g0", &["10.99.0.1/24"], &dut, "d0", &["10.99.0.2/24"])?;
-    gen.ip(&["link", "set", "g0", "address", "02:00:00:00:00:01"])?;
-    dut.ip(&["link", "set", "d0", "address", "02:00:00:00:00:02"])?;
-    dut.exec(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.d0.rp_filter=0"])?;
-    dut.exec(&["ethtool", "-K", "d0", "gro", "on"])?;
-    setup(&dut)?;
-    let ifindex = gen.enter(|| {
-        // SAFETY: a valid C string.
-        unsafe { libc::if_nametoindex(c"g0".as_ptr()) }
-    })?;
-    let generator = livegen::load_redirect(ifindex)?;
+    let bed = Bed::new(true)?;
+    setup(&bed.dut)?;
     let frame = syn_from(src);
-    gen.enter(|| livegen::send(&generator, &frame, 10_000))??;
-    let took = gen.enter(|| livegen::send(&generator, &frame, packets))??;
+    let generator = bed.generator(&frame)?;
+    let took = bed.send(&generator, &frame, packets)?;
     Ok(packets as f64 / took.as_secs_f64() / 1e6)
 }
 
@@ -135,25 +116,11 @@ pub fn run_scale(work: &Path, sizes: &[usize]) -> Result<(Vec<SizeRow>, u64)> {
 
         let src = inside(&cidrs[0]);
         let nft_file = work.join(format!("scale-{size}.nft"));
-        let elements: Vec<String> = cidrs.iter().map(|c| c.to_string()).collect();
-        std::fs::write(
-            &nft_file,
-            format!(
-                "table netdev sg {{\n  set deny4 {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {} }} }}\n  chain c {{\n    type filter hook ingress device \"d0\" priority 0; policy accept;\n    ip saddr @deny4 tcp dport 25 counter drop\n  }}\n}}\n",
-                elements.join(", ")
-            ),
-        )?;
+        std::fs::write(&nft_file, nft_ruleset("netdev", &cidrs, false))?;
         let started = Instant::now();
         let nft_mpps = netfilter_mpps(src, 2_000_000, &|dut| dut.exec(&["nft", "-f", &nft_file.display().to_string()]).map(drop))?;
         eprintln!("  nft netdev: {nft_mpps:.2} Mpps (setup and run {:.1} s)", started.elapsed().as_secs_f64());
-        let restore: String = std::iter::once("create sgdeny hash:net maxelem 2000000\n".to_owned()).chain(cidrs.iter().map(|c| format!("add sgdeny {c}\n"))).collect();
-        let ipset_file = work.join(format!("scale-{size}.ipset"));
-        std::fs::write(&ipset_file, restore)?;
-        let iptables_mpps = netfilter_mpps(src, 2_000_000, &|dut| {
-            dut.exec(&["ipset", "-exist", "restore", "-file", &ipset_file.display().to_string()])?;
-            dut.exec(&["iptables-legacy", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "25", "-m", "set", "--match-set", "sgdeny", "src", "-j", "DROP"])?;
-            Ok(())
-        })?;
+        let iptables_mpps = netfilter_mpps(src, 2_000_000, &|dut| iptables_rules(dut, work, &cidrs, false))?;
         eprintln!("  smtpguard {ns:.2} ns/pkt (floor {floor_ns:.2}), load {load_s:.3} s, reload {reload_s:.3} s, {map_bytes} map bytes; iptables {iptables_mpps:.2} Mpps");
         rows.push(SizeRow { size, smtpguard_ns: ns, floor_ns, nft_mpps, iptables_mpps, load_s, reload_s, map_bytes });
     }
@@ -184,66 +151,55 @@ pub fn run_reload(work: &Path) -> Result<Reload> {
     let one = write_policy(&dir, "one", &cidrs, &format!("  deny: [{{id: one-rule, cidr: {s}/32}}]\n"))?;
     let swap = write_policy(&dir, "swap", &other, &format!("  allow: [{{id: swapped, cidr: {s}/32}}]\n"))?;
 
-    let gen = Netns::new("rlgen")?;
-    let dut = Netns::new("rldut")?;
-    veth_pair(&gen, "g0", &["10.99.0.1/24"], &dut, "d0", &["10.99.0.2/24"])?;
+    let bed = Bed::new(false)?;
+    // Frames addressed to another host: what a policy passes, the stack
+    // discards unanswered, so the flood costs the same under either policy.
+    bed.dut.ip(&["link", "set", "d0", "address", "02:00:00:00:00:03"])?;
     let mut dp = Dataplane::load(LoadOptions::default())?;
     let (_, compiled) = apply(&mut dp, &base, 1)?;
-    dut.enter(|| dp.attach_xdp("d0", XdpMode::Driver))??;
+    bed.dut.enter(|| dp.attach_xdp("d0", XdpMode::Driver))??;
+    let frame = syn_from(s);
+    let generator = bed.generator(&frame)?;
 
-    // The flood runs until the swaps are done (bounded by its packet budget).
-    let stop = Arc::new(AtomicBool::new(false));
-    let flood = {
-        let stop = stop.clone();
-        let gen_name = gen.name().to_owned();
-        std::thread::spawn(move || -> Result<u64> {
-            let ns = std::fs::File::open(format!("/run/netns/{gen_name}"))?;
-            // SAFETY: setns on this thread only.
-            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns: {}", std::io::Error::last_os_error());
-            }
-            // SAFETY: a valid C string.
-            let ifindex = unsafe { libc::if_nametoindex(c"g0".as_ptr()) };
-            let generator = livegen::load_redirect(ifindex)?;
-            let frame = syn_from(s);
+    let before = Counters::from(dp.stats()?);
+    let stop = AtomicBool::new(false);
+    let mut number = 2;
+    let (mut one_rule, mut full) = (Vec::new(), Vec::new());
+    // The flood runs until the changes are done, within its packet budget.
+    let sent = std::thread::scope(|scope| -> Result<u64> {
+        let flood = scope.spawn(|| -> Result<u64> {
             let mut sent = 0u64;
             // At most 2,000 chunks of 100,000 (about 15 s at full speed).
             for _ in 0..2_000 {
                 if stop.load(Ordering::SeqCst) {
                     break;
                 }
-                livegen::send(&generator, &frame, 100_000)?;
+                bed.send(&generator, &frame, 100_000)?;
                 sent += 100_000;
             }
             Ok(sent)
-        })
-    };
-    let before = dp.stats()?;
-    let mut number = 2;
-    let (mut one_rule, mut full) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        for (path, whole) in [(&one, false), (&base, false), (&swap, true), (&base, true)] {
-            let (took, _) = apply(&mut dp, path, number)?;
-            if whole { &mut full } else { &mut one_rule }.push(took * 1000.0);
-            number += 1;
-        }
-    }
-    stop.store(true, Ordering::SeqCst);
-    let sent = flood.join().map_err(|_| anyhow::anyhow!("the flood thread panicked"))??;
-    let after = dp.stats()?;
-    let cell = |v: u8, r: u8| -> u64 {
-        (0..policy_common::PORT_SLOTS)
-            .map(|slot| {
-                let i = policy_common::stats_index(direction::INGRESS, v, r, slot) as usize;
-                after[i].packets - before[i].packets
-            })
-            .sum()
-    };
+        });
+        let changes = (|| -> Result<()> {
+            for _ in 0..ROUNDS {
+                for (path, whole) in [(&one, false), (&base, false), (&swap, true), (&base, true)] {
+                    let (took, _) = apply(&mut dp, path, number)?;
+                    if whole { &mut full } else { &mut one_rule }.push(took * 1000.0);
+                    number += 1;
+                }
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::SeqCst);
+        let sent = flood.join().map_err(|_| anyhow::anyhow!("the flood thread panicked"))?;
+        changes?;
+        sent
+    })?;
+    let after = Counters::from(dp.stats()?);
     let mut judged = 0;
     let mut expected = 0;
     for v in 0..verdict::COUNT as u8 {
         for r in 0..reason::COUNT as u8 {
-            let n = cell(v, r);
+            let n = after.packets(direction::INGRESS, v, r) - before.packets(direction::INGRESS, v, r);
             judged += n;
             if matches!((v, r), (verdict::DROP, reason::DENY_ACL) | (verdict::PASS, reason::DEFAULT_ALLOW) | (verdict::PASS, reason::ALLOW_ACL)) {
                 expected += n;

@@ -7,9 +7,10 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
@@ -20,10 +21,12 @@ use smtpguard::{
     policy::Compiled,
 };
 use smtpguard_tests::{
+    hvlab::Counters,
     livegen,
     netns::{run, veth_pair, Netns},
     packet::{TcpFrame, SYN},
     rng::Rng,
+    testrun,
 };
 
 pub const PACKETS: u32 = 5_000_000;
@@ -67,13 +70,15 @@ pub fn realistic_policy(dir: &Path, cidrs: &[ipnet::Ipv4Net]) -> Result<Compiled
 }
 
 /// Two namespaces joined by a veth: the generator's g0, the DUT's d0.
-struct Bed {
+pub struct Bed {
     gen: Netns,
-    dut: Netns,
+    pub dut: Netns,
 }
 
 impl Bed {
-    fn new(gro: bool) -> Result<Self> {
+    /// `gro`: for a DUT without an XDP program, which veth only feeds
+    /// redirected frames with GRO on.
+    pub fn new(gro: bool) -> Result<Self> {
         let gen = Netns::new("tpgen")?;
         let dut = Netns::new("tpdut")?;
         veth_pair(&gen, "g0", &["10.99.0.1/24"], &dut, "d0", &[&format!("{DUT_ADDR}/24")])?;
@@ -82,26 +87,36 @@ impl Bed {
         dut.ip(&["link", "set", "d0", "address", "02:00:00:00:00:02"])?;
         dut.exec(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.d0.rp_filter=0"])?;
         if gro {
-            // Without an XDP program, veth only takes redirected frames with GRO on.
             dut.exec(&["ethtool", "-K", "d0", "gro", "on"])?;
         }
         Ok(Self { gen, dut })
     }
 
-    /// Sends `PACKETS` frames `ROUNDS` times; the median Mpps and the
-    /// share the DUT counted as dropped (by `dropped`).
-    fn flood(&self, frame: &[u8], mut dropped: impl FnMut(&Bed) -> Result<u64>) -> Result<(f64, f64)> {
+    /// The generator program, redirecting to g0, warmed up.
+    pub fn generator(&self, frame: &[u8]) -> Result<OwnedFd> {
         let ifindex = self.gen.enter(|| {
             // SAFETY: a valid C string.
             unsafe { libc::if_nametoindex(c"g0".as_ptr()) }
         })?;
         let generator = livegen::load_redirect(ifindex)?;
-        self.gen.enter(|| livegen::send(&generator, frame, 10_000))??;
+        self.send(&generator, frame, 10_000)?;
+        Ok(generator)
+    }
+
+    /// Sends `count` frames into the DUT; the wall time it took.
+    pub fn send(&self, generator: &OwnedFd, frame: &[u8], count: u32) -> Result<Duration> {
+        self.gen.enter(|| livegen::send(generator, frame, count))?
+    }
+
+    /// Sends `PACKETS` frames `ROUNDS` times; the median Mpps and the
+    /// share the DUT counted as dropped (by `dropped`).
+    fn flood(&self, frame: &[u8], mut dropped: impl FnMut(&Bed) -> Result<u64>) -> Result<(f64, f64)> {
+        let generator = self.generator(frame)?;
         let mut rates = Vec::new();
         let mut shares = Vec::new();
         for _ in 0..ROUNDS {
             let before = dropped(self)?;
-            let took = self.gen.enter(|| livegen::send(&generator, frame, PACKETS))??;
+            let took = self.send(&generator, frame, PACKETS)?;
             let after = dropped(self)?;
             rates.push(PACKETS as f64 / took.as_secs_f64() / 1e6);
             shares.push((after - before) as f64 / PACKETS as f64);
@@ -125,7 +140,7 @@ impl Bed {
     }
 }
 
-fn syn_from(src: Ipv4Addr) -> Vec<u8> {
+pub fn syn_from(src: Ipv4Addr) -> Vec<u8> {
     TcpFrame::new(IpAddr::V4(src), DUT_ADDR.parse().expect("address"), 25, SYN).build()
 }
 
@@ -145,14 +160,8 @@ fn smtpguard_dataplane(compiled: &Compiled) -> Result<Dataplane> {
 }
 
 fn smtpguard_drops(dp: &mut Dataplane) -> Result<u64> {
-    let stats = dp.stats()?;
-    let mut n = 0;
-    for r in 0..reason::COUNT as u8 {
-        for slot in 0..policy_common::PORT_SLOTS {
-            n += stats[policy_common::stats_index(direction::INGRESS, verdict::DROP, r, slot) as usize].packets;
-        }
-    }
-    Ok(n)
+    let c = Counters::from(dp.stats()?);
+    Ok((0..reason::COUNT as u8).map(|r| c.packets(direction::INGRESS, verdict::DROP, r)).sum())
 }
 
 /// Sums `counter packets N` of an nft ruleset.
@@ -162,16 +171,44 @@ fn nft_counted(bed: &Bed) -> Result<u64> {
     Ok(text.split("counter packets ").skip(1).filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok()).sum())
 }
 
-fn nft_ruleset(family_hook: &str, cidrs: &[ipnet::Ipv4Net]) -> String {
+/// The nftables equivalent: `cidrs` as an interval set dropped on port 25
+/// and, with `rate`, a dynamic set limiting each source's SYNs to 60 a
+/// minute (burst 20); in netdev ingress on d0 or inet prerouting.
+pub fn nft_ruleset(family_hook: &str, cidrs: &[ipnet::Ipv4Net], rate: bool) -> String {
     let elements: Vec<String> = cidrs.iter().map(|c| c.to_string()).collect();
     let (family, hook) = match family_hook {
         "netdev" => ("netdev", "type filter hook ingress device \"d0\" priority 0;"),
         _ => ("inet", "type filter hook prerouting priority -300;"),
     };
+    let (rate_set, rate_rule) = if rate {
+        (
+            "  set rate4 { type ipv4_addr; size 65535; flags dynamic,timeout; timeout 1m; }\n",
+            "    tcp dport 25 tcp flags & (syn | ack) == syn add @rate4 { ip saddr limit rate over 60/minute burst 20 packets } counter drop\n",
+        )
+    } else {
+        ("", "")
+    };
     format!(
-        "table {family} sg {{\n  set deny4 {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {} }} }}\n  set rate4 {{ type ipv4_addr; size 65535; flags dynamic,timeout; timeout 1m; }}\n  chain c {{\n    {hook} policy accept;\n    ip saddr @deny4 tcp dport 25 counter drop\n    tcp dport 25 tcp flags & (syn | ack) == syn add @rate4 {{ ip saddr limit rate over 60/minute burst 20 packets }} counter drop\n  }}\n}}\n",
+        "table {family} sg {{\n  set deny4 {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {} }} }}\n{rate_set}  chain c {{\n    {hook} policy accept;\n    ip saddr @deny4 tcp dport 25 counter drop\n{rate_rule}  }}\n}}\n",
         elements.join(", ")
     )
+}
+
+/// The iptables equivalent in `dut`: `cidrs` in an ipset dropped on port 25
+/// in the raw table and, with `rate`, hashlimit at 60 SYNs a minute per source.
+pub fn iptables_rules(dut: &Netns, work: &Path, cidrs: &[ipnet::Ipv4Net], rate: bool) -> Result<()> {
+    let restore: String = std::iter::once("create sgdeny hash:net maxelem 2000000\n".to_owned()).chain(cidrs.iter().map(|c| format!("add sgdeny {c}\n"))).collect();
+    let file = work.join("ipset.restore");
+    std::fs::write(&file, restore)?;
+    dut.exec(&["ipset", "-exist", "restore", "-file", &file.display().to_string()])?;
+    dut.exec(&["iptables-legacy", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "25", "-m", "set", "--match-set", "sgdeny", "src", "-j", "DROP"])?;
+    if rate {
+        dut.exec(&[
+            "iptables-legacy", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "25", "--syn", "-m", "hashlimit", "--hashlimit-above", "60/min",
+            "--hashlimit-burst", "20", "--hashlimit-mode", "srcip", "--hashlimit-name", "sg25", "-j", "DROP",
+        ])?;
+    }
+    Ok(())
 }
 
 fn iptables_counted(bed: &Bed) -> Result<u64> {
@@ -249,21 +286,13 @@ pub fn run_all(work: &Path, only: Option<&str>) -> Result<Vec<Mode>> {
         }
         let bed = Bed::new(true)?;
         let file = work.join(format!("{name}.nft"));
-        std::fs::write(&file, nft_ruleset(family, &cidrs))?;
+        std::fs::write(&file, nft_ruleset(family, &cidrs, true))?;
         bed.dut.exec(&["nft", "-f", &file.display().to_string()])?;
         push(name, what, bed.flood(&acl_frame, nft_counted)?);
     }
     if wanted("iptables_raw") {
         let bed = Bed::new(true)?;
-        let restore: String = std::iter::once("create sgdeny hash:net maxelem 2000000\n".to_owned()).chain(cidrs.iter().map(|c| format!("add sgdeny {c}\n"))).collect();
-        let file = work.join("ipset.restore");
-        std::fs::write(&file, restore)?;
-        bed.dut.exec(&["ipset", "-exist", "restore", "-file", &file.display().to_string()])?;
-        bed.dut.exec(&["iptables-legacy", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "25", "-m", "set", "--match-set", "sgdeny", "src", "-j", "DROP"])?;
-        bed.dut.exec(&[
-            "iptables-legacy", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "25", "--syn", "-m", "hashlimit", "--hashlimit-above", "60/min",
-            "--hashlimit-burst", "20", "--hashlimit-mode", "srcip", "--hashlimit-name", "sg25", "-j", "DROP",
-        ])?;
+        iptables_rules(&bed.dut, work, &cidrs, true)?;
         push("iptables_raw", "iptables-legacy raw: ipset hash:net + hashlimit", bed.flood(&acl_frame, iptables_counted)?);
     }
     Ok(modes)
@@ -282,7 +311,7 @@ impl XdpLink {
         // `ip link set xdp pinned` needs a pin: pin the program, attach, unpin.
         let pin = PathBuf::from(format!("/sys/fs/bpf/sgtest_floor_{}", std::process::id()));
         let _ = std::fs::remove_file(&pin);
-        pin_fd(prog.as_fd().as_raw_fd(), &pin)?;
+        testrun::pin(prog.as_fd(), &pin)?;
         let r = run(&["nsenter", &format!("--net=/run/netns/{}", ns.name()), "--", "ip", "link", "set", iface, "xdpdrv", "pinned", &pin.display().to_string()]);
         let _ = std::fs::remove_file(&pin);
         r?;
@@ -294,16 +323,4 @@ impl Drop for XdpLink {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["-n", &self.ns, "link", "set", &self.iface, "xdpdrv", "off"]).status();
     }
-}
-
-fn pin_fd(fd: i32, path: &Path) -> Result<()> {
-    let c = std::ffi::CString::new(path.display().to_string())?;
-    let mut attr = [0u64; 20];
-    attr[0] = c.as_ptr() as u64;
-    attr[1] = fd as u64;
-    // SAFETY: BPF_OBJ_PIN (6) with a valid path and fd.
-    if unsafe { libc::syscall(libc::SYS_bpf, 6, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) } < 0 {
-        bail!("pinning at {}: {}", path.display(), std::io::Error::last_os_error());
-    }
-    Ok(())
 }
