@@ -72,20 +72,15 @@ fn build() -> Result<()> {
     Ok(())
 }
 
-fn root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
-}
-
 fn bench_bin() -> Result<std::path::PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(Into::into).unwrap_or_else(|| root().join("target"));
-    Ok(target.join("release/smtpguard-bench"))
+    Ok(crate::setup::target_dir().join("release/smtpguard-bench"))
 }
 
 /// Every benchmark with `--json` into docs/bench/NAME.json (a missed
 /// target still yields its JSON), then the page and charts from them.
 fn report() -> Result<()> {
     build()?;
-    let dir = root().join("docs/bench");
+    let dir = crate::setup::workspace_root().join("docs/bench");
     std::fs::create_dir_all(&dir)?;
     for name in ALL {
         eprintln!("bench report: {name}");
@@ -94,7 +89,7 @@ fn report() -> Result<()> {
         let json = text.lines().rev().find(|l| l.starts_with('{')).with_context(|| format!("{name} printed no JSON ({})", out.status))?;
         std::fs::write(dir.join(format!("{name}.json")), format!("{json}\n"))?;
     }
-    let st = Command::new(bench_bin()?).arg("render").arg(&dir).arg(root().join("docs")).status()?;
+    let st = Command::new(bench_bin()?).arg("render").arg(&dir).arg(crate::setup::workspace_root().join("docs")).status()?;
     if !st.success() {
         bail!("rendering docs/benchmarks.md failed");
     }

@@ -184,12 +184,16 @@ pub fn demo() -> Result<()> {
     }
     remove_stale_test_state();
     status(Command::new("cargo").args(["build", "--release", "--quiet", "--bin", "smtpguard", "--bin", "smtpguard-demo"]))?;
-    let target = env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
-    status(&mut Command::new(target.join("release/smtpguard-demo"))).context("the demo found a step that did not behave as described")
+    status(&mut Command::new(target_dir().join("release/smtpguard-demo"))).context("the demo found a step that did not behave as described")
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+/// Where cargo puts builds: `$CARGO_TARGET_DIR`, else `target/`.
+pub fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// Clippy, denying warnings, for the host crates and for the eBPF crate on
