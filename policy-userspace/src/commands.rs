@@ -24,14 +24,16 @@ fn load(path: &Path, options: &LoadOptions, with_warnings: bool) -> (Option<(Pol
     let (policy, mut diags) = policy::load_file(path, options);
     let Some(policy) = policy else { return (None, diags) };
     let today = options.today.unwrap_or_else(time::today);
-    // The analysis only adds warnings: it runs beside the compiler.
-    let compiled = std::thread::scope(|s| {
-        let compiling = s.spawn(|| policy::compile(&policy, today));
-        if with_warnings {
+    let compiled = if with_warnings {
+        // The analysis only adds warnings: it runs beside the compiler.
+        std::thread::scope(|s| {
+            let compiling = s.spawn(|| policy::compile(&policy, today));
             analyze::warnings(&policy, &mut diags);
-        }
-        compiling.join().expect("the compiler does not panic")
-    });
+            compiling.join().expect("the compiler does not panic")
+        })
+    } else {
+        policy::compile(&policy, today)
+    };
     match compiled {
         Ok(c) => (Some((policy, c)), diags),
         Err(e) => {
