@@ -146,9 +146,6 @@ fn datapath(json: bool) -> Result<()> {
         let mut policy = base_policy();
         (case.setup)(&mut h, &mut policy)?;
         h.set_policy(&policy)?;
-        // As an install would: /16s without entries skip the trie.
-        let active = h.dp.active_generation()?;
-        h.dp.refresh_acl_skip(active)?;
         let fd = h.dp.program_fd(Hook::XdpIngress)?;
         let (pass, drop) = Hook::XdpIngress.verdict_codes();
         let expected = if case.drops { drop } else { pass };

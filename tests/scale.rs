@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::programs::XdpMode;
-use policy_common::{direction, reason, verdict};
+use policy_common::{acl4::Capacity, direction, reason, verdict, ACL4_NODES, ACL4_ROOT, ACL4_SLOTS, ACL4_VALUES, ACL_V6};
 use smtpguard::{
     dataplane::{Dataplane, Hook, LoadOptions},
     policy::Compiled,
@@ -90,7 +90,14 @@ pub fn run_scale(work: &Path, sizes: &[usize]) -> Result<(Vec<SizeRow>, u64)> {
         let other = random_cidrs(size, 0x0de7 + size as u64);
         let a = write_policy(&work.join("scale"), &format!("a{size}"), &cidrs, "")?;
         let b = write_policy(&work.join("scale"), &format!("b{size}"), &other, "")?;
-        let mut dp = Dataplane::load(LoadOptions::default()).context("loading the datapath")?;
+        // The IPv4 arrays are reserved at load time: sized, as an operator
+        // would, for the larger of the two policies (or the default).
+        let room = [&a, &b].iter().try_fold(Capacity::DEFAULT, |room, p| -> Result<Capacity> {
+            let need = smtpguard::acl4::needed(&crate::compile_file(p)?.v4);
+            let grow = |have: u32, need: u32| have.max(need + need / 8);
+            Ok(Capacity { nodes: grow(room.nodes, need.nodes), slots: grow(room.slots, need.slots), values: grow(room.values, need.values) })
+        })?;
+        let mut dp = Dataplane::load(LoadOptions { acl4_capacity: room, ..LoadOptions::default() }).context("loading the datapath")?;
         let (load_s, compiled) = apply(&mut dp, &a, 1)?;
         if compiled.entries() == 0 {
             bail!("{size}: the policy compiled to nothing");
@@ -98,7 +105,12 @@ pub fn run_scale(work: &Path, sizes: &[usize]) -> Result<(Vec<SizeRow>, u64)> {
         let (reload_s, _) = apply(&mut dp, &b, 2)?;
         // Back to `a` for the per-packet probe.
         apply(&mut dp, &a, 3)?;
-        let map_bytes = dp.map_memlock(policy_common::ACL_V4)? + dp.map_memlock(policy_common::ACL_V6)?;
+        let mut map_bytes = 0;
+        for name in [ACL4_ROOT, ACL4_NODES, ACL4_SLOTS, ACL4_VALUES, ACL_V6] {
+            map_bytes += dp.map_memlock(name)?;
+        }
+        let (used, _) = dp.acl4_usage();
+        eprintln!("  IPv4 arrays use {} nodes, {} slots, {} values (both generations); reserved per generation {room:?}", used.nodes, used.slots, used.values);
 
         let fd = dp.program_fd(Hook::XdpIngress)?;
         let (_, drop_code) = Hook::XdpIngress.verdict_codes();
@@ -124,7 +136,7 @@ pub fn run_scale(work: &Path, sizes: &[usize]) -> Result<(Vec<SizeRow>, u64)> {
         eprintln!("  smtpguard {ns:.2} ns/pkt (floor {floor_ns:.2}), load {load_s:.3} s, reload {reload_s:.3} s, {map_bytes} map bytes; iptables {iptables_mpps:.2} Mpps");
         rows.push(SizeRow { size, smtpguard_ns: ns, floor_ns, nft_mpps, iptables_mpps, load_s, reload_s, map_bytes });
     }
-    let dp = Dataplane::load(LoadOptions { source_capacity: 1_000_000, pin_dir: None })?;
+    let dp = Dataplane::load(LoadOptions { source_capacity: 1_000_000, ..LoadOptions::default() })?;
     let sources = dp.map_memlock(policy_common::SOURCES)?;
     Ok((rows, sources))
 }

@@ -7,6 +7,7 @@
 //! either side can store them in a map without a transmute.
 #![no_std]
 
+pub mod acl4;
 pub mod maps;
 pub mod source;
 
@@ -291,24 +292,13 @@ impl PolicyConfig {
     pub const EMPTY: Self = Self { generation: 0, direction: [DirectionPolicy::EMPTY; 2] };
 }
 
-/// Data of an `ACL_V4` key: generation, scope, zero padding, address.
+/// Data of an `ACL_V6` key: generation, scope, zero padding, address.
 ///
-/// The scope byte is `direction << 1 | side`, so one trie per family holds
-/// both directions, both sides and both generations; the prefix length of
-/// a key is `ACL_KEY_HEADER_BITS + CIDR prefix length`. Addresses are words
+/// The scope byte is `direction << 1 | side`, so one trie holds both
+/// directions, both sides and both generations; the prefix length of a key
+/// is `ACL_KEY_HEADER_BITS + CIDR prefix length`. Addresses are words
 /// holding the bytes in network order (as loaded from the packet), so keys
-/// are built with word stores.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AclKeyV4 {
-    pub generation: u8,
-    pub scope: u8,
-    pub _pad: [u8; 2],
-    pub addr: u32,
-}
-const _: () = assert!(core::mem::size_of::<AclKeyV4>() == 8);
-
-/// Data of an `ACL_V6` key; see [`AclKeyV4`].
+/// are built with word stores. IPv4 has its own layout: [`acl4`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AclKeyV6 {
@@ -318,12 +308,6 @@ pub struct AclKeyV6 {
     pub addr: [u32; 4],
 }
 const _: () = assert!(core::mem::size_of::<AclKeyV6>() == 20);
-
-impl AclKeyV4 {
-    pub const fn new(generation: u8, scope: u8, octets: [u8; 4]) -> Self {
-        Self { generation, scope, _pad: [0; 2], addr: u32::from_ne_bytes(octets) }
-    }
-}
 
 impl AclKeyV6 {
     pub fn new(generation: u8, scope: u8, octets: [u8; 16]) -> Self {
@@ -346,36 +330,6 @@ pub const fn acl_scope(direction: u8, side: u8) -> u8 {
 
 /// ACL scopes: (direction, side) pairs.
 pub const ACL_SCOPES: usize = 4;
-/// Words of an [`AclSkip`] set: one bit per IPv4 /16.
-pub const ACL_SKIP_WORDS: usize = 65_536 / 64;
-
-/// The IPv4 /16s where one (generation, scope) has no ACL entry at all:
-/// an address there needs no trie lookup. A clear bit only means "look".
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AclSkip {
-    pub words: [u64; ACL_SKIP_WORDS],
-}
-
-impl AclSkip {
-    /// Nothing skipped: every lookup goes to the trie.
-    pub const NONE: Self = Self { words: [0; ACL_SKIP_WORDS] };
-
-    /// Index of the `ACL_SKIP` entry of a (generation, scope).
-    #[inline(always)]
-    pub const fn index(generation: u8, scope: u8) -> u32 {
-        (generation as u32 & 1) * ACL_SCOPES as u32 + (scope as u32 & 3)
-    }
-
-    /// Is the /16 of `addr` (memory-order word) free of entries?
-    #[inline(always)]
-    pub fn skips(&self, addr: u32) -> bool {
-        let b = addr.to_ne_bytes();
-        let slash16 = ((b[0] as usize) << 8) | b[1] as usize;
-        self.words[slash16 >> 6] & (1 << (slash16 & 63)) != 0
-    }
-}
-
 /// What the longest matching prefix means, resolved by the compiler.
 ///
 /// For each guarded port slot: the rule allowing it (wins over everything)
@@ -457,10 +411,9 @@ mod pod {
     // arrays, and have no implicit padding (sizes asserted above).
     unsafe impl aya::Pod for Runtime {}
     unsafe impl aya::Pod for PolicyConfig {}
-    unsafe impl aya::Pod for AclKeyV4 {}
     unsafe impl aya::Pod for AclKeyV6 {}
     unsafe impl aya::Pod for AclEntry {}
-    unsafe impl aya::Pod for AclSkip {}
+    unsafe impl aya::Pod for acl4::AclNode {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for source::SourceSet {}
     unsafe impl aya::Pod for maps::Counter {}

@@ -5,9 +5,16 @@
 pub const RUNTIME: &str = "RUNTIME";
 /// `Array<PolicyConfig>`, one entry per generation. Writer: controller.
 pub const POLICY: &str = "POLICY";
-/// `LpmTrie<AclKeyV4, AclEntry>`: allow, deny and geo folded per prefix.
-pub const ACL_V4: &str = "ACL_V4";
-/// `LpmTrie<AclKeyV6, AclEntry>`.
+/// `Array<SlotChunk>`: IPv4 ACL root slots, one per /16 per (generation,
+/// scope); see [`crate::acl4`]. Writer: controller (install).
+pub const ACL4_ROOT: &str = "ACL4_ROOT";
+/// `Array<AclNode>`: IPv4 ACL nodes, half per generation.
+pub const ACL4_NODES: &str = "ACL4_NODES";
+/// `Array<SlotChunk>`: the nodes' run slots, half per generation.
+pub const ACL4_SLOTS: &str = "ACL4_SLOTS";
+/// `Array<AclEntry>`: what an IPv4 slot means, half per generation.
+pub const ACL4_VALUES: &str = "ACL4_VALUES";
+/// `LpmTrie<AclKeyV6, AclEntry>`: allow, deny and geo folded per prefix.
 pub const ACL_V6: &str = "ACL_V6";
 /// `Array<SourceSet>`: rate buckets and bans per source, shared by all CPUs.
 pub const SOURCES: &str = "SOURCES";
@@ -28,10 +35,6 @@ pub const BAN_V6: &str = "BAN_V6";
 /// Capacity of each manual network ban trie.
 pub const BAN_CIDR_CAPACITY: u32 = 65_536;
 
-/// `Array<AclSkip>`, one per (generation, scope): IPv4 /16s without ACL
-/// entries, so most addresses skip the trie. Writer: controller (install).
-pub const ACL_SKIP: &str = "ACL_SKIP";
-
 /// `PerCpuArray<u32>`, 1 entry: scratch word that keeps verifier state small.
 pub const SCRATCH: &str = "SCRATCH";
 
@@ -42,12 +45,14 @@ pub const TENANT_IFACES: &str = "TENANT_IFACES";
 pub const TENANT_IFACES_CAPACITY: u32 = 4096;
 
 /// Every map of the object, for the ELF test and the controller.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 16] = [
     RUNTIME,
     POLICY,
-    ACL_V4,
+    ACL4_ROOT,
+    ACL4_NODES,
+    ACL4_SLOTS,
+    ACL4_VALUES,
     ACL_V6,
-    ACL_SKIP,
     BAN_V4,
     BAN_V6,
     SOURCES,
@@ -67,7 +72,7 @@ pub const ALL_PROGRAMS: [&str; 3] = [PROG_XDP_INGRESS, PROG_TC_INGRESS, PROG_TC_
 
 /// Policy generations kept side by side for atomic swaps.
 pub const GENERATIONS: u32 = 2;
-/// ACL trie capacity per family, shared by both generations. LPM tries
+/// IPv6 ACL trie capacity, shared by both generations. LPM tries
 /// allocate per entry, so this is a bound, not a reservation.
 pub const ACL_CAPACITY: u32 = 4_194_304;
 /// Default capacity of `SOURCES`, in sources. Settable at load time.

@@ -1,31 +1,37 @@
-//! Allow, deny and geo in one longest-prefix lookup per side.
+//! Allow, deny and geo in one longest-prefix lookup per side: for IPv6 in
+//! an LPM trie, for IPv4 in a multibit trie of arrays (see
+//! `policy_common::acl4`), whose cost does not grow with the rule count.
 //!
 //! The compiler folds every rule into the tries so that the longest
 //! matching prefix alone tells, per port slot, which rule allows and which
 //! denies, and which country the address is in.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{lpm_trie::Key, Array, LpmTrie},
 };
 use policy_common::{
-    acl_scope, direction, side, AclEntry, AclKeyV4, AclKeyV6, AclSkip, ACL_CAPACITY, ACL_KEY_HEADER_BITS, ACL_SCOPES,
-    GENERATIONS,
+    acl4::{self, AclNode, SlotChunk, CHILD, SLOT_CHUNK},
+    acl_scope, direction, side, AclEntry, AclKeyV6, ACL_CAPACITY, ACL_KEY_HEADER_BITS, GENERATIONS,
 };
 
 use crate::parse::Flow;
 
-/// Key: (generation, direction << 1 | side, IPv4 prefix). Writer: controller.
+// The IPv4 ACL (layout: policy_common::acl4). Writer: controller, through
+// mmap. Capacities of nodes, slots and values are set at load time.
 #[map]
-static ACL_V4: LpmTrie<AclKeyV4, AclEntry> = LpmTrie::with_max_entries(ACL_CAPACITY, 0);
+static ACL4_ROOT: Array<SlotChunk> = Array::with_max_entries(acl4::ROOT_CHUNKS, BPF_F_MMAPABLE);
+#[map]
+static ACL4_NODES: Array<AclNode> = Array::with_max_entries(GENERATIONS * acl4::DEFAULT_NODES, BPF_F_MMAPABLE);
+#[map]
+static ACL4_SLOTS: Array<SlotChunk> = Array::with_max_entries(acl4::Capacity::DEFAULT.slot_chunks(), BPF_F_MMAPABLE);
+#[map]
+static ACL4_VALUES: Array<AclEntry> = Array::with_max_entries(GENERATIONS * acl4::DEFAULT_VALUES, BPF_F_MMAPABLE);
 
 /// Key: (generation, direction << 1 | side, IPv6 prefix). Writer: controller.
 #[map]
 static ACL_V6: LpmTrie<AclKeyV6, AclEntry> = LpmTrie::with_max_entries(ACL_CAPACITY, 0);
-
-/// Key: `AclSkip::index(generation, scope)`. Writer: controller.
-#[map]
-static ACL_SKIP: Array<AclSkip> = Array::with_max_entries(GENERATIONS * ACL_SCOPES as u32, 0);
 
 /// The ACL's opinion of a flow; rule ids are 0 when no rule applies.
 #[derive(Default)]
@@ -55,6 +61,31 @@ impl<K> AlignedKey<K> {
 }
 
 #[inline(always)]
+fn slot(array: &Array<SlotChunk>, index: u32) -> Option<u32> {
+    array.get(index / SLOT_CHUNK as u32).map(|chunk| chunk[index as usize % SLOT_CHUNK])
+}
+
+/// At most five array reads: root, then per level a node and its run.
+#[inline(always)]
+fn entry_v4(addr: u32, generation: u8, scope: u8) -> Option<&'static AclEntry> {
+    let addr = u32::from_be(addr);
+    let mut v = slot(&ACL4_ROOT, acl4::root_slot(generation as u32, scope, addr))?;
+    if v & CHILD != 0 {
+        let node = ACL4_NODES.get(v & !CHILD)?;
+        v = slot(&ACL4_SLOTS, node.slot_index(acl4::node_slot(addr, 1)))?;
+        if v & CHILD != 0 {
+            let node = ACL4_NODES.get(v & !CHILD)?;
+            v = slot(&ACL4_SLOTS, node.slot_index(acl4::node_slot(addr, 2)))?;
+        }
+    }
+    if v == 0 {
+        None
+    } else {
+        ACL4_VALUES.get(v)
+    }
+}
+
+#[inline(always)]
 fn entry(v6: bool, addr: &[u32; 4], generation: u8, scope: u8) -> Option<&'static AclEntry> {
     if v6 {
         let key = AlignedKey {
@@ -63,15 +94,7 @@ fn entry(v6: bool, addr: &[u32; 4], generation: u8, scope: u8) -> Option<&'stati
         };
         ACL_V6.get(key.as_key())
     } else {
-        // Most addresses sit in a /16 without entries: one word answers.
-        if ACL_SKIP.get(AclSkip::index(generation, scope)).is_some_and(|s| s.skips(addr[0])) {
-            return None;
-        }
-        let key = AlignedKey {
-            prefix_len: ACL_KEY_HEADER_BITS + 32,
-            data: AclKeyV4 { generation, scope, _pad: [0; 2], addr: addr[0] },
-        };
-        ACL_V4.get(key.as_key())
+        entry_v4(addr[0], generation, scope)
     }
 }
 

@@ -44,6 +44,7 @@ pub struct RunOptions {
     pub events: Option<PathBuf>,
     pub policy_options: policy::LoadOptions,
     pub source_capacity: u32,
+    pub acl4_capacity: policy_common::acl4::Capacity,
 }
 
 /// The interface's index, 0 when there is none by that name.
@@ -297,7 +298,7 @@ pub fn run(o: RunOptions) -> Result<()> {
     let Some((policy, compiled)) = compiled else { bail!("{}: the policy is not valid; nothing was changed", o.policy.display()) };
     o.pins.create().with_context(|| format!("creating {} and {}", o.pins.dir.display(), o.pins.run_dir.display()))?;
     let adopting = o.pins.exists();
-    let mut dp = Dataplane::load(LoadOptions { source_capacity: o.source_capacity, pin_dir: Some(o.pins.dir.clone()) })
+    let mut dp = Dataplane::load(LoadOptions { source_capacity: o.source_capacity, pin_dir: Some(o.pins.dir.clone()), acl4_capacity: o.acl4_capacity })
         .context("loading the datapath")?;
     let active = dp.active_generation()?;
     let generation = if adopting { dp.policy(active)?.generation } else { 0 };

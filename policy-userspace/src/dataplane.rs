@@ -22,11 +22,10 @@ use aya::{
 use policy_common::{
     direction, hook,
     source::{sets_for, SourceSet},
-    AclEntry, AclKeyV4, AclKeyV6, AclSkip, Counter, Event, PolicyConfig, Runtime, ACL_KEY_HEADER_BITS,
-    DEFAULT_SOURCE_CAPACITY,
+    AclEntry, AclKeyV6, Counter, Event, PolicyConfig, Runtime, ACL_KEY_HEADER_BITS, DEFAULT_SOURCE_CAPACITY,
 };
 
-use crate::EBPF_OBJECT;
+use crate::{acl4, EBPF_OBJECT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -48,6 +47,10 @@ pub enum DataplaneError {
     Pin { path: String, message: String },
     #[error("batch write to {name}: {source}")]
     Batch { name: &'static str, source: std::io::Error },
+    #[error("mapping {name}: {source}")]
+    Mmap { name: &'static str, source: std::io::Error },
+    #[error(transparent)]
+    Acl4Capacity(#[from] acl4::CapacityError),
 }
 
 fn pin_error(path: &std::path::Path, e: impl std::fmt::Display) -> DataplaneError {
@@ -93,11 +96,14 @@ pub struct LoadOptions {
     /// Pin every map here (reusing maps already pinned there), so state
     /// outlives this process. `None`: maps live as long as the process.
     pub pin_dir: Option<std::path::PathBuf>,
+    /// Room per generation in the IPv4 ACL arrays (maps pinned earlier
+    /// keep the room they were made with).
+    pub acl4_capacity: policy_common::acl4::Capacity,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { source_capacity: DEFAULT_SOURCE_CAPACITY, pin_dir: None }
+        Self { source_capacity: DEFAULT_SOURCE_CAPACITY, pin_dir: None, acl4_capacity: policy_common::acl4::Capacity::DEFAULT }
     }
 }
 
@@ -157,7 +163,12 @@ pub struct Dataplane {
     ebpf: Ebpf,
     events: RingBuf<MapData>,
     source_sets: u32,
-    /// What each generation's ACL entries are, as the tries hold them.
+    /// The IPv4 ACL arrays, mapped for writing.
+    acl4: acl4::Arrays,
+    /// What each generation's IPv4 arrays use.
+    acl4_used: [policy_common::acl4::Capacity; 2],
+    /// What each generation's ACL entries are: IPv6 as the trie holds
+    /// them, IPv4 as the arrays were built from.
     installed: [AclContents; 2],
     /// A flip happened since the last RCU grace period: the generation
     /// flipped away from may still be read by packets in flight.
@@ -177,6 +188,11 @@ impl Dataplane {
         let source_sets = sets_for(options.source_capacity);
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(policy_common::SOURCES, source_sets);
+        let room = options.acl4_capacity;
+        let generations = policy_common::GENERATIONS;
+        loader.map_max_entries(policy_common::ACL4_NODES, generations * room.nodes);
+        loader.map_max_entries(policy_common::ACL4_SLOTS, room.slot_chunks());
+        loader.map_max_entries(policy_common::ACL4_VALUES, generations * room.values);
         let pin_paths: Vec<(&str, std::path::PathBuf)> = match &options.pin_dir {
             Some(dir) => policy_common::ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
             None => Vec::new(),
@@ -198,7 +214,8 @@ impl Dataplane {
         let events = take_map(&mut ebpf, policy_common::EVENTS)?;
         let events = RingBuf::try_from(events)
             .map_err(|source| DataplaneError::Map { name: policy_common::EVENTS, source })?;
-        let mut dataplane = Self { ebpf, events, source_sets, installed: [AclContents::new(), AclContents::new()], grace_pending: false };
+        let acl4 = map_acl4(&ebpf)?;
+        let mut dataplane = Self { ebpf, events, source_sets, acl4, acl4_used: [policy_common::acl4::Capacity { nodes: 0, slots: 0, values: 0 }; 2], installed: [AclContents::new(), AclContents::new()], grace_pending: false };
         if adopted {
             // Pinned state from an earlier run: keep the active generation
             // as it is; what the inactive one holds is found by reading it.
@@ -279,79 +296,67 @@ impl Dataplane {
             rcu_grace_period();
             self.grace_pending = false;
         }
-        let mut wanted: AclContents = compiled
-            .v4
-            .iter()
-            .map(|(s, n, e)| ((*s, IpNet::V4(*n)), *e))
-            .chain(compiled.v6.iter().map(|(s, n, e)| ((*s, IpNet::V6(*n)), *e)))
-            .collect();
+        // Built before anything is written: a policy that does not fit
+        // leaves the generation as it was.
+        let tables = acl4::build(&compiled.v4, gen as u32, &self.acl4.capacity)?;
+        let mut wanted: AclContents = compiled.v6.iter().map(|(s, n, e)| ((*s, IpNet::V6(*n)), *e)).collect();
         wanted.sort_unstable_by_key(|(k, _)| *k);
-        let old = std::mem::take(&mut self.installed[gen]);
+        let old: AclContents = std::mem::take(&mut self.installed[gen]).into_iter().filter(|((_, n), _)| n.addr().is_ipv6()).collect();
         let (stale, changed) = diff(&old, &wanted);
-        if let Err(e) = self.write_acl(gen as u8, &stale, &changed) {
-            // Part of it may be written: learn what the tries hold now.
+        if let Err(e) = self.write_acl_v6(gen as u8, &stale, &changed) {
+            // Part of it may be written: learn what the maps hold now.
             self.installed[gen] = self.acl_contents(gen as u8).unwrap_or_default();
             return Err(e);
         }
-        self.write_acl_skip(gen as u8, &wanted)?;
+        self.write_acl4(gen as u32, &tables);
+        wanted.extend(compiled.v4.iter().map(|(s, n, e)| ((*s, IpNet::V4(*n)), *e)));
+        wanted.sort_unstable_by_key(|(k, _)| *k);
         self.installed[gen] = wanted;
         let mut config = compiled.config;
         config.generation = number;
         self.set_policy(gen as u32, &config)
     }
 
-    /// Deletes `stale` and writes `changed` in `generation`, per family.
-    fn write_acl(&mut self, generation: u8, stale: &[(u8, IpNet)], changed: &[((u8, IpNet), AclEntry)]) -> Result<()> {
-        let (mut del4, mut del6, mut up4, mut up6, mut val4, mut val6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let key_bytes = |scope: u8, net: &IpNet, v4: &mut Vec<u8>, v6: &mut Vec<u8>| {
-            let bits = ACL_KEY_HEADER_BITS + net.prefix_len() as u32;
-            match net {
-                IpNet::V4(n) => v4.extend_from_slice(crate::batch::bytes_of(&Key::new(bits, AclKeyV4::new(generation, scope, n.network().octets())))),
-                IpNet::V6(n) => v6.extend_from_slice(crate::batch::bytes_of(&Key::new(bits, AclKeyV6::new(generation, scope, n.network().octets())))),
-            }
+    /// Deletes `stale` and writes `changed` in `generation` of `ACL_V6`.
+    fn write_acl_v6(&mut self, generation: u8, stale: &[(u8, IpNet)], changed: &[((u8, IpNet), AclEntry)]) -> Result<()> {
+        let key_bytes = |scope: u8, net: &IpNet, out: &mut Vec<u8>| {
+            let IpNet::V6(n) = net else { return };
+            let bits = ACL_KEY_HEADER_BITS + n.prefix_len() as u32;
+            out.extend_from_slice(crate::batch::bytes_of(&Key::new(bits, AclKeyV6::new(generation, scope, n.network().octets()))));
         };
+        let (mut del, mut up, mut val) = (Vec::new(), Vec::new(), Vec::new());
         for (scope, net) in stale {
-            key_bytes(*scope, net, &mut del4, &mut del6);
+            key_bytes(*scope, net, &mut del);
         }
         for ((scope, net), entry) in changed {
-            key_bytes(*scope, net, &mut up4, &mut up6);
-            let values = if net.addr().is_ipv4() { &mut val4 } else { &mut val6 };
-            values.extend_from_slice(crate::batch::bytes_of(entry));
+            key_bytes(*scope, net, &mut up);
+            val.extend_from_slice(crate::batch::bytes_of(entry));
         }
-        let entry = std::mem::size_of::<AclEntry>();
-        for (name, del, up, val) in [(policy_common::ACL_V4, del4, up4, val4), (policy_common::ACL_V6, del6, up6, val6)] {
-            let fd = self.map_fd(name)?;
-            crate::batch::delete(fd, &del, del.len() / key_size(name)).map_err(|source| DataplaneError::Batch { name, source })?;
-            crate::batch::update(fd, &up, &val, val.len() / entry).map_err(|source| DataplaneError::Batch { name, source })?;
-        }
+        let name = policy_common::ACL_V6;
+        let key_size = std::mem::size_of::<Key<AclKeyV6>>();
+        let fd = self.map_fd(name)?;
+        crate::batch::delete(fd, &del, del.len() / key_size).map_err(|source| DataplaneError::Batch { name, source })?;
+        crate::batch::update(fd, &up, &val, val.len() / std::mem::size_of::<AclEntry>()).map_err(|source| DataplaneError::Batch { name, source })
+    }
+
+    /// Rebuilds `generation`'s IPv4 arrays from what it is said to hold.
+    fn rewrite_acl4(&mut self, generation: u8) -> Result<()> {
+        let v4: Vec<_> = self.installed[generation as usize & 1]
+            .iter()
+            .filter_map(|((scope, net), e)| match net {
+                IpNet::V4(n) => Some((*scope, *n, *e)),
+                IpNet::V6(_) => None,
+            })
+            .collect();
+        let tables = acl4::build(&v4, generation as u32, &self.acl4.capacity)?;
+        self.write_acl4(generation as u32, &tables);
         Ok(())
     }
 
-    /// Rewrites the IPv4 skip sets of `generation` from what its trie
-    /// holds (for ACL entries written one by one, as the tests do).
-    pub fn refresh_acl_skip(&mut self, generation: u32) -> Result<()> {
-        let contents = self.acl_contents(generation as u8 & 1)?;
-        self.write_acl_skip(generation as u8 & 1, &contents)
-    }
-
-    /// Marks, per scope, the /16s that no IPv4 entry of `contents` touches.
-    fn write_acl_skip(&mut self, generation: u8, contents: &AclContents) -> Result<()> {
-        let mut sets = [AclSkip { words: [u64::MAX; policy_common::ACL_SKIP_WORDS] }; policy_common::ACL_SCOPES];
-        for ((scope, net), _) in contents {
-            let IpNet::V4(n) = net else { continue };
-            let set = &mut sets[*scope as usize % policy_common::ACL_SCOPES];
-            let first = (u32::from(n.network()) >> 16) as usize;
-            let count = 1usize << 16u8.saturating_sub(n.prefix_len());
-            for i in first..first + count {
-                set.words[i >> 6] &= !(1 << (i & 63));
-            }
-        }
-        let name = policy_common::ACL_SKIP;
-        let mut array = self.array::<AclSkip>(name)?;
-        for (scope, set) in sets.iter().enumerate() {
-            array.set(AclSkip::index(generation, scope as u8), set, 0).map_err(|source| DataplaneError::Map { name, source })?;
-        }
-        Ok(())
+    fn write_acl4(&mut self, generation: u32, tables: &acl4::Tables) {
+        self.acl4.write(generation, tables);
+        self.acl4_used[generation as usize & 1] =
+            policy_common::acl4::Capacity { nodes: tables.nodes.len() as u32, slots: tables.slots.len() as u32, values: tables.values.len() as u32 };
     }
 
     /// Kernel memory charged to a map (its fdinfo `memlock`), in bytes.
@@ -425,6 +430,19 @@ impl Dataplane {
         (count(policy_common::BAN_V4, false), count(policy_common::BAN_V6, true))
     }
 
+    /// Elements of the IPv4 ACL arrays both generations use (counting the
+    /// reserved value 0 of each), and their room.
+    pub fn acl4_usage(&self) -> (policy_common::acl4::Capacity, policy_common::acl4::Capacity) {
+        let used = self.acl4_used.iter().fold(policy_common::acl4::Capacity { nodes: 0, slots: 0, values: 0 }, |sum, u| policy_common::acl4::Capacity {
+            nodes: sum.nodes + u.nodes,
+            slots: sum.slots + u.slots,
+            values: sum.values + u.values,
+        });
+        let room = self.acl4.capacity;
+        let generations = policy_common::GENERATIONS;
+        (used, policy_common::acl4::Capacity { nodes: room.nodes * generations, slots: room.slots * generations, values: room.values * generations })
+    }
+
     /// ACL entries installed, IPv4 and IPv6, both generations.
     pub fn acl_entry_counts(&self) -> (usize, usize) {
         let all = self.installed.iter().flat_map(|g| g.iter().map(|(k, _)| k));
@@ -441,14 +459,9 @@ impl Dataplane {
     fn acl_contents(&mut self, generation: u8) -> Result<AclContents> {
         let mut out = AclContents::new();
         let mut insert = |k, e| out.push((k, e));
-        let name = policy_common::ACL_V4;
-        for item in self.trie_v4()?.iter() {
-            let (key, entry) = item.map_err(|source| DataplaneError::Map { name, source })?;
-            let data = key.data();
-            if data.generation == generation {
-                let addr = std::net::Ipv4Addr::from(data.addr.to_ne_bytes());
-                let net = IpNet::new(IpAddr::V4(addr), (key.prefix_len() - ACL_KEY_HEADER_BITS) as u8).expect("stored prefix length");
-                insert((data.scope, net), entry);
+        for scope in 0..policy_common::ACL_SCOPES as u8 {
+            for (net, entry) in acl4::read_back(&self.acl4, generation as u32, scope) {
+                insert((scope, IpNet::V4(net)), entry);
             }
         }
         let name = policy_common::ACL_V6;
@@ -524,40 +537,36 @@ impl Dataplane {
         Ok(false)
     }
 
+    /// Writes one ACL entry into a generation (tests and benchmarks; the
+    /// controller installs whole policies).
     pub fn insert_acl(&mut self, prefix: AclPrefix, entry: &AclEntry) -> Result<()> {
-        let bits = ACL_KEY_HEADER_BITS + prefix.prefix_len as u32;
-        match prefix.addr {
-            IpAddr::V4(a) => {
-                let data = AclKeyV4::new(prefix.generation, prefix.scope, a.octets());
-                self.trie_v4()?.insert(&Key::new(bits, data), entry, 0)
-            }
-            IpAddr::V6(a) => {
-                let data = AclKeyV6::new(prefix.generation, prefix.scope, a.octets());
-                self.trie_v6()?.insert(&Key::new(bits, data), entry, 0)
-            }
-        }
-        .map_err(|source| DataplaneError::Map { name: acl_map_name(prefix.addr), source })
+        self.edit_acl(prefix, Some(entry))
     }
 
     pub fn remove_acl(&mut self, prefix: AclPrefix) -> Result<()> {
-        let bits = ACL_KEY_HEADER_BITS + prefix.prefix_len as u32;
-        match prefix.addr {
-            IpAddr::V4(a) => {
-                let data = AclKeyV4::new(prefix.generation, prefix.scope, a.octets());
-                self.trie_v4()?.remove(&Key::new(bits, data))
-            }
-            IpAddr::V6(a) => {
-                let data = AclKeyV6::new(prefix.generation, prefix.scope, a.octets());
-                self.trie_v6()?.remove(&Key::new(bits, data))
-            }
-        }
-        .map_err(|source| DataplaneError::Map { name: acl_map_name(prefix.addr), source })
+        self.edit_acl(prefix, None)
     }
 
-    fn trie_v4(&mut self) -> Result<LpmTrie<&mut MapData, AclKeyV4, AclEntry>> {
-        let name = policy_common::ACL_V4;
-        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
-        LpmTrie::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+    fn edit_acl(&mut self, prefix: AclPrefix, entry: Option<&AclEntry>) -> Result<()> {
+        let net = IpNet::new(prefix.addr, prefix.prefix_len).expect("prefix length fits the family").trunc();
+        let key = (prefix.scope, net);
+        let contents = &mut self.installed[prefix.generation as usize & 1];
+        match (contents.binary_search_by_key(&key, |(k, _)| *k), entry) {
+            (Ok(i), Some(e)) => contents[i].1 = *e,
+            (Err(i), Some(e)) => contents.insert(i, (key, *e)),
+            (Ok(i), None) => {
+                contents.remove(i);
+            }
+            (Err(_), None) => {}
+        }
+        let IpNet::V6(n) = net else { return self.rewrite_acl4(prefix.generation) };
+        let key = Key::new(ACL_KEY_HEADER_BITS + n.prefix_len() as u32, AclKeyV6::new(prefix.generation, prefix.scope, n.network().octets()));
+        let mut trie = self.trie_v6()?;
+        match entry {
+            Some(e) => trie.insert(&key, e, 0),
+            None => trie.remove(&key),
+        }
+        .map_err(|source| DataplaneError::Map { name: policy_common::ACL_V6, source })
     }
 
     fn trie_v6(&mut self) -> Result<LpmTrie<&mut MapData, AclKeyV6, AclEntry>> {
@@ -695,12 +704,29 @@ impl Dataplane {
     }
 }
 
-fn acl_map_name(addr: IpAddr) -> &'static str {
-    if addr.is_ipv4() {
-        policy_common::ACL_V4
-    } else {
-        policy_common::ACL_V6
-    }
+/// Maps the IPv4 ACL arrays; their room is what the maps were made with.
+fn map_acl4(ebpf: &Ebpf) -> Result<acl4::Arrays> {
+    let map = |name: &'static str, per_value: u32, stride: usize| -> Result<(acl4::Mapped, u32)> {
+        let data = match ebpf.map(name) {
+            Some(Map::Array(d)) => d,
+            _ => return Err(DataplaneError::MissingMap(name)),
+        };
+        let entries = data.info().map_err(|source| DataplaneError::Map { name, source })?.max_entries();
+        let mapped = acl4::Mapped::new(data.fd().as_fd(), entries * per_value, stride).map_err(|source| DataplaneError::Mmap { name, source })?;
+        Ok((mapped, entries))
+    };
+    let chunk = policy_common::acl4::SLOT_CHUNK as u32;
+    let generations = policy_common::GENERATIONS;
+    let (root, _) = map(policy_common::ACL4_ROOT, chunk, 4)?;
+    let (nodes, node_entries) = map(policy_common::ACL4_NODES, 1, size_of::<policy_common::acl4::AclNode>())?;
+    let (slots, slot_chunks) = map(policy_common::ACL4_SLOTS, chunk, 4)?;
+    let (values, value_entries) = map(policy_common::ACL4_VALUES, 1, size_of::<AclEntry>().next_multiple_of(8))?;
+    let capacity = policy_common::acl4::Capacity {
+        nodes: node_entries / generations,
+        slots: slot_chunks * chunk / generations,
+        values: value_entries / generations,
+    };
+    Ok(acl4::Arrays { root, nodes, slots, values, capacity })
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
@@ -713,15 +739,6 @@ pub fn ktime_now_ns() -> u64 {
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Key bytes of an ACL trie: the LPM prefix length, then the key struct.
-fn key_size(name: &str) -> usize {
-    if name == policy_common::ACL_V4 {
-        std::mem::size_of::<Key<AclKeyV4>>()
-    } else {
-        std::mem::size_of::<Key<AclKeyV6>>()
-    }
 }
 
 /// What turns `old` into `new` (both sorted by key): keys to delete, and

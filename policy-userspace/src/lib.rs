@@ -1,5 +1,6 @@
 //! smtpguard's controller library.
 
+pub mod acl4;
 mod batch;
 pub mod commands;
 pub mod controller;

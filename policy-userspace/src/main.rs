@@ -93,6 +93,8 @@ enum Command {
         /// Sources the rate and ban table holds.
         #[arg(long, default_value_t = policy_common::DEFAULT_SOURCE_CAPACITY)]
         source_capacity: u32,
+        #[command(flatten)]
+        acl4: Acl4Room,
         /// Use this MaxMind database for every geo-fence instead of the paths in the file.
         #[arg(long)]
         geo_database: Option<PathBuf>,
@@ -162,9 +164,24 @@ enum Command {
     },
 }
 
+/// Room per policy generation in the IPv4 ACL arrays, reserved at load
+/// time. The defaults hold the whole real geo database plus 100,000 CIDRs.
+#[derive(clap::Args)]
+struct Acl4Room {
+    /// Nodes (48 bytes each): one per /16 or /24 with more specific prefixes.
+    #[arg(long, default_value_t = policy_common::acl4::DEFAULT_NODES)]
+    acl4_nodes: u32,
+    /// Run slots (4 bytes each).
+    #[arg(long, default_value_t = policy_common::acl4::DEFAULT_SLOTS)]
+    acl4_slots: u32,
+    /// Distinct prefix meanings (40 bytes each).
+    #[arg(long, default_value_t = policy_common::acl4::DEFAULT_VALUES)]
+    acl4_values: u32,
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { policy, uplink, tenant, xdp_mode, metrics_addr, events, source_capacity, geo_database, pins } => {
+        Command::Run { policy, uplink, tenant, xdp_mode, metrics_addr, events, source_capacity, acl4, geo_database, pins } => {
             let xdp_mode = match xdp_mode {
                 XdpModeArg::Auto => XdpModeChoice::Auto,
                 XdpModeArg::Native => XdpModeChoice::Native,
@@ -180,6 +197,7 @@ fn main() -> ExitCode {
                 events,
                 policy_options: LoadOptions { geo_database, today: None },
                 source_capacity,
+                acl4_capacity: policy_common::acl4::Capacity { nodes: acl4.acl4_nodes, slots: acl4.acl4_slots, values: acl4.acl4_values },
             };
             commands::report(smtpguard::controller::run(options))
         }

@@ -102,9 +102,17 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
     tracked.set(slots.len() as i64);
     let entries = IntGaugeVec::new(Opts::new("smtpguard_map_entries", "Entries in each map (EVENTS: bytes waiting is not tracked)"), &["map"]).expect("valid");
     let capacity = IntGaugeVec::new(Opts::new("smtpguard_map_capacity", "Capacity of each map (EVENTS: bytes)"), &["map"]).expect("valid");
-    let (acl4, acl6) = dp.acl_entry_counts();
-    entries.with_label_values(&[policy_common::ACL_V4]).set(acl4 as i64);
+    let (_, acl6) = dp.acl_entry_counts();
     entries.with_label_values(&[policy_common::ACL_V6]).set(acl6 as i64);
+    let (used, room) = dp.acl4_usage();
+    for (name, used, room) in [
+        (policy_common::ACL4_NODES, used.nodes, room.nodes),
+        (policy_common::ACL4_SLOTS, used.slots, room.slots),
+        (policy_common::ACL4_VALUES, used.values, room.values),
+    ] {
+        entries.with_label_values(&[name]).set(used as i64);
+        capacity.with_label_values(&[name]).set(room as i64);
+    }
     entries.with_label_values(&[policy_common::SOURCES]).set(slots.len() as i64);
     let (ban4, ban6) = dp.network_ban_counts();
     entries.with_label_values(&[policy_common::BAN_V4]).set(ban4 as i64);
@@ -114,7 +122,7 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
     for (name, cap) in [
         (policy_common::RUNTIME, 1),
         (policy_common::POLICY, policy_common::GENERATIONS as i64),
-        (policy_common::ACL_SKIP, policy_common::GENERATIONS as i64 * policy_common::ACL_SCOPES as i64),
+        (policy_common::ACL4_ROOT, policy_common::acl4::ROOT_CHUNKS as i64),
         (policy_common::STATS, policy_common::STATS_ENTRIES as i64),
         (policy_common::GEO_DROPS, policy_common::GEO_DROPS_ENTRIES as i64),
         (policy_common::EVENT_BUDGET, 1),
@@ -124,7 +132,6 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
         capacity.with_label_values(&[name]).set(cap);
     }
     for (name, cap) in [
-        (policy_common::ACL_V4, policy_common::ACL_CAPACITY as i64),
         (policy_common::ACL_V6, policy_common::ACL_CAPACITY as i64),
         (policy_common::BAN_V4, policy_common::BAN_CIDR_CAPACITY as i64),
         (policy_common::BAN_V6, policy_common::BAN_CIDR_CAPACITY as i64),
