@@ -140,9 +140,8 @@ fn datapath(json: bool) -> Result<()> {
     let only = std::env::args().skip_while(|a| a != "--only").nth(1);
     for case in cases().into_iter().filter(|c| only.as_deref().is_none_or(|o| o == c.name)) {
         h.reset()?;
-        for addr in &background {
-            h.add_acl(direction::INGRESS, side::PEER, *addr, 24, entry(0, 0, 33, 0))?;
-        }
+        let prefixes: Vec<_> = background.iter().map(|a| (*a, 24)).collect();
+        h.add_acls(direction::INGRESS, side::PEER, &prefixes, entry(0, 0, 33, 0))?;
         let mut policy = base_policy();
         (case.setup)(&mut h, &mut policy)?;
         h.set_policy(&policy)?;

@@ -129,10 +129,18 @@ impl Harness {
     }
 
     pub fn add_acl(&mut self, dir: u8, acl_side: u8, addr: IpAddr, prefix_len: u8, e: AclEntry) -> Result<(), DataplaneError> {
+        self.add_acls(dir, acl_side, &[(addr, prefix_len)], e)
+    }
+
+    /// Many prefixes with the same meaning, written at once.
+    pub fn add_acls(&mut self, dir: u8, acl_side: u8, prefixes: &[(IpAddr, u8)], e: AclEntry) -> Result<(), DataplaneError> {
         let generation = self.dp.runtime()?.active as u8;
-        let prefix = AclPrefix { generation, scope: acl_scope(dir, acl_side), addr, prefix_len };
-        self.dp.insert_acl(prefix, &e)?;
-        self.acl.push(prefix);
+        let edits: Vec<_> = prefixes
+            .iter()
+            .map(|&(addr, prefix_len)| (AclPrefix { generation, scope: acl_scope(dir, acl_side), addr, prefix_len }, Some(e)))
+            .collect();
+        self.dp.edit_acls(&edits)?;
+        self.acl.extend(edits.iter().map(|(p, _)| *p));
         Ok(())
     }
 
@@ -168,9 +176,8 @@ impl Harness {
 
     /// Removes every seeded entry and resets the policy.
     pub fn reset(&mut self) -> Result<(), DataplaneError> {
-        for prefix in std::mem::take(&mut self.acl) {
-            self.dp.remove_acl(prefix)?;
-        }
+        let removals: Vec<_> = std::mem::take(&mut self.acl).into_iter().map(|p| (p, None)).collect();
+        self.dp.edit_acls(&removals)?;
         for index in std::mem::take(&mut self.sets) {
             self.dp.set_source_set(index, &SourceSet::default())?;
         }

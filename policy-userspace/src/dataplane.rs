@@ -540,33 +540,47 @@ impl Dataplane {
     /// Writes one ACL entry into a generation (tests and benchmarks; the
     /// controller installs whole policies).
     pub fn insert_acl(&mut self, prefix: AclPrefix, entry: &AclEntry) -> Result<()> {
-        self.edit_acl(prefix, Some(entry))
+        self.edit_acls(&[(prefix, Some(*entry))])
     }
 
     pub fn remove_acl(&mut self, prefix: AclPrefix) -> Result<()> {
-        self.edit_acl(prefix, None)
+        self.edit_acls(&[(prefix, None)])
     }
 
-    fn edit_acl(&mut self, prefix: AclPrefix, entry: Option<&AclEntry>) -> Result<()> {
-        let net = IpNet::new(prefix.addr, prefix.prefix_len).expect("prefix length fits the family").trunc();
-        let key = (prefix.scope, net);
-        let contents = &mut self.installed[prefix.generation as usize & 1];
-        match (contents.binary_search_by_key(&key, |(k, _)| *k), entry) {
-            (Ok(i), Some(e)) => contents[i].1 = *e,
-            (Err(i), Some(e)) => contents.insert(i, (key, *e)),
-            (Ok(i), None) => {
-                contents.remove(i);
+    /// Writes (`Some`) or removes (`None`) ACL entries; the IPv4 arrays of
+    /// each generation touched are rebuilt once.
+    pub fn edit_acls(&mut self, edits: &[(AclPrefix, Option<AclEntry>)]) -> Result<()> {
+        let mut rebuild = [false; 2];
+        for (prefix, entry) in edits {
+            let net = IpNet::new(prefix.addr, prefix.prefix_len).expect("prefix length fits the family").trunc();
+            let key = (prefix.scope, net);
+            let contents = &mut self.installed[prefix.generation as usize & 1];
+            match (contents.binary_search_by_key(&key, |(k, _)| *k), entry) {
+                (Ok(i), Some(e)) => contents[i].1 = *e,
+                (Err(i), Some(e)) => contents.insert(i, (key, *e)),
+                (Ok(i), None) => {
+                    contents.remove(i);
+                }
+                (Err(_), None) => {}
             }
-            (Err(_), None) => {}
+            let IpNet::V6(n) = net else {
+                rebuild[prefix.generation as usize & 1] = true;
+                continue;
+            };
+            let key = Key::new(ACL_KEY_HEADER_BITS + n.prefix_len() as u32, AclKeyV6::new(prefix.generation, prefix.scope, n.network().octets()));
+            let mut trie = self.trie_v6()?;
+            match entry {
+                Some(e) => trie.insert(&key, e, 0),
+                None => trie.remove(&key),
+            }
+            .map_err(|source| DataplaneError::Map { name: policy_common::ACL_V6, source })?;
         }
-        let IpNet::V6(n) = net else { return self.rewrite_acl4(prefix.generation) };
-        let key = Key::new(ACL_KEY_HEADER_BITS + n.prefix_len() as u32, AclKeyV6::new(prefix.generation, prefix.scope, n.network().octets()));
-        let mut trie = self.trie_v6()?;
-        match entry {
-            Some(e) => trie.insert(&key, e, 0),
-            None => trie.remove(&key),
+        for generation in [0u8, 1] {
+            if rebuild[generation as usize] {
+                self.rewrite_acl4(generation)?;
+            }
         }
-        .map_err(|source| DataplaneError::Map { name: policy_common::ACL_V6, source })
+        Ok(())
     }
 
     fn trie_v6(&mut self) -> Result<LpmTrie<&mut MapData, AclKeyV6, AclEntry>> {
