@@ -134,10 +134,16 @@ impl Harness {
 
     /// Many prefixes with the same meaning, written at once.
     pub fn add_acls(&mut self, dir: u8, acl_side: u8, prefixes: &[(IpAddr, u8)], e: AclEntry) -> Result<(), DataplaneError> {
+        let entries: Vec<_> = prefixes.iter().map(|&(addr, len)| (addr, len, e)).collect();
+        self.add_acl_entries(dir, acl_side, &entries)
+    }
+
+    /// Many prefixes, each with its own meaning, written at once.
+    pub fn add_acl_entries(&mut self, dir: u8, acl_side: u8, entries: &[(IpAddr, u8, AclEntry)]) -> Result<(), DataplaneError> {
         let generation = self.dp.runtime()?.active as u8;
-        let edits: Vec<_> = prefixes
+        let edits: Vec<_> = entries
             .iter()
-            .map(|&(addr, prefix_len)| (AclPrefix { generation, scope: acl_scope(dir, acl_side), addr, prefix_len }, Some(e)))
+            .map(|&(addr, prefix_len, e)| (AclPrefix { generation, scope: acl_scope(dir, acl_side), addr, prefix_len }, Some(e)))
             .collect();
         self.dp.edit_acls(&edits)?;
         self.acl.extend(edits.iter().map(|(p, _)| *p));

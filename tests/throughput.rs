@@ -156,6 +156,8 @@ fn smtpguard_dataplane(compiled: &Compiled) -> Result<Dataplane> {
     let mut dp = Dataplane::load(LoadOptions::default()).context("loading the datapath")?;
     dp.install(0, compiled, 1)?;
     dp.activate(0, 0, 0)?;
+    let (used, room) = dp.acl4_usage();
+    eprintln!("  IPv4 ACL arrays: {} of {} nodes, {} of {} slots, {} of {} values", used.nodes, room.nodes, used.slots, room.slots, used.values, room.values);
     Ok(dp)
 }
 

@@ -33,11 +33,13 @@ pub const SLOT_CHUNK: usize = 16;
 /// Entries of `ACL4_ROOT`, in chunks.
 pub const ROOT_CHUNKS: u32 = crate::GENERATIONS * ACL_SCOPES as u32 * ROOT_SLOTS / SLOT_CHUNK as u32;
 
-/// Default per-generation capacities, settable at load time. They hold the
-/// whole real geo database with 100,000 random CIDRs on top.
-pub const DEFAULT_NODES: u32 = 262_144;
-pub const DEFAULT_SLOTS: u32 = 4_194_304;
-pub const DEFAULT_VALUES: u32 = 65_536;
+/// Default per-generation capacities, settable at load time: about 33 MB
+/// for both generations. They hold the whole real geo database (which
+/// merges into about 10,000 nodes) with 100,000 random CIDRs on top, each
+/// list line its own value (its rule id).
+pub const DEFAULT_NODES: u32 = 131_072;
+pub const DEFAULT_SLOTS: u32 = 1_048_576;
+pub const DEFAULT_VALUES: u32 = 131_072;
 
 /// A chunk of slots.
 pub type SlotChunk = [u32; SLOT_CHUNK];
