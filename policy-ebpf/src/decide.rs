@@ -78,7 +78,7 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
         return Verdict::Pass;
     }
     let Some(runtime) = config::runtime() else { return Verdict::Pass };
-    let ports = parse::ports(frame);
+    let ports = if plain < parse::plain::NOT_TCP { parse::plain_ports(frame) } else { parse::ports(frame) };
     if ports.outcome == outcome::NOT_TCP {
         return Verdict::Pass;
     }

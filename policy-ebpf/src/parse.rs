@@ -231,6 +231,20 @@ pub fn plain<F: Frame>(frame: &F) -> u32 {
     u16::from_be(unsafe { (*h).dport }) as u32
 }
 
+/// [`ports`] for a frame [`plain`] answered with a port: the same fixed
+/// offsets, without walking the headers again.
+#[inline(always)]
+pub fn plain_ports<F: Frame>(frame: &F) -> Ports {
+    // SAFETY: ptr_at checks that the whole struct is readable.
+    let Some(h) = (unsafe { ptr_at::<F, PlainTcp4>(frame, 0) }) else { return Ports::only(outcome::SHORT) };
+    // SAFETY: the pointer passed its bounds check.
+    let (total_len, sport, dport) = unsafe { (u16::from_be((*h).total_len) as usize, u16::from_be((*h).sport), u16::from_be((*h).dport)) };
+    if total_len < 20 {
+        return Ports::only(outcome::MALFORMED);
+    }
+    Ports { outcome: outcome::TCP, seg: Segment { v6: false, l3: 14, l4: 34, len: total_len - 20, sport, dport } }
+}
+
 /// Parses as far as the TCP ports.
 #[inline(always)]
 pub fn ports<F: Frame>(frame: &F) -> Ports {

@@ -216,27 +216,45 @@ pub fn lookup(view: &impl View, generation: u32, scope: u8, addr: u32) -> Option
     (v != 0).then(|| view.value(v))
 }
 
-/// Every uniform range of a (generation, scope) as prefixes (/16, /24 or
-/// /32 where the root or a node says so): the same lookups as what was
-/// built, though not the same prefixes.
+/// A (generation, scope) read back as prefixes: each maximal range of one
+/// meaning, split into CIDR blocks. The same lookups as what was built,
+/// though not necessarily the same prefixes.
 pub fn read_back(view: &impl View, generation: u32, scope: u8) -> Vec<(Ipv4Net, AclEntry)> {
-    fn walk(view: &impl View, v: u32, addr: u32, len: u8, out: &mut Vec<(Ipv4Net, AclEntry)>) {
+    /// Appends the range of `1 << (32 - len)` addresses at `addr` to `ranges`.
+    fn walk(view: &impl View, v: u32, addr: u32, len: u8, ranges: &mut Vec<(u64, u64, u32)>) {
         if v & CHILD == 0 {
-            if v != 0 {
-                out.push((Ipv4Net::new(addr.into(), len).expect("length <= 32"), view.value(v)));
+            let (start, end) = (addr as u64, addr as u64 + (1u64 << (32 - len)));
+            match ranges.last_mut() {
+                Some(last) if last.1 == start && last.2 == v => last.1 = end,
+                _ => ranges.push((start, end, v)),
             }
             return;
         }
         let node = view.node(v & !CHILD);
         for slot in 0..256u32 {
-            let child = view.slot(node.slot_index(slot));
-            walk(view, child, addr | slot << (24 - len as u32), len + 8, out);
+            walk(view, view.slot(node.slot_index(slot)), addr | slot << (24 - len as u32), len + 8, ranges);
         }
     }
-    let mut out = Vec::new();
+    let mut ranges = Vec::new();
     for top in 0..ROOT_SLOTS {
-        let v = view.root(policy_common::acl4::root_slot(generation, scope, top << 16));
-        walk(view, v, top << 16, 16, &mut out);
+        walk(view, view.root(policy_common::acl4::root_slot(generation, scope, top << 16)), top << 16, 16, &mut ranges);
+    }
+    let mut out = Vec::new();
+    for (mut start, end, v) in ranges {
+        if v == 0 {
+            continue;
+        }
+        let entry = view.value(v);
+        while start < end {
+            // The largest block aligned at `start` that fits before `end`.
+            let align = if start == 0 { 32 } else { start.trailing_zeros().min(32) };
+            let mut size_bits = align;
+            while (1u64 << size_bits) > end - start {
+                size_bits -= 1;
+            }
+            out.push((Ipv4Net::new((start as u32).into(), 32 - size_bits as u8).expect("length <= 32"), entry));
+            start += 1u64 << size_bits;
+        }
     }
     out
 }
@@ -452,8 +470,10 @@ mod tests {
             let scope = (rng.next() % 2) as u8;
             assert_eq!(lookup(&f, 1, scope, addr), naive(&entries, scope, addr), "{} scope {scope}", std::net::Ipv4Addr::from(addr));
         }
-        // Every address of the read-back prefixes answers as before.
+        // Every address of the read-back prefixes answers as before, and
+        // they are no more than the ranges the prefixes make.
         let back = read_back(&f, 1, 0);
+        assert!(back.len() < 3 * entries.len(), "{} prefixes read back from {}", back.len(), entries.len());
         let again: Vec<_> = back.iter().map(|(n, e)| (0u8, *n, *e)).collect();
         let g = flat(&again, 0);
         for _ in 0..20_000 {
