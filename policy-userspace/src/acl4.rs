@@ -52,6 +52,8 @@ struct Builder<'a> {
     tables: Tables,
     bases: Bases,
     capacity: &'a Capacity,
+    /// Run buffers to reuse: a build makes a node per non-uniform range.
+    spare: Vec<Vec<(u32, u32)>>,
 }
 
 /// (first address, value index) where the longest match changes; the
@@ -62,9 +64,10 @@ type Breakpoints = Vec<(u64, u32)>;
 /// listed twice in a scope keeps its last meaning.
 pub fn build(entries: &[(u8, Ipv4Net, AclEntry)], generation: u32, capacity: &Capacity) -> Result<Tables, CapacityError> {
     let bases = Bases::of(generation, capacity);
-    let mut b = Builder { tables: Tables::default(), bases, capacity };
+    let mut b = Builder { tables: Tables::default(), bases, capacity, spare: Vec::new() };
     b.tables.values.push(AclEntry::default());
-    let mut value_index: HashMap<AclEntry, u32> = HashMap::from([(AclEntry::default(), 0)]);
+    let mut value_index: HashMap<AclEntry, u32, WordHash> = HashMap::with_capacity_and_hasher(entries.len() / 4, WordHash);
+    value_index.insert(AclEntry::default(), 0);
     let mut per_scope: Vec<Vec<(u32, u8, u32)>> = vec![Vec::new(); ACL_SCOPES];
     for (scope, net, entry) in entries {
         let next = b.tables.values.len() as u32;
@@ -80,7 +83,11 @@ pub fn build(entries: &[(u8, Ipv4Net, AclEntry)], generation: u32, capacity: &Ca
     let absolute = |v: u32| if v == 0 { 0 } else { bases.values + v };
     b.tables.root = vec![0; ACL_SCOPES * ROOT_SLOTS as usize];
     for (scope, mut prefixes) in per_scope.into_iter().enumerate() {
-        prefixes.sort_by_key(|&(addr, len, _)| (addr, len));
+        // The compiler's output is sorted already. Stable: of a prefix
+        // given twice, the later stays last and wins.
+        if !prefixes.is_sorted_by_key(|&(addr, len, _)| (addr, len)) {
+            prefixes.sort_by_key(|&(addr, len, _)| (addr, len));
+        }
         let mut bps = breakpoints(&prefixes);
         for bp in &mut bps {
             bp.1 = absolute(bp.1);
@@ -88,6 +95,42 @@ pub fn build(entries: &[(u8, Ipv4Net, AclEntry)], generation: u32, capacity: &Ca
         b.root(scope, &bps)?;
     }
     Ok(b.tables)
+}
+
+/// A multiply-rotate hash over the words of an `AclEntry`: SipHash's
+/// flood resistance buys nothing for the compiler's own values, and it was
+/// a tenth of a large reload.
+#[derive(Clone, Copy, Default)]
+struct WordHash;
+
+impl std::hash::BuildHasher for WordHash {
+    type Hasher = WordHasher;
+    fn build_hasher(&self) -> WordHasher {
+        WordHasher(0)
+    }
+}
+
+struct WordHasher(u64);
+
+impl std::hash::Hasher for WordHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(4);
+        for w in &mut words {
+            self.write_u32(u32::from_ne_bytes([w[0], w[1], w[2], w[3]]));
+        }
+        for b in words.remainder() {
+            self.write_u32(*b as u32);
+        }
+    }
+    fn write_u32(&mut self, word: u32) {
+        self.0 = (self.0.rotate_left(5) ^ word as u64).wrapping_mul(0x51_7cc1_b727_220a_95);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u32(n as u32);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// The room per generation `entries` take (each count at least 1).
@@ -139,50 +182,84 @@ fn breakpoints(prefixes: &[(u32, u8, u32)]) -> Breakpoints {
 impl Builder<'_> {
     fn root(&mut self, scope: usize, bps: &[(u64, u32)]) -> Result<(), CapacityError> {
         let base = scope * ROOT_SLOTS as usize;
-        self.level(0, 16, bps, base, None)
+        let runs = self.runs(0, 16, ROOT_SLOTS, bps[0].1, &bps[1..])?;
+        for (k, &(slot, value)) in runs.iter().enumerate() {
+            let end = runs.get(k + 1).map_or(ROOT_SLOTS, |r| r.0);
+            self.tables.root[base + slot as usize..base + end as usize].fill(value);
+        }
+        self.spare.push(runs);
+        Ok(())
     }
 
-    /// Fills 256 (or, for the root, 65536) slots of width `1 << shift`
-    /// from `start`. `bps[0]` is at or before `start`, the rest inside.
-    /// Root slots go to `root_base`; node slots are returned via `out`.
-    fn level(&mut self, start: u64, shift: u32, bps: &[(u64, u32)], root_base: usize, mut out: Option<&mut [u32; 256]>) -> Result<(), CapacityError> {
-        let count = if out.is_some() { 256 } else { ROOT_SLOTS as usize };
-        let mut k = 0;
-        for slot in 0..count {
-            let from = start + ((slot as u64) << shift);
-            let to = from + (1u64 << shift);
-            while k + 1 < bps.len() && bps[k + 1].0 <= from {
-                k += 1;
+    /// The runs of `count` slots of width `1 << shift` from `start`, as
+    /// (first slot, value), given the value `v0` at `start` and the
+    /// breakpoints `inner` inside the range. A slot holding more than one
+    /// value becomes a child node. Linear in breakpoints, not in slots.
+    fn runs(&mut self, start: u64, shift: u32, count: u32, v0: u32, inner: &[(u64, u32)]) -> Result<Vec<(u32, u32)>, CapacityError> {
+        fn push(runs: &mut Vec<(u32, u32)>, count: u32, slot: u32, value: u32) {
+            if slot >= count {
+                return;
             }
-            let mut j = k + 1;
-            while j < bps.len() && bps[j].0 < to {
-                j += 1;
-            }
-            let value = if j == k + 1 { bps[k].1 } else { CHILD | self.node(from, shift - 8, &bps[k..j])? };
-            match out.as_deref_mut() {
-                Some(slots) => slots[slot] = value,
-                None => self.tables.root[root_base + slot] = value,
+            let n = runs.len();
+            if runs[n - 1].0 == slot {
+                runs[n - 1].1 = value;
+                if n >= 2 && runs[n - 2].1 == value {
+                    runs.pop();
+                }
+            } else if runs[n - 1].1 != value {
+                runs.push((slot, value));
             }
         }
-        Ok(())
+        let mut runs = self.spare.pop().unwrap_or_default();
+        runs.clear();
+        runs.push((0, v0));
+        let mut current = v0;
+        let width = 1u64 << shift;
+        let mut i = 0;
+        while i < inner.len() {
+            let slot = ((inner[i].0 - start) >> shift) as u32;
+            let slot_start = start + ((slot as u64) << shift);
+            let mut j = i + 1;
+            while j < inner.len() && inner[j].0 < slot_start + width {
+                j += 1;
+            }
+            let (first, rest) = if inner[i].0 == slot_start { (inner[i].1, &inner[i + 1..j]) } else { (current, &inner[i..j]) };
+            if rest.is_empty() {
+                push(&mut runs, count, slot, first);
+                current = first;
+            } else {
+                let child = self.node(slot_start, shift - 8, first, rest)?;
+                push(&mut runs, count, slot, CHILD | child);
+                current = inner[j - 1].1;
+                push(&mut runs, count, slot + 1, current);
+            }
+            i = j;
+        }
+        Ok(runs)
     }
 
     /// A node for the range at `start` with slots of width `1 << shift`;
     /// returns its absolute index.
-    fn node(&mut self, start: u64, shift: u32, bps: &[(u64, u32)]) -> Result<u32, CapacityError> {
-        let mut values = [0u32; 256];
-        self.level(start, shift, bps, 0, Some(&mut values))?;
+    fn node(&mut self, start: u64, shift: u32, v0: u32, inner: &[(u64, u32)]) -> Result<u32, CapacityError> {
+        let runs = self.runs(start, shift, 256, v0, inner)?;
         let mut node = AclNode::default();
-        for word in 0..4 {
-            node.base[word] = self.bases.slots + self.tables.slots.len() as u32;
-            for bit in 0..64 {
-                let slot = word * 64 + bit;
-                if bit == 0 || values[slot] != values[slot - 1] {
-                    node.runs[word] |= 1 << bit;
-                    self.tables.slots.push(values[slot]);
-                }
+        let mut r = 0;
+        for word in 0..4u32 {
+            node.base[word as usize] = self.bases.slots + self.tables.slots.len() as u32;
+            let first = word * 64;
+            // Every word starts a run: the one covering its first slot.
+            while r + 1 < runs.len() && runs[r + 1].0 <= first {
+                r += 1;
+            }
+            node.runs[word as usize] |= 1;
+            self.tables.slots.push(runs[r].1);
+            while r + 1 < runs.len() && runs[r + 1].0 < first + 64 {
+                r += 1;
+                node.runs[word as usize] |= 1 << (runs[r].0 - first);
+                self.tables.slots.push(runs[r].1);
             }
         }
+        self.spare.push(runs);
         if self.tables.slots.len() > self.capacity.slots as usize {
             return Err(CapacityError { what: "slots", needed: self.tables.slots.len(), capacity: self.capacity.slots });
         }

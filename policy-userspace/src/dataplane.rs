@@ -167,16 +167,19 @@ pub struct Dataplane {
     acl4: acl4::Arrays,
     /// What each generation's IPv4 arrays use.
     acl4_used: [policy_common::acl4::Capacity; 2],
-    /// What each generation's ACL entries are: IPv6 as the trie holds
-    /// them, IPv4 as the arrays were built from.
-    installed: [AclContents; 2],
+    /// What each generation's IPv4 arrays were built from.
+    installed_v4: [Acl4Contents; 2],
+    /// What each generation holds in the IPv6 trie.
+    installed_v6: [AclContents; 2],
     /// A flip happened since the last RCU grace period: the generation
     /// flipped away from may still be read by packets in flight.
     grace_pending: bool,
 }
 
+/// (scope, IPv4 prefix, entry), in no particular order.
+type Acl4Contents = Vec<(u8, ipnet::Ipv4Net, AclEntry)>;
 /// (scope, prefix) and entry, sorted by key: one generation's share of
-/// the ACL tries. Sorted so that two of them diff in one merge pass.
+/// the IPv6 trie. Sorted so that two of them diff in one merge pass.
 type AclContents = Vec<(AclKey, AclEntry)>;
 /// (scope, prefix): where an entry sits in a generation.
 type AclKey = (u8, IpNet);
@@ -215,15 +218,17 @@ impl Dataplane {
         let events = RingBuf::try_from(events)
             .map_err(|source| DataplaneError::Map { name: policy_common::EVENTS, source })?;
         let acl4 = map_acl4(&ebpf)?;
-        let mut dataplane = Self { ebpf, events, source_sets, acl4, acl4_used: [policy_common::acl4::Capacity { nodes: 0, slots: 0, values: 0 }; 2], installed: [AclContents::new(), AclContents::new()], grace_pending: false };
+        let mut dataplane = Self { ebpf, events, source_sets, acl4, acl4_used: [policy_common::acl4::Capacity { nodes: 0, slots: 0, values: 0 }; 2], installed_v4: [Vec::new(), Vec::new()], installed_v6: [AclContents::new(), AclContents::new()], grace_pending: false };
         if adopted {
             // Pinned state from an earlier run: keep the active generation
             // as it is; what the inactive one holds is found by reading it.
             let rt = dataplane.runtime()?;
             dataplane.source_sets = rt.source_sets;
             let inactive = (rt.active ^ 1) as usize;
-            dataplane.installed[inactive] = dataplane.acl_contents(inactive as u8)?;
-            dataplane.installed[rt.active as usize] = dataplane.acl_contents(rt.active as u8)?;
+            for generation in [inactive, rt.active as usize] {
+                dataplane.installed_v4[generation] = dataplane.acl4_contents(generation as u8);
+                dataplane.installed_v6[generation] = dataplane.acl6_contents(generation as u8)?;
+            }
         } else {
             dataplane.set_runtime(Runtime {
                 active: 0,
@@ -301,17 +306,16 @@ impl Dataplane {
         let tables = acl4::build(&compiled.v4, gen as u32, &self.acl4.capacity)?;
         let mut wanted: AclContents = compiled.v6.iter().map(|(s, n, e)| ((*s, IpNet::V6(*n)), *e)).collect();
         wanted.sort_unstable_by_key(|(k, _)| *k);
-        let old: AclContents = std::mem::take(&mut self.installed[gen]).into_iter().filter(|((_, n), _)| n.addr().is_ipv6()).collect();
+        let old = std::mem::take(&mut self.installed_v6[gen]);
         let (stale, changed) = diff(&old, &wanted);
         if let Err(e) = self.write_acl_v6(gen as u8, &stale, &changed) {
-            // Part of it may be written: learn what the maps hold now.
-            self.installed[gen] = self.acl_contents(gen as u8).unwrap_or_default();
+            // Part of it may be written: learn what the trie holds now.
+            self.installed_v6[gen] = self.acl6_contents(gen as u8).unwrap_or_default();
             return Err(e);
         }
+        self.installed_v6[gen] = wanted;
         self.write_acl4(gen as u32, &tables);
-        wanted.extend(compiled.v4.iter().map(|(s, n, e)| ((*s, IpNet::V4(*n)), *e)));
-        wanted.sort_unstable_by_key(|(k, _)| *k);
-        self.installed[gen] = wanted;
+        self.installed_v4[gen] = compiled.v4.clone();
         let mut config = compiled.config;
         config.generation = number;
         self.set_policy(gen as u32, &config)
@@ -341,14 +345,7 @@ impl Dataplane {
 
     /// Rebuilds `generation`'s IPv4 arrays from what it is said to hold.
     fn rewrite_acl4(&mut self, generation: u8) -> Result<()> {
-        let v4: Vec<_> = self.installed[generation as usize & 1]
-            .iter()
-            .filter_map(|((scope, net), e)| match net {
-                IpNet::V4(n) => Some((*scope, *n, *e)),
-                IpNet::V6(_) => None,
-            })
-            .collect();
-        let tables = acl4::build(&v4, generation as u32, &self.acl4.capacity)?;
+        let tables = acl4::build(&self.installed_v4[generation as usize & 1], generation as u32, &self.acl4.capacity)?;
         self.write_acl4(generation as u32, &tables);
         Ok(())
     }
@@ -445,9 +442,7 @@ impl Dataplane {
 
     /// ACL entries installed, IPv4 and IPv6, both generations.
     pub fn acl_entry_counts(&self) -> (usize, usize) {
-        let all = self.installed.iter().flat_map(|g| g.iter().map(|(k, _)| k));
-        let v4 = all.clone().filter(|(_, n)| n.addr().is_ipv4()).count();
-        (v4, all.count() - v4)
+        (self.installed_v4.iter().map(Vec::len).sum(), self.installed_v6.iter().map(Vec::len).sum())
     }
 
     /// The generation packets are judged by now.
@@ -455,15 +450,17 @@ impl Dataplane {
         Ok(self.runtime()?.active)
     }
 
-    /// Every ACL entry stored for `generation`, read from the tries.
-    fn acl_contents(&mut self, generation: u8) -> Result<AclContents> {
+    /// What `generation`'s IPv4 arrays hold, read back.
+    fn acl4_contents(&self, generation: u8) -> Acl4Contents {
+        (0..policy_common::ACL_SCOPES as u8)
+            .flat_map(|scope| acl4::read_back(&self.acl4, generation as u32, scope).into_iter().map(move |(n, e)| (scope, n, e)))
+            .collect()
+    }
+
+    /// Every IPv6 ACL entry stored for `generation`, read from the trie.
+    fn acl6_contents(&mut self, generation: u8) -> Result<AclContents> {
         let mut out = AclContents::new();
         let mut insert = |k, e| out.push((k, e));
-        for scope in 0..policy_common::ACL_SCOPES as u8 {
-            for (net, entry) in acl4::read_back(&self.acl4, generation as u32, scope) {
-                insert((scope, IpNet::V4(net)), entry);
-            }
-        }
         let name = policy_common::ACL_V6;
         for item in self.trie_v6()?.iter() {
             let (key, entry) = item.map_err(|source| DataplaneError::Map { name, source })?;
@@ -550,11 +547,17 @@ impl Dataplane {
     /// Writes (`Some`) or removes (`None`) ACL entries; the IPv4 arrays of
     /// each generation touched are rebuilt once.
     pub fn edit_acls(&mut self, edits: &[(AclPrefix, Option<AclEntry>)]) -> Result<()> {
-        let mut rebuild = [false; 2];
+        // The last edit of a prefix wins.
+        let mut v4_edits: [std::collections::HashMap<(u8, ipnet::Ipv4Net), Option<AclEntry>>; 2] = Default::default();
         for (prefix, entry) in edits {
             let net = IpNet::new(prefix.addr, prefix.prefix_len).expect("prefix length fits the family").trunc();
+            let generation = prefix.generation as usize & 1;
+            if let IpNet::V4(n) = net {
+                v4_edits[generation].insert((prefix.scope, n), *entry);
+                continue;
+            }
             let key = (prefix.scope, net);
-            let contents = &mut self.installed[prefix.generation as usize & 1];
+            let contents = &mut self.installed_v6[generation];
             match (contents.binary_search_by_key(&key, |(k, _)| *k), entry) {
                 (Ok(i), Some(e)) => contents[i].1 = *e,
                 (Err(i), Some(e)) => contents.insert(i, (key, *e)),
@@ -563,10 +566,7 @@ impl Dataplane {
                 }
                 (Err(_), None) => {}
             }
-            let IpNet::V6(n) = net else {
-                rebuild[prefix.generation as usize & 1] = true;
-                continue;
-            };
+            let IpNet::V6(n) = net else { continue };
             let key = Key::new(ACL_KEY_HEADER_BITS + n.prefix_len() as u32, AclKeyV6::new(prefix.generation, prefix.scope, n.network().octets()));
             let mut trie = self.trie_v6()?;
             match entry {
@@ -575,10 +575,14 @@ impl Dataplane {
             }
             .map_err(|source| DataplaneError::Map { name: policy_common::ACL_V6, source })?;
         }
-        for generation in [0u8, 1] {
-            if rebuild[generation as usize] {
-                self.rewrite_acl4(generation)?;
+        for (generation, changes) in v4_edits.into_iter().enumerate() {
+            if changes.is_empty() {
+                continue;
             }
+            let contents = &mut self.installed_v4[generation];
+            contents.retain(|(scope, net, _)| !changes.contains_key(&(*scope, *net)));
+            contents.extend(changes.into_iter().filter_map(|((scope, net), e)| Some((scope, net, e?))));
+            self.rewrite_acl4(generation as u8)?;
         }
         Ok(())
     }
