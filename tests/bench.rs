@@ -428,8 +428,9 @@ fn reload(json: bool) -> Result<()> {
         println!("{}", serde_json::json!({"one_rule_ms": round2(r.one_rule_ms), "full_swap_ms": round2(r.full_swap_ms), "misjudged": r.misjudged, "judged": r.judged}));
     } else {
         println!("policy of {} entries (100,000 random deny CIDRs); median of 5 of each change; each time is", r.entries);
-        println!("compile (as a reload does: no warnings) + diff + batched write of the standby generation +");
-        println!("flip. The RCU grace period follows the flip, before the old generation is brought level.\n");
+        println!("compile (as a reload does: no warnings) + build of the standby generation's IPv4 arrays,");
+        println!("written whole through mmap (IPv6: what differs, batched) + flip. The RCU grace period follows");
+        println!("the flip, before the old generation is brought level.\n");
         println!("one-rule edit (deny one /32, and back)   {:>8.2} ms", r.one_rule_ms);
         println!("whole-policy swap (another 100,000)      {:>8.2} ms", r.full_swap_ms);
         println!("flood packets judged during the changes  {:>8}", r.judged);

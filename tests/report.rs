@@ -195,7 +195,11 @@ pub fn render(dir: &Path, docs: &Path) -> Result<()> {
         met(growth <= 1.3), met(f(&scale["sizes"]["1000000"]["load_s"]) < 2.0), f(&scale["sizes"]["1000000"]["load_s"]), met(f(&scale["tracked_sources_1m_bytes"]) <= 64.0 * 1048576.0));
     let _ = writeln!(md, "![cost against rule count](bench/scale.svg)\n");
     let _ = writeln!(md, "The chart shows each tool's cost per packet relative to its own cost at 10 CIDRs (smtpguard: ns per");
-    let _ = writeln!(md, "packet; netfilter: 1 / Mpps on veth, which includes the generator's share and so understates growth).\n");
+    let _ = writeln!(md, "packet; netfilter: 1 / Mpps on veth, which includes the generator's share and so understates growth).");
+    let _ = writeln!(md, "smtpguard's IPv4 lookup is at most five array reads at any size, so its cost stays flat; its arrays");
+    let _ = writeln!(md, "are reserved at load (33.6 MB by default) rather than allocated per entry, so small policies pay for");
+    let _ = writeln!(md, "the default room. The reload column at 1,000,000 is mostly compile time of the other list (0.4 to");
+    let _ = writeln!(md, "0.8 s; the build and write of the arrays take about 0.19 s).\n");
     std::fs::write(
         docs.join("bench/scale.svg"),
         line_chart("Cost per packet against rule count (1.0 = cost at 10 CIDRs)", "CIDRs in the deny list (log scale)", "relative cost per packet", &[
@@ -207,8 +211,9 @@ pub fn render(dir: &Path, docs: &Path) -> Result<()> {
 
     let _ = writeln!(md, "## Reload: `cargo xtask bench reload`\n");
     let _ = writeln!(md, "A policy of 100,000 random deny CIDRs under a flood from one source through smtpguard XDP on a veth.");
-    let _ = writeln!(md, "Each change is compile (as a reload does) + diff against the standby generation + batched write");
-    let _ = writeln!(md, "of what differs + flip; the RCU grace period follows, before the old generation is brought level.");
+    let _ = writeln!(md, "Each change is compile (as a reload does) + build of the standby generation's IPv4 arrays, written");
+    let _ = writeln!(md, "whole through mmap (IPv6: what differs, batched) + flip; the RCU grace period follows, before the");
+    let _ = writeln!(md, "old generation is brought level. Of a 39 ms change, compile takes about 28 ms, the build 11.");
     let _ = writeln!(md, "Median of 5. Every flood packet must be judged by the old or the new policy.\n");
     let _ = writeln!(md, "| change | ms |\n|---|---:|");
     let _ = writeln!(md, "| one rule (deny one /32, and back) | {:.1} |", f(&reload["one_rule_ms"]));
