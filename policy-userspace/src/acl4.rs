@@ -123,7 +123,7 @@ impl std::hash::Hasher for WordHasher {
         }
     }
     fn write_u32(&mut self, word: u32) {
-        self.0 = (self.0.rotate_left(5) ^ word as u64).wrapping_mul(0x51_7cc1_b727_220a_95);
+        self.0 = (self.0.rotate_left(5) ^ word as u64).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
     fn write_usize(&mut self, n: usize) {
         self.write_u32(n as u32);
