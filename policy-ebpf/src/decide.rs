@@ -3,6 +3,8 @@
 //! SMTP command filter, default action. Every counted packet leaves
 //! through [`finish`], which applies monitor mode and records counters.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use policy_common::{
     action, blocked_smtp_command, event_kind, hook, mode, profile, reason, verdict, DirectionPolicy,
@@ -12,7 +14,7 @@ use policy_common::{
 use crate::{
     acl, config, events,
     frame::Frame,
-    parse::{self, outcome, Flow, Ports, PULL_LEN},
+    parse::{self, outcome, Flow, Ports, Segment, PULL_LEN},
     sources::{self, BanCheck, SynOutcome},
     stats,
 };
@@ -45,23 +47,34 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// Where parsing stopped, once the packet is known to concern us:
-/// an [`outcome`], the port slot when known, the flow when parsed.
+/// Where parsing stopped, once the packet is known to concern us: an
+/// [`outcome`] and the port slot when known. The flow, when parsed, is
+/// written into the caller's.
 struct Parsed {
     outcome: u8,
     port_slot: usize,
-    flow: Flow,
 }
 
 /// `None`: TCP to a port this direction does not guard.
 #[inline(always)]
-fn parse<F: Frame>(frame: &F, ports: Ports, dp: &DirectionPolicy) -> Option<Parsed> {
+fn parse<F: Frame>(frame: &F, ports: Ports, dp: &DirectionPolicy, flow: &mut MaybeUninit<Flow>) -> Option<Parsed> {
     if ports.outcome != outcome::TCP {
-        return Some(Parsed { outcome: ports.outcome, port_slot: PORT_SLOT_UNKNOWN, flow: Flow::NONE });
+        return Some(Parsed { outcome: ports.outcome, port_slot: PORT_SLOT_UNKNOWN });
     }
     let port_slot = dp.port_slot(ports.seg.dport)?;
-    let (outcome, flow) = parse::rest(frame, ports.seg, port_slot);
-    Some(Parsed { outcome, port_slot, flow })
+    let outcome = parse::rest(frame, ports.seg, port_slot, flow);
+    Some(Parsed { outcome, port_slot })
+}
+
+/// [`parse`] for a frame [`parse::plain`] answered with `port`.
+#[inline(always)]
+fn parse_plain<F: Frame>(frame: &F, port: u16, dp: &DirectionPolicy, flow: &mut MaybeUninit<Flow>) -> Option<Parsed> {
+    let port_slot = dp.port_slot(port)?;
+    let outcome = parse::plain_flow(frame, port_slot, flow);
+    if outcome == outcome::SHORT {
+        return parse(frame, parse::ports(frame), dp, flow);
+    }
+    Some(Parsed { outcome, port_slot })
 }
 
 #[inline(always)]
@@ -78,11 +91,14 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
         return Verdict::Pass;
     }
     let Some(runtime) = config::runtime() else { return Verdict::Pass };
-    let ports = if plain < parse::plain::NOT_TCP { parse::plain_ports(frame) } else { parse::ports(frame) };
+    let plain_port = plain < parse::plain::NOT_TCP;
+    // A plain frame's port passed the filter above; its headers are read
+    // once the port is known to be guarded.
+    let ports = if plain_port { Ports { outcome: outcome::TCP, seg: Segment::NONE } } else { parse::ports(frame) };
     if ports.outcome == outcome::NOT_TCP {
         return Verdict::Pass;
     }
-    if ports.outcome == outcome::TCP && !runtime.may_guard(ports.seg.dport) {
+    if !plain_port && ports.outcome == outcome::TCP && !runtime.may_guard(ports.seg.dport) {
         return Verdict::Pass;
     }
     // Forwarded from a tenant interface: judged (and counted) there.
@@ -96,17 +112,22 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
     let dir = runtime.hook_direction[hook];
     let Some(dp) = policy.direction.get(dir as usize) else { return Verdict::Pass };
 
-    let Some(mut parsed) = parse(frame, ports, dp) else { return Verdict::Pass };
+    // Written by the parse only for TCP, and read only then.
+    let mut flow = MaybeUninit::<Flow>::uninit();
+    let parsed = if plain_port { parse_plain(frame, plain as u16, dp, &mut flow) } else { parse(frame, ports, dp, &mut flow) };
+    let Some(mut parsed) = parsed else { return Verdict::Pass };
     if parsed.outcome == outcome::SHORT && frame.pull(PULL_LEN) {
-        let Some(again) = parse(frame, parse::ports(frame), dp) else { return Verdict::Pass };
+        let Some(again) = parse(frame, parse::ports(frame), dp, &mut flow) else { return Verdict::Pass };
         parsed = again;
     }
     let bytes = frame.wire_len();
     let port_slot = parsed.port_slot;
     match parsed.outcome {
         outcome::TCP => {
-            let outcome = pipeline(frame, runtime, generation, dp, dir, &parsed.flow);
-            finish(runtime, dp, dir, Some(&parsed.flow), port_slot, bytes, outcome)
+            // SAFETY: the TCP outcome is only returned after the flow was written.
+            let flow = unsafe { flow.assume_init_ref() };
+            let outcome = pipeline(frame, runtime, generation, dp, dir, flow);
+            finish(runtime, dp, dir, Some(flow), port_slot, bytes, outcome)
         }
         outcome::FRAGMENT => {
             finish(runtime, dp, dir, None, port_slot, bytes, Outcome::new(action::PASS, reason::FRAGMENT))

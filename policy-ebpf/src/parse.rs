@@ -7,6 +7,8 @@
 //! `from_be` where a value is needed; addresses stay in memory order
 //! (network-order bytes in a word), which is what the map keys hold.
 
+use core::mem::MaybeUninit;
+
 use policy_common::{MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS};
 
 use crate::frame::{ptr_at, Frame};
@@ -231,18 +233,47 @@ pub fn plain<F: Frame>(frame: &F) -> u32 {
     u16::from_be(unsafe { (*h).dport }) as u32
 }
 
-/// [`ports`] for a frame [`plain`] answered with a port: the same fixed
-/// offsets, without walking the headers again.
+/// [`PlainTcp4`] followed by the rest of a TCP header without options'
+/// worth: what a SYN is.
+#[repr(C)]
+struct PlainSegment4 {
+    head: PlainTcp4,
+    seq_ack: [u16; 4],
+    offset: u8,
+    flags: u8,
+    window_check_urgent: [u16; 3],
+}
+const _: () = assert!(core::mem::size_of::<PlainSegment4>() == 54);
+
+/// The flow of a frame [`plain`] answered with a guarded port, read with
+/// one bounds check at fixed offsets into `flow`; the same outcomes as
+/// [`ports`] and [`rest`] would give, or `SHORT` when the frame is shorter
+/// than a header without options (the general parse then decides).
 #[inline(always)]
-pub fn plain_ports<F: Frame>(frame: &F) -> Ports {
+pub fn plain_flow<F: Frame>(frame: &F, port_slot: usize, flow: &mut MaybeUninit<Flow>) -> u8 {
     // SAFETY: ptr_at checks that the whole struct is readable.
-    let Some(h) = (unsafe { ptr_at::<F, PlainTcp4>(frame, 0) }) else { return Ports::only(outcome::SHORT) };
+    let Some(h) = (unsafe { ptr_at::<F, PlainSegment4>(frame, 0) }) else { return outcome::SHORT };
     // SAFETY: the pointer passed its bounds check.
-    let (total_len, sport, dport) = unsafe { (u16::from_be((*h).total_len) as usize, u16::from_be((*h).sport), u16::from_be((*h).dport)) };
-    if total_len < 20 {
-        return Ports::only(outcome::MALFORMED);
+    let (total_len, a, sport, dport, offset, flags) = unsafe {
+        let p = &(*h).head;
+        (u16::from_be(p.total_len) as usize, p.addrs, u16::from_be(p.sport), u16::from_be(p.dport), (*h).offset, (*h).flags)
+    };
+    let header_len = ((offset >> 4) as usize) * 4;
+    if total_len < 20 || header_len < 20 || total_len - 20 < header_len || 34 + header_len > frame.wire_len() as usize {
+        return outcome::MALFORMED;
     }
-    Ports { outcome: outcome::TCP, seg: Segment { v6: false, l3: 14, l4: 34, len: total_len - 20, sport, dport } }
+    // Two 2-byte loads in memory order make the address word (little-endian target).
+    let word = |lo: u16, hi: u16| lo as u32 | (hi as u32) << 16;
+    flow.write(Flow {
+        seg: Segment { v6: false, l3: 14, l4: 34, len: total_len - 20, sport, dport },
+        src: [word(a[0], a[1]), 0, 0, 0],
+        dst: [word(a[2], a[3]), 0, 0, 0],
+        port_slot,
+        syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        payload_offset: 34 + header_len,
+        payload_len: (total_len - 20 - header_len) as u32,
+    });
+    outcome::TCP
 }
 
 /// Parses as far as the TCP ports.
@@ -335,24 +366,26 @@ fn tcp_ports<F: Frame>(frame: &F, v6: bool, l3: usize, l4: usize, len: usize) ->
 }
 
 /// Parses the rest of the TCP header of a segment to a guarded port: an
-/// [`outcome`] and, for TCP, the flow.
+/// [`outcome`] and, for TCP, the flow, written into `flow` only then: a
+/// returned or pre-zeroed `Flow` costs a memset (a byte loop in BPF) or
+/// an empty flow materialised on every failure path.
 #[inline(always)]
-pub fn rest<F: Frame>(frame: &F, seg: Segment, port_slot: usize) -> (u8, Flow) {
-    let Some(tcp) = header::<F, TcpHdr>(frame, seg.l4) else { return (outcome::SHORT, Flow::NONE) };
+pub fn rest<F: Frame>(frame: &F, seg: Segment, port_slot: usize, flow: &mut MaybeUninit<Flow>) -> u8 {
+    let Some(tcp) = header::<F, TcpHdr>(frame, seg.l4) else { return outcome::SHORT };
     let (offset, flags) = unsafe { ((*tcp).offset, (*tcp).flags) };
     let header_len = ((offset >> 4) as usize) * 4;
     // The whole TCP header must be in the frame, options included.
     if header_len < 20 || seg.len < header_len || seg.l4 + header_len > frame.wire_len() as usize {
-        return (outcome::MALFORMED, Flow::NONE);
+        return outcome::MALFORMED;
     }
     let (src, dst) = if seg.v6 {
-        let Some(ip) = header::<F, Ipv6Hdr>(frame, seg.l3) else { return (outcome::SHORT, Flow::NONE) };
+        let Some(ip) = header::<F, Ipv6Hdr>(frame, seg.l3) else { return outcome::SHORT };
         unsafe { ((*ip).src, (*ip).dst) }
     } else {
-        let Some(ip) = header::<F, Ipv4Hdr>(frame, seg.l3) else { return (outcome::SHORT, Flow::NONE) };
+        let Some(ip) = header::<F, Ipv4Hdr>(frame, seg.l3) else { return outcome::SHORT };
         unsafe { ([(*ip).src, 0, 0, 0], [(*ip).dst, 0, 0, 0]) }
     };
-    let flow = Flow {
+    flow.write(Flow {
         seg,
         src,
         dst,
@@ -360,6 +393,6 @@ pub fn rest<F: Frame>(frame: &F, seg: Segment, port_slot: usize) -> (u8, Flow) {
         syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
         payload_offset: seg.l4 + header_len,
         payload_len: (seg.len - header_len) as u32,
-    };
-    (outcome::TCP, flow)
+    });
+    outcome::TCP
 }
