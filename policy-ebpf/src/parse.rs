@@ -79,11 +79,6 @@ impl Segment {
     pub const NONE: Self = Self { v6: false, l3: 0, l4: 0, len: 0, sport: 0, dport: 0 };
 }
 
-impl Flow {
-    pub const NONE: Self =
-        Self { seg: Segment::NONE, src: [0; 4], dst: [0; 4], port_slot: 0, syn: false, payload_offset: 0, payload_len: 0 };
-}
-
 /// The result of [`ports`]: an [`outcome`] and, for TCP, the segment.
 pub struct Ports {
     pub outcome: u8,
