@@ -175,6 +175,8 @@ fn datapath(json: bool) -> Result<()> {
         });
     }
     h.reset()?;
+    // The same measure of a real filter that only matches the port.
+    let reference = if only.is_none() { Some(xdp_filter_reference(floor_prog.as_fd_borrowed(), &probe)?) } else { None };
     let floor_ns = median(floors);
     let floor_kernel_ns = median(floor_kernel);
 
@@ -188,7 +190,8 @@ fn datapath(json: bool) -> Result<()> {
                 (r.name.to_owned(), v)
             })
             .collect();
-        println!("{}", serde_json::json!({"floor_ns": round2(floor_ns), "floor_kernel_ns": floor_kernel_ns, "cases": cases}));
+        let reference = reference.as_ref().map(|r| serde_json::json!({"xdp_filter": {"ns": round2(r.ns), "kernel_ns": r.kernel_ns, "ratio": round2(r.ratio), "verdict": r.verdict}}));
+        println!("{}", serde_json::json!({"floor_ns": round2(floor_ns), "floor_kernel_ns": floor_kernel_ns, "cases": cases, "reference": reference}));
     } else {
         println!("xdp_ingress per packet, BPF_PROG_TEST_RUN x {REPEAT}, CPU {cpu}, median of {ROUNDS} rounds,");
         println!("{BACKGROUND_ACL} background ACL entries. ns/pkt: wall clock around the run; kernel: the");
@@ -196,6 +199,9 @@ fn datapath(json: bool) -> Result<()> {
         println!("{:<14} {:<32} {:>7} {:>8} {:>7} {:>7}", "case", "packet", "verdict", "ns/pkt", "kernel", "ratio");
         println!("{:<14} {:<32} {:>7} {:>8.2} {:>7} {:>7.2}", "floor", "empty XDP program", "pass", floor_ns, floor_kernel_ns, 1.0);
         for r in &rows {
+            println!("{:<14} {:<32} {:>7} {:>8.2} {:>7} {:>7.2}", r.name, r.what, r.verdict, r.ns, r.kernel_ns, r.ratio);
+        }
+        if let Some(r) = &reference {
             println!("{:<14} {:<32} {:>7} {:>8.2} {:>7} {:>7.2}", r.name, r.what, r.verdict, r.ns, r.kernel_ns, r.ratio);
         }
         println!();
@@ -206,6 +212,34 @@ fn datapath(json: bool) -> Result<()> {
         bail!("a datapath target was missed");
     }
     Ok(())
+}
+
+/// xdp-tools' xdp-filter dropping the probe SYN to port 25, timed as the
+/// cases are (it matches the port only: no ACL, no bans, no rate, no geo).
+fn xdp_filter_reference(floor: std::os::fd::BorrowedFd<'_>, frame: &[u8]) -> Result<Row> {
+    let bed = throughput::Bed::new(false)?;
+    throughput::with_xdp_filter(&bed, || {
+        let info = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("xdpfilt")))
+            .max_by_key(|p| p.id())
+            .context("xdp-filter's program is not loaded")?;
+        let fd = info.fd()?;
+        let fd = std::os::fd::AsFd::as_fd(&fd);
+        let (_, drop) = Hook::XdpIngress.verdict_codes();
+        let (mut ns, mut kernel, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            let f = time_run(floor, frame, REPEAT)?;
+            let t = time_run(fd, frame, REPEAT)?;
+            if t.retval != drop {
+                bail!("xdp-filter returned {} for a SYN to port 25", t.retval);
+            }
+            ns.push(t.wall_ns);
+            kernel.push(t.kernel_ns as f64);
+            ratios.push(t.wall_ns / f.wall_ns);
+        }
+        Ok(Row { name: "xdp_filter", what: "reference: xdp-filter, port 25 only", verdict: "drop", ns: median(ns), kernel_ns: median(kernel), ratio: median(ratios) })
+    })
 }
 
 fn round2(x: f64) -> f64 {

@@ -69,6 +69,24 @@ pub fn realistic_policy(dir: &Path, cidrs: &[ipnet::Ipv4Net]) -> Result<Compiled
     crate::compile_file(&path)
 }
 
+/// Runs `f` while xdp-tools' xdp-filter drops TCP port 25 on the DUT's
+/// d0, then unloads it (and the pin directory libxdp made, if it did).
+pub fn with_xdp_filter<T>(bed: &Bed, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    // libxdp keeps its dispatcher pins under /sys/fs/bpf/xdp.
+    let libxdp_dir = Path::new("/sys/fs/bpf/xdp");
+    let had_dir = libxdp_dir.exists();
+    let r = bed
+        .dut
+        .exec(&["xdp-filter", "load", "-m", "native", "-f", "tcp,ipv4", "d0"])
+        .and_then(|_| bed.dut.exec(&["xdp-filter", "port", "-p", "tcp", "25"]))
+        .and_then(|_| f());
+    let _ = bed.dut.exec(&["xdp-filter", "unload", "d0"]);
+    if !had_dir {
+        let _ = std::fs::remove_dir(libxdp_dir);
+    }
+    r
+}
+
 /// Two namespaces joined by a veth: the generator's g0, the DUT's d0.
 pub struct Bed {
     gen: Netns,
@@ -268,15 +286,7 @@ pub fn run_all(work: &Path, only: Option<&str>) -> Result<Vec<Mode>> {
     }
     if wanted("xdp_filter") {
         let bed = Bed::new(false)?;
-        // libxdp keeps its dispatcher pins under /sys/fs/bpf/xdp.
-        let libxdp_dir = Path::new("/sys/fs/bpf/xdp");
-        let had_dir = libxdp_dir.exists();
-        bed.dut.exec(&["xdp-filter", "load", "-m", "native", "-f", "tcp,ipv4", "d0"])?;
-        let r = bed.dut.exec(&["xdp-filter", "port", "-p", "tcp", "25"]).and_then(|_| bed.flood(&acl_frame, Bed::xdp_drops));
-        let _ = bed.dut.exec(&["xdp-filter", "unload", "d0"]);
-        if !had_dir {
-            let _ = std::fs::remove_dir(libxdp_dir);
-        }
+        let r = with_xdp_filter(&bed, || bed.flood(&acl_frame, Bed::xdp_drops));
         push("xdp_filter", "xdp-filter -f tcp,ipv4, port 25 (drops all of port 25: no ACL, no rate)", r?);
     }
     for (name, family, what) in [
