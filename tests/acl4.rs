@@ -10,11 +10,11 @@ use std::{
 use ipnet::Ipv4Net;
 use policy_common::{acl4::Capacity, action, direction, event_kind, reason, side, AclEntry, MAX_PORTS};
 use smtpguard::{
+    commands,
     dataplane::{Dataplane, Hook, LoadOptions},
-    policy,
 };
 use smtpguard_tests::{
-    fixtures::{base_policy, entry_all_ports, Harness},
+    fixtures::{base_policy, entry_all_ports, write_deny_policy, Harness},
     packet::{TcpFrame, SYN},
     require_root,
     rng::Rng,
@@ -113,15 +113,6 @@ fn kernel_lookups_equal_a_plain_longest_prefix_match() {
     assert!(allowed > 50 && denied > PROBES / 2 && unmatched > 50, "the probes should reach every kind of answer");
 }
 
-/// A policy file denying `cidrs` on ingress port 25.
-fn policy_file(dir: &std::path::Path, name: &str, cidrs: &[Ipv4Net]) -> std::path::PathBuf {
-    let list: String = cidrs.iter().map(|c| format!("{c}\n")).collect();
-    std::fs::write(dir.join(format!("{name}.txt")), list).unwrap();
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, format!("version: 1\nports: {{25: smtp}}\ningress:\n  default: {{25: allow}}\n  deny_files: [{name}.txt]\n")).unwrap();
-    path
-}
-
 #[test]
 fn a_policy_too_large_for_the_arrays_is_refused_and_changes_nothing() {
     if !require_root() {
@@ -129,13 +120,14 @@ fn a_policy_too_large_for_the_arrays_is_refused_and_changes_nothing() {
     }
     let dir = std::env::temp_dir().join(format!("smtpguard-acl4-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let small = policy_file(&dir, "small", &["192.0.2.0/25".parse().unwrap()]);
+    let small = write_deny_policy(&dir, "small", &["192.0.2.0/25".parse().unwrap()], "").unwrap();
     // 100 /32s in 100 different /24s: 100 nodes below the /24s.
     let many: Vec<Ipv4Net> = (0..100u32).map(|i| Ipv4Net::new(Ipv4Addr::from(0xc633_0000 | i << 8 | 7), 32).unwrap()).collect();
-    let large = policy_file(&dir, "large", &many);
+    let large = write_deny_policy(&dir, "large", &many, "").unwrap();
+    // As the controller's reload compiles.
     let compile = |p: &std::path::Path| {
-        let (policy, diags) = policy::load_file(p, &policy::LoadOptions::default());
-        policy::compile(&policy.unwrap_or_else(|| panic!("{diags}")), policy::time::today()).unwrap()
+        let (compiled, diags) = commands::compile_for_reload(p, &Default::default());
+        compiled.unwrap_or_else(|| panic!("{diags}")).1
     };
     let room = Capacity { nodes: 16, slots: 4096, values: 256 };
     let mut dp = Dataplane::load(LoadOptions { acl4_capacity: room, ..LoadOptions::default() }).unwrap();

@@ -152,27 +152,10 @@ fn datapath(json: bool) -> Result<()> {
         if rc != expected {
             bail!("{}: verdict {rc}, expected {expected}", case.name);
         }
-        let (mut ns, mut kernel, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
-            let floor = time_run(floor_prog.as_fd_borrowed(), &probe, REPEAT)?;
-            let t = time_run(fd, &case.frame, REPEAT)?;
-            if t.retval != expected {
-                bail!("{}: verdict changed to {} during the run", case.name, t.retval);
-            }
-            floors.push(floor.wall_ns);
-            floor_kernel.push(floor.kernel_ns as f64);
-            ns.push(t.wall_ns);
-            kernel.push(t.kernel_ns as f64);
-            ratios.push(t.wall_ns / floor.wall_ns);
-        }
-        rows.push(Row {
-            name: case.name,
-            what: case.what,
-            verdict: if case.drops { "drop" } else { "pass" },
-            ns: median(ns),
-            kernel_ns: median(kernel),
-            ratio: median(ratios),
-        });
+        let (row, floor) = timed_rounds(floor_prog.as_fd_borrowed(), &probe, fd, &case.frame, expected, case.name, case.what)?;
+        floors.extend(floor.iter().map(|f| f.0));
+        floor_kernel.extend(floor.iter().map(|f| f.1));
+        rows.push(row);
     }
     h.reset()?;
     // The same measure of a real filter that only matches the port.
@@ -225,21 +208,39 @@ fn xdp_filter_reference(floor: std::os::fd::BorrowedFd<'_>, frame: &[u8]) -> Res
             .max_by_key(|p| p.id())
             .context("xdp-filter's program is not loaded")?;
         let fd = info.fd()?;
-        let fd = std::os::fd::AsFd::as_fd(&fd);
         let (_, drop) = Hook::XdpIngress.verdict_codes();
-        let (mut ns, mut kernel, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
-            let f = time_run(floor, frame, REPEAT)?;
-            let t = time_run(fd, frame, REPEAT)?;
-            if t.retval != drop {
-                bail!("xdp-filter returned {} for a SYN to port 25", t.retval);
-            }
-            ns.push(t.wall_ns);
-            kernel.push(t.kernel_ns as f64);
-            ratios.push(t.wall_ns / f.wall_ns);
-        }
-        Ok(Row { name: "xdp_filter", what: "reference: xdp-filter, port 25 only", verdict: "drop", ns: median(ns), kernel_ns: median(kernel), ratio: median(ratios) })
+        let fd = std::os::fd::AsFd::as_fd(&fd);
+        Ok(timed_rounds(floor, frame, fd, frame, drop, "xdp_filter", "reference: xdp-filter, port 25 only")?.0)
     })
+}
+
+/// `ROUNDS` runs of `prog` on `frame`, each beside the floor program on
+/// `probe`, as a row of medians; and each round's floor (wall, kernel ns).
+/// Every run must return `expected`.
+fn timed_rounds(
+    floor: std::os::fd::BorrowedFd<'_>,
+    probe: &[u8],
+    prog: std::os::fd::BorrowedFd<'_>,
+    frame: &[u8],
+    expected: u32,
+    name: &'static str,
+    what: &'static str,
+) -> Result<(Row, Vec<(f64, f64)>)> {
+    let (mut ns, mut kernel, mut ratios, mut floors) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let f = time_run(floor, probe, REPEAT)?;
+        let t = time_run(prog, frame, REPEAT)?;
+        if t.retval != expected {
+            bail!("{name}: verdict changed to {} during the run (expected {expected})", t.retval);
+        }
+        floors.push((f.wall_ns, f.kernel_ns as f64));
+        ns.push(t.wall_ns);
+        kernel.push(t.kernel_ns as f64);
+        ratios.push(t.wall_ns / f.wall_ns);
+    }
+    let (pass, _) = Hook::XdpIngress.verdict_codes();
+    let verdict = if expected == pass { "pass" } else { "drop" };
+    Ok((Row { name, what, verdict, ns: median(ns), kernel_ns: median(kernel), ratio: median(ratios) }, floors))
 }
 
 fn round2(x: f64) -> f64 {

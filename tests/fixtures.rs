@@ -24,6 +24,17 @@ pub const BAN_MAX_S: u32 = 86_400;
 pub const BLOCKED_COUNTRY: u32 = 7;
 pub const OPEN_COUNTRY: u32 = 8;
 
+/// A policy file `dir/name.yaml` denying `cidrs` on ingress port 25 from
+/// the list file `dir/name.txt`, plus `extra_yaml` under `ingress:`.
+pub fn write_deny_policy(dir: &std::path::Path, name: &str, cidrs: &[ipnet::Ipv4Net], extra_yaml: &str) -> std::io::Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let list: String = cidrs.iter().map(|c| format!("{c}\n")).collect();
+    std::fs::write(dir.join(format!("{name}.txt")), list)?;
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, format!("version: 1\nports: {{25: smtp}}\ningress:\n  default: {{25: allow}}\n  deny_files: [{name}.txt]\n{extra_yaml}"))?;
+    Ok(path)
+}
+
 /// The two ends of a test flow in one direction and family.
 #[derive(Clone, Copy, Debug)]
 pub struct Ends {

@@ -17,6 +17,7 @@ use smtpguard::{
     policy::Compiled,
 };
 use smtpguard_tests::{
+    fixtures::write_deny_policy as write_policy,
     hvlab::Counters,
     netns::Netns,
     testrun::{load_empty_xdp, time_run},
@@ -28,17 +29,6 @@ pub const SIZES: [usize; 4] = [10, 1_000, 100_000, 1_000_000];
 const REPEAT: u32 = 2_000_000;
 /// Sources probed per size: each inside a different listed network.
 const PROBES: usize = 16;
-
-/// A policy file denying `cidrs` on ingress port 25 (a DROP-format list),
-/// plus `extra_yaml` under `ingress:`.
-pub fn write_policy(dir: &Path, name: &str, cidrs: &[ipnet::Ipv4Net], extra_yaml: &str) -> Result<std::path::PathBuf> {
-    std::fs::create_dir_all(dir)?;
-    let list: String = cidrs.iter().map(|c| format!("{c}\n")).collect();
-    std::fs::write(dir.join(format!("{name}.txt")), list)?;
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, format!("version: 1\nports: {{25: smtp}}\ningress:\n  default: {{25: allow}}\n  deny_files: [{name}.txt]\n{extra_yaml}"))?;
-    Ok(path)
-}
 
 /// Compile, install and activate: what a reload does until the new policy
 /// is in force (the standby copy is brought level afterwards, untimed).

@@ -140,20 +140,26 @@ pub fn needed(entries: &[(u8, Ipv4Net, AclEntry)]) -> Capacity {
     Capacity { nodes: t.nodes.len().max(1) as u32, slots: t.slots.len().max(1) as u32, values: t.values.len() as u32 }
 }
 
+/// Records that the value is `v` from `at` on, in `changes` (non-empty,
+/// ordered by position, `at` not before the last): a change at the same
+/// position replaces the last, and one that changes nothing is dropped.
+fn change_at<P: PartialEq + Copy>(changes: &mut Vec<(P, u32)>, at: P, v: u32) {
+    let n = changes.len();
+    if changes[n - 1].0 == at {
+        changes[n - 1].1 = v;
+        if n >= 2 && changes[n - 2].1 == v {
+            changes.pop();
+        }
+    } else if changes[n - 1].1 != v {
+        changes.push((at, v));
+    }
+}
+
 /// Sweeps prefixes sorted by (address, length) into breakpoints.
 fn breakpoints(prefixes: &[(u32, u8, u32)]) -> Breakpoints {
     fn emit(bps: &mut Breakpoints, at: u64, v: u32) {
-        if at > u32::MAX as u64 {
-            return;
-        }
-        let n = bps.len();
-        if bps[n - 1].0 == at {
-            bps[n - 1].1 = v;
-            if n >= 2 && bps[n - 2].1 == v {
-                bps.pop();
-            }
-        } else if bps[n - 1].1 != v {
-            bps.push((at, v));
+        if at <= u32::MAX as u64 {
+            change_at(bps, at, v);
         }
     }
     let mut bps: Breakpoints = vec![(0, 0)];
@@ -197,17 +203,8 @@ impl Builder<'_> {
     /// value becomes a child node. Linear in breakpoints, not in slots.
     fn runs(&mut self, start: u64, shift: u32, count: u32, v0: u32, inner: &[(u64, u32)]) -> Result<Vec<(u32, u32)>, CapacityError> {
         fn push(runs: &mut Vec<(u32, u32)>, count: u32, slot: u32, value: u32) {
-            if slot >= count {
-                return;
-            }
-            let n = runs.len();
-            if runs[n - 1].0 == slot {
-                runs[n - 1].1 = value;
-                if n >= 2 && runs[n - 2].1 == value {
-                    runs.pop();
-                }
-            } else if runs[n - 1].1 != value {
-                runs.push((slot, value));
+            if slot < count {
+                change_at(runs, slot, value);
             }
         }
         let mut runs = self.spare.pop().unwrap_or_default();
