@@ -214,20 +214,24 @@ pub fn clippy() -> Result<()> {
     )
 }
 
-/// What an earlier, killed test run left behind: its namespaces (`sg-*`)
-/// and pin directories (`/sys/fs/bpf/sgtest_*`, `sglab_*`). Tests clean up after
-/// themselves on failure; only SIGKILL gets past that.
+/// What an earlier, killed test run left behind: its namespaces
+/// (`sg-<tag>-<pid>-<n>`) and pin directories (`/sys/fs/bpf/sgtest_*_<pid>`,
+/// `sglab_*_<pid>`) whose pid is gone. Tests clean up after themselves on
+/// failure; only SIGKILL gets past that. A run still going keeps its state.
 fn remove_stale_test_state() {
+    let gone = |pid: Option<&str>| pid.and_then(|p| p.parse::<u32>().ok()).is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists());
     if let Ok(out) = output(Command::new("ip").args(["netns", "list"])) {
         for ns in out.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with("sg-")) {
-            eprintln!("setup: removing namespace {ns} left by an earlier run");
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            if gone(ns.rsplit('-').nth(1)) {
+                eprintln!("setup: removing namespace {ns} left by an earlier run");
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
         }
     }
     if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("sgtest_") || name.starts_with("sglab_") {
+            if (name.starts_with("sgtest_") || name.starts_with("sglab_")) && gone(name.rsplit('_').next()) {
                 eprintln!("setup: removing pins {} left by an earlier run", e.path().display());
                 let _ = std::fs::remove_dir_all(e.path());
             }
