@@ -146,6 +146,20 @@ fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .next()
 }
 
+/// Polls /metrics until the metric has the value (bounded: two table scans).
+fn wait_for_metric(lab: &Lab, port: u16, name: &str, labels: &[&str], want: f64) -> Result<(), Option<f64>> {
+    let deadline = std::time::Instant::now() + 2 * smtpguard::http::TABLE_SCAN_INTERVAL + Duration::from_secs(1);
+    let mut last = None;
+    while std::time::Instant::now() < deadline {
+        last = http_get(lab, port, "/metrics").ok().and_then(|m| metric(&m, name, labels));
+        if last == Some(want) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(last)
+}
+
 fn write_policy(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let p = dir.join(name);
@@ -195,8 +209,10 @@ fn run_enforces_survives_kill_9_restarts_with_state_and_detaches_cleanly() {
     let metrics = http_get(&lab, 19425, "/metrics").unwrap();
     let denied_before = metric(&metrics, "smtpguard_packets_total", &["reason=\"deny_acl\""]).expect("deny counter");
     assert!(denied_before >= 1.0);
-    assert_eq!(metric(&metrics, "smtpguard_active_bans", &["origin=\"manual\""]), Some(1.0));
     assert_eq!(metric(&metrics, "smtpguard_bans_total", &["origin=\"manual\""]), Some(1.0));
+    // Gauges from the source table come from a scan at most 5 s old.
+    let scanned = wait_for_metric(&lab, 19425, "smtpguard_active_bans", &["origin=\"manual\""], 1.0);
+    assert!(scanned.is_ok(), "the ban reaches smtpguard_active_bans with the next table scan: {scanned:?}");
 
     // kill -9: the pins keep judging.
     ctl.kill9();

@@ -91,7 +91,7 @@ pub const fn node_slot(addr: u32, depth: u32) -> u32 {
 }
 
 /// Per-generation capacities of the arrays, in elements.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Capacity {
     pub nodes: u32,
     pub slots: u32,

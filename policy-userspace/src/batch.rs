@@ -55,10 +55,30 @@ pub fn bytes_of<T: aya::Pod>(v: &T) -> &[u8] {
 /// Every value of an array map, in index order: a few syscalls instead of
 /// one per entry (the source table has 163,840 sets by default).
 pub fn array_values<T: aya::Pod>(fd: RawFd, entries: u32) -> std::io::Result<Vec<T>> {
-    const LOOKUP_CHUNK: usize = 4096;
     let mut out: Vec<T> = Vec::with_capacity(entries as usize);
+    for_each_chunk(fd, entries, 1, |chunk: &[T]| out.extend_from_slice(chunk))?;
+    Ok(out)
+}
+
+/// Every cell of a per-CPU array map, summed over `cpus` (the kernel's
+/// possible CPUs), in index order.
+pub fn per_cpu_sums<T: aya::Pod + Default + std::ops::Add<Output = T>>(fd: RawFd, entries: u32, cpus: usize) -> std::io::Result<Vec<T>> {
+    // The kernel lays each CPU's value out rounded up to 8 bytes; the
+    // types read here are already multiples of 8.
+    const { assert!(std::mem::size_of::<T>().is_multiple_of(8)) };
+    let mut out: Vec<T> = Vec::with_capacity(entries as usize);
+    for_each_chunk(fd, entries, cpus, |chunk: &[T]| out.extend(chunk.chunks(cpus).map(|per_cpu| per_cpu.iter().fold(T::default(), |s, v| s + *v))))?;
+    Ok(out)
+}
+
+/// Calls `f` with the values of an array map in index order, a chunk at a
+/// time (each entry `per_entry` consecutive `T`s), so a large table is
+/// read without holding all of it.
+pub fn for_each_chunk<T: aya::Pod>(fd: RawFd, entries: u32, per_entry: usize, mut f: impl FnMut(&[T])) -> std::io::Result<()> {
+    const LOOKUP_CHUNK: usize = 4096;
     let mut keys = vec![0u32; LOOKUP_CHUNK];
-    let mut values: Vec<std::mem::MaybeUninit<T>> = Vec::with_capacity(LOOKUP_CHUNK);
+    let mut values: Vec<std::mem::MaybeUninit<T>> = Vec::with_capacity(LOOKUP_CHUNK * per_entry);
+    let mut read = 0usize;
     // The batch token: for arrays, the next index.
     let mut token = 0u32;
     let mut first = true;
@@ -75,15 +95,14 @@ pub fn array_values<T: aya::Pod>(fd: RawFd, entries: u32) -> std::io::Result<Vec
         let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
         let err = (rc < 0).then(std::io::Error::last_os_error);
         let n = (attr[4] & 0xffff_ffff) as usize;
-        // SAFETY: the kernel filled the first `n` values.
-        unsafe {
-            values.set_len(n);
-            out.extend(values.drain(..).map(|v| v.assume_init()));
-        }
+        // SAFETY: the kernel filled the first `n` entries.
+        let filled = unsafe { std::slice::from_raw_parts(values.as_ptr() as *const T, n * per_entry) };
+        f(filled);
+        read += n;
         match err {
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Some(e) => return Err(e),
-            None if out.len() >= entries as usize => return Ok(out),
+            None if read >= entries as usize => return Ok(()),
             None => {}
         }
         token = next;

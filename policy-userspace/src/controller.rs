@@ -3,25 +3,25 @@
 //! controller can stop, crash or restart without a packet going unjudged.
 
 use std::{
-    io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Instant, SystemTime},
 };
 
 use anyhow::{bail, Context, Result};
 use aya::programs::XdpMode;
 use tokio::{
-    io::{unix::AsyncFd, AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-    signal::unix::{signal, SignalKind},
+    io::unix::AsyncFd,
+    signal::unix::{signal, Signal, SignalKind},
 };
 
 use crate::{
     commands::{compile_for_reload, load_and_compile},
     dataplane::{Dataplane, Hook, LoadOptions},
-    events,
-    metrics::{self, ControllerMetrics},
+    event_log::EventLog,
+    events, http,
+    metrics::{ControllerMetrics, PolicyView},
     pins::Pins,
     policy::{self, time, Compiled, Policy},
 };
@@ -91,10 +91,14 @@ struct Controller {
     compiled: Compiled,
     generation: u64,
     watched: Vec<(PathBuf, Option<SystemTime>)>,
-    metrics: ControllerMetrics,
-    out: Box<dyn Write>,
+    /// What the metrics endpoint serves; it runs on a thread of its own.
+    state: Arc<http::State>,
+    events: EventLog,
     /// Modification times at the previous poll, for settling.
     last_seen: Option<Vec<Option<SystemTime>>>,
+    /// The day an expiry reload was last tried, so a rejected one is not
+    /// retried every second.
+    expiry_tried: Option<i64>,
 }
 
 fn mtime(p: &Path) -> Option<SystemTime> {
@@ -118,47 +122,72 @@ fn watch_list(path: &Path, p: &Policy) -> Vec<(PathBuf, Option<SystemTime>)> {
     }).collect()
 }
 
+/// Errors of a rejected policy that are printed and put in the event;
+/// the rest are counted.
+const REPORTED_ERRORS: usize = 20;
+
+/// A reload being compiled off the control loop (file reads and parsing
+/// can take seconds, or block on a bad file).
+struct ReloadJob {
+    why: &'static str,
+    started: Instant,
+    compiled: tokio::task::JoinHandle<(Option<(Policy, Compiled)>, policy::Diagnostics)>,
+}
+
 impl Controller {
     fn ports(&self) -> Vec<u16> {
         self.policy.ports.iter().map(|g| g.port).collect()
     }
 
     fn emit(&mut self, v: serde_json::Value) {
-        let _ = writeln!(self.out, "{v}");
-        let _ = self.out.flush();
+        self.events.emit(&v);
     }
 
-    /// Loads the policy into the inactive generation and flips to it. An
-    /// invalid policy changes nothing.
-    fn reload(&mut self, why: &str) {
-        let start = Instant::now();
-        self.metrics.last_reload_time.set(events::now_unix_ns() as f64 / 1e9);
-        let (compiled, diags) = compile_for_reload(&self.o.policy, &self.o.policy_options);
-        let result = match compiled {
-            None => Err(diags.errors().map(|d| d.to_string()).collect::<Vec<_>>()),
-            Some((policy, compiled)) => self.apply(policy, compiled).map_err(|e| vec![e.to_string()]),
+    /// Starts compiling the policy files on the blocking pool.
+    fn start_reload(&mut self, why: &'static str) -> ReloadJob {
+        self.state.reload_started();
+        self.state.metrics.last_reload_time.set(events::now_unix_ns() as f64 / 1e9);
+        let (path, options) = (self.o.policy.clone(), self.o.policy_options.clone());
+        ReloadJob { why, started: Instant::now(), compiled: tokio::task::spawn_blocking(move || compile_for_reload(&path, &options)) }
+    }
+
+    /// Applies a compiled reload into the inactive generation and flips to
+    /// it. An invalid policy changes nothing.
+    fn finish_reload(&mut self, job: ReloadJob, outcome: Result<(Option<(Policy, Compiled)>, policy::Diagnostics), tokio::task::JoinError>) {
+        let why = job.why;
+        let result = match outcome {
+            Err(e) => Err((vec![format!("compiling the policy failed: {e}")], 0)),
+            Ok((None, diags)) => {
+                let total = diags.errors().count();
+                Err((diags.errors().take(REPORTED_ERRORS).map(|d| d.to_string()).collect::<Vec<_>>(), total.saturating_sub(REPORTED_ERRORS)))
+            }
+            Ok((Some((policy, compiled)), _)) => self.apply(policy, compiled).map_err(|e| (vec![e.to_string()], 0)),
         };
-        let seconds = start.elapsed().as_secs_f64();
+        let seconds = job.started.elapsed().as_secs_f64();
         let applied = result.is_ok();
-        self.metrics.reload_duration.observe(seconds);
+        let m = &self.state.metrics;
+        m.reload_duration.observe(seconds);
         match result {
             Ok(()) => {
-                self.metrics.reloads.with_label_values(&["ok"]).inc();
-                self.metrics.last_reload_ok.set(1);
+                m.reloads.with_label_values(&["ok"]).inc();
+                m.last_reload_ok.set(1);
                 eprintln!("smtpguard: policy generation {} in force ({why}, {:.1} ms)", self.generation, seconds * 1e3);
                 let ev = serde_json::json!({"time": events::rfc3339(events::now_unix_ns()), "event": "policy_reload", "result": "ok",
                     "trigger": why, "generation": self.generation, "entries": self.compiled.entries(), "duration_ms": seconds * 1e3});
                 self.emit(ev);
             }
-            Err(errors) => {
-                self.metrics.reloads.with_label_values(&["rejected"]).inc();
-                self.metrics.last_reload_ok.set(0);
+            Err((errors, more)) => {
+                m.reloads.with_label_values(&["rejected"]).inc();
+                m.last_reload_ok.set(0);
                 for e in &errors {
                     eprintln!("{e}");
                 }
+                if more > 0 {
+                    eprintln!("... and {more} more error(s)");
+                }
                 eprintln!("smtpguard: reload rejected ({why}); generation {} stays in force", self.generation);
                 let ev = serde_json::json!({"time": events::rfc3339(events::now_unix_ns()), "event": "policy_reload", "result": "rejected",
-                    "trigger": why, "generation": self.generation, "errors": errors});
+                    "trigger": why, "generation": self.generation, "errors": errors, "more_errors": more});
                 self.emit(ev);
             }
         }
@@ -171,6 +200,8 @@ impl Controller {
                 w.1 = mtime(&w.0);
             }
         }
+        self.state.reload_ended();
+        give_back_memory();
     }
 
     fn apply(&mut self, policy: Policy, compiled: Compiled) -> Result<()> {
@@ -187,7 +218,23 @@ impl Controller {
         self.generation = number;
         self.policy = policy;
         self.compiled = compiled;
+        self.publish_view();
         Ok(())
+    }
+
+    /// Tells the metrics endpoint what is in force now.
+    fn publish_view(&mut self) {
+        let (_, acl6_entries) = self.dp.acl_entry_counts();
+        let (acl4_used, acl4_room) = self.dp.acl4_usage();
+        self.state.set_view(PolicyView {
+            generation: self.generation,
+            ports: self.ports(),
+            countries: self.compiled.countries.clone(),
+            acl6_entries,
+            acl4_used,
+            acl4_room,
+            tenant_ifaces: self.o.tenants.len(),
+        });
     }
 
     /// Whether a watched file changed and has since stayed unchanged for
@@ -200,8 +247,13 @@ impl Controller {
         differs && settled
     }
 
-    fn expiry_due(&self) -> bool {
-        self.compiled.next_expiry.is_some_and(|day| time::today() >= day)
+    fn expiry_due(&mut self) -> bool {
+        let today = time::today();
+        let due = self.compiled.next_expiry.is_some_and(|day| today >= day) && self.expiry_tried != Some(today);
+        if due {
+            self.expiry_tried = Some(today);
+        }
+        due
     }
 
     fn drain_events(&mut self) {
@@ -212,6 +264,13 @@ impl Controller {
             self.emit(v);
         }
     }
+}
+
+/// Hands freed heap back to the kernel: a rejected policy of a million
+/// lines should not leave the controller that much larger.
+fn give_back_memory() {
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
 }
 
 fn attach_all(o: &RunOptions, dp: &mut Dataplane) -> Result<()> {
@@ -255,41 +314,32 @@ fn attach_all(o: &RunOptions, dp: &mut Dataplane) -> Result<()> {
     dp.set_tenant_ifaces(&tenants).context("recording the tenant interfaces")
 }
 
-async fn serve(stream: &mut tokio::net::TcpStream, c: &mut Controller) {
-    let mut buf = vec![0u8; 4096];
-    let mut len = 0;
-    let read = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-        while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < buf.len() {
-            match stream.read(&mut buf[len..]).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => len += n,
-            }
-        }
-    })
-    .await;
-    if read.is_err() {
-        return;
+/// The signals the controller answers. Installed first thing, so a
+/// SIGHUP during start-up is a reload once started, never the default
+/// disposition's exit.
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+    usr1: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        let on = |kind: SignalKind| signal(kind).context("installing signal handlers");
+        Ok(Self { hup: on(SignalKind::hangup())?, term: on(SignalKind::terminate())?, int: on(SignalKind::interrupt())?, usr1: on(SignalKind::user_defined1())? })
     }
-    let request = String::from_utf8_lossy(&buf[..len]);
-    let path = request.split_whitespace().nth(1).unwrap_or("/");
-    let (status, ctype, body) = match path {
-        "/metrics" => {
-            let ports = c.ports();
-            match metrics::render(&mut c.dp, &c.compiled, &c.metrics, &ports) {
-                Ok(b) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", b),
-                Err(e) => ("500 Internal Server Error", "text/plain", e),
-            }
-        }
-        "/healthz" => ("200 OK", "text/plain", format!("ok generation {}\n", c.generation)),
-        _ => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".to_owned()),
-    };
-    let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-    let _ = stream.write_all(head.as_bytes()).await;
-    let _ = stream.write_all(body.as_bytes()).await;
 }
 
 pub fn run(o: RunOptions) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let _entered = rt.enter();
+    let mut signals = Signals::install()?;
     preflight(&o)?;
+    // Bound before anything changes: a busy port refuses the start whole.
+    let listener = std::net::TcpListener::bind(o.metrics_addr).with_context(|| format!("binding metrics on {} (nothing was changed)", o.metrics_addr))?;
+    let state = http::State::new(ControllerMetrics::new());
+    http::spawn(listener, state.clone()).context("starting the metrics server")?;
     // The first policy must be valid before anything is touched.
     let (compiled, diags) = load_and_compile(&o.policy, &o.policy_options);
     for d in &diags.items {
@@ -297,29 +347,31 @@ pub fn run(o: RunOptions) -> Result<()> {
     }
     let Some((policy, compiled)) = compiled else { bail!("{}: the policy is not valid; nothing was changed", o.policy.display()) };
     o.pins.create().with_context(|| format!("creating {} and {}", o.pins.dir.display(), o.pins.run_dir.display()))?;
+    let _lock = o.pins.lock()?;
+    let events = EventLog::open(o.events.as_deref(), state.metrics.event_write_failures.clone())
+        .with_context(|| format!("opening {}", o.events.as_deref().unwrap_or(Path::new("stdout")).display()))?;
     let adopting = o.pins.exists();
     let mut dp = Dataplane::load(LoadOptions { source_capacity: o.source_capacity, pin_dir: Some(o.pins.dir.clone()), acl4_capacity: o.acl4_capacity })
         .context("loading the datapath")?;
     let active = dp.active_generation()?;
     let generation = if adopting { dp.policy(active)?.generation } else { 0 };
-    let out: Box<dyn Write> = match &o.events {
-        Some(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display()))?),
-        None => Box::new(std::io::stdout()),
-    };
     let watched = watch_list(&o.policy, &policy);
-    let mut c = Controller { o: o.clone(), dp, policy, compiled, generation, watched, metrics: ControllerMetrics::new(), out, last_seen: None };
+    let mut c = Controller { o: o.clone(), dp, policy, compiled, generation, watched, state: state.clone(), events, last_seen: None, expiry_tried: None };
     // Load the policy before attaching, so the first packet a new link
     // judges already has it; adopted links judge by the pinned one meanwhile.
     let (p, comp) = (c.policy.clone(), c.compiled.clone());
     let start = Instant::now();
     c.apply(p, comp).context("loading the policy into the datapath")?;
-    c.metrics.reload_duration.observe(start.elapsed().as_secs_f64());
-    c.metrics.reloads.with_label_values(&["ok"]).inc();
-    c.metrics.last_reload_ok.set(1);
-    c.metrics.last_reload_time.set(events::now_unix_ns() as f64 / 1e9);
+    let m = &state.metrics;
+    m.reload_duration.observe(start.elapsed().as_secs_f64());
+    m.reloads.with_label_values(&["ok"]).inc();
+    m.last_reload_ok.set(1);
+    m.last_reload_time.set(events::now_unix_ns() as f64 / 1e9);
     attach_all(&o, &mut c.dp)?;
     c.dp.pin_programs(&o.pins.dir)?;
     std::fs::write(o.pins.pid_file(), std::process::id().to_string())?;
+    state.ready(c.dp.observer()?);
+    c.publish_view();
     eprintln!(
         "smtpguard: {} policy generation {} from {}; pins in {}",
         if adopting { "adopted pinned state;" } else { "enforcing" },
@@ -329,45 +381,56 @@ pub fn run(o: RunOptions) -> Result<()> {
     );
     c.emit(serde_json::json!({"time": events::rfc3339(events::now_unix_ns()), "event": "policy_reload", "result": "ok",
         "trigger": if adopting { "restart" } else { "start" }, "generation": c.generation, "entries": c.compiled.entries()}));
+    let result = rt.block_on(control_loop(&mut c, &mut signals));
+    eprintln!("smtpguard: stopping; enforcement continues from {} (smtpguard detach removes it)", o.pins.dir.display());
+    let _ = std::fs::remove_file(o.pins.pid_file());
+    result
+}
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async move {
-        let listener = TcpListener::bind(o.metrics_addr).await.with_context(|| format!("binding metrics on {}", o.metrics_addr))?;
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let ring_fd = c.dp.events_fd()?;
-        // SAFETY: the fd is ours (a dup) and stays open while registered.
-        let ring = unsafe { AsyncFd::register(ring_fd) }.map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e:?}"))?;
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = hup.recv() => c.reload("SIGHUP"),
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                _ = tick.tick() => {
-                    if c.changed() {
-                        c.reload("file change");
-                    } else if c.expiry_due() {
-                        c.reload("exemption expiry");
-                    }
+async fn control_loop(c: &mut Controller, signals: &mut Signals) -> Result<()> {
+    let ring_fd = c.dp.events_fd()?;
+    // SAFETY: the fd is ours (a dup) and stays open while registered.
+    let ring = unsafe { AsyncFd::register(ring_fd) }.map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e:?}"))?;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut job: Option<ReloadJob> = None;
+    // A reload asked for while one compiles runs after it, once.
+    let mut queued: Option<&'static str> = None;
+    loop {
+        c.state.beat();
+        let mut wanted = None;
+        tokio::select! {
+            _ = signals.hup.recv() => wanted = Some("SIGHUP"),
+            _ = signals.usr1.recv() => c.events.reopen("SIGUSR1"),
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+            _ = tick.tick() => {
+                c.events.follow_rotation();
+                if c.changed() {
+                    wanted = Some("file change");
+                } else if c.expiry_due() {
+                    wanted = Some("exemption expiry");
+                }
+                c.drain_events();
+            }
+            ready = ring.readable() => {
+                if let Ok(mut guard) = ready {
                     c.drain_events();
-                }
-                ready = ring.readable() => {
-                    if let Ok(mut guard) = ready {
-                        c.drain_events();
-                        guard.clear_ready();
-                    }
-                }
-                conn = listener.accept() => {
-                    if let Ok((mut stream, _)) = conn {
-                        serve(&mut stream, &mut c).await;
-                    }
+                    guard.clear_ready();
                 }
             }
+            outcome = async { (&mut job.as_mut().expect("guarded by the condition").compiled).await }, if job.is_some() => {
+                let done = job.take().expect("guarded by the condition");
+                c.finish_reload(done, outcome);
+                wanted = queued.take();
+            }
         }
-        eprintln!("smtpguard: stopping; enforcement continues from {} (smtpguard detach removes it)", o.pins.dir.display());
-        let _ = std::fs::remove_file(o.pins.pid_file());
-        Ok(())
-    })
+        if let Some(why) = wanted {
+            if job.is_some() {
+                queued = queued.or(Some(why));
+            } else {
+                job = Some(c.start_reload(why));
+            }
+        }
+    }
+    Ok(())
 }

@@ -10,7 +10,7 @@ use std::{
 use ipnet::IpNet;
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink, TcAttachType},
@@ -25,7 +25,7 @@ use policy_common::{
     AclEntry, AclKeyV6, Counter, Event, PolicyConfig, Runtime, ACL_KEY_HEADER_BITS, DEFAULT_SOURCE_CAPACITY,
 };
 
-use crate::{acl4, EBPF_OBJECT};
+use crate::{acl4, observe::Observer, EBPF_OBJECT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -162,6 +162,8 @@ pub struct AclPrefix {
 pub struct Dataplane {
     ebpf: Ebpf,
     events: RingBuf<MapData>,
+    /// Fds of the counters and source table, for reads and for [`Dataplane::observer`].
+    observer: Observer,
     source_sets: u32,
     /// The IPv4 ACL arrays, mapped for writing.
     acl4: acl4::Arrays,
@@ -218,12 +220,14 @@ impl Dataplane {
         let events = RingBuf::try_from(events)
             .map_err(|source| DataplaneError::Map { name: policy_common::EVENTS, source })?;
         let acl4 = map_acl4(&ebpf)?;
-        let mut dataplane = Self { ebpf, events, source_sets, acl4, acl4_used: [policy_common::acl4::Capacity { nodes: 0, slots: 0, values: 0 }; 2], installed_v4: [Vec::new(), Vec::new()], installed_v6: [AclContents::new(), AclContents::new()], grace_pending: false };
+        let observer = make_observer(&ebpf, source_sets)?;
+        let mut dataplane = Self { ebpf, events, observer, source_sets, acl4, acl4_used: [policy_common::acl4::Capacity { nodes: 0, slots: 0, values: 0 }; 2], installed_v4: [Vec::new(), Vec::new()], installed_v6: [AclContents::new(), AclContents::new()], grace_pending: false };
         if adopted {
             // Pinned state from an earlier run: keep the active generation
             // as it is; what the inactive one holds is found by reading it.
             let rt = dataplane.runtime()?;
             dataplane.source_sets = rt.source_sets;
+            dataplane.observer.source_sets = rt.source_sets;
             let inactive = (rt.active ^ 1) as usize;
             for generation in [inactive, rt.active as usize] {
                 dataplane.installed_v4[generation] = dataplane.acl4_contents(generation as u8);
@@ -403,30 +407,6 @@ impl Dataplane {
         Ok(())
     }
 
-    pub fn tenant_iface_count(&mut self) -> usize {
-        let Some(map) = self.ebpf.map_mut(policy_common::TENANT_IFACES) else { return 0 };
-        HashMap::<_, u32, u32>::try_from(map).map(|m| m.keys().count()).unwrap_or(0)
-    }
-
-    /// Every tracked source slot.
-    pub fn sources(&mut self) -> Result<Vec<policy_common::source::SourceSlot>> {
-        let name = policy_common::SOURCES;
-        tracked_sources(self.map_fd(name)?, self.source_sets).map_err(|source| DataplaneError::Batch { name, source })
-    }
-
-    /// Manual network bans stored, IPv4 and IPv6 (expired ones included).
-    pub fn network_ban_counts(&mut self) -> (usize, usize) {
-        let mut count = |name: &str, v6: bool| -> usize {
-            let Some(map) = self.ebpf.map_mut(name) else { return 0 };
-            if v6 {
-                LpmTrie::<_, [u32; 4], u64>::try_from(map).map(|t| t.keys().count()).unwrap_or(0)
-            } else {
-                LpmTrie::<_, [u32; 1], u64>::try_from(map).map(|t| t.keys().count()).unwrap_or(0)
-            }
-        };
-        (count(policy_common::BAN_V4, false), count(policy_common::BAN_V6, true))
-    }
-
     /// Elements of the IPv4 ACL arrays both generations use (counting the
     /// reserved value 0 of each), and their room.
     pub fn acl4_usage(&self) -> (policy_common::acl4::Capacity, policy_common::acl4::Capacity) {
@@ -603,26 +583,22 @@ impl Dataplane {
         self.array::<SourceSet>(name)?.set(index, set, 0).map_err(|source| DataplaneError::Map { name, source })
     }
 
-    /// Every cell of a per-CPU array, folded over CPUs with `add`.
-    fn per_cpu_sums<T: aya::Pod + Default>(&mut self, name: &'static str, add: impl Fn(T, &T) -> T) -> Result<Vec<T>> {
-        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
-        let cells = PerCpuArray::<_, T>::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
-        (0..cells.len())
-            .map(|i| {
-                let per_cpu = cells.get(&i, 0).map_err(|source| DataplaneError::Map { name, source })?;
-                Ok(per_cpu.iter().fold(T::default(), &add))
-            })
-            .collect()
-    }
-
     /// Every `STATS` cell, summed over CPUs.
-    pub fn stats(&mut self) -> Result<Vec<Counter>> {
-        self.per_cpu_sums(policy_common::STATS, |sum: Counter, c| sum + *c)
+    pub fn stats(&self) -> Result<Vec<Counter>> {
+        let name = policy_common::STATS;
+        self.observer.stats().map_err(|source| DataplaneError::Batch { name, source })
     }
 
     /// Every `GEO_DROPS` cell, summed over CPUs.
-    pub fn geo_drops(&mut self) -> Result<Vec<u64>> {
-        self.per_cpu_sums(policy_common::GEO_DROPS, |sum: u64, c| sum + c)
+    pub fn geo_drops(&self) -> Result<Vec<u64>> {
+        let name = policy_common::GEO_DROPS;
+        self.observer.geo_drops().map_err(|source| DataplaneError::Batch { name, source })
+    }
+
+    /// A read-only view of the counters and the source table for another
+    /// thread, with fds of its own.
+    pub fn observer(&self) -> Result<Observer> {
+        self.observer.try_clone().map_err(|e| DataplaneError::Pin { path: "observer".into(), message: e.to_string() })
     }
 
     /// A duplicate of the ring buffer's fd, to wait on for events.
@@ -745,6 +721,18 @@ fn map_acl4(ebpf: &Ebpf) -> Result<acl4::Arrays> {
         values: value_entries / generations,
     };
     Ok(acl4::Arrays { root, nodes, slots, values, capacity })
+}
+
+fn make_observer(ebpf: &Ebpf, source_sets: u32) -> Result<Observer> {
+    let dup = |name: &'static str| -> Result<std::os::fd::OwnedFd> {
+        let data = match ebpf.map(name) {
+            Some(Map::Array(d) | Map::PerCpuArray(d) | Map::LpmTrie(d)) => d,
+            _ => return Err(DataplaneError::MissingMap(name)),
+        };
+        data.fd().as_fd().try_clone_to_owned().map_err(|e| DataplaneError::Pin { path: name.into(), message: e.to_string() })
+    };
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::Pin { path: what.into(), message: e.to_string() })?;
+    Ok(Observer { stats: dup(policy_common::STATS)?, geo_drops: dup(policy_common::GEO_DROPS)?, sources: dup(policy_common::SOURCES)?, ban_v4: dup(policy_common::BAN_V4)?, ban_v6: dup(policy_common::BAN_V6)?, source_sets, cpus })
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {

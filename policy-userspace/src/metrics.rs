@@ -1,14 +1,20 @@
-//! The Prometheus exposition, built at each scrape from the maps (kernel
-//! totals become counters) and from the controller's own records.
+//! The Prometheus exposition, built at each scrape from the kernel's
+//! counters (read then), the controller's records and the last scan of the
+//! source table (which is too large to read per scrape).
 
 use prometheus::{
-    core::Collector, Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    core::Collector, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
-use policy_common::{direction, reason, stats_index, verdict, GEO_DROPS_ENTRIES, MAX_COUNTRIES, PORT_SLOTS};
+use policy_common::{
+    acl4::Capacity,
+    direction, reason,
+    source::{ban_origin, SlotInfo},
+    stats_index, verdict, GEO_DROPS_ENTRIES, MAX_COUNTRIES, PORT_SLOTS,
+};
 
-use crate::{dataplane::Dataplane, ops, policy::Compiled};
+use crate::{dataplane::ktime_now_ns, events, observe::Observer};
 
 /// What the controller keeps between scrapes.
 pub struct ControllerMetrics {
@@ -16,6 +22,7 @@ pub struct ControllerMetrics {
     pub reloads: IntCounterVec,
     pub last_reload_ok: IntGauge,
     pub last_reload_time: Gauge,
+    pub event_write_failures: IntCounter,
 }
 
 impl ControllerMetrics {
@@ -29,6 +36,8 @@ impl ControllerMetrics {
             reloads: IntCounterVec::new(Opts::new("smtpguard_reloads_total", "Policy reloads by result"), &["result"]).expect("valid"),
             last_reload_ok: IntGauge::new("smtpguard_last_reload_success", "1 when the last reload was applied, 0 when it was rejected").expect("valid"),
             last_reload_time: Gauge::new("smtpguard_last_reload_timestamp_seconds", "When the last reload was attempted (Unix time)").expect("valid"),
+            event_write_failures: IntCounter::new("smtpguard_event_write_failures_total", "Events that could not be written to the event log (full disk, closed pipe)")
+                .expect("valid"),
         }
     }
 }
@@ -43,8 +52,63 @@ fn register(r: &Registry, c: impl Collector + 'static) {
     r.register(Box::new(c)).expect("unique metric names");
 }
 
-/// Renders the whole exposition.
-pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, ports: &[u16]) -> Result<String, String> {
+/// What the controller installed last, for the exposition; replaced after
+/// every reload and attach.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyView {
+    pub generation: u64,
+    /// Guarded ports by slot, for the `port` label.
+    pub ports: Vec<u16>,
+    /// Country index `n` is `countries[n - 1]`, for the `country` label.
+    pub countries: Vec<String>,
+    pub acl6_entries: usize,
+    pub acl4_used: Capacity,
+    pub acl4_room: Capacity,
+    pub tenant_ifaces: usize,
+}
+
+impl PolicyView {
+    fn country(&self, index: usize) -> Option<&str> {
+        index.checked_sub(1).and_then(|i| self.countries.get(i)).map(String::as_str)
+    }
+}
+
+/// Gauges that need a scan of the source table (52 MB when full) or the
+/// ban tries: computed at a bounded rate, never per scrape.
+#[derive(Clone, Debug, Default)]
+pub struct TableGauges {
+    /// When the scan ran (Unix seconds); 0: not yet.
+    pub scanned_at: f64,
+    pub tracked_sources: u64,
+    /// Active bans by origin: auto, escalated, manual.
+    pub bans: [u64; 3],
+    pub network_bans_v4: u64,
+    pub network_bans_v6: u64,
+}
+
+impl TableGauges {
+    /// One pass over the source table and the ban tries.
+    pub fn scan(observer: &Observer) -> std::io::Result<Self> {
+        let now = ktime_now_ns();
+        let mut g = TableGauges::default();
+        observer.for_each_source(|slot| {
+            g.tracked_sources += 1;
+            if slot.ban_until_ns > now {
+                let origin = SlotInfo::unpack(slot.info).origin;
+                if let Some(i) = [ban_origin::AUTO, ban_origin::ESCALATED, ban_origin::MANUAL].iter().position(|o| *o == origin) {
+                    g.bans[i] += 1;
+                }
+            }
+        })?;
+        (g.network_bans_v4, g.network_bans_v6) = observer.network_ban_counts()?;
+        g.scanned_at = events::now_unix_ns() as f64 / 1e9;
+        Ok(g)
+    }
+}
+
+/// Renders the whole exposition: kernel counters read now, the rest from
+/// what the controller and the last table scan recorded.
+pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &ControllerMetrics) -> Result<String, String> {
     let r = Registry::new();
     let packets = IntCounterVec::new(
         Opts::new("smtpguard_packets_total", "Packets on guarded ports by direction, verdict, reason and port"),
@@ -56,7 +120,7 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
         &["direction", "verdict", "reason", "port"],
     )
     .expect("valid");
-    let stats = dp.stats().map_err(|e| e.to_string())?;
+    let stats = observer.stats().map_err(|e| e.to_string())?;
     for d in [direction::INGRESS, direction::EGRESS] {
         for v in 0..verdict::COUNT as u8 {
             for why in 0..reason::COUNT as u8 {
@@ -65,7 +129,7 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
                     if c.packets == 0 {
                         continue;
                     }
-                    let port = ports.get(slot).map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
+                    let port = view.ports.get(slot).map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
                     let labels = [direction::NAMES[d as usize], verdict::NAMES[v as usize], reason::NAMES[why as usize], port.as_str()];
                     packets.with_label_values(&labels).inc_by(c.packets);
                     bytes.with_label_values(&labels).inc_by(c.bytes);
@@ -84,40 +148,37 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
         bans_total.with_label_values(&[origin]).inc_by(stats[cell as usize].packets);
     }
     let geo = IntCounterVec::new(Opts::new("smtpguard_geo_drops_total", "Drops (and would-drops) by the geo-fence, by country"), &["direction", "country"]).expect("valid");
-    let geo_cells = dp.geo_drops().map_err(|e| e.to_string())?;
+    let geo_cells = observer.geo_drops().map_err(|e| e.to_string())?;
     for (i, drops) in geo_cells.iter().enumerate().take(GEO_DROPS_ENTRIES as usize) {
         if *drops > 0 {
             let d = i / MAX_COUNTRIES;
-            let country = compiled.country((i % MAX_COUNTRIES) as u32).unwrap_or("unknown");
+            let country = view.country(i % MAX_COUNTRIES).unwrap_or("unknown");
             geo.with_label_values(&[direction::NAMES[d], country]).inc_by(*drops);
         }
     }
-    let slots = dp.sources().map_err(|e| e.to_string())?;
-    let active = ops::active_bans(&slots);
-    let bans = IntGaugeVec::new(Opts::new("smtpguard_active_bans", "Sources banned now, by origin"), &["origin"]).expect("valid");
-    for origin in ["auto", "escalated", "manual"] {
-        bans.with_label_values(&[origin]).set(active.iter().filter(|b| b.origin == origin).count() as i64);
+    let bans = IntGaugeVec::new(Opts::new("smtpguard_active_bans", "Sources banned now, by origin (from the last table scan)"), &["origin"]).expect("valid");
+    for (origin, n) in ["auto", "escalated", "manual"].iter().zip(tables.bans) {
+        bans.with_label_values(&[origin]).set(n as i64);
     }
-    let tracked = IntGauge::new("smtpguard_tracked_sources", "Sources in the rate and ban table").expect("valid");
-    tracked.set(slots.len() as i64);
+    let tracked = IntGauge::new("smtpguard_tracked_sources", "Sources in the rate and ban table (from the last table scan)").expect("valid");
+    tracked.set(tables.tracked_sources as i64);
+    let scanned = Gauge::new("smtpguard_table_scan_timestamp_seconds", "When the source table and ban tries were last scanned for the gauges above (Unix time)").expect("valid");
+    scanned.set(tables.scanned_at);
     let entries = IntGaugeVec::new(Opts::new("smtpguard_map_entries", "Entries in each map (EVENTS: bytes waiting is not tracked)"), &["map"]).expect("valid");
     let capacity = IntGaugeVec::new(Opts::new("smtpguard_map_capacity", "Capacity of each map (EVENTS: bytes)"), &["map"]).expect("valid");
-    let (_, acl6) = dp.acl_entry_counts();
-    entries.with_label_values(&[policy_common::ACL_V6]).set(acl6 as i64);
-    let (used, room) = dp.acl4_usage();
+    entries.with_label_values(&[policy_common::ACL_V6]).set(view.acl6_entries as i64);
     for (name, used, room) in [
-        (policy_common::ACL4_NODES, used.nodes, room.nodes),
-        (policy_common::ACL4_SLOTS, used.slots, room.slots),
-        (policy_common::ACL4_VALUES, used.values, room.values),
+        (policy_common::ACL4_NODES, view.acl4_used.nodes, view.acl4_room.nodes),
+        (policy_common::ACL4_SLOTS, view.acl4_used.slots, view.acl4_room.slots),
+        (policy_common::ACL4_VALUES, view.acl4_used.values, view.acl4_room.values),
     ] {
         entries.with_label_values(&[name]).set(used as i64);
         capacity.with_label_values(&[name]).set(room as i64);
     }
-    entries.with_label_values(&[policy_common::SOURCES]).set(slots.len() as i64);
-    let (ban4, ban6) = dp.network_ban_counts();
-    entries.with_label_values(&[policy_common::BAN_V4]).set(ban4 as i64);
-    entries.with_label_values(&[policy_common::BAN_V6]).set(ban6 as i64);
-    entries.with_label_values(&[policy_common::TENANT_IFACES]).set(dp.tenant_iface_count() as i64);
+    entries.with_label_values(&[policy_common::SOURCES]).set(tables.tracked_sources as i64);
+    entries.with_label_values(&[policy_common::BAN_V4]).set(tables.network_bans_v4 as i64);
+    entries.with_label_values(&[policy_common::BAN_V6]).set(tables.network_bans_v6 as i64);
+    entries.with_label_values(&[policy_common::TENANT_IFACES]).set(view.tenant_ifaces as i64);
     // Fixed-size arrays are always full: entries equal capacity.
     for (name, cap) in [
         (policy_common::RUNTIME, 1),
@@ -135,15 +196,14 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
         (policy_common::ACL_V6, policy_common::ACL_CAPACITY as i64),
         (policy_common::BAN_V4, policy_common::BAN_CIDR_CAPACITY as i64),
         (policy_common::BAN_V6, policy_common::BAN_CIDR_CAPACITY as i64),
-        (policy_common::SOURCES, dp.source_sets() as i64 * policy_common::source::WAYS as i64),
+        (policy_common::SOURCES, observer.source_capacity() as i64),
         (policy_common::EVENTS, policy_common::EVENTS_BYTES as i64),
         (policy_common::TENANT_IFACES, policy_common::TENANT_IFACES_CAPACITY as i64),
     ] {
         capacity.with_label_values(&[name]).set(cap);
     }
     let generation = IntGauge::new("smtpguard_policy_generation", "Generation number of the policy in force").expect("valid");
-    let active_gen = dp.active_generation().map_err(|e| e.to_string())?;
-    generation.set(dp.policy(active_gen).map_err(|e| e.to_string())?.generation as i64);
+    generation.set(view.generation as i64);
     let build = IntGaugeVec::new(Opts::new("smtpguard_build_info", "Build information"), &["version"]).expect("valid");
     build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
@@ -152,6 +212,7 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
     }
     register(&r, bans);
     register(&r, tracked);
+    register(&r, scanned);
     register(&r, entries);
     register(&r, capacity);
     register(&r, generation);
@@ -160,6 +221,7 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
     register(&r, m.reloads.clone());
     register(&r, m.last_reload_ok.clone());
     register(&r, m.last_reload_time.clone());
+    register(&r, m.event_write_failures.clone());
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out).map_err(|e| e.to_string())?;
     String::from_utf8(out).map_err(|e| e.to_string())

@@ -6,7 +6,14 @@
 //! link per attachment: `link_xdp_<iface>`, `link_tcegress_<iface>`,
 //! `link_tcingress_<iface>`.
 
-use std::{os::unix::fs::PermissionsExt, path::PathBuf};
+use std::{
+    fs::File,
+    os::{
+        fd::AsRawFd,
+        unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
+    },
+    path::PathBuf,
+};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/smtpguard";
 pub const DEFAULT_RUN_DIR: &str = "/run/smtpguard";
@@ -40,6 +47,25 @@ impl Pins {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
         }
         Ok(())
+    }
+
+    /// Takes the pin directory for this process: an exclusive `flock` on
+    /// the directory, held until the returned guard drops (or the process
+    /// dies, even by SIGKILL). A second controller on the same pins is
+    /// refused before it changes anything.
+    pub fn lock(&self) -> Result<PinLock, LockError> {
+        let io = |source| LockError::Io { dir: self.dir.display().to_string(), source };
+        let dir = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(&self.dir).map_err(io)?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(io(e));
+            }
+            let meta = dir.metadata().map_err(io)?;
+            return Err(LockError::Held { dir: self.dir.display().to_string(), pid: flock_holder(meta.dev(), meta.ino()) });
+        }
+        Ok(PinLock { _dir: dir })
     }
 
     pub fn exists(&self) -> bool {
@@ -87,4 +113,28 @@ impl Pins {
         let _ = std::fs::remove_dir(&self.run_dir);
         Ok(removed)
     }
+}
+
+/// The pin directory is ours while this lives.
+pub struct PinLock {
+    _dir: File,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("another smtpguard controller{} runs on {dir}; nothing was changed (stop it, or use another --pin-dir)", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Held { dir: String, pid: Option<i32> },
+    #[error("locking {dir}: {source}")]
+    Io { dir: String, source: std::io::Error },
+}
+
+/// The pid holding a `flock` on the inode (`dev`, `ino`), from /proc/locks
+/// (lines such as `1: FLOCK  ADVISORY  WRITE 4242 00:28:41441 0 EOF`,
+/// device numbers in hex).
+fn flock_holder(dev: u64, ino: u64) -> Option<i32> {
+    let wanted = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+    std::fs::read_to_string("/proc/locks").ok()?.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&wanted.as_str())).then(|| f.get(4)?.parse().ok()).flatten()
+    })
 }

@@ -1,0 +1,94 @@
+//! A read-only view of the datapath's counters and tables that other
+//! threads own: the metrics server reads through it while the control loop
+//! keeps the [`Dataplane`](crate::dataplane::Dataplane). It holds its own
+//! duplicates of the map fds, so it is `Send + Sync` and outlives nothing.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use policy_common::{
+    source::{SourceSet, SourceSlot},
+    Counter, GEO_DROPS_ENTRIES, STATS_ENTRIES,
+};
+
+use crate::batch;
+
+pub struct Observer {
+    pub(crate) stats: OwnedFd,
+    pub(crate) geo_drops: OwnedFd,
+    pub(crate) sources: OwnedFd,
+    pub(crate) ban_v4: OwnedFd,
+    pub(crate) ban_v6: OwnedFd,
+    pub(crate) source_sets: u32,
+    /// The kernel's possible CPUs: per-CPU values come in this many.
+    pub(crate) cpus: usize,
+}
+
+impl Observer {
+    /// Every `STATS` cell, summed over CPUs.
+    pub fn stats(&self) -> std::io::Result<Vec<Counter>> {
+        batch::per_cpu_sums(self.stats.as_raw_fd(), STATS_ENTRIES, self.cpus)
+    }
+
+    /// Every `GEO_DROPS` cell, summed over CPUs.
+    pub fn geo_drops(&self) -> std::io::Result<Vec<u64>> {
+        batch::per_cpu_sums(self.geo_drops.as_raw_fd(), GEO_DROPS_ENTRIES, self.cpus)
+    }
+
+    /// Calls `f` with every tracked source slot, a chunk of sets at a
+    /// time: a full table (52 MB) is never held at once.
+    pub fn for_each_source(&self, mut f: impl FnMut(&SourceSlot)) -> std::io::Result<()> {
+        batch::for_each_chunk(self.sources.as_raw_fd(), self.source_sets, 1, |sets: &[SourceSet]| {
+            sets.iter().flat_map(|s| s.slots.iter()).filter(|slot| slot.key != 0).for_each(&mut f)
+        })
+    }
+
+    /// Manual network bans stored, IPv4 and IPv6 (expired ones included).
+    pub fn network_ban_counts(&self) -> std::io::Result<(u64, u64)> {
+        Ok((count_keys(&self.ban_v4, 4)?, count_keys(&self.ban_v6, 16)?))
+    }
+
+    /// Another view of the same maps (fresh fds), for another thread.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            stats: self.stats.try_clone()?,
+            geo_drops: self.geo_drops.try_clone()?,
+            sources: self.sources.try_clone()?,
+            ban_v4: self.ban_v4.try_clone()?,
+            ban_v6: self.ban_v6.try_clone()?,
+            source_sets: self.source_sets,
+            cpus: self.cpus,
+        })
+    }
+
+    /// Sources the table can hold.
+    pub fn source_capacity(&self) -> u64 {
+        self.source_sets as u64 * policy_common::source::WAYS as u64
+    }
+}
+
+/// Keys in the LPM trie behind `fd` (address of `addr_len` bytes), walked
+/// with BPF_MAP_GET_NEXT_KEY.
+fn count_keys(fd: &OwnedFd, addr_len: usize) -> std::io::Result<u64> {
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    // An LPM key: a u32 prefix length, then the address.
+    let mut key = [0u8; 20];
+    let mut next = [0u8; 20];
+    let mut count = 0;
+    let mut first = true;
+    loop {
+        // bpf_attr: map_fd, pad, key, next_key.
+        let mut attr = [0u64; 4];
+        attr[0] = fd.as_raw_fd() as u64;
+        attr[1] = if first { 0 } else { key.as_ptr() as u64 };
+        attr[2] = next.as_mut_ptr() as u64;
+        // SAFETY: both buffers hold a whole key of this trie (4 + addr_len <= 20 bytes).
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_GET_NEXT_KEY, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENOENT) { Ok(count) } else { Err(e) };
+        }
+        count += 1;
+        key[..4 + addr_len].copy_from_slice(&next[..4 + addr_len]);
+        first = false;
+    }
+}
