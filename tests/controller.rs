@@ -5,8 +5,8 @@
 
 use std::{
     io::Write,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -14,175 +14,33 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use aya::maps::{Map, MapData, PerCpuArray};
 use policy_common::{direction, reason, stats_index, verdict, Counter};
 use smtpguard_tests::{
-    smtpguard_bin,
     lab::{assert_dropped, assert_greeted, connect, Greeter, Prometheus},
-    netns::{veth_pair, Netns},
     packet::{TcpFrame, SYN},
-    require_root,
+    pairlab::{http_get, metric, wait_for_metric, write_policy, PairLab, RunningController, TestPins, CLIENT_DENIED, CLIENT_OK, SERVER},
+    require_root, smtpguard_bin,
     testrun::time_run,
 };
-
-const SERVER: &str = "192.0.2.2";
-const CLIENT_OK: &str = "192.0.2.1";
-const CLIENT_DENIED: &str = "192.0.2.3";
-
-/// A client and a server namespace, a greeter on 25 in the server.
-struct Lab {
-    _greeter: Greeter,
-    client: Netns,
-    server: Netns,
-}
-
-fn lab() -> Result<Lab> {
-    let client = Netns::new("ccli")?;
-    let server = Netns::new("csrv")?;
-    veth_pair(&client, "a0", &[&format!("{CLIENT_OK}/24"), &format!("{CLIENT_DENIED}/24")], &server, "b0", &[&format!("{SERVER}/24")])?;
-    let greeter = Greeter::start(&server, 25)?;
-    Ok(Lab { _greeter: greeter, client, server })
-}
-
-/// Where one test keeps its pins and pid file, removed on drop.
-struct State {
-    pin_dir: PathBuf,
-    run_dir: PathBuf,
-}
-
-impl State {
-    fn new(tag: &str) -> Self {
-        let id = format!("{tag}_{}", std::process::id());
-        Self { pin_dir: PathBuf::from(format!("/sys/fs/bpf/sgtest_{id}")), run_dir: std::env::temp_dir().join(format!("sgtest-{id}")) }
-    }
-
-    fn args(&self) -> Vec<String> {
-        vec!["--pin-dir".into(), self.pin_dir.display().to_string(), "--run-dir".into(), self.run_dir.display().to_string()]
-    }
-
-    /// Runs an operator command; returns exit code and stdout.
-    fn cmd(&self, args: &[&str]) -> (i32, String) {
-        let out = Command::new(smtpguard_bin()).args(args).args(self.args()).output().unwrap();
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
-    }
-}
-
-impl Drop for State {
-    fn drop(&mut self) {
-        let _ = smtpguard::pins::Pins::new(&self.pin_dir, &self.run_dir).remove_all();
-    }
-}
-
-/// A running controller in the server namespace; killed on drop.
-struct Controller {
-    child: Option<Child>,
-    port: u16,
-}
-
-impl Controller {
-    fn start(lab: &Lab, state: &State, policy: &Path, port: u16) -> Result<Self> {
-        Self::start_on(lab, state, policy, port, &["--uplink", "b0"])
-    }
-
-    fn start_on(lab: &Lab, state: &State, policy: &Path, port: u16, interfaces: &[&str]) -> Result<Self> {
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", lab.server.name()))
-            .arg("--")
-            .arg(smtpguard_bin())
-            .args(["run", "--policy"])
-            .arg(policy)
-            .args(interfaces)
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(["--events"])
-            .arg(state.run_dir.with_extension("events.jsonl"))
-            .args(state.args())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting smtpguard run")?;
-        let mut c = Self { child: Some(child), port };
-        c.wait_ready(lab)?;
-        Ok(c)
-    }
-
-    /// Polls /healthz until it answers (bounded: the controller loads and verifies first).
-    fn wait_ready(&mut self, lab: &Lab) -> Result<()> {
-        for _ in 0..200 {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                bail!("the controller exited: {status}");
-            }
-            if http_get(lab, self.port, "/healthz").is_ok() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("the controller did not answer /healthz in 10 s")
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn http_get(lab: &Lab, port: u16, path: &str) -> Result<String> {
-    smtpguard_tests::lab::http_get(&lab.server, port, path)
-}
-
-/// The value of a metric line with all the given label pairs.
-fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|lab| l.contains(lab)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .next()
-}
-
-/// Polls /metrics until the metric has the value (bounded: two table scans).
-fn wait_for_metric(lab: &Lab, port: u16, name: &str, labels: &[&str], want: f64) -> Result<(), Option<f64>> {
-    let deadline = std::time::Instant::now() + 2 * smtpguard::http::TABLE_SCAN_INTERVAL + Duration::from_secs(1);
-    let mut last = None;
-    while std::time::Instant::now() < deadline {
-        last = http_get(lab, port, "/metrics").ok().and_then(|m| metric(&m, name, labels));
-        if last == Some(want) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Err(last)
-}
-
-fn write_policy(dir: &Path, name: &str, text: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
 
 #[test]
 fn run_enforces_survives_kill_9_restarts_with_state_and_detaches_cleanly() {
     if !require_root() {
         return;
     }
-    let lab = lab().expect("lab");
-    let state = State::new("life");
-    let policy = write_policy(&state.run_dir.with_extension("d"), "policy.yaml", &format!(
+    let lab = PairLab::new().expect("lab");
+    let state = TestPins::new("life");
+    let policy = write_policy(&state.policy_dir(), "policy.yaml", &format!(
         "version: 1\nevents: {{drop_sample_one_in: 1, per_second: 100}}\ningress:\n  default: {{25: allow}}\n  deny: [{{id: bad-host, cidr: {CLIENT_DENIED}/32}}]\n"
     ));
-    let mut ctl = Controller::start(&lab, &state, &policy, 19425).expect("controller");
+    let mut ctl = RunningController::start(&lab, &state, &policy, 19425).expect("controller");
 
     assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "allowed source");
     assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "denied source");
     // Sampled drops reach the event stream as JSON lines naming the rule.
-    let events_file = state.run_dir.with_extension("events.jsonl");
+    let events_file = state.events_file();
     let mut sampled = None;
     for _ in 0..100 {
         let text = std::fs::read_to_string(&events_file).unwrap_or_default();
@@ -229,7 +87,7 @@ fn run_enforces_survives_kill_9_restarts_with_state_and_detaches_cleanly() {
     assert_eq!(code, 0);
 
     // Restart: the ban and the counters carry on.
-    let mut ctl = Controller::start(&lab, &state, &policy, 19425).expect("restart");
+    let mut ctl = RunningController::start(&lab, &state, &policy, 19425).expect("restart");
     let (_, bans) = state.cmd(&["bans", "--json"]);
     assert!(bans.contains(&format!("{CLIENT_OK}/32")), "ban kept across restart: {bans}");
     let metrics = http_get(&lab, 19425, "/metrics").unwrap();
@@ -276,15 +134,15 @@ fn reloads_under_traffic_judge_every_packet_by_one_whole_policy() {
         return;
     }
     const RELOADS: usize = 30;
-    let lab = lab().expect("lab");
-    let state = State::new("atomic");
-    let dir = state.run_dir.with_extension("d");
+    let lab = PairLab::new().expect("lab");
+    let state = TestPins::new("atomic");
+    let dir = state.policy_dir();
     let peer = "198.51.100.7";
     let local = "203.0.113.25";
     let a = format!("version: 1\ningress:\n  default: {{25: allow}}\n  deny: [{{id: a-peer, cidr: {peer}/32}}]\n");
     let b = format!("version: 1\ningress:\n  default: {{25: deny}}\n  allow: [{{id: b-local, cidr: {local}/32, side: local}}]\n");
     let policy = write_policy(&dir, "policy.yaml", &a);
-    let ctl = Controller::start(&lab, &state, &policy, 19426).expect("controller");
+    let ctl = RunningController::start(&lab, &state, &policy, 19426).expect("controller");
 
     let prog = bpf_obj_get(&state.pin_dir.join("prog_xdp_ingress")).unwrap();
     let stats = PerCpuArray::<MapData, Counter>::try_from(Map::PerCpuArray(MapData::from_pin(state.pin_dir.join("STATS")).unwrap())).unwrap();
@@ -354,11 +212,11 @@ fn metrics_pass_promtool_and_invalid_reloads_keep_the_running_policy() {
     if !require_root() {
         return;
     }
-    let lab = lab().expect("lab");
-    let state = State::new("metrics");
-    let dir = state.run_dir.with_extension("d");
+    let lab = PairLab::new().expect("lab");
+    let state = TestPins::new("metrics");
+    let dir = state.policy_dir();
     let policy = write_policy(&dir, "policy.yaml", &format!("version: 1\ningress:\n  deny: [{CLIENT_DENIED}/32]\n"));
-    let _ctl = Controller::start(&lab, &state, &policy, 19427).expect("controller");
+    let _ctl = RunningController::start(&lab, &state, &policy, 19427).expect("controller");
     assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "denied source");
 
     // An invalid edit, noticed by the file watcher alone, is rejected; the deny stays in force.
@@ -375,7 +233,7 @@ fn metrics_pass_promtool_and_invalid_reloads_keep_the_running_policy() {
     }
     assert!(rejected, "the invalid reload was not counted");
     assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "deny still in force after a rejected reload");
-    let events = std::fs::read_to_string(state.run_dir.with_extension("events.jsonl")).unwrap();
+    let events = std::fs::read_to_string(state.events_file()).unwrap();
     assert!(
         events.lines().any(|l| l.contains("\"result\":\"rejected\"") && l.contains("\"trigger\":\"file change\"") && l.contains("not-a-cidr")),
         "{events}"
@@ -404,11 +262,11 @@ fn a_real_prometheus_scrapes_the_controller_and_promql_matches_the_datapath() {
     if !require_root() {
         return;
     }
-    let lab = lab().expect("lab");
-    let state = State::new("prom");
-    let dir = state.run_dir.with_extension("d");
+    let lab = PairLab::new().expect("lab");
+    let state = TestPins::new("prom");
+    let dir = state.policy_dir();
     let policy = write_policy(&dir, "policy.yaml", &format!("version: 1\ningress:\n  deny: [{CLIENT_DENIED}/32]\n"));
-    let _ctl = Controller::start(&lab, &state, &policy, 19428).expect("controller");
+    let _ctl = RunningController::start(&lab, &state, &policy, 19428).expect("controller");
     for _ in 0..3 {
         assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "denied source");
     }
@@ -436,8 +294,8 @@ fn run_refuses_a_missing_interface_or_an_invalid_policy_before_changing_anything
     if !require_root() {
         return;
     }
-    let state = State::new("preflight");
-    let dir = state.run_dir.with_extension("d");
+    let state = TestPins::new("preflight");
+    let dir = state.policy_dir();
     let good = write_policy(&dir, "good.yaml", "version: 1\n");
     let bad = write_policy(&dir, "bad.yaml", "version: 1\nmode: sideways\n");
     let run = |policy: &Path, iface: &str| {
@@ -466,14 +324,14 @@ fn a_tenant_interface_judges_what_the_vm_sends_by_the_egress_policy() {
     if !require_root() {
         return;
     }
-    let lab = lab().expect("lab");
+    let lab = PairLab::new().expect("lab");
     let _submission = Greeter::start(&lab.server, 587).expect("greeter on 587");
-    let state = State::new("tenant");
-    let dir = state.run_dir.with_extension("d");
+    let state = TestPins::new("tenant");
+    let dir = state.policy_dir();
     let policy = write_policy(&dir, "policy.yaml", &format!(
         "version: 1\nports: {{25: smtp, 587: submission}}\negress:\n  default: {{25: deny, 587: allow}}\n  exemptions:\n    - {{id: ticket-1, cidr: {CLIENT_OK}/32, ports: [25], until: 2099-12-31}}\n"
     ));
-    let _ctl = Controller::start_on(&lab, &state, &policy, 19430, &["--tenant", "b0"]).expect("controller");
+    let _ctl = RunningController::start_on(&lab, &state, &policy, 19430, &["--tenant", "b0"]).expect("controller");
     let (_, status) = state.cmd(&["status"]);
     assert!(status.contains("tcingress") && status.contains("b0"), "{status}");
     assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "exempt tenant on 25");
@@ -489,11 +347,11 @@ fn a_manual_network_ban_drops_every_source_in_it_until_lifted() {
     if !require_root() {
         return;
     }
-    let lab = lab().expect("lab");
-    let state = State::new("netban");
-    let dir = state.run_dir.with_extension("d");
+    let lab = PairLab::new().expect("lab");
+    let state = TestPins::new("netban");
+    let dir = state.policy_dir();
     let policy = write_policy(&dir, "policy.yaml", "version: 1\ningress:\n  default: {25: allow}\n");
-    let _ctl = Controller::start(&lab, &state, &policy, 19431).expect("controller");
+    let _ctl = RunningController::start(&lab, &state, &policy, 19431).expect("controller");
     assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "before the ban");
     let (code, out) = state.cmd(&["ban", "192.0.2.0/30", "--for", "1h", "--reason", "spam run"]);
     assert_eq!(code, 0, "{out}");

@@ -6,6 +6,7 @@ pub mod lab;
 pub mod livegen;
 pub mod netns;
 pub mod packet;
+pub mod pairlab;
 pub mod rng;
 pub mod scenario;
 pub mod testrun;

@@ -1,0 +1,192 @@
+//! A two-namespace lab for `smtpguard run`: a client and a server joined
+//! by a veth pair, the controller running on the server side with its own
+//! pins, and the calls tests make of it (operator commands, /metrics).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    lab::Greeter,
+    netns::{veth_pair, Netns},
+    smtpguard_bin,
+};
+
+pub const SERVER: &str = "192.0.2.2";
+pub const CLIENT_OK: &str = "192.0.2.1";
+pub const CLIENT_DENIED: &str = "192.0.2.3";
+
+/// A client and a server namespace joined by a veth pair (`a0` in the
+/// client, `b0` in the server), a greeter on 25 in the server.
+pub struct PairLab {
+    _greeter: Greeter,
+    pub client: Netns,
+    pub server: Netns,
+}
+
+impl PairLab {
+    pub fn new() -> Result<Self> {
+        let client = Netns::new("ccli")?;
+        let server = Netns::new("csrv")?;
+        veth_pair(&client, "a0", &[&format!("{CLIENT_OK}/24"), &format!("{CLIENT_DENIED}/24")], &server, "b0", &[&format!("{SERVER}/24")])?;
+        let greeter = Greeter::start(&server, 25)?;
+        Ok(Self { _greeter: greeter, client, server })
+    }
+}
+
+/// Where one test keeps its pins and pid file, removed on drop.
+pub struct TestPins {
+    pub pin_dir: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+impl TestPins {
+    pub fn new(tag: &str) -> Self {
+        let id = format!("{tag}_{}", std::process::id());
+        Self { pin_dir: PathBuf::from(format!("/sys/fs/bpf/sgtest_{id}")), run_dir: std::env::temp_dir().join(format!("sgtest-{id}")) }
+    }
+
+    pub fn args(&self) -> Vec<String> {
+        vec!["--pin-dir".into(), self.pin_dir.display().to_string(), "--run-dir".into(), self.run_dir.display().to_string()]
+    }
+
+    /// The controller's event log.
+    pub fn events_file(&self) -> PathBuf {
+        self.run_dir.with_extension("events.jsonl")
+    }
+
+    /// A directory for the test's policy files (removed with the pins).
+    pub fn policy_dir(&self) -> PathBuf {
+        self.run_dir.with_extension("d")
+    }
+
+    /// Runs an operator command; returns exit code and stdout.
+    pub fn cmd(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(smtpguard_bin()).args(args).args(self.args()).output().unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    }
+}
+
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        let _ = smtpguard::pins::Pins::new(&self.pin_dir, &self.run_dir).remove_all();
+        let _ = std::fs::remove_file(self.events_file());
+        let _ = std::fs::remove_dir_all(self.policy_dir());
+    }
+}
+
+/// A running controller in the server namespace; killed on drop.
+pub struct RunningController {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl RunningController {
+    /// On the uplink `b0`, ready (answering /healthz).
+    pub fn start(lab: &PairLab, state: &TestPins, policy: &Path, port: u16) -> Result<Self> {
+        Self::start_on(lab, state, policy, port, &["--uplink", "b0"])
+    }
+
+    /// With these interface (and other) arguments, ready.
+    pub fn start_on(lab: &PairLab, state: &TestPins, policy: &Path, port: u16, args: &[&str]) -> Result<Self> {
+        let mut c = Self::spawn(lab, state, policy, port, args, Stdio::inherit())?;
+        c.wait_ready(lab)?;
+        Ok(c)
+    }
+
+    /// Started, not yet ready; stderr goes to `stderr`.
+    pub fn spawn(lab: &PairLab, state: &TestPins, policy: &Path, port: u16, args: &[&str], stderr: impl Into<Stdio>) -> Result<Self> {
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", lab.server.name()))
+            .arg("--")
+            .arg(smtpguard_bin())
+            .args(["run", "--policy"])
+            .arg(policy)
+            .args(args)
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(["--events"])
+            .arg(state.events_file())
+            .args(state.args())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .context("starting smtpguard run")?;
+        Ok(Self { child: Some(child), port })
+    }
+
+    /// The controller's pid (nsenter execs it, keeping the pid).
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// The child itself, for its stderr or exit status.
+    pub fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("running")
+    }
+
+    /// Polls /healthz until it answers (bounded: the controller loads and verifies first).
+    pub fn wait_ready(&mut self, lab: &PairLab) -> Result<()> {
+        for _ in 0..200 {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                bail!("the controller exited: {status}");
+            }
+            if http_get(lab, self.port, "/healthz").is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the controller did not answer /healthz in 10 s")
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RunningController {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A GET of `path` on the controller's port in the server namespace.
+pub fn http_get(lab: &PairLab, port: u16, path: &str) -> Result<String> {
+    crate::lab::http_get(&lab.server, port, path)
+}
+
+/// The value of a metric line with all the given label pairs.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .next()
+}
+
+/// Polls /metrics until the metric has the value (bounded: two table scans).
+pub fn wait_for_metric(lab: &PairLab, port: u16, name: &str, labels: &[&str], want: f64) -> Result<(), Option<f64>> {
+    let deadline = std::time::Instant::now() + 2 * smtpguard::http::TABLE_SCAN_INTERVAL + Duration::from_secs(1);
+    let mut last = None;
+    while std::time::Instant::now() < deadline {
+        last = http_get(lab, port, "/metrics").ok().and_then(|m| metric(&m, name, labels));
+        if last == Some(want) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(last)
+}
+
+pub fn write_policy(dir: &Path, name: &str, text: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
