@@ -65,17 +65,22 @@ impl Drop for Greeter {
 
 /// Connects from `src` to `dst:port` and reads the greeting.
 pub fn connect(ns: &Netns, src: &str, dst: &str, port: u16) -> Result<Result<String, std::io::ErrorKind>> {
+    connect_within(ns, src, dst, port, CONNECT_TIMEOUT)
+}
+
+/// [`connect`] giving up after `timeout`: a short one still sends a SYN.
+pub fn connect_within(ns: &Netns, src: &str, dst: &str, port: u16, timeout: Duration) -> Result<Result<String, std::io::ErrorKind>> {
     let src: IpAddr = src.parse()?;
     let dst: IpAddr = dst.parse()?;
     ns.enter(|| -> Result<Result<String, std::io::ErrorKind>> {
         let domain = if src.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
         let socket = Socket::new(domain, Type::STREAM, None)?;
         socket.bind(&SocketAddr::new(src, 0).into())?;
-        if let Err(e) = socket.connect_timeout(&SocketAddr::new(dst, port).into(), CONNECT_TIMEOUT) {
+        if let Err(e) = socket.connect_timeout(&SocketAddr::new(dst, port).into(), timeout) {
             return Ok(Err(e.kind()));
         }
         let mut stream: std::net::TcpStream = socket.into();
-        stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+        stream.set_read_timeout(Some(timeout))?;
         let mut greeting = String::new();
         match stream.read_to_string(&mut greeting) {
             Ok(_) => Ok(Ok(greeting)),
