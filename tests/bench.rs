@@ -6,6 +6,7 @@
 //! measured beside an empty XDP program in the same run. Each case runs
 //! in rounds interleaved with the floor; the median ratio is reported.
 
+mod endpoint;
 mod report;
 mod scale;
 mod throughput;
@@ -478,6 +479,47 @@ fn reload(json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `metrics`: the HTTP endpoint with a full source table, against the
+/// targets of issue 11: p99 scrape < 20 ms at 20 scrapers, /healthz
+/// < 10 ms with 20 idle connections, < 100 ms during a hostile reload.
+fn metrics(json: bool) -> Result<()> {
+    let f = endpoint::run()?;
+    let ok_scrape = f.concurrent.p99 < 20.0;
+    let ok_idle = f.health_idle.p99 < 10.0;
+    let ok_reload = f.health_reload.max < 100.0;
+    let ratio = f.concurrent.p99 / f.single.p50;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"sources": f.sources, "scrape_bytes": f.scrape_bytes, "single": f.single.json(), "concurrent_20": f.concurrent.json(),
+                "health_20_idle": f.health_idle.json(), "health_during_hostile_reload": f.health_reload.json(), "hostile_reload_ms": round2(f.reload_ms),
+                "p99_20_over_p50_1": round2(ratio)})
+        );
+    } else {
+        println!("smtpguard run (release) on a veth pair, source table full: {} sources; exposition {} bytes
+", f.sources, f.scrape_bytes);
+        println!("{:<48} {:>9} {:>9} {:>9} {:>7}", "", "p50 ms", "p99 ms", "max ms", "n");
+        for (what, l) in [
+            ("/metrics, one scraper", f.single),
+            ("/metrics, 20 scrapers at once", f.concurrent),
+            ("/healthz, 20 idle connections open", f.health_idle),
+            ("/healthz during a hostile reload (1M bad lines)", f.health_reload),
+        ] {
+            println!("{what:<48} {:>9.2} {:>9.2} {:>9.2} {:>7}", l.p50, l.p99, l.max, l.count);
+        }
+        println!("
+the hostile reload took {:.0} ms to be rejected; the old policy stayed", f.reload_ms);
+        println!("p99 with 20 scrapers / p50 with one: {ratio:.2}x");
+        println!("target p99 scrape < 20 ms at 20 scrapers: {}", if ok_scrape { "met" } else { "MISSED" });
+        println!("target /healthz < 10 ms with 20 idle connections (p99): {}", if ok_idle { "met" } else { "MISSED" });
+        println!("target /healthz < 100 ms during a rejected reload (max): {}", if ok_reload { "met" } else { "MISSED" });
+    }
+    if !(ok_scrape && ok_idle && ok_reload) {
+        bail!("a metrics endpoint target was missed");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let json = args.iter().any(|a| a == "--json");
@@ -487,10 +529,11 @@ fn main() -> Result<()> {
         Some("throughput") => throughput(json),
         Some("scale") => scale(json),
         Some("reload") => reload(json),
+        Some("metrics") => metrics(json),
         Some("render") => match (args.get(1), args.get(2)) {
             (Some(json_dir), Some(docs)) => report::render(std::path::Path::new(json_dir), std::path::Path::new(docs)),
             _ => bail!("usage: smtpguard-bench render JSON_DIR DOCS_DIR"),
         },
-        other => bail!("usage: smtpguard-bench datapath|compile|throughput|scale|reload [--json] (got {other:?})"),
+        other => bail!("usage: smtpguard-bench datapath|compile|throughput|scale|reload|metrics [--json] (got {other:?})"),
     }
 }

@@ -26,9 +26,15 @@ pub fn require_root() -> bool {
     false
 }
 
-/// The `smtpguard` binary of the profile the tests were built in (they run
-/// from target/<profile>/deps; the binary sits one level up).
+/// The `smtpguard` binary of the profile the caller was built in: beside
+/// it (a benchmark in target/<profile>) or one level up (a test in
+/// target/<profile>/deps).
 pub fn smtpguard_bin() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    exe.parent().and_then(|d| d.parent()).expect("target/<profile>").join("smtpguard")
+    let exe = std::env::current_exe().expect("the running binary's path");
+    let dir = exe.parent().expect("target/<profile>");
+    let beside = dir.join("smtpguard");
+    if beside.is_file() {
+        return beside;
+    }
+    dir.parent().expect("target/<profile>").join("smtpguard")
 }

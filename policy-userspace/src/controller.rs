@@ -187,7 +187,7 @@ impl Controller {
                 }
                 eprintln!("smtpguard: reload rejected ({why}); generation {} stays in force", self.generation);
                 let ev = serde_json::json!({"time": events::rfc3339(events::now_unix_ns()), "event": "policy_reload", "result": "rejected",
-                    "trigger": why, "generation": self.generation, "errors": errors, "more_errors": more});
+                    "trigger": why, "generation": self.generation, "errors": errors, "more_errors": more, "duration_ms": seconds * 1e3});
                 self.emit(ev);
             }
         }

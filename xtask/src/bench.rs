@@ -33,11 +33,16 @@ pub enum Which {
         #[arg(long)]
         json: bool,
     },
+    /// The metrics endpoint with a full source table: 1 and 20 scrapers, /healthz beside idle clients and a hostile reload.
+    Metrics {
+        #[arg(long)]
+        json: bool,
+    },
     /// Run every benchmark and rewrite docs/benchmarks.md and its charts from their JSON.
     Report,
 }
 
-const ALL: [&str; 5] = ["datapath", "compile", "throughput", "scale", "reload"];
+const ALL: [&str; 6] = ["datapath", "compile", "throughput", "scale", "reload", "metrics"];
 
 pub fn run(which: Which) -> Result<()> {
     let (name, json) = match which {
@@ -47,6 +52,7 @@ pub fn run(which: Which) -> Result<()> {
         Which::Throughput { json } => ("throughput", json),
         Which::Scale { json } => ("scale", json),
         Which::Reload { json } => ("reload", json),
+        Which::Metrics { json } => ("metrics", json),
     };
     build()?;
     let mut cmd = Command::new(bench_bin()?);
@@ -63,7 +69,7 @@ pub fn run(which: Which) -> Result<()> {
 
 fn build() -> Result<()> {
     let build = Command::new("cargo")
-        .args(["build", "--release", "--quiet", "-p", "smtpguard-tests", "--bin", "smtpguard-bench"])
+        .args(["build", "--release", "--quiet", "--bin", "smtpguard", "--bin", "smtpguard-bench"])
         .status()
         .context("building smtpguard-bench")?;
     if !build.success() {
