@@ -85,7 +85,7 @@ fn fill_sources(state: &TestPins) -> Result<u64> {
         let mut set = SourceSet::default();
         for way in 0..WAYS {
             n += 1;
-            let banned = n % 100 == 0;
+            let banned = n.is_multiple_of(100);
             set.slots[way] = SourceSlot {
                 key: source_key_v4((0x0a00_0000 + n).to_be_bytes()),
                 admit_tat_ns: now,
