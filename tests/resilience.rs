@@ -65,7 +65,8 @@ fn a_second_controller_on_the_same_pins_is_refused_and_changes_nothing() {
     assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), first.pid().to_string());
 
     // Another metrics port, so nothing but the pins stands in its way.
-    let out = Command::new("nsenter")
+    let stderr_path = state.policy_dir().join("second.stderr");
+    let mut second = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", lab.server.name()))
         .arg("--")
         .arg(smtpguard_tests::smtpguard_bin())
@@ -73,10 +74,16 @@ fn a_second_controller_on_the_same_pins_is_refused_and_changes_nothing() {
         .arg(&deny)
         .args(["--uplink", "b0", "--metrics-addr", "127.0.0.1:19441"])
         .args(state.args())
-        .output()
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let exited = wait_for(Duration::from_secs(30), || second.try_wait().ok().flatten());
+    if exited.is_none() {
+        let _ = second.kill();
+        let _ = second.wait();
+    }
+    let err = std::fs::read_to_string(&stderr_path).unwrap();
+    assert_eq!(exited.and_then(|s| s.code()), Some(1), "the second controller must exit 1 at once: {err}");
     assert!(err.contains(&format!("another smtpguard controller (pid {}) runs on", first.pid())) && err.contains("nothing was changed"), "{err}");
     assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "the first controller's policy is still in force");
     assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), first.pid().to_string(), "the pid file still names the first");
