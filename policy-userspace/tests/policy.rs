@@ -18,7 +18,7 @@ use smtpguard::{
 const TODAY: &str = "2026-12-01";
 
 fn options() -> LoadOptions {
-    LoadOptions { geo_database: None, today: time::parse_date(TODAY) }
+    LoadOptions { today: time::parse_date(TODAY), ..LoadOptions::default() }
 }
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -124,7 +124,7 @@ fn an_expired_exemption_stops_applying() {
     let p = p.unwrap();
     assert!(diags.warnings().any(|d| d.message.contains("`old` expired on 2026-11-30")), "{diags}");
     let c = compile_with(&p, time::parse_date(TODAY).unwrap(), &Default::default()).unwrap();
-    let ids: Vec<&str> = c.rules.iter().map(|r| r.id.as_str()).collect();
+    let ids: Vec<&str> = c.rules.iter().map(|r| &*r.id).collect();
     assert_eq!(ids, ["new"]);
     assert_eq!(c.next_expiry, time::parse_date("2026-12-02"), "recompile due the day after `new` ends");
     let explain = |src: &str| {
