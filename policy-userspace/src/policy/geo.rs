@@ -148,3 +148,35 @@ fn read_networks(
     table.v6.sort_by_key(|(n, _)| (u128::from(n.network()), n.prefix_len()));
     Ok(table)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    include!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/crafted_mmdb.rs"));
+
+    fn reader(depth: u32) -> maxminddb::Reader<Vec<u8>> {
+        maxminddb::Reader::from_source(self_similar_mmdb(depth)).unwrap()
+    }
+
+    #[test]
+    fn a_crafted_tree_reads_all_its_networks_within_the_bound() {
+        let t = read_networks(&reader(12), Path::new("x.mmdb"), GeoField::CountryIsoCode, 4096, READ_DEADLINE).unwrap();
+        assert_eq!((t.networks_read, t.v4.len(), t.codes.as_slice()), (4096, 4096, &["US".to_owned()][..]));
+        assert_eq!(t.v4[1].0, "0.16.0.0/12".parse().unwrap());
+    }
+
+    #[test]
+    fn a_tree_of_two_to_the_32_networks_is_refused_at_the_bound() {
+        let e = read_networks(&reader(32), Path::new("/x/crafted.mmdb"), GeoField::CountryIsoCode, 100_000, READ_DEADLINE).unwrap_err();
+        assert!(matches!(e, GeoError::TooManyNetworks { limit: 100_000, .. }), "{e}");
+        assert!(e.to_string().starts_with("/x/crafted.mmdb holds more than 100000 networks"), "{e}");
+    }
+
+    #[test]
+    fn reading_past_the_deadline_is_refused() {
+        let e = read_networks(&reader(32), Path::new("/x/slow.mmdb"), GeoField::CountryIsoCode, u64::MAX, Duration::ZERO).unwrap_err();
+        assert!(matches!(e, GeoError::TooSlow { networks: NETWORKS_PER_CLOCK_READ, .. }), "{e}");
+        assert!(e.to_string().contains("/x/slow.mmdb took longer than 60 s"), "{e}");
+    }
+}
