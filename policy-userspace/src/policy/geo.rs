@@ -106,7 +106,7 @@ fn read_networks(
         if visited > max_networks {
             return Err(GeoError::TooManyNetworks { path: path.to_owned(), limit: max_networks });
         }
-        if visited % NETWORKS_PER_CLOCK_READ == 0 && started.elapsed() > deadline {
+        if visited.is_multiple_of(NETWORKS_PER_CLOCK_READ) && started.elapsed() > deadline {
             return Err(GeoError::TooSlow { path: path.to_owned(), networks: visited });
         }
         let item = item.map_err(read_error)?;

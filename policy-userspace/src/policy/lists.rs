@@ -53,13 +53,16 @@ pub struct LineError {
 
 /// Parsed lists by path: a reload re-reads only the lists that changed
 /// (a 100,000-line feed costs tens of milliseconds to parse).
-static PARSED: LazyLock<Mutex<HashMap<PathBuf, (Stamp, Arc<List>)>>> = LazyLock::new(Default::default);
+static PARSED: LazyLock<Mutex<Parsed>> = LazyLock::new(Default::default);
+
+/// Lists by path, with the stamp of the file they were parsed from.
+type Parsed = HashMap<PathBuf, (Stamp, Arc<List>)>;
 
 /// The lists one load read. They replace the cache only when the load
 /// is valid, so a rejected reload leaves memory as it found it.
 #[derive(Default)]
 pub struct ListReader {
-    read: HashMap<PathBuf, (Stamp, Arc<List>)>,
+    read: Parsed,
 }
 
 impl ListReader {
