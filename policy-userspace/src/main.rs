@@ -52,14 +52,14 @@ impl PolicyArgs {
 /// defaults. A policy's own `limits` section overrides these.
 #[derive(clap::Args)]
 struct LimitArgs {
-    /// Largest list file read (default 64MiB); such as 256MiB.
+    /// Largest list file read, such as 256MiB (default 64MiB; the policy's `limits.list_file_bytes` overrides it).
     #[arg(long, value_name = "SIZE", value_parser = input::parse_size)]
     max_list_bytes: Option<u64>,
-    /// Largest geo database read (default 128MiB).
+    /// Largest geo database read (default 128MiB; `limits.geo_database_bytes` overrides it).
     #[arg(long, value_name = "SIZE", value_parser = input::parse_size)]
     max_geo_bytes: Option<u64>,
-    /// Most networks read from a geo database (default 4000000).
-    #[arg(long, value_name = "N")]
+    /// Most networks read from a geo database (default 4000000; `limits.geo_networks` overrides it).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_geo_networks: Option<u64>,
 }
 
