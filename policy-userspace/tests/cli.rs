@@ -21,10 +21,8 @@ fn check_accepts_a_valid_policy_and_lists_every_error_of_an_invalid_one() {
     assert_eq!(code, 0);
     assert!(out.contains("valid"), "{out}");
 
-    let dir = std::env::temp_dir().join(format!("smtpguard-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bad = dir.join("bad.yaml");
-    std::fs::write(&bad, "version: 1\nmode: maybe\negress: {deny: [10.0.0.1/8], colour: red}\n").unwrap();
+    let dir = TempDir::new("invalid");
+    let bad = dir.write("bad.yaml", "version: 1\nmode: maybe\negress: {deny: [10.0.0.1/8], colour: red}\n");
     let (code, _, err) = smtpguard(&["check", bad.to_str().unwrap()]);
     assert_eq!(code, 1);
     let lines: Vec<&str> = err.lines().filter(|l| l.contains(": error: ")).collect();
