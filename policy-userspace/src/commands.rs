@@ -43,6 +43,7 @@ fn load(path: &Path, options: &LoadOptions, with_warnings: bool) -> (Option<(Pol
     }
 }
 
+/// The kept diagnostics in file order, then a count of the rest per file.
 fn print_diagnostics(diags: &Diagnostics) {
     let mut err = std::io::stderr().lock();
     let mut items: Vec<_> = diags.items.iter().collect();
@@ -50,20 +51,23 @@ fn print_diagnostics(diags: &Diagnostics) {
     for d in items {
         let _ = writeln!(err, "{d}");
     }
+    for s in diags.summaries() {
+        let _ = writeln!(err, "{s}");
+    }
 }
 
 pub fn check(path: &Path, options: &LoadOptions) -> ExitCode {
     let (compiled, diags) = load_and_compile(path, options);
     print_diagnostics(&diags);
     let Some((policy, c)) = compiled else {
-        eprintln!("{}: {} error(s); the policy is not valid", path.display(), diags.errors().count());
+        eprintln!("{}: {} error(s); the policy is not valid", path.display(), diags.error_count());
         return ExitCode::FAILURE;
     };
-    let rules = policy.ingress.rules.len() + policy.egress.rules.len();
+    let rules = policy.ingress.network_count() + policy.egress.network_count();
     println!(
         "{}: valid, {} warning(s): {} ports, {rules} rules, {} ACL entries ({} IPv4, {} IPv6){}",
         path.display(),
-        diags.warnings().count(),
+        diags.warning_count(),
         policy.ports.len(),
         c.entries(),
         c.v4.len(),
@@ -116,7 +120,7 @@ pub fn explain(path: &Path, options: &LoadOptions, args: ExplainArgs) -> ExitCod
             "direction": direction::NAMES[args.direction as usize],
             "verdict": verdict_name,
             "reason": reason_name,
-            "rule": rule.map(|r| r.id.clone()),
+            "rule": rule.map(|r| &*r.id),
             "rule_origin": rule.map(|r| format!("{}:{}", r.origin.file.display(), r.origin.pos.line)),
             "country": c.country(d.country),
             "port": args.dport,

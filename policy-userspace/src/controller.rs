@@ -108,12 +108,7 @@ fn mtime(p: &Path) -> Option<SystemTime> {
 /// The policy file and every file it reads.
 fn watch_list(path: &Path, p: &Policy) -> Vec<(PathBuf, Option<SystemTime>)> {
     let mut files = vec![path.to_path_buf()];
-    for d in [&p.ingress, &p.egress] {
-        files.extend(d.rules.iter().map(|r| r.origin.file.clone()));
-        if let Some(g) = &d.geo {
-            files.push(g.database.clone());
-        }
-    }
+    files.extend(p.input_files());
     files.sort();
     files.dedup();
     files.into_iter().map(|f| {

@@ -53,7 +53,7 @@ pub fn to_json(e: &Event, compiled: &Compiled, ports: &[u16]) -> Value {
         "port": ports.get(e.port_slot as usize),
         "reason": reason::NAMES.get(e.reason as usize).copied(),
         "verdict": verdict::NAMES.get(e.verdict as usize).copied(),
-        "rule": compiled.rule(e.rule).map(|r| r.id.clone()),
+        "rule": compiled.rule(e.rule).map(|r| &*r.id),
         "country": compiled.country(e.country),
     });
     if e.kind == event_kind::BAN_ADDED {

@@ -11,7 +11,10 @@ use smtpguard::{
     commands::{self, ExplainArgs},
     controller::{RunOptions, XdpModeChoice},
     pins::{Pins, DEFAULT_PIN_DIR, DEFAULT_RUN_DIR},
-    policy::LoadOptions,
+    policy::{
+        input::{self, Limits},
+        LoadOptions,
+    },
 };
 
 /// Port-25 firewall policy engine for hypervisor hosts.
@@ -35,11 +38,39 @@ struct PolicyArgs {
     /// Use this MaxMind database for every geo-fence instead of the paths in the file.
     #[arg(long)]
     geo_database: Option<PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl PolicyArgs {
     fn options(&self) -> LoadOptions {
-        LoadOptions { geo_database: self.geo_database.clone(), today: None }
+        LoadOptions { geo_database: self.geo_database.clone(), today: None, limits: self.limits.limits() }
+    }
+}
+
+/// How much is read from the files a policy names, in place of the
+/// defaults. A policy's own `limits` section overrides these.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Largest list file read, such as 256MiB (default 64MiB; the policy's `limits.list_file_bytes` overrides it).
+    #[arg(long, value_name = "SIZE", value_parser = input::parse_size)]
+    max_list_bytes: Option<u64>,
+    /// Largest geo database read (default 128MiB; `limits.geo_database_bytes` overrides it).
+    #[arg(long, value_name = "SIZE", value_parser = input::parse_size)]
+    max_geo_bytes: Option<u64>,
+    /// Most networks read from a geo database (default 4000000; `limits.geo_networks` overrides it).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_geo_networks: Option<u64>,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        let d = Limits::default();
+        Limits {
+            list_file_bytes: self.max_list_bytes.unwrap_or(d.list_file_bytes),
+            geo_database_bytes: self.max_geo_bytes.unwrap_or(d.geo_database_bytes),
+            geo_networks: self.max_geo_networks.unwrap_or(d.geo_networks),
+        }
     }
 }
 
@@ -98,6 +129,8 @@ enum Command {
         /// Use this MaxMind database for every geo-fence instead of the paths in the file.
         #[arg(long)]
         geo_database: Option<PathBuf>,
+        #[command(flatten)]
+        limits: LimitArgs,
         #[command(flatten)]
         pins: PinArgs,
     },
@@ -181,7 +214,7 @@ struct Acl4Room {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { policy, uplink, tenant, xdp_mode, metrics_addr, events, source_capacity, acl4, geo_database, pins } => {
+        Command::Run { policy, uplink, tenant, xdp_mode, metrics_addr, events, source_capacity, acl4, geo_database, limits, pins } => {
             let xdp_mode = match xdp_mode {
                 XdpModeArg::Auto => XdpModeChoice::Auto,
                 XdpModeArg::Native => XdpModeChoice::Native,
@@ -195,7 +228,7 @@ fn main() -> ExitCode {
                 metrics_addr,
                 pins: pins.pins(),
                 events,
-                policy_options: LoadOptions { geo_database, today: None },
+                policy_options: LoadOptions { geo_database, today: None, limits: limits.limits() },
                 source_capacity,
                 acl4_capacity: policy_common::acl4::Capacity { nodes: acl4.acl4_nodes, slots: acl4.acl4_slots, values: acl4.acl4_values },
             };

@@ -6,19 +6,23 @@ use std::{
     collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use policy_common::{action, direction, reason, verdict};
 use serde::Serialize;
 use smtpguard::{
     model::{decide, AclIndex, Packet, SourceState},
-    policy::{self, analyze, compile_with, time, Compiled, Diagnostics, LoadOptions},
+    policy::{self, analyze, compile_with, input::Limits, time, Compiled, Diagnostics, LoadOptions},
 };
+
+#[path = "support/crafted_mmdb.rs"]
+mod crafted_mmdb;
 
 const TODAY: &str = "2026-12-01";
 
 fn options() -> LoadOptions {
-    LoadOptions { geo_database: None, today: time::parse_date(TODAY) }
+    LoadOptions { today: time::parse_date(TODAY), ..LoadOptions::default() }
 }
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -73,6 +77,10 @@ fn every_kind_of_mistake_is_an_error_with_position_and_field() {
         ("block and allow_only", "version: 1\ningress: {geo: {database: db.mmdb, block: [US], allow_only: [DE]}}\n", (2, 61), "ingress.geo.allow_only", "not both"),
         ("repeated field", "version: 1\nmode: enforce\nmode: monitor\n", (3, 1), "mode", "repeated"),
         ("syntax", "version: 1\negress: {allow: [1.2.3.4\n", (3, 1), "", "YAML syntax"),
+        ("bad size", "version: 1\nlimits: {list_file_bytes: 64MB/s}\n", (2, 27), "limits.list_file_bytes", "unknown unit"),
+        ("zero size", "version: 1\nlimits: {geo_database_bytes: 0}\n", (2, 30), "limits.geo_database_bytes", "out of range"),
+        ("unknown limit", "version: 1\nlimits: {nodes: 5}\n", (2, 10), "limits.nodes", "list_file_bytes, geo_database_bytes, geo_networks"),
+        ("deep nesting", &format!("version: 1\nx: {}\n", "[".repeat(200)), (2, 67), "", "nested deeper than 64 levels"),
     ];
     let mut failures = Vec::new();
     for (name, text, (line, col), field, words) in cases {
@@ -124,7 +132,7 @@ fn an_expired_exemption_stops_applying() {
     let p = p.unwrap();
     assert!(diags.warnings().any(|d| d.message.contains("`old` expired on 2026-11-30")), "{diags}");
     let c = compile_with(&p, time::parse_date(TODAY).unwrap(), &Default::default()).unwrap();
-    let ids: Vec<&str> = c.rules.iter().map(|r| r.id.as_str()).collect();
+    let ids: Vec<&str> = c.rules.iter().map(|r| &*r.id).collect();
     assert_eq!(ids, ["new"]);
     assert_eq!(c.next_expiry, time::parse_date("2026-12-02"), "recompile due the day after `new` ends");
     let explain = |src: &str| {
@@ -307,17 +315,18 @@ fn real_db() -> Option<PathBuf> {
 
 #[test]
 fn example_policies_are_valid_and_say_what_they_promise() {
-    let today = time::today();
+    // A fixed day: the examples' exemptions end on fixed days too.
+    let today = time::parse_date(TODAY).unwrap();
     let mut checked = Vec::new();
     for name in ["idc-default.yaml", "monitor-rollout.yaml", "geo-fence.yaml"] {
         if name == "geo-fence.yaml" && real_db().is_none() {
             continue;
         }
         let path = repo_root().join("policies").join(name);
-        let (p, mut diags) = policy::load_file(&path, &LoadOptions::default());
+        let (p, mut diags) = policy::load_file(&path, &options());
         let p = p.unwrap_or_else(|| panic!("{name}:\n{diags}"));
         analyze::warnings(&p, &mut diags);
-        assert_eq!(diags.warnings().count(), 0, "{name}: {diags}");
+        assert_eq!(diags.warning_count(), 0, "{name}: {diags}");
         let c = policy::compile(&p, today).unwrap();
         let eg = &c.config.direction[direction::EGRESS as usize];
         let ing = &c.config.direction[direction::INGRESS as usize];
@@ -352,7 +361,7 @@ fn the_whole_real_database_compiles_and_answers_spot_checks() {
     let text = format!("version: 1\ningress:\n  geo: {{database: {}, field: country_code, allow_only: [US]}}\n", db.display());
     let (p, diags) = load(&dir, &text);
     let p = p.unwrap_or_else(|| panic!("{diags}"));
-    let c = policy::compile(&p, time::today()).unwrap();
+    let c = policy::compile(&p, time::parse_date(TODAY).unwrap()).unwrap();
     assert!(c.geo.networks_read > 1_000_000 && c.countries.len() > 200, "{:?} {}", c.geo, c.countries.len());
     let acl = AclIndex::new(&c);
     let country = |ip: &str| {
@@ -417,7 +426,8 @@ fn the_schema_names_every_field_the_loader_accepts() {
         "version", "mode", "ports", "events", "ingress", "egress", "default", "allow", "deny", "exemptions", "allow_files",
         "deny_files", "rate_limit", "new_per_minute", "burst", "ban_above_per_minute", "ban", "escalate", "factor", "max",
         "geo", "database", "field", "block", "allow_only", "unknown", "smtp_commands", "malformed", "until", "side", "cidr",
-        "comment", "drop_sample_one_in", "per_second", "file",
+        "comment", "drop_sample_one_in", "per_second", "file", "limits", "list_file_bytes", "geo_database_bytes",
+        "geo_networks",
     ] {
         assert!(schema.contains(&format!("\"{field}\"")), "schema lacks {field}");
     }
@@ -426,7 +436,7 @@ fn the_schema_names_every_field_the_loader_accepts() {
 #[test]
 fn explain_names_the_rule_and_its_line() {
     let path = repo_root().join("policies/idc-default.yaml");
-    let (p, _) = policy::load_file(&path, &LoadOptions::default());
+    let (p, _) = policy::load_file(&path, &options());
     let c = policy::compile(&p.unwrap(), time::parse_date(TODAY).unwrap()).unwrap();
     let acl = AclIndex::new(&c);
     let run = |dir: u8, src: &str, dst: &str, dport: u16, payload: &str| {
@@ -441,4 +451,155 @@ fn explain_names_the_rule_and_its_line() {
     assert_eq!(run(direction::INGRESS, "198.18.5.5", "192.0.2.99", 25, ""), (Some((verdict::DROP, reason::DENY_ACL)), Some(("drop-list".into(), 4))));
     assert_eq!(run(direction::INGRESS, "203.0.113.99", "192.0.2.99", 25, "VRFY root\r\n").0, Some((verdict::DROP, reason::SMTP_COMMAND)));
     assert_eq!(run(direction::INGRESS, "203.0.113.99", "192.0.2.99", 80, "").0, None);
+}
+
+/// The one error of a load, as `line:col field: message`.
+fn only_error(diags: &Diagnostics) -> String {
+    assert_eq!(diags.error_count(), 1, "{diags}");
+    let d = diags.errors().next().unwrap();
+    format!("{}:{} {}: {}", d.pos.line, d.pos.col, d.field, d.message)
+}
+
+/// Loads in a thread, so that a load that blocks fails the test instead
+/// of hanging it.
+fn load_within(path: &Path, options: LoadOptions, limit: Duration) -> (Option<policy::Policy>, Diagnostics) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = path.to_owned();
+    std::thread::spawn(move || {
+        let _ = tx.send(policy::load_file(&path, &options));
+    });
+    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("loading took longer than {limit:?}"))
+}
+
+#[test]
+fn an_alias_bomb_is_refused_at_its_alias_in_bounded_time() {
+    let dir = temp_dir("bomb");
+    let mut text = String::from("version: 1\na: &a [x, x, x, x, x, x, x, x, x, x]\n");
+    let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
+    for w in names.windows(2) {
+        text += &format!("{}: &{} [{}]\n", w[1], w[1], vec![format!("*{}", w[0]); 10].join(", "));
+    }
+    assert!(text.len() < 500, "a few hundred bytes");
+    let path = dir.join("bomb.yaml");
+    std::fs::write(&path, &text).unwrap();
+    let start = Instant::now();
+    let (p, diags) = load_within(&path, options(), Duration::from_secs(30));
+    assert!(p.is_none());
+    // Line 7 (`f`: ten copies of `e`) crosses 1,000,000 nodes at its 7th alias.
+    assert_eq!(only_error(&diags), "7:32 : YAML syntax: this alias makes the document larger than 1000000 nodes; this reader refuses it");
+    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn list_files_that_are_not_regular_files_are_refused_at_once_naming_them() {
+    let dir = temp_dir("kinds");
+    let fifo = dir.join("feed.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    std::fs::create_dir(dir.join("lists.d")).unwrap();
+    for (name, what) in [("/dev/zero", "a character device"), ("feed.fifo", "a FIFO (named pipe)"), ("lists.d", "a directory")] {
+        let path = dir.join("policy.yaml");
+        std::fs::write(&path, format!("version: 1\ningress: {{deny_files: [{name}]}}\n")).unwrap();
+        // No writer ever opens the FIFO: a blocking open would never return.
+        let (p, diags) = load_within(&path, options(), Duration::from_secs(10));
+        assert!(p.is_none());
+        let shown = if name.starts_with('/') { PathBuf::from(name) } else { dir.join(name) };
+        assert_eq!(
+            only_error(&diags),
+            format!("2:24 ingress.deny_files[0]: cannot read list file: {} is {what}, not a regular file; only regular files are read", shown.display())
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_list_over_its_limit_is_refused_until_the_flag_or_the_policy_raises_it() {
+    let dir = temp_dir("limit");
+    let list: String = (0..200).map(|i| format!("10.{i}.0.0/16\n")).collect();
+    assert_eq!(list.len(), 2_690);
+    std::fs::write(dir.join("list.txt"), &list).unwrap();
+    let policy = |limits: &str| {
+        let path = dir.join("policy.yaml");
+        std::fs::write(&path, format!("version: 1\n{limits}ingress: {{deny_files: [list.txt]}}\n")).unwrap();
+        path
+    };
+    let flag = |bytes| LoadOptions { limits: Limits { list_file_bytes: bytes, ..Limits::default() }, ..options() };
+    let networks = |p: Option<policy::Policy>| p.map(|p| p.ingress.network_count());
+
+    // The flag replaces the default of 64 MiB ...
+    let (p, diags) = policy::load_file(&policy(""), &flag(2_000));
+    assert!(p.is_none());
+    let e = only_error(&diags);
+    assert!(e.starts_with("2:24 ingress.deny_files[0]: cannot read list file: ") && e.contains("list.txt is 2690 bytes, over 2000 bytes"), "{e}");
+    assert!(e.contains("`limits: {list_file_bytes: ...}` in the policy or --max-list-bytes"), "{e}");
+    assert_eq!(networks(policy::load_file(&policy(""), &flag(2_690)).0), Some(200), "the limit itself is allowed");
+    // ... and the policy's `limits` overrides both, up or down.
+    let (p, diags) = policy::load_file(&policy("limits: {list_file_bytes: 3KiB}\n"), &flag(2_000));
+    assert_eq!(networks(p), Some(200), "{diags}");
+    let (p, diags) = policy::load_file(&policy("limits: {list_file_bytes: 1kB}\n"), &options());
+    assert!(p.is_none() && only_error(&diags).contains("over 1000 bytes"), "{diags}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_million_bad_lines_keep_twenty_errors_and_count_the_rest() {
+    let dir = temp_dir("million");
+    std::fs::write(dir.join("bad.txt"), "nonsense\n".repeat(1_000_000)).unwrap();
+    let (p, diags) = load(&dir, "version: 1\ningress: {deny_files: [bad.txt]}\n");
+    assert!(p.is_none());
+    let lines: Vec<usize> = diags.errors().map(|d| d.pos.line).collect();
+    assert_eq!(lines, (1..=20).collect::<Vec<_>>());
+    assert_eq!((diags.error_count(), diags.suppressed_errors()), (1_000_000, 999_980));
+    let summaries: Vec<String> = diags.summaries().collect();
+    assert_eq!(summaries, [format!("{}: 999980 more errors not shown (the first 20 of each kind are)", dir.join("bad.txt").display())]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_policy_file_that_is_too_large_or_not_text_is_refused() {
+    let dir = temp_dir("policy-file");
+    let path = dir.join("policy.yaml");
+    std::fs::write(&path, format!("version: 1\n#{}\n", "x".repeat(4 << 20))).unwrap();
+    let (_, diags) = policy::load_file(&path, &options());
+    let e = only_error(&diags);
+    assert!(e.starts_with("0:0 : cannot read the policy: ") && e.contains("is 4194317 bytes, over 4 MiB (the limit for a policy file"), "{e}");
+    std::fs::write(&path, b"version: 1\nmode: enf\xffrce\n").unwrap();
+    let (_, diags) = policy::load_file(&path, &options());
+    assert_eq!(only_error(&diags), "2:10 : not UTF-8 text; a policy is UTF-8 YAML");
+    let (_, diags) = load_within(Path::new("/dev/zero"), options(), Duration::from_secs(10));
+    assert!(only_error(&diags).contains("/dev/zero is a character device"), "{diags}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_crafted_geo_database_of_two_to_the_32_networks_is_refused_naming_it() {
+    let dir = temp_dir("crafted-geo");
+    let db = dir.join("crafted.mmdb");
+    let bytes = crafted_mmdb::self_similar_mmdb(32);
+    assert!(bytes.len() < 500, "{} bytes", bytes.len());
+    std::fs::write(&db, bytes).unwrap();
+    let text = |limits: &str| format!("version: 1\n{limits}ingress:\n  geo: {{database: crafted.mmdb, block: [US]}}\n");
+    let start = Instant::now();
+    let (p, diags) = load(&dir, &text(""));
+    assert!(p.is_none());
+    assert_eq!(
+        only_error(&diags),
+        format!("3:19 ingress.geo.database: {} holds more than 4000000 networks (real databases hold about a million); refused. If it is genuine, raise `limits: {{geo_networks: ...}}` in the policy or --max-geo-networks", db.display())
+    );
+    assert!(start.elapsed() < Duration::from_secs(30), "{:?}", start.elapsed());
+    let (_, diags) = load(&dir, &text("limits: {geo_networks: 1000}\n"));
+    assert!(only_error(&diags).starts_with(&format!("4:19 ingress.geo.database: {} holds more than 1000 networks", db.display())), "{diags}");
+    // A smaller tree of the same kind is read whole.
+    std::fs::write(&db, crafted_mmdb::self_similar_mmdb(16)).unwrap();
+    let (p, diags) = load(&dir, &text(""));
+    let c = policy::compile(&p.unwrap_or_else(|| panic!("{diags}")), time::parse_date(TODAY).unwrap()).unwrap();
+    assert_eq!(c.geo.networks_read, 65_536);
+    // Read through the bounded reader: never a device, never over its limit.
+    let (_, diags) = load(&dir, "version: 1\ningress:\n  geo: {database: /dev/zero, block: [US]}\n");
+    assert_eq!(only_error(&diags), "3:19 ingress.geo.database: /dev/zero is a character device, not a regular file; only regular files are read");
+    let (_, diags) = load(&dir, &text("limits: {geo_database_bytes: 100}\n"));
+    assert!(only_error(&diags).contains("over 100 bytes (the limit for a geo database; raise it with `limits: {geo_database_bytes: ...}`"), "{diags}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

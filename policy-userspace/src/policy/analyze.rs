@@ -5,12 +5,9 @@
 use ipnet::IpNet;
 
 use super::{
-    diag::Diagnostics,
-    model::{Policy, Rule},
+    diag::{Diagnostics, Severity},
+    model::{Policy, RuleRef},
 };
-
-/// Past this many, warnings are summarized in one line.
-const MAX_WARNINGS: usize = 100;
 
 fn key(net: &IpNet) -> (bool, u128, u8) {
     match net {
@@ -30,28 +27,27 @@ fn ports_text(policy: &Policy, mask: u8) -> String {
 }
 
 pub fn warnings(policy: &Policy, diags: &mut Diagnostics) {
-    // Only the warnings shown are formatted: a big list file can shadow
-    // itself a hundred thousand times, and every reload runs this.
-    let mut found: Vec<(&Rule, String)> = Vec::new();
-    let mut total = 0;
-    let mut keep = |r, msg: &dyn Fn() -> String| {
-        total += 1;
-        if found.len() < MAX_WARNINGS {
-            found.push((r, msg()));
+    // Only the warnings kept are formatted: a big list file can shadow
+    // itself a hundred thousand times.
+    let mut keep = |r: &RuleRef, msg: &dyn Fn() -> String| {
+        if diags.is_full(Severity::Warning) {
+            diags.count_more(Severity::Warning, r.file, 1);
+        } else {
+            diags.warning(r.file, r.pos, "", msg());
         }
     };
     for (dir_name, d) in [("ingress", &policy.ingress), ("egress", &policy.egress)] {
         for side in [policy_common::side::PEER, policy_common::side::LOCAL] {
-            let mut rules: Vec<&Rule> = d.rules.iter().filter(|r| r.side == side).collect();
+            let mut rules: Vec<RuleRef> = d.networks().filter(|r| r.side == side).collect();
             rules.sort_by_key(|r| key(&r.net));
-            let mut stack: Vec<&Rule> = Vec::new();
+            let mut stack: Vec<RuleRef> = Vec::new();
             for r in rules {
                 while stack.last().is_some_and(|a| !covers(&a.net, &r.net)) {
                     stack.pop();
                 }
                 let same = stack.iter().rev().find(|a| a.kind.is_allow() == r.kind.is_allow() && a.port_mask & r.port_mask == r.port_mask);
                 if let Some(a) = same {
-                    keep(r, &|| {
+                    keep(&r, &|| {
                         format!(
                             "{dir_name} {} `{}` ({}) can never match: {} `{}` ({}) already covers it on the same ports",
                             r.kind.name(),
@@ -65,8 +61,8 @@ pub fn warnings(policy: &Policy, diags: &mut Diagnostics) {
                 }
                 let opposite = stack.iter().rev().find(|a| a.kind.is_allow() != r.kind.is_allow() && a.port_mask & r.port_mask != 0);
                 if let Some(a) = opposite {
-                    let (allow, deny) = if a.kind.is_allow() { (*a, r) } else { (r, *a) };
-                    keep(r, &|| {
+                    let (allow, deny) = if a.kind.is_allow() { (a, &r) } else { (&r, a) };
+                    keep(&r, &|| {
                         format!(
                             "{dir_name} allow `{}` ({}) and deny `{}` ({}) overlap on port {}: the allow wins there",
                             allow.id,
@@ -80,11 +76,5 @@ pub fn warnings(policy: &Policy, diags: &mut Diagnostics) {
                 stack.push(r);
             }
         }
-    }
-    for (r, msg) in found {
-        diags.warning(&r.origin.file, r.origin.pos, "", msg);
-    }
-    if total > MAX_WARNINGS {
-        diags.warning(&policy.file, Default::default(), "", format!("{} more rule warnings not shown", total - MAX_WARNINGS));
     }
 }

@@ -12,6 +12,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
+    sync::Arc,
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -21,14 +22,15 @@ use policy_common::{
 };
 
 use super::{
-    geo::{self, GeoError, GeoTable},
+    geo::GeoTable,
     model::{Direction, EventSettings, GeoField, Origin, Policy, RuleKind},
 };
 
 /// What a rule id in the datapath refers to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleInfo {
-    pub id: String,
+    /// Shared with the policy: every line of a list has the list's id.
+    pub id: Arc<str>,
     pub kind: RuleKind,
     pub net: IpNet,
     pub origin: Origin,
@@ -74,32 +76,27 @@ impl Compiled {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
-    #[error(transparent)]
-    Geo(#[from] GeoError),
     #[error("the geo databases hold {0} countries; the datapath indexes at most {max}", max = MAX_COUNTRIES - 1)]
     TooManyCountries(usize),
 }
 
 /// Geo tables by (database path, record field).
-pub type GeoTables = HashMap<(PathBuf, GeoField), GeoTable>;
+pub type GeoTables = HashMap<(PathBuf, GeoField), Arc<GeoTable>>;
 
-/// Reads every geo database the policy names.
-pub fn load_geo(policy: &Policy) -> Result<GeoTables, GeoError> {
+/// The geo databases the policy read while it was validated.
+pub fn geo_tables(policy: &Policy) -> GeoTables {
     let mut tables = GeoTables::new();
     for d in [&policy.ingress, &policy.egress] {
         if let Some(g) = &d.geo {
-            if let std::collections::hash_map::Entry::Vacant(slot) = tables.entry((g.database.clone(), g.field)) {
-                slot.insert(geo::read(&g.database, g.field)?);
-            }
+            tables.insert((g.database.clone(), g.field), g.table.clone());
         }
     }
-    Ok(tables)
+    tables
 }
 
-/// Reads the geo databases and compiles.
+/// Compiles with the policy's own geo databases.
 pub fn compile(policy: &Policy, today: i64) -> Result<Compiled, CompileError> {
-    let tables = load_geo(policy)?;
-    compile_with(policy, today, &tables)
+    compile_with(policy, today, &geo_tables(policy))
 }
 
 /// What can sit at one prefix of a scope.
@@ -228,14 +225,15 @@ pub fn compile_with(policy: &Policy, today: i64, tables: &GeoTables) -> Result<C
     let mut config = PolicyConfig::EMPTY;
 
     for (dir, d) in [(direction::INGRESS, &policy.ingress), (direction::EGRESS, &policy.egress)] {
-        for r in &d.rules {
+        rules.reserve(d.network_count());
+        for r in d.networks() {
             if let Some(until) = r.until {
                 if until < today {
                     continue;
                 }
                 next_expiry = Some(next_expiry.map_or(until + 1, |n: i64| n.min(until + 1)));
             }
-            rules.push(RuleInfo { id: r.id.clone(), kind: r.kind, net: r.net, origin: r.origin.clone() });
+            rules.push(RuleInfo { id: r.id.clone(), kind: r.kind, net: r.net, origin: Origin { file: r.file.clone(), pos: r.pos } });
             let item = Item::Rule { allow: r.kind.is_allow(), mask: r.port_mask, rule: rules.len() as u32 };
             let scope = acl_scope(dir, r.side);
             match r.net {

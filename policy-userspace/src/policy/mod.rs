@@ -6,6 +6,7 @@ pub mod compile;
 mod countries;
 pub mod diag;
 pub mod geo;
+pub mod input;
 pub mod lists;
 pub mod model;
 pub mod parse;

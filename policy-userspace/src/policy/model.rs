@@ -1,12 +1,15 @@
 //! A validated policy: what the YAML said, with every reference resolved
 //! and every value checked.
 
-use std::path::PathBuf;
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use ipnet::IpNet;
 use policy_common::{action, mode, profile, side};
 
-use super::yaml::Pos;
+use super::{geo::GeoTable, lists::List, yaml::Pos};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
@@ -16,6 +19,22 @@ pub struct Policy {
     pub ingress: Direction,
     pub egress: Direction,
     pub events: EventSettings,
+}
+
+impl Policy {
+    /// The policy file and every file it read: list files and geo databases.
+    pub fn input_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.file.clone()];
+        for d in [&self.ingress, &self.egress] {
+            files.extend(d.lists.iter().map(|l| l.file.to_path_buf()));
+            if let Some(g) = &d.geo {
+                files.push(g.database.clone());
+            }
+        }
+        files.sort();
+        files.dedup();
+        files
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,7 +53,10 @@ pub struct Direction {
     pub mode: u8,
     /// [`action`] per port, in slot order.
     pub defaults: Vec<u8>,
+    /// Rules written in the policy.
     pub rules: Vec<Rule>,
+    /// List files, each with all its networks.
+    pub lists: Vec<ListRules>,
     pub rate_limit: Option<RateLimit>,
     pub geo: Option<Geo>,
     /// `smtp_command` bits.
@@ -49,11 +71,45 @@ impl Direction {
             mode: mode::ENFORCE,
             defaults: vec![action::PASS; ports],
             rules: Vec::new(),
+            lists: Vec::new(),
             rate_limit: None,
             geo: None,
             smtp_block: 0,
             malformed: action::DROP,
         }
+    }
+
+    /// Every network the direction's rules and list files name, the
+    /// policy's rules first, then each list in order.
+    pub fn networks(&self) -> impl Iterator<Item = RuleRef<'_>> {
+        let rules = self.rules.iter().map(|r| RuleRef {
+            id: &r.id,
+            kind: r.kind,
+            net: r.net,
+            side: r.side,
+            port_mask: r.port_mask,
+            until: r.until,
+            file: &r.origin.file,
+            pos: r.origin.pos,
+        });
+        let lists = self.lists.iter().flat_map(|l| {
+            l.list.nets.iter().map(move |&(net, line)| RuleRef {
+                id: &l.id,
+                kind: l.kind,
+                net,
+                side: l.side,
+                port_mask: l.port_mask,
+                until: None,
+                file: &l.file,
+                pos: Pos { line: line as usize, col: 1 },
+            })
+        });
+        rules.chain(lists)
+    }
+
+    /// Rules plus list-file networks.
+    pub fn network_count(&self) -> usize {
+        self.rules.len() + self.lists.iter().map(|l| l.list.nets.len()).sum::<usize>()
     }
 }
 
@@ -80,17 +136,18 @@ impl RuleKind {
 }
 
 /// Where a rule was written: the policy file or a list file, and the line.
+/// The file is shared by every rule written in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Origin {
-    pub file: PathBuf,
+    pub file: Arc<Path>,
     pub pos: Pos,
 }
 
+/// A rule written in the policy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rule {
-    /// The rule's id: its own, the list's id for a list line, or a
-    /// generated `direction.kind[index]`.
-    pub id: String,
+    /// The rule's id: its own or a generated `direction.kind[index]`.
+    pub id: Arc<str>,
     pub kind: RuleKind,
     pub net: IpNet,
     /// [`side`] value.
@@ -111,6 +168,34 @@ impl Rule {
             "peer"
         }
     }
+}
+
+/// A list file named in the policy: its networks are held once, shared
+/// by the rules that use the file and by the next reload if it is
+/// unchanged, instead of as one [`Rule`] each (a 64 MiB list has four
+/// million lines).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListRules {
+    /// The list's id, `file:NAME` unless given.
+    pub id: Arc<str>,
+    pub kind: RuleKind,
+    pub side: u8,
+    pub port_mask: u8,
+    pub file: Arc<Path>,
+    pub list: Arc<List>,
+}
+
+/// One network of a rule or of a list line, with what applies to it.
+#[derive(Clone, Copy, Debug)]
+pub struct RuleRef<'a> {
+    pub id: &'a Arc<str>,
+    pub kind: RuleKind,
+    pub net: IpNet,
+    pub side: u8,
+    pub port_mask: u8,
+    pub until: Option<i64>,
+    pub file: &'a Arc<Path>,
+    pub pos: Pos,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +232,8 @@ impl GeoField {
 pub struct Geo {
     pub database: PathBuf,
     pub field: GeoField,
+    /// The database's networks, read once while validating.
+    pub table: Arc<GeoTable>,
     /// Upper-case ISO 3166-1 alpha-2 codes.
     pub countries: Vec<String>,
     /// `true`: only `countries` pass; `false`: `countries` are dropped.

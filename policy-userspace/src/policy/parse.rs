@@ -5,6 +5,7 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -12,14 +13,19 @@ use policy_common::{action, mode, side, smtp_command, MAX_PORTS};
 
 use super::{
     countries,
-    diag::Diagnostics,
-    lists,
-    model::{Direction, EventSettings, Geo, GeoField, GuardedPort, Origin, Policy, RateLimit, Rule, RuleKind, PROFILES},
+    diag::{Diagnostics, Severity},
+    geo::{self, GeoTable},
+    input::{self, InputKind, Limits},
+    lists::ListReader,
+    model::{Direction, EventSettings, Geo, GeoField, GuardedPort, ListRules, Origin, Policy, RateLimit, Rule, RuleKind, PROFILES},
     time,
     yaml::{self, is_null, Kind, Node, Pos},
 };
 
-const TOP_FIELDS: &[&str] = &["version", "mode", "ports", "events", "ingress", "egress"];
+const TOP_FIELDS: &[&str] = &["version", "mode", "ports", "events", "limits", "ingress", "egress"];
+const LIMITS_FIELDS: &[&str] = &["list_file_bytes", "geo_database_bytes", "geo_networks"];
+/// The largest value a `limits` field accepts: 1 TiB, or a trillion networks.
+const MAX_LIMIT: u64 = 1 << 40;
 const DIRECTION_FIELDS: &[&str] = &[
     "mode",
     "default",
@@ -51,26 +57,45 @@ pub struct LoadOptions {
     pub geo_database: Option<PathBuf>,
     /// The day exemptions are judged against; default today (UTC).
     pub today: Option<i64>,
+    /// How much is read from list files and geo databases: the defaults,
+    /// or what the command line says. A policy's `limits` overrides these.
+    pub limits: Limits,
 }
 
 struct Walker<'a> {
     file: &'a Path,
+    /// The same, shared by the origin of every rule written in it.
+    shared_file: Arc<Path>,
     dir: PathBuf,
     diags: &'a mut Diagnostics,
     options: &'a LoadOptions,
     today: i64,
     /// Explicit ids and where they were first defined.
     ids: HashMap<String, Pos>,
+    limits: Limits,
+    lists: ListReader,
+    /// Databases read so far, by path and record field.
+    geo_tables: HashMap<(PathBuf, GeoField), Arc<GeoTable>>,
 }
 
 /// Reads and validates a policy file. Warnings are in the diagnostics
 /// either way; the policy comes back only when there is no error.
 pub fn load_file(path: &Path, options: &LoadOptions) -> (Option<Policy>, Diagnostics) {
     let mut diags = Diagnostics::default();
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+    let bytes = match input::read_bounded(path, input::POLICY_FILE_BYTES, InputKind::Policy) {
+        Ok(b) => b,
         Err(e) => {
             diags.error(path, Pos { line: 0, col: 0 }, "", format!("cannot read the policy: {e}"));
+            return (None, diags);
+        }
+    };
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line = valid.iter().filter(|b| **b == b'\n').count() + 1;
+            let col = valid.len() - valid.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1) + 1;
+            diags.error(path, Pos { line, col }, "", "not UTF-8 text; a policy is UTF-8 YAML");
             return (None, diags);
         }
     };
@@ -88,11 +113,23 @@ pub fn load_str(path: &Path, text: &str, options: &LoadOptions, diags: &mut Diag
         }
     };
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut w = Walker { file: path, dir, diags, options, today: options.today.unwrap_or_else(time::today), ids: HashMap::new() };
+    let mut w = Walker {
+        file: path,
+        shared_file: Arc::from(path),
+        dir,
+        diags,
+        options,
+        today: options.today.unwrap_or_else(time::today),
+        ids: HashMap::new(),
+        limits: options.limits,
+        lists: ListReader::default(),
+        geo_tables: HashMap::new(),
+    };
     let policy = w.policy(&root);
     if w.diags.has_errors() {
         None
     } else {
+        w.lists.commit();
         policy
     }
 }
@@ -212,6 +249,10 @@ impl Walker<'_> {
                 }
             }
         }
+        // Before anything is read that they bound.
+        if let Some((_, n)) = get("limits") {
+            self.limits(n);
+        }
         let global_mode = get("mode").and_then(|(_, n)| self.mode(n, "mode")).unwrap_or(mode::ENFORCE);
         let ports = match get("ports") {
             Some((_, n)) => self.ports(n),
@@ -229,6 +270,42 @@ impl Walker<'_> {
             self.direction(n, "egress", &ports, &mut egress);
         }
         Some(Policy { file: self.file.to_path_buf(), ports, ingress, egress, events })
+    }
+
+    fn limits(&mut self, node: &Node) {
+        for (key, _, value) in self.fields(node, "limits", LIMITS_FIELDS) {
+            let field = join("limits", key);
+            match key {
+                "geo_networks" => {
+                    if let Some(v) = self.int(value, &field, 1, MAX_LIMIT as i64) {
+                        self.limits.geo_networks = v as u64;
+                    }
+                }
+                _ => {
+                    let Some(v) = self.size(value, &field) else { continue };
+                    if key == "list_file_bytes" {
+                        self.limits.list_file_bytes = v;
+                    } else {
+                        self.limits.geo_database_bytes = v;
+                    }
+                }
+            }
+        }
+    }
+
+    fn size(&mut self, node: &Node, field: &str) -> Option<u64> {
+        let s = self.scalar(node, field, "a size such as 64MiB")?;
+        match input::parse_size(s) {
+            Ok(v) if (1..=MAX_LIMIT).contains(&v) => Some(v),
+            Ok(_) => {
+                self.error(node.pos, field, format!("`{s}` is out of range; expected 1 byte to {}", input::Size(MAX_LIMIT)));
+                None
+            }
+            Err(msg) => {
+                self.error(node.pos, field, msg);
+                None
+            }
+        }
     }
 
     fn ports(&mut self, node: &Node) -> Vec<GuardedPort> {
@@ -311,7 +388,7 @@ impl Walker<'_> {
                     let kind = if key == "allow_files" { RuleKind::Allow } else { RuleKind::Deny };
                     for (i, item) in self.list(value, &field).iter().enumerate() {
                         let item_field = format!("{field}[{i}]");
-                        self.list_file(item, &item_field, kind, ports, &mut d.rules);
+                        self.list_file(item, &item_field, kind, ports, &mut d.lists);
                     }
                 }
                 "rate_limit" => d.rate_limit = self.rate_limit(value, &field),
@@ -408,7 +485,7 @@ impl Walker<'_> {
 
     fn rule(&mut self, node: &Node, field: &str, direction: &str, kind: RuleKind, index: usize, ports: &[GuardedPort]) -> Option<Rule> {
         let default_side = if kind == RuleKind::Exemption { side::LOCAL } else { side::PEER };
-        let origin = Origin { file: self.file.to_path_buf(), pos: node.pos };
+        let origin = Origin { file: self.shared_file.clone(), pos: node.pos };
         let generated = format!("{direction}.{}[{index}]", if kind == RuleKind::Exemption { "exemptions" } else { kind.name() });
         if let Kind::Scalar(..) = node.kind {
             if kind == RuleKind::Exemption {
@@ -417,7 +494,7 @@ impl Walker<'_> {
             }
             let net = self.cidr(node, field)?;
             return Some(Rule {
-                id: generated,
+                id: generated.into(),
                 kind,
                 net,
                 side: default_side,
@@ -479,10 +556,10 @@ impl Walker<'_> {
             }
         }
         let (net, side, port_mask) = (net?, side?, port_mask?);
-        ok.then_some(Rule { id, kind, net, side, port_mask, until, comment, origin })
+        ok.then_some(Rule { id: id.into(), kind, net, side, port_mask, until, comment, origin })
     }
 
-    fn list_file(&mut self, node: &Node, field: &str, kind: RuleKind, ports: &[GuardedPort], rules: &mut Vec<Rule>) {
+    fn list_file(&mut self, node: &Node, field: &str, kind: RuleKind, ports: &[GuardedPort], lists: &mut Vec<ListRules>) {
         let (path_node, id, side, port_mask) = match &node.kind {
             Kind::Scalar(..) => (node, None, Some(side::PEER), self.port_mask(None, field, ports)),
             _ => {
@@ -509,25 +586,14 @@ impl Walker<'_> {
         let path = self.dir.join(raw);
         let (Some(side), Some(port_mask)) = (side, port_mask) else { return };
         let id = id.unwrap_or_else(|| format!("file:{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
-        match lists::read(&path) {
-            Err(e) => self.error(path_node.pos, &file_field, format!("cannot read list file {}: {e}", path.display())),
+        match self.lists.read(&path, self.limits.list_file_bytes) {
+            Err(e) => self.error(path_node.pos, &file_field, format!("cannot read list file: {e}")),
             Ok(list) => {
-                for (line, col, msg) in &list.errors {
-                    self.diags.error(&path, Pos { line: *line, col: *col }, "", msg.clone());
+                for e in &list.errors {
+                    self.diags.error(&path, Pos { line: e.line, col: e.col }, "", e.message.clone());
                 }
-                rules.reserve(list.nets.len());
-                for &(net, line) in &list.nets {
-                    rules.push(Rule {
-                        id: id.clone(),
-                        kind,
-                        net,
-                        side,
-                        port_mask,
-                        until: None,
-                        comment: None,
-                        origin: Origin { file: path.clone(), pos: Pos { line, col: 1 } },
-                    });
-                }
+                self.diags.count_more(Severity::Error, &path, list.more_errors);
+                lists.push(ListRules { id: id.into(), kind, side, port_mask, file: Arc::from(path), list });
             }
         }
     }
@@ -595,15 +661,16 @@ impl Walker<'_> {
                 None
             }
         };
-        if let Some(db) = &database {
-            if let Err(e) = maxminddb::Reader::open_readfile(db) {
-                let pos = get("database").map(|n| n.pos).unwrap_or(node.pos);
-                self.error(pos, &join(field, "database"), format!("cannot open {} as a MaxMind database: {e}", db.display()));
-            }
-        }
         let geo_field = match get("field") {
             Some(n) => self.one_of(n, &join(field, "field"), &GeoField::NAMES).map(|i| if i == 0 { GeoField::CountryIsoCode } else { GeoField::CountryCode }),
             None => Some(GeoField::CountryIsoCode),
+        };
+        let table = match (&database, geo_field) {
+            (Some(db), Some(f)) => {
+                let pos = get("database").map(|n| n.pos).unwrap_or(node.pos);
+                self.geo_table(db, f, pos, &join(field, "database"))
+            }
+            _ => None,
         };
         let (list_node, allow_only) = match (get("block"), get("allow_only")) {
             (Some(b), None) => (Some(b), false),
@@ -637,8 +704,27 @@ impl Walker<'_> {
             Some(n) => self.action(n, &join(field, "unknown")),
             None => Some(if allow_only { action::DROP } else { action::PASS }),
         };
-        let (database, field_kind, unknown) = (database?, geo_field?, unknown?);
-        ok.then_some(Geo { database, field: field_kind, countries, allow_only, unknown })
+        let (database, field_kind, unknown, table) = (database?, geo_field?, unknown?, table?);
+        ok.then_some(Geo { database, field: field_kind, table, countries, allow_only, unknown })
+    }
+
+    /// A database read once per load, whichever directions use it.
+    fn geo_table(&mut self, db: &Path, field: GeoField, pos: Pos, field_name: &str) -> Option<Arc<GeoTable>> {
+        let key = (db.to_path_buf(), field);
+        if let Some(t) = self.geo_tables.get(&key) {
+            return Some(t.clone());
+        }
+        match geo::read(db, field, &self.limits) {
+            Ok(t) => {
+                let t = Arc::new(t);
+                self.geo_tables.insert(key, t.clone());
+                Some(t)
+            }
+            Err(e) => {
+                self.error(pos, field_name, e.to_string());
+                None
+            }
+        }
     }
 
     fn smtp_commands(&mut self, node: &Node, field: &str) -> u8 {
@@ -675,11 +761,25 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
         Ok(n) => n,
         Err(_) => match s.parse::<IpAddr>() {
             Ok(a) => IpNet::from(a),
-            Err(_) => return Err(format!("`{s}` is not a CIDR; expected such as 192.0.2.0/24 or 2001:db8::/32")),
+            Err(_) => return Err(format!("`{}` is not a CIDR; expected such as 192.0.2.0/24 or 2001:db8::/32", Quoted(s))),
         },
     };
     if net.network() != net.addr() {
         return Err(format!("`{s}` has host bits set; did you mean {}?", net.trunc()));
     }
     Ok(net)
+}
+
+/// Text from the input, cut short in messages: a list line can be
+/// megabytes long.
+struct Quoted<'a>(&'a str);
+
+impl std::fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN: usize = 60;
+        match self.0.char_indices().nth(SHOWN) {
+            Some((end, _)) => write!(f, "{}…", &self.0[..end]),
+            None => f.write_str(self.0),
+        }
+    }
 }

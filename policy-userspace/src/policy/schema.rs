@@ -96,6 +96,23 @@ fn direction() -> Value {
     })
 }
 
+fn size() -> Value {
+    json!({"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": "^[0-9]+ ?([KMG]i?B|[kK]B|B)?$"}],
+           "examples": [67108864, "64MiB", "500kB"]})
+}
+
+fn limits() -> Value {
+    json!({
+        "type": "object", "additionalProperties": false,
+        "description": "how much is read from the files the policy names; overrides --max-list-bytes, --max-geo-bytes and --max-geo-networks",
+        "properties": {
+            "list_file_bytes": size(),
+            "geo_database_bytes": size(),
+            "geo_networks": {"type": "integer", "minimum": 1}
+        }
+    })
+}
+
 pub fn schema() -> Value {
     json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -111,6 +128,7 @@ pub fn schema() -> Value {
             "events": {"type": "object", "additionalProperties": false, "properties": {
                 "drop_sample_one_in": {"type": "integer", "minimum": 0}, "per_second": {"type": "integer", "minimum": 0}
             }},
+            "limits": limits(),
             "ingress": direction(),
             "egress": direction()
         }
