@@ -117,10 +117,6 @@ fn watch_list(path: &Path, p: &Policy) -> Vec<(PathBuf, Option<SystemTime>)> {
     }).collect()
 }
 
-/// Errors of a rejected policy that are printed and put in the event;
-/// the rest are counted.
-const REPORTED_ERRORS: usize = 20;
-
 /// A reload being compiled off the control loop (file reads and parsing
 /// can take seconds, or block on a bad file).
 struct ReloadJob {
@@ -152,10 +148,8 @@ impl Controller {
         let why = job.why;
         let result = match outcome {
             Err(e) => Err((vec![format!("compiling the policy failed: {e}")], 0)),
-            Ok((None, diags)) => {
-                let total = diags.errors().count();
-                Err((diags.errors().take(REPORTED_ERRORS).map(|d| d.to_string()).collect::<Vec<_>>(), total.saturating_sub(REPORTED_ERRORS)))
-            }
+            // Diagnostics keep the first errors of each kind and count the rest.
+            Ok((None, diags)) => Err((diags.errors().map(|d| d.to_string()).collect::<Vec<_>>(), diags.suppressed_errors())),
             Ok((Some((policy, compiled)), _)) => self.apply(policy, compiled).map_err(|e| (vec![e.to_string()], 0)),
         };
         let seconds = job.started.elapsed().as_secs_f64();
@@ -337,9 +331,7 @@ pub fn run(o: RunOptions) -> Result<()> {
     http::spawn(listener, state.clone()).context("starting the metrics server")?;
     // The first policy must be valid before anything is touched.
     let (compiled, diags) = load_and_compile(&o.policy, &o.policy_options);
-    for d in &diags.items {
-        eprintln!("{d}");
-    }
+    eprint!("{diags}");
     let Some((policy, compiled)) = compiled else { bail!("{}: the policy is not valid; nothing was changed", o.policy.display()) };
     o.pins.create().with_context(|| format!("creating {} and {}", o.pins.dir.display(), o.pins.run_dir.display()))?;
     let _lock = o.pins.lock()?;
