@@ -189,3 +189,16 @@ pub fn write_policy(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
+
+/// A list file's text of distinct IPv4 /32s, just under `bytes` long:
+/// the largest valid list a size limit lets in (and more networks than
+/// the default IPv4 ACL room holds).
+pub fn distinct_hosts_list(bytes: usize) -> (String, u32) {
+    let mut text = String::with_capacity(bytes);
+    let mut n = 0u32;
+    while text.len() < bytes - 20 {
+        text += &format!("{}/32\n", std::net::Ipv4Addr::from(0x0b00_0000 + n.wrapping_mul(2_654_435_761) % 0xd000_0000));
+        n += 1;
+    }
+    (text, n)
+}

@@ -14,7 +14,7 @@ use std::{
 
 use smtpguard_tests::{
     lab::{assert_dropped, assert_greeted, connect, connect_within},
-    pairlab::{http_get, metric, write_policy, PairLab, RunningController, TestPins, CLIENT_DENIED, CLIENT_OK, SERVER},
+    pairlab::{distinct_hosts_list, http_get, metric, write_policy, PairLab, RunningController, TestPins, CLIENT_DENIED, CLIENT_OK, SERVER},
     require_root,
 };
 
@@ -278,18 +278,11 @@ fn a_long_rejected_reload_keeps_health_answering_memory_bounded_and_the_old_poli
     let rss_before = proc_kib(ctl.pid(), "VmRSS");
     // A million bad lines, moved into place whole.
     let spoiled = list.with_extension("new");
-    std::fs::write(&spoiled, "not-a-cidr\n".repeat(1_000_000)).unwrap();
+    std::fs::write(&spoiled, "bad\n".repeat(1_000_000)).unwrap();
     std::fs::rename(&spoiled, &list).unwrap();
     // SAFETY: signalling our child.
     assert_eq!(unsafe { libc::kill(ctl.pid(), libc::SIGHUP) }, 0);
-    let mut answered_during = false;
-    let rejected = wait_for(Duration::from_secs(60), || {
-        let health = http_get(&lab, 19445, "/healthz").expect("/healthz answers during the reload");
-        answered_during |= health.contains("reload running");
-        reloads(&state, "SIGHUP").into_iter().find(|e| e["result"] == "rejected")
-    })
-    .expect("the reload is rejected");
-    assert!(answered_during, "/healthz answered while the reload ran");
+    let rejected = wait_for(Duration::from_secs(60), || reloads(&state, "SIGHUP").into_iter().find(|e| e["result"] == "rejected")).expect("the reload is rejected");
     let errors = rejected["errors"].as_array().unwrap();
     assert_eq!(errors.len(), 20, "the first 20 errors: {errors:?}");
     assert_eq!(rejected["more_errors"].as_u64(), Some(1_000_000 - 20), "and a count of the rest");
@@ -298,6 +291,28 @@ fn a_long_rejected_reload_keeps_health_answering_memory_bounded_and_the_old_poli
     let rss_after = proc_kib(ctl.pid(), "VmRSS");
     assert!(peak < 256 * 1024, "peak RSS during the rejected reload: {peak} KiB");
     assert!(rss_after < rss_before + 32 * 1024, "RSS back near its level before the reload: {rss_before} KiB, then {rss_after} KiB");
+
+    // The worst valid list the default limit lets in: distinct /32s up to
+    // 8 MiB, compiled, then refused for want of ACL room.
+    let (text, n) = distinct_hosts_list(8 << 20);
+    std::fs::write(&spoiled, text).unwrap();
+    std::fs::rename(&spoiled, &list).unwrap();
+    // SAFETY: signalling our child.
+    assert_eq!(unsafe { libc::kill(ctl.pid(), libc::SIGHUP) }, 0);
+    // Compiling half a million networks takes a while: /healthz answers
+    // meanwhile, and says so.
+    let mut answered_during = false;
+    let refused = wait_for(Duration::from_secs(120), || {
+        let health = http_get(&lab, 19445, "/healthz").expect("/healthz answers during the reload");
+        answered_during |= health.contains("reload running");
+        reloads(&state, "SIGHUP").into_iter().filter(|e| e["result"] == "rejected").nth(1)
+    })
+    .expect("the list of valid networks is refused");
+    assert!(answered_during, "/healthz answered while the reload ran");
+    assert!(refused["errors"].to_string().contains("--acl4-values"), "refused for the ACL's room: {refused}");
+    let peak = proc_kib(ctl.pid(), "VmHWM");
+    assert!(peak < 256 * 1024, "peak RSS compiling {n} networks and refusing them: {peak} KiB");
+    assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "the old policy still stays");
 }
 
 #[test]

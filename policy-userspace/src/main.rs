@@ -52,7 +52,7 @@ impl PolicyArgs {
 /// defaults. A policy's own `limits` section overrides these.
 #[derive(clap::Args)]
 struct LimitArgs {
-    /// Largest list file read, such as 256MiB (default 64MiB; the policy's `limits.list_file_bytes` overrides it).
+    /// Largest list file read, such as 256MiB (default 8MiB; the policy's `limits.list_file_bytes` overrides it).
     #[arg(long, value_name = "SIZE", value_parser = input::parse_size)]
     max_list_bytes: Option<u64>,
     /// Largest geo database read (default 128MiB; `limits.geo_database_bytes` overrides it).

@@ -189,8 +189,8 @@ fn check_prints_twenty_of_a_million_bad_lines_and_the_count() {
     assert!(run.max_rss_kib < MAX_RSS_KIB, "peak RSS {} KiB", run.max_rss_kib);
 }
 
-/// The rejected reload of the issue: a list just under the default limit
-/// of valid CIDRs, then one bad line.
+/// The rejected reload of the issue: a list of valid CIDRs just under a
+/// limit raised to 64 MiB, then one bad line.
 #[test]
 fn a_64_mib_list_with_one_bad_line_is_refused_in_bounded_memory() {
     let dir = TempDir::new("big");
@@ -205,7 +205,7 @@ fn a_64_mib_list_with_one_bad_line_is_refused_in_bounded_memory() {
     assert!(text.len() <= 64 << 20);
     dir.write("big.txt", &text);
     drop(text);
-    let path = dir.write("policy.yaml", "version: 1\ningress: {deny_files: [big.txt]}\n");
+    let path = dir.write("policy.yaml", "version: 1\nlimits: {list_file_bytes: 64MiB}\ningress: {deny_files: [big.txt]}\n");
     let run = run_measured(&["check", path.to_str().unwrap()], Duration::from_secs(300));
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(run.stderr.contains(&format!("big.txt:{}:1: error: `bad-line` is not a CIDR", i + 1)), "{}", run.stderr);

@@ -528,7 +528,7 @@ fn a_list_over_its_limit_is_refused_until_the_flag_or_the_policy_raises_it() {
     let flag = |bytes| LoadOptions { limits: Limits { list_file_bytes: bytes, ..Limits::default() }, ..options() };
     let networks = |p: Option<policy::Policy>| p.map(|p| p.ingress.network_count());
 
-    // The flag replaces the default of 64 MiB ...
+    // The flag replaces the default of 8 MiB ...
     let (p, diags) = policy::load_file(&policy(""), &flag(2_000));
     assert!(p.is_none());
     let e = only_error(&diags);

@@ -15,7 +15,7 @@ use std::{
 /// belong in list files. Not raisable: the limits are inside the policy.
 pub const POLICY_FILE_BYTES: u64 = 4 * MIB;
 /// Spamhaus DROP is about 40 KB; a full routing table as CIDRs about 20 MB.
-pub const DEFAULT_LIST_FILE_BYTES: u64 = 64 * MIB;
+pub const DEFAULT_LIST_FILE_BYTES: u64 = 8 * MIB;
 /// GeoLite2-Country is about 9 MB, GeoLite2-City about 70 MB.
 pub const DEFAULT_GEO_DATABASE_BYTES: u64 = 128 * MIB;
 /// The real country databases hold about a million networks.
