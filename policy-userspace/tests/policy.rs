@@ -546,7 +546,7 @@ fn a_list_over_its_limit_is_refused_until_the_flag_or_the_policy_raises_it() {
 #[test]
 fn a_million_bad_lines_keep_twenty_errors_and_count_the_rest() {
     let dir = temp_dir("million");
-    std::fs::write(dir.join("bad.txt"), "nonsense\n".repeat(1_000_000)).unwrap();
+    std::fs::write(dir.join("bad.txt"), "junk\n".repeat(1_000_000)).unwrap();
     let (p, diags) = load(&dir, "version: 1\ningress: {deny_files: [bad.txt]}\n");
     assert!(p.is_none());
     let lines: Vec<usize> = diags.errors().map(|d| d.pos.line).collect();
