@@ -35,6 +35,37 @@ pub enum OpsError {
 
 type Result<T> = std::result::Result<T, OpsError>;
 
+/// The widest networks `smtpguard ban` takes without `--force`: an IPv4 /8
+/// (16 million addresses) and an IPv6 /32 (a large provider's allocation).
+/// `0.0.0.0/0` or `::/0` would drop all port-25 traffic of the family.
+pub const MIN_BAN_PREFIX_V4: u8 = 8;
+pub const MIN_BAN_PREFIX_V6: u8 = 32;
+
+/// Refuses a network ban wider than [`MIN_BAN_PREFIX_V4`]/[`MIN_BAN_PREFIX_V6`]
+/// unless `force`.
+pub fn check_network_ban(net: ipnet::IpNet, force: bool) -> Result<()> {
+    let limit = match net {
+        ipnet::IpNet::V4(_) => MIN_BAN_PREFIX_V4,
+        ipnet::IpNet::V6(_) => MIN_BAN_PREFIX_V6,
+    };
+    if net.prefix_len() < limit && !force {
+        return Err(OpsError::Invalid(format!(
+            "{net} is wider than a /{limit}, the widest network `ban` takes: it would drop port 25 from every source in it{}; \
+             give --force if that is what you want (nothing was changed)",
+            if net.prefix_len() == 0 { " (all of them)" } else { "" }
+        )));
+    }
+    Ok(())
+}
+
+/// The coarse-clock time `duration` from now, refused when it does not fit.
+fn until_from_now(duration: Duration) -> Result<u64> {
+    u64::try_from(duration.as_nanos())
+        .ok()
+        .and_then(|d| ktime_now_ns().checked_add(d))
+        .ok_or_else(|| OpsError::Invalid(format!("a ban of {} s does not fit the clock (nothing was changed)", duration.as_secs())))
+}
+
 /// The pinned maps the operator commands use.
 pub struct PinnedMaps {
     pins: Pins,
@@ -124,7 +155,7 @@ impl PinnedMaps {
         info.origin = ban_origin::MANUAL;
         info.last_seen_s = (now / 1_000_000_000) as u32;
         slot.info = info.pack();
-        slot.ban_until_ns = now + duration.as_nanos() as u64;
+        slot.ban_until_ns = until_from_now(duration)?;
         typed(self.sources.set(index, set, 0), policy_common::SOURCES)?;
         // Counted on the first CPU's cell; readers sum all CPUs.
         let cell = policy_common::STATS_BANS_MANUAL;
@@ -136,7 +167,7 @@ impl PinnedMaps {
 
     /// Bans a whole network (every source in it) until `duration` from now.
     pub fn ban_network(&mut self, net: ipnet::IpNet, duration: Duration) -> Result<()> {
-        let until = ktime_now_ns() + duration.as_nanos() as u64;
+        let until = until_from_now(duration)?;
         self.network_trie_op(net, Some(until))?;
         let mut rt = self.runtime()?;
         rt.cidr_bans = 1;
