@@ -5,7 +5,6 @@
 
 use std::os::fd::RawFd;
 
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// Entries per syscall: bounded so the kernel's copy of a chunk stays small.
@@ -50,43 +49,4 @@ fn run(cmd: libc::c_long, fd: RawFd, keys: &[u8], values: Option<&[u8]>, count: 
 pub fn bytes_of<T: aya::Pod>(v: &T) -> &[u8] {
     // SAFETY: Pod types have no padding and any bit pattern is valid.
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
-}
-
-/// Every value of an array map, in index order: a few syscalls instead of
-/// one per entry (the source table has 163,840 sets by default).
-pub fn array_values<T: aya::Pod>(fd: RawFd, entries: u32) -> std::io::Result<Vec<T>> {
-    const LOOKUP_CHUNK: usize = 4096;
-    let mut out: Vec<T> = Vec::with_capacity(entries as usize);
-    let mut keys = vec![0u32; LOOKUP_CHUNK];
-    let mut values: Vec<std::mem::MaybeUninit<T>> = Vec::with_capacity(LOOKUP_CHUNK);
-    // The batch token: for arrays, the next index.
-    let mut token = 0u32;
-    let mut first = true;
-    loop {
-        let mut attr = [0u64; 8];
-        attr[0] = if first { 0 } else { &token as *const u32 as u64 };
-        let mut next = 0u32;
-        attr[1] = &mut next as *mut u32 as u64;
-        attr[2] = keys.as_mut_ptr() as u64;
-        attr[3] = values.as_mut_ptr() as u64;
-        attr[4] = LOOKUP_CHUNK as u64 | (fd as u64) << 32;
-        // SAFETY: the buffers hold LOOKUP_CHUNK keys and values; the kernel
-        // writes at most that many and reports the number in attr[4].
-        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
-        let err = (rc < 0).then(std::io::Error::last_os_error);
-        let n = (attr[4] & 0xffff_ffff) as usize;
-        // SAFETY: the kernel filled the first `n` values.
-        unsafe {
-            values.set_len(n);
-            out.extend(values.drain(..).map(|v| v.assume_init()));
-        }
-        match err {
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
-            Some(e) => return Err(e),
-            None if out.len() >= entries as usize => return Ok(out),
-            None => {}
-        }
-        token = next;
-        first = false;
-    }
 }

@@ -11,6 +11,9 @@ pub mod model;
 pub mod ops;
 pub mod pins;
 pub mod policy;
+pub mod runtime;
+mod shared;
+pub mod sources;
 
 /// The eBPF object built by `build.rs`, aligned for the ELF parser.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy-ebpf.o"));

@@ -43,6 +43,29 @@ fn register(r: &Registry, c: impl Collector + 'static) {
     r.register(Box::new(c)).expect("unique metric names");
 }
 
+/// The source table's churn, from the summed `STATS` cells:
+/// `smtpguard_source_claims_total` counts new sources the datapath gave a
+/// way in `SOURCES`; `smtpguard_source_evictions_total{kind}` those of them
+/// that displaced an entry, by what it was (`stale`: idle, nothing lost;
+/// `live`: recently active, its bucket and meter lost; `ban`: a ban lost).
+/// Claims minus evictions took a free way.
+pub fn register_source_claims(r: &Registry, stats: &[policy_common::Counter]) {
+    let claims = ops::source_claims(stats);
+    let total = IntCounterVec::new(Opts::new("smtpguard_source_claims_total", "New sources given a way in the source table"), &[]).expect("valid");
+    total.with_label_values(&[] as &[&str]).inc_by(claims.iter().sum());
+    let evictions = IntCounterVec::new(
+        Opts::new("smtpguard_source_evictions_total", "New sources that displaced a tracked source, by what was displaced: stale (idle), live (active), ban"),
+        &["kind"],
+    )
+    .expect("valid");
+    let evicted = policy_common::claim_kind::STALE as usize;
+    for (name, n) in policy_common::claim_kind::NAMES.iter().zip(claims).skip(evicted) {
+        evictions.with_label_values(&[name]).inc_by(n);
+    }
+    register(r, total);
+    register(r, evictions);
+}
+
 /// Renders the whole exposition.
 pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, ports: &[u16]) -> Result<String, String> {
     let r = Registry::new();
@@ -83,6 +106,7 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
     ] {
         bans_total.with_label_values(&[origin]).inc_by(stats[cell as usize].packets);
     }
+    register_source_claims(&r, &stats);
     let geo = IntCounterVec::new(Opts::new("smtpguard_geo_drops_total", "Drops (and would-drops) by the geo-fence, by country"), &["direction", "country"]).expect("valid");
     let geo_cells = dp.geo_drops().map_err(|e| e.to_string())?;
     for (i, drops) in geo_cells.iter().enumerate().take(GEO_DROPS_ENTRIES as usize) {
@@ -163,4 +187,33 @@ pub fn render(dp: &mut Dataplane, compiled: &Compiled, m: &ControllerMetrics, po
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out).map_err(|e| e.to_string())?;
     String::from_utf8(out).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use policy_common::{claim_kind, Counter, STATS_CLAIMS, STATS_ENTRIES};
+
+    use super::*;
+
+    #[test]
+    fn source_claims_and_evictions_by_kind_reach_the_exposition() {
+        let mut stats = vec![Counter::default(); STATS_ENTRIES as usize];
+        for (kind, n) in [(claim_kind::FREE, 8), (claim_kind::STALE, 3), (claim_kind::LIVE, 5), (claim_kind::BAN, 1)] {
+            stats[STATS_CLAIMS as usize + kind as usize].packets = n;
+        }
+        let r = Registry::new();
+        register_source_claims(&r, &stats);
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&r.gather(), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        for line in [
+            "smtpguard_source_claims_total 17",
+            "smtpguard_source_evictions_total{kind=\"stale\"} 3",
+            "smtpguard_source_evictions_total{kind=\"live\"} 5",
+            "smtpguard_source_evictions_total{kind=\"ban\"} 1",
+            "# TYPE smtpguard_source_evictions_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+    }
 }
