@@ -101,3 +101,41 @@ fn networks_wider_than_a_v4_slash_8_or_a_v6_slash_32_take_force() {
     assert!(!syn_dropped(&mut h, "198.51.100.9"));
     assert!(bans(&state).is_empty());
 }
+
+/// A map pinned by a build before RUNTIME was mmapable (52-byte value, no
+/// flags): loading over it, and the operator commands, refuse with the
+/// way out instead of a verifier or mmap error.
+#[test]
+fn pins_of_an_older_build_are_refused_with_a_detach_hint() {
+    if !require_root() {
+        return;
+    }
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let state = TestPins::new("opold");
+    let bpf = |cmd: libc::c_long, attr: &mut [u64; 16]| {
+        // SAFETY: a zeroed bpf_attr-sized buffer filled for `cmd`.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) }
+    };
+    // BPF_MAP_CREATE: an array of one 52-byte value, as older builds made RUNTIME.
+    let mut attr = [0u64; 16];
+    attr[0] = 2 | 4 << 32; // map_type ARRAY, key_size 4
+    attr[1] = 52 | 1 << 32; // value_size, max_entries
+    let fd = bpf(0, &mut attr);
+    assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd from the kernel.
+    let map = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let path = std::ffi::CString::new(state.pins.dir.join(policy_common::RUNTIME).display().to_string()).unwrap();
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    attr[1] = map.as_raw_fd() as u64;
+    assert!(bpf(6, &mut attr) == 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+
+    let err = match Harness::load_with(LoadOptions { pin_dir: Some(state.pins.dir.clone()), ..LoadOptions::default() }) {
+        Ok(_) => panic!("loaded over an older build's pins"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("another smtpguard build") && err.contains("RUNTIME") && err.contains("smtpguard detach"), "{err}");
+    let (code, out) = state.cmd(&["status"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("another smtpguard build") && out.contains("smtpguard detach"), "{out}");
+}
