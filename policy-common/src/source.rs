@@ -12,8 +12,9 @@
 /// Slots per set.
 pub const WAYS: usize = 8;
 
-/// One tracked source. All fields are updated with atomics or single
-/// stores, so CPUs share one bucket per source.
+/// One tracked source: five 8-byte words, each updated with single
+/// stores or compare-and-swap (never the slot whole), so CPUs share one
+/// bucket per source and userspace can change one way beside them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceSlot {
