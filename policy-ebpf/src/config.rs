@@ -24,53 +24,62 @@ static POLICY: Array<PolicyConfig> = Array::with_max_entries(GENERATIONS, 0);
 /// each: userspace stores those words while packets are judged, so no
 /// reference to the value is ever made.
 #[derive(Clone, Copy)]
-pub struct RuntimeView(*mut u64);
+pub struct RuntimeView(*mut u8);
+
+/// Byte offset of a [`runtime_word`].
+const fn at(word: usize) -> usize {
+    8 * word
+}
 
 impl RuntimeView {
+    /// The word at byte `OFF` (a constant of the load instruction).
     #[inline(always)]
-    fn word(self, index: usize) -> u64 {
+    fn word<const OFF: usize>(self) -> u64 {
         // SAFETY: the value is `runtime_word::COUNT` aligned words of a live
-        // map value, written only by atomic stores (index in bounds).
-        unsafe { Word::<0>::new(self.0.add(index % runtime_word::COUNT).cast()) }.load()
+        // map value, written only by atomic stores; callers pass in-bounds
+        // word offsets.
+        unsafe { Word::<OFF>::new(self.0) }.load()
     }
 
     /// The generation to judge by. Read it exactly once per packet: a
     /// second read could see a flip and judge the packet by two policies.
     #[inline(always)]
     pub fn active(self) -> u32 {
-        self.word(runtime_word::GENERATION) as u32
+        self.word::<{ at(runtime_word::GENERATION) }>() as u32
     }
 
     #[inline(always)]
     pub fn source_sets(self) -> u32 {
-        (self.word(runtime_word::GENERATION) >> 32) as u32
+        (self.word::<{ at(runtime_word::GENERATION) }>() >> 32) as u32
     }
 
     #[inline(always)]
     pub fn hook_direction(self, hook: usize) -> u8 {
-        (self.word(runtime_word::HOOKS) >> (8 * (hook % policy_common::hook::COUNT))) as u8
+        (self.word::<{ at(runtime_word::HOOKS) }>() >> (8 * (hook % policy_common::hook::COUNT))) as u8
     }
 
     #[inline(always)]
     pub fn cidr_bans(self) -> bool {
-        self.word(runtime_word::CIDR_BANS) != 0
+        self.word::<{ at(runtime_word::CIDR_BANS) }>() != 0
     }
 
     #[inline(always)]
     pub fn drop_sample_one_in(self) -> u32 {
-        self.word(runtime_word::EVENTS) as u32
+        self.word::<{ at(runtime_word::EVENTS) }>() as u32
     }
 
     #[inline(always)]
     pub fn events_per_second(self) -> u32 {
-        (self.word(runtime_word::EVENTS) >> 32) as u32
+        (self.word::<{ at(runtime_word::EVENTS) }>() >> 32) as u32
     }
 
     /// May TCP to `port` be guarded? `false` is certain; `true` may not be.
     #[inline(always)]
     pub fn may_guard(self, port: u16) -> bool {
         let (word, bit) = port_filter_bit(port);
-        self.word(runtime_word::PORT_FILTER + word % PORT_FILTER_WORDS) & bit != 0
+        // SAFETY: `word` < PORT_FILTER_WORDS, so the load stays in the value.
+        let filter = RuntimeView(unsafe { self.0.add(8 * (word % PORT_FILTER_WORDS)) });
+        filter.word::<{ at(runtime_word::PORT_FILTER) }>() & bit != 0
     }
 }
 
