@@ -116,18 +116,33 @@ impl Source {
 pub fn locate(flow: &Flow, sets: u32) -> Source {
     let key = if flow.seg.v6 { source_key_v6_words(&flow.src) } else { source_key_v4_word(flow.src[0]) };
     let set = SOURCES.get_ptr_mut(source_set(key, sets));
-    let mut way = 0;
-    let mut tracked = false;
-    if let Some(set) = set {
-        for i in 0..WAYS as u32 {
-            if Slot::of(set, i).key().load() == key {
-                way = i;
-                tracked = true;
-                break;
-            }
-        }
+    let found = match set {
+        Some(set) => find_way(set, key),
+        None => None,
+    };
+    Source { key, set, way: opaque(found.unwrap_or(0) as u64) as u32, tracked: found.is_some() }
+}
+
+/// The way of `set` holding `key`. Each way's key is loaded at a constant
+/// offset from the set (way `i` at `i * size_of::<SourceSlot>()`), so the
+/// search is one load and one compare per way, as in a plain struct read.
+#[inline(always)]
+fn find_way(set: *mut SourceSet, key: u64) -> Option<u32> {
+    const SLOT: usize = size_of::<SourceSlot>();
+    macro_rules! ways {
+        ($($way:literal)*) => {
+            $(
+                // SAFETY: way `$way` < WAYS of a live set, its key an aligned,
+                // atomically accessed word.
+                if unsafe { Word::<{ $way * SLOT + offset_of!(SourceSlot, key) }>::new(set.cast()) }.load() == key {
+                    return Some($way);
+                }
+            )*
+        };
     }
-    Source { key, set, way: opaque(way as u64) as u32, tracked }
+    ways!(0 1 2 3 4 5 6 7);
+    const _: () = assert!(WAYS == 8, "find_way lists every way");
+    None
 }
 
 /// The way a new source takes: the lowest [`eviction_score`] (a free way,
