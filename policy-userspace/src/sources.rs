@@ -36,7 +36,7 @@ const _: () = assert!(SLOT_WORDS == 5 && size_of::<SourceSet>() == WAYS * SLOT_W
 /// Attempts of a ban or unban whose way keeps changing hands.
 const TRIES: usize = 8;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("the source's way in SOURCES kept changing hands ({TRIES} tries): the set is flooded; try again")]
 pub struct Contended;
 
@@ -210,5 +210,90 @@ impl SourceTable {
             let _ = ban.compare_exchange(0, until, Ordering::AcqRel, Ordering::Acquire);
         }
         Err(Contended)
+    }
+}
+
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    shareable::<SourceTable>();
+};
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+
+    use policy_common::source::source_key_v4;
+
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    /// A table of `sets` sets in a memfd: the same mapping code, no kernel map.
+    fn table(sets: u32) -> (OwnedFd, SourceTable) {
+        // SAFETY: memfd_create with a valid name; the fd is ours.
+        let fd = unsafe { OwnedFd::from_raw_fd(libc::memfd_create(c"sources".as_ptr(), 0)) };
+        let len = (sets as usize * size_of::<SourceSet>()).next_multiple_of(4096);
+        // SAFETY: sizing the memfd we own.
+        assert_eq!(unsafe { libc::ftruncate(std::os::fd::AsRawFd::as_raw_fd(&fd), len as i64) }, 0);
+        let t = SourceTable::open(fd.as_fd(), sets).unwrap();
+        (fd, t)
+    }
+
+    fn key(n: u8) -> u64 {
+        source_key_v4([198, 51, 100, n])
+    }
+
+    #[test]
+    fn a_manual_ban_takes_the_way_the_datapath_would_and_writes_only_it() {
+        let (_fd, t) = table(1);
+        let now = 1_000 * S;
+        // Seven busy ways: five auto-banned, two unbanned, the idlest at way 4.
+        let mut set = SourceSet::default();
+        for (way, slot) in set.slots.iter_mut().enumerate().take(7) {
+            let banned = way < 4 || way == 6;
+            *slot = SourceSlot {
+                key: key(way as u8 + 1),
+                admit_tat_ns: 7,
+                window: 9,
+                ban_until_ns: if banned { now + 600 * S } else { 0 },
+                info: SlotInfo { strikes: 1, origin: if banned { ban_origin::AUTO } else { 0 }, flags: 0, last_seen_s: 900 + way as u32 }.pack(),
+            };
+        }
+        t.write_set(0, &set);
+        // A free way first.
+        assert_eq!(t.ban(key(100), now + 3600 * S, || now), Ok(BanWay::Claimed));
+        let after = t.read_set(0);
+        assert_eq!(after.slots[7].key, key(100));
+        assert_eq!(after.slots[7].ban_until_ns, now + 3600 * S);
+        assert_eq!(SlotInfo::unpack(after.slots[7].info), SlotInfo { strikes: 1, origin: ban_origin::MANUAL, flags: 0, last_seen_s: 1_000 });
+        assert_eq!(&after.slots[..7], &set.slots[..7], "the other ways are untouched");
+        // Then the idlest unbanned source (way 4), never a ban.
+        assert_eq!(t.ban(key(101), now + 3600 * S, || now), Ok(BanWay::Claimed));
+        let after = t.read_set(0);
+        assert_eq!(after.slots[4].key, key(101));
+        assert_eq!((after.slots[4].admit_tat_ns, after.slots[4].window), (0, 0), "a claimed way starts afresh");
+        // A tracked source (key 6, way 5) keeps its way, one more strike.
+        assert_eq!(t.ban(key(6), now + 60 * S, || now), Ok(BanWay::Tracked));
+        let way5 = t.read_set(0).slots[5];
+        assert_eq!((way5.key, way5.ban_until_ns, SlotInfo::unpack(way5.info).strikes), (key(6), now + 60 * S, 2));
+        assert_eq!((way5.admit_tat_ns, way5.window), (7, 9), "a tracked source keeps its bucket and meter");
+
+        let snap = t.snapshot(now);
+        assert_eq!((snap.tracked, snap.capacity), (8, 8));
+        assert_eq!((snap.banned[ban_origin::AUTO as usize], snap.banned[ban_origin::MANUAL as usize]), (5, 3));
+    }
+
+    #[test]
+    fn unban_clears_only_a_ban_in_force() {
+        let (_fd, t) = table(4);
+        let now = 50 * S;
+        assert_eq!(t.unban(key(1), || now), Ok(false), "untracked");
+        t.ban(key(1), now + 10 * S, || now).unwrap();
+        assert_eq!(t.unban(key(1), || now + 11 * S), Ok(false), "already over");
+        assert_eq!(t.unban(key(1), || now), Ok(true));
+        assert_eq!(t.unban(key(1), || now), Ok(false), "lifted once");
+        let slot = t.slots().into_iter().find(|s| s.key == key(1)).unwrap();
+        assert_eq!(slot.ban_until_ns, 0);
+        assert_eq!(t.snapshot(now).banned, [0; 4]);
     }
 }
