@@ -119,7 +119,13 @@ pub struct Harness {
 
 impl Harness {
     pub fn load() -> Result<Self, DataplaneError> {
-        let dp = Dataplane::load(LoadOptions::default())?;
+        Self::load_with(LoadOptions::default())
+    }
+
+    /// [`Harness::load`] with load options of the test's choosing (a small
+    /// source table, pins).
+    pub fn load_with(options: LoadOptions) -> Result<Self, DataplaneError> {
+        let dp = Dataplane::load(options)?;
         let mut h = Self { dp, acl: Vec::new(), sets: Vec::new() };
         h.set_policy(&base_policy())?;
         Ok(h)
@@ -246,5 +252,40 @@ pub mod seed {
             info: SlotInfo { strikes, ..SlotInfo::default() }.pack(),
             ..SourceSlot::default()
         }
+    }
+}
+
+/// The pin and run directories of one test (`/sys/fs/bpf/sgtest_<tag>_<pid>`
+/// and a temporary directory), made empty and removed on drop, also when
+/// the test fails.
+pub struct TestPins {
+    pub pins: smtpguard::pins::Pins,
+}
+
+impl TestPins {
+    pub fn new(tag: &str) -> Self {
+        let id = format!("{tag}_{}", std::process::id());
+        let pins = smtpguard::pins::Pins::new(format!("/sys/fs/bpf/sgtest_{id}"), std::env::temp_dir().join(format!("sgtest-{id}")));
+        let _ = pins.remove_all();
+        pins.create().expect("creating the pin and run directories");
+        Self { pins }
+    }
+
+    /// `--pin-dir DIR --run-dir DIR`, for the `smtpguard` binary.
+    pub fn args(&self) -> Vec<String> {
+        vec!["--pin-dir".into(), self.pins.dir.display().to_string(), "--run-dir".into(), self.pins.run_dir.display().to_string()]
+    }
+
+    /// Runs an operator command of the `smtpguard` binary on these pins:
+    /// its exit code and its output (stdout, then stderr).
+    pub fn cmd(&self, args: &[&str]) -> (i32, String) {
+        let out = std::process::Command::new(crate::smtpguard_bin()).args(args).args(self.args()).output().expect("running smtpguard");
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    }
+}
+
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        let _ = self.pins.remove_all();
     }
 }

@@ -618,6 +618,11 @@ fn check_ban(h: &mut Harness, addr: IpAddr, strikes: u16, duration_s: u32, origi
     Ok(())
 }
 
+/// Cases in the table, as README.md states them ("one table of N cases"):
+/// a case that goes missing, or one added without saying so, fails the
+/// tests below instead of passing silently.
+const CASES: usize = 431;
+
 fn all_cases() -> Vec<Case> {
     let mut cases = other_cases();
     for v6 in [false, true] {
@@ -734,6 +739,7 @@ fn verdict_table_through_every_hook() {
     }
     let mut h = Harness::load().expect("loading the datapath");
     let cases = all_cases();
+    assert_eq!(cases.len(), CASES, "cases in the table");
     let mut failures = Vec::new();
     let (mut judged, mut refused) = (0, 0);
     for hook in Hook::ALL {
@@ -754,4 +760,13 @@ fn verdict_table_through_every_hook() {
         failures.len()
     );
     assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
+    assert_eq!(judged + refused, CASES * Hook::ALL.len(), "every case ran through every hook");
+}
+
+/// Needs no kernel: the table and the README agree on its size.
+#[test]
+fn the_table_holds_the_cases_the_readme_states() {
+    assert_eq!(all_cases().len(), CASES, "cases in the table; update CASES and README.md together");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).expect("README.md");
+    assert!(readme.contains(&format!("one table of {CASES} cases")), "README.md must say the verdict table has {CASES} cases");
 }

@@ -149,8 +149,31 @@ pub const STATS_EVENTS_LOST: u32 = STATS_VERDICT_CELLS;
 pub const STATS_BANS_AUTO: u32 = STATS_VERDICT_CELLS + 1;
 pub const STATS_BANS_ESCALATED: u32 = STATS_VERDICT_CELLS + 2;
 pub const STATS_BANS_MANUAL: u32 = STATS_VERDICT_CELLS + 3;
+/// First of the `STATS` cells (packets only) counting the datapath's
+/// claims of a way in `SOURCES` for a new source, one per [`claim_kind`]:
+/// cell `STATS_CLAIMS + kind`. Their sum is every new source tracked; all
+/// but `FREE` are evictions.
+pub const STATS_CLAIMS: u32 = STATS_VERDICT_CELLS + 4;
 /// Entries of the `STATS` per-CPU array.
-pub const STATS_ENTRIES: u32 = STATS_VERDICT_CELLS + 4;
+pub const STATS_ENTRIES: u32 = STATS_CLAIMS + claim_kind::COUNT as u32;
+
+/// What the way a new source takes in its `SOURCES` set held before:
+/// how full the table is under churn. See [`source::claim_kind_of`].
+pub mod claim_kind {
+    /// An empty way: no eviction.
+    pub const FREE: u8 = 0;
+    /// An unbanned source idle long enough that forgetting it changes
+    /// nothing: no SYN for [`crate::source::STALE_AFTER_S`] and a full
+    /// bucket.
+    pub const STALE: u8 = 1;
+    /// An unbanned source still active: its bucket or ban meter is lost.
+    /// Steady numbers of these mean the table is too small for the churn.
+    pub const LIVE: u8 = 2;
+    /// A banned source (every way of the set was banned): the ban is lost.
+    pub const BAN: u8 = 3;
+    pub const COUNT: usize = 4;
+    pub const NAMES: [&str; COUNT] = ["free", "stale", "live", "ban"];
+}
 
 /// Index of a (direction, country) drop counter in `GEO_DROPS`.
 #[inline(always)]
@@ -161,6 +184,23 @@ pub const fn geo_index(direction: u8, country: u32) -> u32 {
 pub const GEO_DROPS_ENTRIES: u32 = (direction::COUNT * MAX_COUNTRIES) as u32;
 
 /// Settings of the loaded datapath that are not part of a policy generation.
+///
+/// `RUNTIME` is a `BPF_F_MMAPABLE` array: userspace maps it and stores
+/// whole 8-byte words ([`runtime_word`]) with atomic stores, never the
+/// whole value, and each word has exactly one writer, so no writer can
+/// undo another's update with a stale copy. (A read-modify-write of the
+/// whole value through `bpf_map_update_elem` did: a network ban racing a
+/// reload cleared the ban flag, or put back the generation the reload had
+/// flipped away from.) The datapath only reads, each field by one atomic
+/// load of its word. Fields sit in words by writer:
+///
+/// | word | fields | writer |
+/// |---|---|---|
+/// | 0 | `active`, `source_sets` | controller: `activate` flips `active` (a reload); `source_sets` once, when it creates the maps |
+/// | 1 | `drop_sample_one_in`, `events_per_second` | controller: `activate` |
+/// | 2 | `hook_direction` | controller, when it creates the maps (tests: per case) |
+/// | 3 | `cidr_bans` | `smtpguard ban`/`unban` of networks only, under a lock on the pin directory |
+/// | 4..8 | `port_filter` | controller: `install` widens it, after the grace period narrows it |
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Runtime {
@@ -169,40 +209,90 @@ pub struct Runtime {
     pub active: u32,
     /// Sets in `SOURCES`, as the map was created.
     pub source_sets: u32,
-    /// Direction each hook judges by, indexed by [`hook`].
-    pub hook_direction: [u8; hook::COUNT],
-    /// Non-zero while `BAN_V4`/`BAN_V6` hold manual network bans, so an
-    /// empty ban trie costs no lookup.
-    pub cidr_bans: u8,
     /// One drop in this many is offered to the event stream (0: none).
     pub drop_sample_one_in: u32,
     /// Cap on sampled-drop and rate-trip events per second and CPU.
     pub events_per_second: u32,
+    /// Direction each hook judges by, indexed by [`hook`].
+    pub hook_direction: [u8; hook::COUNT],
+    pub _pad0: [u8; 5],
+    /// Non-zero while `BAN_V4`/`BAN_V6` hold manual network bans, so an
+    /// empty ban trie costs no lookup. A word of its own: its writer is
+    /// not the controller.
+    pub cidr_bans: u64,
     /// Bit `port & 255` is set for every port guarded by either direction
     /// of either generation: TCP to a port whose bit is clear leaves
     /// before any policy is read. A superset is always safe.
-    pub port_filter: [u32; PORT_FILTER_WORDS],
+    pub port_filter: [u64; PORT_FILTER_WORDS],
 }
-const _: () = assert!(core::mem::size_of::<Runtime>() == 52);
+const _: () = assert!(core::mem::size_of::<Runtime>() == 8 * runtime_word::COUNT);
 
-pub const PORT_FILTER_WORDS: usize = 8;
+pub const PORT_FILTER_WORDS: usize = 4;
+
+/// The 8-byte words of [`Runtime`], each with one writer (see there).
+/// Words hold their fields in memory order: on the little-endian targets
+/// smtpguard runs on, the first field of a word is its low half.
+pub mod runtime_word {
+    /// `active` (low half), `source_sets` (high half).
+    pub const GENERATION: usize = 0;
+    /// `drop_sample_one_in` (low half), `events_per_second` (high half).
+    pub const EVENTS: usize = 1;
+    /// `hook_direction`: byte `hook` of the word.
+    pub const HOOKS: usize = 2;
+    pub const CIDR_BANS: usize = 3;
+    /// The first of the `port_filter` words.
+    pub const PORT_FILTER: usize = 4;
+    pub const COUNT: usize = 8;
+}
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(Runtime, active) == 8 * runtime_word::GENERATION);
+    assert!(offset_of!(Runtime, source_sets) == 8 * runtime_word::GENERATION + 4);
+    assert!(offset_of!(Runtime, drop_sample_one_in) == 8 * runtime_word::EVENTS);
+    assert!(offset_of!(Runtime, events_per_second) == 8 * runtime_word::EVENTS + 4);
+    assert!(offset_of!(Runtime, hook_direction) == 8 * runtime_word::HOOKS);
+    assert!(offset_of!(Runtime, cidr_bans) == 8 * runtime_word::CIDR_BANS);
+    assert!(offset_of!(Runtime, port_filter) == 8 * runtime_word::PORT_FILTER);
+};
+#[cfg(target_endian = "big")]
+compile_error!("Runtime's words put their first field in the low half: little-endian only");
 
 impl Runtime {
     /// May TCP to `port` be guarded? `false` is certain; `true` may not be.
     #[inline(always)]
     pub fn may_guard(&self, port: u16) -> bool {
-        let bit = port as usize & 255;
-        self.port_filter[bit >> 5] & (1 << (bit & 31)) != 0
+        let (word, bit) = port_filter_bit(port);
+        self.port_filter[word] & bit != 0
+    }
+
+    /// The value as its words, in order.
+    pub fn words(&self) -> [u64; runtime_word::COUNT] {
+        // SAFETY: both are 64 bytes of plain integers; Runtime has no padding
+        // bytes the compiler owns (`_pad0` is a field) and u64 any bit pattern.
+        unsafe { core::mem::transmute::<Self, [u64; runtime_word::COUNT]>(*self) }
+    }
+
+    /// The value whose words these are.
+    pub fn from_words(words: [u64; runtime_word::COUNT]) -> Self {
+        // SAFETY: as in `words`; every bit pattern is a valid Runtime.
+        unsafe { core::mem::transmute::<[u64; runtime_word::COUNT], Self>(words) }
     }
 }
 
+/// The word of [`Runtime::port_filter`] holding `port`'s bit, and the bit.
+#[inline(always)]
+pub const fn port_filter_bit(port: u16) -> (usize, u64) {
+    let bit = port as usize & 255;
+    (bit >> 6, 1 << (bit & 63))
+}
+
 /// The [`Runtime::port_filter`] bits of one policy generation.
-pub fn port_filter(policy: &PolicyConfig) -> [u32; PORT_FILTER_WORDS] {
+pub fn port_filter(policy: &PolicyConfig) -> [u64; PORT_FILTER_WORDS] {
     let mut words = [0; PORT_FILTER_WORDS];
     for dp in &policy.direction {
         for &port in dp.ports.iter().filter(|&&p| p != PORT_UNUSED) {
-            let bit = port as usize & 255;
-            words[bit >> 5] |= 1 << (bit & 31);
+            let (word, bit) = port_filter_bit(port as u16);
+            words[word] |= bit;
         }
     }
     words

@@ -1,7 +1,11 @@
 //! Map names and capacities: the one place both sides take them from.
 //! Names stay within the kernel's 15 characters.
 
-/// `Array<Runtime>`, 1 entry. Writer: controller. Reader: every hook.
+/// `Array<Runtime>`, 1 entry, `BPF_F_MMAPABLE`. Key 0; value: eight 8-byte
+/// words, each with one writer (the table at [`crate::Runtime`]): the
+/// controller for all but `cidr_bans`, whose writer is `smtpguard
+/// ban`/`unban` of networks. Userspace stores single words atomically
+/// through the mapping. Reader: every hook, one atomic load per field.
 pub const RUNTIME: &str = "RUNTIME";
 /// `Array<PolicyConfig>`, one entry per generation. Writer: controller.
 pub const POLICY: &str = "POLICY";
@@ -16,9 +20,17 @@ pub const ACL4_SLOTS: &str = "ACL4_SLOTS";
 pub const ACL4_VALUES: &str = "ACL4_VALUES";
 /// `LpmTrie<AclKeyV6, AclEntry>`: allow, deny and geo folded per prefix.
 pub const ACL_V6: &str = "ACL_V6";
-/// `Array<SourceSet>`: rate buckets and bans per source, shared by all CPUs.
+/// `Array<SourceSet>`, `BPF_F_MMAPABLE`: rate buckets and bans per source,
+/// shared by all CPUs. Key: `source::source_set(key, sets)`; value: 8
+/// ways. Writers: the datapath (claims store the key last; ban words only
+/// by compare-and-swap) and `smtpguard ban`/`unban` (only the source's
+/// own way, with the same protocol, through the mapping). Readers: the
+/// pipeline; the controller and operator commands, in place.
 pub const SOURCES: &str = "SOURCES";
-/// `PerCpuArray<Counter>`, indexed by `stats_index`.
+/// `PerCpuArray<Counter>`, indexed by `stats_index`, then events lost,
+/// bans started by origin and source claims by kind (`STATS_*` in the
+/// crate root). Writer: datapath (the manual-ban cell: `smtpguard ban`,
+/// CPU 0's cell). Reader: controller, summing CPUs.
 pub const STATS: &str = "STATS";
 /// `PerCpuArray<u64>`, drops per (direction, country), indexed by `geo_index`.
 pub const GEO_DROPS: &str = "GEO_DROPS";

@@ -12,8 +12,9 @@
 /// Slots per set.
 pub const WAYS: usize = 8;
 
-/// One tracked source. All fields are updated with atomics or single
-/// stores, so CPUs share one bucket per source.
+/// One tracked source: five 8-byte words, each updated with single
+/// stores or compare-and-swap (never the slot whole), so CPUs share one
+/// bucket per source and userspace can change one way beside them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceSlot {
@@ -80,6 +81,44 @@ pub const fn source_key_v6_words(addr: &[u32; 4]) -> u64 {
 pub const fn source_set(key: u64, sets: u32) -> u32 {
     let h = key.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     (((h >> 32) * sets as u64) >> 32) as u32
+}
+
+const NS_PER_S: u64 = 1_000_000_000;
+
+/// An unbanned source without a SYN for this long has an empty ban meter
+/// (the sliding minute looks back at most two windows): with a full
+/// bucket too, forgetting it changes nothing but its strike count.
+pub const STALE_AFTER_S: u32 = 2 * super::BAN_WINDOW_S;
+
+/// How much a way is worth keeping; a new source takes the way of its set
+/// with the lowest score (the first of equals): a free way, else the
+/// idlest unbanned source, else the ban that ends first, manual bans last.
+/// The datapath and `smtpguard ban` choose by this one ranking.
+#[inline(always)]
+pub const fn eviction_score(key: u64, ban_until_ns: u64, info: u64, now_ns: u64) -> u64 {
+    if key == 0 {
+        0
+    } else if ban_until_ns > now_ns {
+        let rank = if SlotInfo::unpack(info).origin == ban_origin::MANUAL { 3u64 << 62 } else { 1u64 << 62 };
+        rank | (ban_until_ns / NS_PER_S)
+    } else {
+        1 + SlotInfo::unpack(info).last_seen_s as u64
+    }
+}
+
+/// What a way held when a new source took it: a [`crate::claim_kind`].
+#[inline(always)]
+pub const fn claim_kind_of(key: u64, admit_tat_ns: u64, ban_until_ns: u64, info: u64, now_ns: u64) -> u8 {
+    let now_s = (now_ns / NS_PER_S) as u32;
+    if key == 0 {
+        crate::claim_kind::FREE
+    } else if ban_until_ns > now_ns {
+        crate::claim_kind::BAN
+    } else if SlotInfo::unpack(info).last_seen_s.saturating_add(STALE_AFTER_S) <= now_s && admit_tat_ns <= now_ns {
+        crate::claim_kind::STALE
+    } else {
+        crate::claim_kind::LIVE
+    }
 }
 
 /// Result of offering a SYN to a GCRA bucket.
@@ -259,6 +298,29 @@ mod tests {
         assert_eq!(ban_duration_s(3, 900, 2, 3600), 3600);
         assert_eq!(ban_duration_s(9, 900, 2, 3600), 3600);
         assert_eq!(ban_duration_s(5, 900, 1, 0), 900);
+    }
+
+    #[test]
+    fn claims_rank_free_then_idle_then_bans_and_say_what_they_evicted() {
+        use crate::claim_kind::*;
+        let now = 1_000 * NS_PER_S;
+        let seen = |s: u32| SlotInfo { last_seen_s: s, ..SlotInfo::default() }.pack();
+        let manual = SlotInfo { origin: ban_origin::MANUAL, ..SlotInfo::default() }.pack();
+        let free = eviction_score(0, 0, 0, now);
+        let idle = eviction_score(7, 0, seen(500), now);
+        let recent = eviction_score(7, 0, seen(999), now);
+        let ban = eviction_score(7, now + 10 * NS_PER_S, seen(999), now);
+        let longer_ban = eviction_score(7, now + 20 * NS_PER_S, seen(999), now);
+        let manual_ban = eviction_score(7, now + NS_PER_S, manual, now);
+        assert!(free < idle && idle < recent && recent < ban && ban < longer_ban && longer_ban < manual_ban);
+        assert_eq!(claim_kind_of(0, 0, 0, 0, now), FREE);
+        assert_eq!(claim_kind_of(7, 0, 0, seen(1_000 - STALE_AFTER_S), now), STALE);
+        assert_eq!(claim_kind_of(7, 0, 0, seen(1_001 - STALE_AFTER_S), now), LIVE);
+        // Idle, but its bucket is still short of tokens.
+        assert_eq!(claim_kind_of(7, now + 1, 0, seen(0), now), LIVE);
+        // An expired ban is no ban.
+        assert_eq!(claim_kind_of(7, 0, now, seen(0), now), STALE);
+        assert_eq!(claim_kind_of(7, 0, now + 1, seen(0), now), BAN);
     }
 
     #[test]

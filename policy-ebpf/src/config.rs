@@ -3,35 +3,94 @@
 //! by that generation, so a flip of that word is an atomic policy swap.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap},
 };
-use policy_common::{PolicyConfig, Runtime, GENERATIONS, TENANT_IFACES_CAPACITY};
+use policy_common::{port_filter_bit, runtime_word, PolicyConfig, Runtime, GENERATIONS, PORT_FILTER_WORDS, TENANT_IFACES_CAPACITY};
 
-/// Key 0. Writer: controller. Reader: every hook.
+use crate::atomic::Word;
+
+/// Key 0: the [`Runtime`] words. Mmapable: userspace stores single 8-byte
+/// words, each word with one writer (see `Runtime`). Reader: every hook.
 #[map]
-static RUNTIME: Array<Runtime> = Array::with_max_entries(1, 0);
+static RUNTIME: Array<Runtime> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// Key: generation (0, 1). Writer: controller (inactive generation only).
 #[map]
 static POLICY: Array<PolicyConfig> = Array::with_max_entries(GENERATIONS, 0);
 
+/// The runtime settings, read with one atomic load of the field's word
+/// each: userspace stores those words while packets are judged, so no
+/// reference to the value is ever made.
+#[derive(Clone, Copy)]
+pub struct RuntimeView(*mut u8);
+
+/// Byte offset of a [`runtime_word`].
+const fn at(word: usize) -> usize {
+    8 * word
+}
+
+impl RuntimeView {
+    /// The word at byte `OFF` (a constant of the load instruction).
+    #[inline(always)]
+    fn word<const OFF: usize>(self) -> u64 {
+        // SAFETY: the value is `runtime_word::COUNT` aligned words of a live
+        // map value, written only by atomic stores; callers pass in-bounds
+        // word offsets.
+        unsafe { Word::<OFF>::new(self.0) }.load()
+    }
+
+    /// The generation to judge by. Read it exactly once per packet: a
+    /// second read could see a flip and judge the packet by two policies.
+    #[inline(always)]
+    pub fn active(self) -> u32 {
+        self.word::<{ at(runtime_word::GENERATION) }>() as u32
+    }
+
+    #[inline(always)]
+    pub fn source_sets(self) -> u32 {
+        (self.word::<{ at(runtime_word::GENERATION) }>() >> 32) as u32
+    }
+
+    #[inline(always)]
+    pub fn hook_direction(self, hook: usize) -> u8 {
+        (self.word::<{ at(runtime_word::HOOKS) }>() >> (8 * (hook % policy_common::hook::COUNT))) as u8
+    }
+
+    #[inline(always)]
+    pub fn cidr_bans(self) -> bool {
+        self.word::<{ at(runtime_word::CIDR_BANS) }>() != 0
+    }
+
+    #[inline(always)]
+    pub fn drop_sample_one_in(self) -> u32 {
+        self.word::<{ at(runtime_word::EVENTS) }>() as u32
+    }
+
+    #[inline(always)]
+    pub fn events_per_second(self) -> u32 {
+        (self.word::<{ at(runtime_word::EVENTS) }>() >> 32) as u32
+    }
+
+    /// May TCP to `port` be guarded? `false` is certain; `true` may not be.
+    #[inline(always)]
+    pub fn may_guard(self, port: u16) -> bool {
+        let (word, bit) = port_filter_bit(port);
+        // SAFETY: `word` < PORT_FILTER_WORDS, so the load stays in the value.
+        let filter = RuntimeView(unsafe { self.0.add(8 * (word % PORT_FILTER_WORDS)) });
+        filter.word::<{ at(runtime_word::PORT_FILTER) }>() & bit != 0
+    }
+}
+
 #[inline(always)]
-pub fn runtime() -> Option<&'static Runtime> {
-    RUNTIME.get(0)
+pub fn runtime() -> Option<RuntimeView> {
+    RUNTIME.get_ptr_mut(0).map(|p| RuntimeView(p.cast()))
 }
 
 #[inline(always)]
 pub fn policy(generation: u32) -> Option<&'static PolicyConfig> {
     POLICY.get(generation)
-}
-
-/// The generation to judge by, read exactly once per packet (volatile, so
-/// the compiler cannot read the map word again later).
-#[inline(always)]
-pub fn active_generation(runtime: &Runtime) -> u32 {
-    // SAFETY: a valid reference to map memory.
-    unsafe { core::ptr::read_volatile(&runtime.active) }
 }
 
 /// Key: ifindex of a tenant interface. Writer: controller (at attach).

@@ -7,12 +7,13 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use policy_common::{
-    action, blocked_smtp_command, event_kind, hook, mode, profile, reason, verdict, DirectionPolicy,
-    Runtime, PORT_SLOT_UNKNOWN,
+    action, blocked_smtp_command, event_kind, hook, mode, profile, reason, verdict, DirectionPolicy, PORT_SLOT_UNKNOWN,
 };
 
 use crate::{
-    acl, config, events,
+    acl,
+    config::{self, RuntimeView},
+    events,
     frame::Frame,
     parse::{self, outcome, Flow, Ports, Segment, PULL_LEN},
     sources::{self, BanCheck, SynOutcome},
@@ -107,9 +108,9 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
     }
     // Read the generation once: every later step must use this value, or a
     // flip in between would judge the packet by two policies at once.
-    let generation = config::active_generation(runtime);
+    let generation = runtime.active();
     let Some(policy) = config::policy(generation) else { return Verdict::Pass };
-    let dir = runtime.hook_direction[hook];
+    let dir = runtime.hook_direction(hook);
     let Some(dp) = policy.direction.get(dir as usize) else { return Verdict::Pass };
 
     // Written by the parse only for TCP, and read only then.
@@ -138,15 +139,15 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
 }
 
 #[inline(always)]
-fn pipeline<F: Frame>(frame: &F, runtime: &Runtime, generation: u32, dp: &DirectionPolicy, dir: u8, flow: &Flow) -> Outcome {
+fn pipeline<F: Frame>(frame: &F, runtime: RuntimeView, generation: u32, dp: &DirectionPolicy, dir: u8, flow: &Flow) -> Outcome {
     let acl = acl::lookup(flow, generation as u8, dir, dp.acl_sides);
     if acl.allow_rule != 0 {
         return Outcome { rule: acl.allow_rule, ..Outcome::new(action::PASS, reason::ALLOW_ACL) };
     }
 
     let now_ns = now_ns();
-    let mut source = sources::locate(flow, runtime.source_sets);
-    if runtime.cidr_bans != 0 && sources::network_banned(flow, now_ns) {
+    let mut source = sources::locate(flow, runtime.source_sets());
+    if runtime.cidr_bans() && sources::network_banned(flow, now_ns) {
         return Outcome::new(action::DROP, reason::BANNED);
     }
     match sources::check_ban(&source, now_ns) {
@@ -220,7 +221,7 @@ fn drop_verdict(dp: &DirectionPolicy) -> u8 {
 /// The one exit for counted packets.
 #[inline(always)]
 fn finish(
-    runtime: &Runtime,
+    runtime: RuntimeView,
     dp: &DirectionPolicy,
     dir: u8,
     flow: Option<&Flow>,
@@ -237,7 +238,7 @@ fn finish(
         stats::record_geo_drop(dir, outcome.country);
     }
     if let Some(flow) = flow {
-        if runtime.drop_sample_one_in != 0 {
+        if runtime.drop_sample_one_in() != 0 {
             let now_ns = now_ns();
             if events::sample_drop(runtime, now_ns) {
                 let mut e = events::about(flow, event_kind::DROP_SAMPLE, now_ns, dir);

@@ -7,9 +7,9 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use policy_common::{Event, EventBudget, Runtime, EVENTS_BYTES};
+use policy_common::{Event, EventBudget, EVENTS_BYTES};
 
-use crate::{parse::Flow, stats};
+use crate::{config::RuntimeView, parse::Flow, stats};
 
 /// Writer: datapath. Reader: controller.
 #[map]
@@ -54,8 +54,8 @@ pub fn emit(event: &Event) {
 
 /// Spends a token of this CPU's event budget.
 #[inline(always)]
-pub fn take_budget(runtime: &Runtime, now_ns: u64) -> bool {
-    let rate = runtime.events_per_second as u64;
+pub fn take_budget(runtime: RuntimeView, now_ns: u64) -> bool {
+    let rate = runtime.events_per_second() as u64;
     let Some(b) = EVENT_BUDGET.get_ptr_mut(0) else { return false };
     // SAFETY: per-CPU value; programs do not migrate while running.
     let b = unsafe { &mut *b };
@@ -75,7 +75,7 @@ pub fn take_budget(runtime: &Runtime, now_ns: u64) -> bool {
 
 /// One drop in `drop_sample_one_in` is offered to the budget.
 #[inline(always)]
-pub fn sample_drop(runtime: &Runtime, now_ns: u64) -> bool {
-    let one_in = runtime.drop_sample_one_in;
+pub fn sample_drop(runtime: RuntimeView, now_ns: u64) -> bool {
+    let one_in = runtime.drop_sample_one_in();
     one_in != 0 && unsafe { bpf_get_prandom_u32() } % one_in == 0 && take_budget(runtime, now_ns)
 }

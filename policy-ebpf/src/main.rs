@@ -7,6 +7,8 @@
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
+// Inline assembly for unaligned packet loads (frame::load).
+#![feature(asm_experimental_arch)]
 #![expect(internal_features, reason = "atomic_cxchg: the BPF target has no stable CAS")]
 
 mod acl;

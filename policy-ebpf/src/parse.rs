@@ -11,7 +11,24 @@ use core::mem::MaybeUninit;
 
 use policy_common::{MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS};
 
-use crate::frame::{ptr_at, Frame};
+use crate::frame::{load, ptr_at, Frame};
+
+/// Loads field `$field` (or element `$field[$i]`) of the header `$ty`
+/// behind `$h`, a pointer [`ptr_at`] returned, as a `$width` (u8, u16 or
+/// u32) with one [`load`] at its offset. The closure, never called, makes
+/// the compiler check that the field has that type.
+macro_rules! field {
+    ($width:ident, $h:expr, $ty:ty, $($field:ident).+) => {{
+        let _: fn(&$ty) -> $width = |t| t.$($field).+;
+        // SAFETY: `$h` passed `ptr_at`'s bounds check for a whole `$ty`.
+        unsafe { load::$width::<{ core::mem::offset_of!($ty, $($field).+) }>($h.cast::<u8>()) }
+    }};
+    ($width:ident, $h:expr, $ty:ty, $field:ident[$i:literal]) => {{
+        let _: fn(&$ty) -> $width = |t| t.$field[$i];
+        // SAFETY: as above.
+        unsafe { load::$width::<{ core::mem::offset_of!($ty, $field) + $i * core::mem::size_of::<$width>() }>($h.cast::<u8>()) }
+    }};
+}
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -92,13 +109,8 @@ impl Ports {
     }
 }
 
-/// The header `T` at `offset`, after one bounds check for all of it.
-///
-/// Packet fields are not always aligned for their type (an IPv4 address
-/// after an odd number of VLAN tags is only 2-byte aligned). The verifier
-/// and the JIT accept such loads on the architectures smtpguard targets,
-/// as in C XDP programs; declaring them unaligned would make LLVM split
-/// every field into byte loads.
+/// The header `T` at `offset`, after one bounds check for all of it. Read
+/// its fields with `field!`: the pointer may be misaligned for `T`.
 #[inline(always)]
 fn header<F: Frame, T>(frame: &F, offset: usize) -> Option<*const T> {
     if offset > HEADER_SPAN {
@@ -108,20 +120,26 @@ fn header<F: Frame, T>(frame: &F, offset: usize) -> Option<*const T> {
     unsafe { ptr_at::<F, T>(frame, offset) }
 }
 
-#[repr(C)]
+// Header layouts, packed: a layout's alignment is 1 like the packet's,
+// and its fields sit at their wire offsets with no padding. Only `field!`
+// reads them (sizes for bounds checks, offsets for loads).
+
+#[repr(C, packed)]
 struct EthHdr {
     dst: [u8; 6],
     src: [u8; 6],
     ethertype: u16,
 }
+const _: () = assert!(core::mem::size_of::<EthHdr>() == 14);
 
-#[repr(C)]
+#[repr(C, packed)]
 struct VlanTag {
     tci: u16,
     ethertype: u16,
 }
+const _: () = assert!(core::mem::size_of::<VlanTag>() == 4);
 
-#[repr(C)]
+#[repr(C, packed)]
 struct Ipv4Hdr {
     ver_ihl: u8,
     tos: u8,
@@ -134,41 +152,47 @@ struct Ipv4Hdr {
     src: u32,
     dst: u32,
 }
+const _: () = assert!(core::mem::size_of::<Ipv4Hdr>() == 20);
 
-#[repr(C)]
+#[repr(C, packed)]
 struct Ipv6Hdr {
-    ver_class_flow: u32,
+    /// Version (high nibble) and the traffic class's first half.
+    ver_class: u8,
+    class_flow: [u8; 3],
     payload_len: u16,
     next: u8,
     hop_limit: u8,
     src: [u32; 4],
     dst: [u32; 4],
 }
+const _: () = assert!(core::mem::size_of::<Ipv6Hdr>() == 40);
 
 /// The first bytes shared by hop-by-hop, routing and destination options.
-#[repr(C)]
+#[repr(C, packed)]
 struct Ipv6Ext {
     next: u8,
     len: u8,
 }
 
-#[repr(C)]
+#[repr(C, packed)]
 struct Ipv6Frag {
     next: u8,
     reserved: u8,
     offset_flags: u16,
     id: u32,
 }
+const _: () = assert!(core::mem::size_of::<Ipv6Frag>() == 8);
 
-#[repr(C)]
+#[repr(C, packed)]
 struct TcpPorts {
     sport: u16,
     dport: u16,
 }
 
-#[repr(C)]
+#[repr(C, packed)]
 struct TcpHdr {
-    ports: TcpPorts,
+    sport: u16,
+    dport: u16,
     seq: u32,
     ack: u32,
     offset: u8,
@@ -177,14 +201,13 @@ struct TcpHdr {
     check: u16,
     urgent: u16,
 }
+const _: () = assert!(core::mem::size_of::<TcpHdr>() == 20);
 
 /// The common frame, read at fixed offsets: untagged IPv4 without
 /// options, then the TCP ports.
-/// Only 2-byte fields (`Ipv4Hdr` would be 4-aligned, after padding).
-#[repr(C)]
+#[repr(C, packed)]
 struct PlainTcp4 {
-    macs: [u16; 6],
-    ethertype: u16,
+    eth: EthHdr,
     ver_ihl: u8,
     tos: u8,
     total_len: u16,
@@ -193,7 +216,8 @@ struct PlainTcp4 {
     ttl: u8,
     protocol: u8,
     check: u16,
-    addrs: [u16; 4],
+    src: u32,
+    dst: u32,
     sport: u16,
     dport: u16,
 }
@@ -214,29 +238,26 @@ pub mod plain {
 pub fn plain<F: Frame>(frame: &F) -> u32 {
     // SAFETY: ptr_at checks that the whole struct is readable.
     let Some(h) = (unsafe { ptr_at::<F, PlainTcp4>(frame, 0) }) else { return plain::OTHER };
-    // SAFETY (all reads below): the pointer passed its bounds check.
-    let (ethertype, ver_ihl, protocol) = unsafe { ((*h).ethertype, (*h).ver_ihl, (*h).protocol) };
+    let (ethertype, ver_ihl, protocol) = (field!(u16, h, PlainTcp4, eth.ethertype), field!(u8, h, PlainTcp4, ver_ihl), field!(u8, h, PlainTcp4, protocol));
     if ethertype != ETH_P_IPV4.to_be() || ver_ihl != 0x45 {
         return plain::OTHER;
     }
     if protocol != IPPROTO_TCP {
         return plain::NOT_TCP;
     }
-    if u16::from_be(unsafe { (*h).frag }) & 0x1fff != 0 {
+    if u16::from_be(field!(u16, h, PlainTcp4, frag)) & 0x1fff != 0 {
         return plain::OTHER;
     }
-    u16::from_be(unsafe { (*h).dport }) as u32
+    u16::from_be(field!(u16, h, PlainTcp4, dport)) as u32
 }
 
 /// [`PlainTcp4`] followed by the rest of a TCP header without options'
 /// worth: what a SYN is.
-#[repr(C)]
+#[repr(C, packed)]
 struct PlainSegment4 {
-    head: PlainTcp4,
-    seq_ack: [u16; 4],
-    offset: u8,
-    flags: u8,
-    window_check_urgent: [u16; 3],
+    eth: EthHdr,
+    ip: Ipv4Hdr,
+    tcp: TcpHdr,
 }
 const _: () = assert!(core::mem::size_of::<PlainSegment4>() == 54);
 
@@ -248,21 +269,22 @@ const _: () = assert!(core::mem::size_of::<PlainSegment4>() == 54);
 pub fn plain_flow<F: Frame>(frame: &F, port_slot: usize, flow: &mut MaybeUninit<Flow>) -> u8 {
     // SAFETY: ptr_at checks that the whole struct is readable.
     let Some(h) = (unsafe { ptr_at::<F, PlainSegment4>(frame, 0) }) else { return outcome::SHORT };
-    // SAFETY: the pointer passed its bounds check.
-    let (total_len, a, sport, dport, offset, flags) = unsafe {
-        let p = &(*h).head;
-        (u16::from_be(p.total_len) as usize, p.addrs, u16::from_be(p.sport), u16::from_be(p.dport), (*h).offset, (*h).flags)
-    };
+    let (total_len, addrs, sport, dport, offset, flags) = (
+        u16::from_be(field!(u16, h, PlainSegment4, ip.total_len)) as usize,
+        (field!(u32, h, PlainSegment4, ip.src), field!(u32, h, PlainSegment4, ip.dst)),
+        u16::from_be(field!(u16, h, PlainSegment4, tcp.sport)),
+        u16::from_be(field!(u16, h, PlainSegment4, tcp.dport)),
+        field!(u8, h, PlainSegment4, tcp.offset),
+        field!(u8, h, PlainSegment4, tcp.flags),
+    );
     let header_len = ((offset >> 4) as usize) * 4;
     if total_len < 20 || header_len < 20 || total_len - 20 < header_len || 34 + header_len > frame.wire_len() as usize {
         return outcome::MALFORMED;
     }
-    // Two 2-byte loads in memory order make the address word (little-endian target).
-    let word = |lo: u16, hi: u16| lo as u32 | (hi as u32) << 16;
     flow.write(Flow {
         seg: Segment { v6: false, l3: 14, l4: 34, len: total_len - 20, sport, dport },
-        src: [word(a[0], a[1]), 0, 0, 0],
-        dst: [word(a[2], a[3]), 0, 0, 0],
+        src: [addrs.0, 0, 0, 0],
+        dst: [addrs.1, 0, 0, 0],
         port_slot,
         syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
         payload_offset: 34 + header_len,
@@ -275,15 +297,14 @@ pub fn plain_flow<F: Frame>(frame: &F, port_slot: usize, flow: &mut MaybeUninit<
 #[inline(always)]
 pub fn ports<F: Frame>(frame: &F) -> Ports {
     let Some(eth) = header::<F, EthHdr>(frame, 0) else { return Ports::only(outcome::SHORT) };
-    // SAFETY (all header reads below): the pointer passed its bounds check.
-    let mut ethertype = u16::from_be(unsafe { (*eth).ethertype });
+    let mut ethertype = u16::from_be(field!(u16, eth, EthHdr, ethertype));
     let mut offset = 14;
     for _ in 0..MAX_VLAN_TAGS {
         if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
             break;
         }
         let Some(tag) = header::<F, VlanTag>(frame, offset) else { return Ports::only(outcome::SHORT) };
-        ethertype = u16::from_be(unsafe { (*tag).ethertype });
+        ethertype = u16::from_be(field!(u16, tag, VlanTag, ethertype));
         offset += 4;
     }
     match ethertype {
@@ -298,7 +319,12 @@ pub fn ports<F: Frame>(frame: &F) -> Ports {
 fn ipv4<F: Frame>(frame: &F, l3: usize) -> Ports {
     let Some(ip) = header::<F, Ipv4Hdr>(frame, l3) else { return Ports::only(outcome::SHORT) };
     let (ver_ihl, protocol, total_len, frag) =
-        unsafe { ((*ip).ver_ihl, (*ip).protocol, u16::from_be((*ip).total_len) as usize, u16::from_be((*ip).frag)) };
+        (
+            field!(u8, ip, Ipv4Hdr, ver_ihl),
+            field!(u8, ip, Ipv4Hdr, protocol),
+            u16::from_be(field!(u16, ip, Ipv4Hdr, total_len)) as usize,
+            u16::from_be(field!(u16, ip, Ipv4Hdr, frag)),
+        );
     if protocol != IPPROTO_TCP {
         return Ports::only(outcome::NOT_TCP);
     }
@@ -316,7 +342,7 @@ fn ipv4<F: Frame>(frame: &F, l3: usize) -> Ports {
 fn ipv6<F: Frame>(frame: &F, l3: usize) -> Ports {
     let Some(ip) = header::<F, Ipv6Hdr>(frame, l3) else { return Ports::only(outcome::SHORT) };
     let (first, payload_len, mut next) =
-        unsafe { ((*ip).ver_class_flow.to_ne_bytes()[0], u16::from_be((*ip).payload_len) as usize, (*ip).next) };
+        (field!(u8, ip, Ipv6Hdr, ver_class), u16::from_be(field!(u16, ip, Ipv6Hdr, payload_len)) as usize, field!(u8, ip, Ipv6Hdr, next));
     if first >> 4 != 6 {
         return Ports::only(outcome::MALFORMED);
     }
@@ -325,13 +351,13 @@ fn ipv6<F: Frame>(frame: &F, l3: usize) -> Ports {
         match next {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
                 let Some(h) = header::<F, Ipv6Ext>(frame, offset) else { return Ports::only(outcome::SHORT) };
-                let (n, len) = unsafe { ((*h).next, (*h).len) };
+                let (n, len) = (field!(u8, h, Ipv6Ext, next), field!(u8, h, Ipv6Ext, len));
                 next = n;
                 offset += (len as usize + 1) * 8;
             }
             IPV6_FRAGMENT => {
                 let Some(h) = header::<F, Ipv6Frag>(frame, offset) else { return Ports::only(outcome::SHORT) };
-                let (n, frag) = unsafe { ((*h).next, u16::from_be((*h).offset_flags)) };
+                let (n, frag) = (field!(u8, h, Ipv6Frag, next), u16::from_be(field!(u16, h, Ipv6Frag, offset_flags)));
                 next = n;
                 if frag >> 3 != 0 {
                     return Ports::only(if next == IPPROTO_TCP { outcome::FRAGMENT } else { outcome::NOT_TCP });
@@ -356,7 +382,7 @@ fn ipv6<F: Frame>(frame: &F, l3: usize) -> Ports {
 #[inline(always)]
 fn tcp_ports<F: Frame>(frame: &F, v6: bool, l3: usize, l4: usize, len: usize) -> Ports {
     let Some(p) = header::<F, TcpPorts>(frame, l4) else { return Ports::only(outcome::SHORT) };
-    let (sport, dport) = unsafe { (u16::from_be((*p).sport), u16::from_be((*p).dport)) };
+    let (sport, dport) = (u16::from_be(field!(u16, p, TcpPorts, sport)), u16::from_be(field!(u16, p, TcpPorts, dport)));
     Ports { outcome: outcome::TCP, seg: Segment { v6, l3, l4, len, sport, dport } }
 }
 
@@ -367,7 +393,7 @@ fn tcp_ports<F: Frame>(frame: &F, v6: bool, l3: usize, l4: usize, len: usize) ->
 #[inline(always)]
 pub fn rest<F: Frame>(frame: &F, seg: Segment, port_slot: usize, flow: &mut MaybeUninit<Flow>) -> u8 {
     let Some(tcp) = header::<F, TcpHdr>(frame, seg.l4) else { return outcome::SHORT };
-    let (offset, flags) = unsafe { ((*tcp).offset, (*tcp).flags) };
+    let (offset, flags) = (field!(u8, tcp, TcpHdr, offset), field!(u8, tcp, TcpHdr, flags));
     let header_len = ((offset >> 4) as usize) * 4;
     // The whole TCP header must be in the frame, options included.
     if header_len < 20 || seg.len < header_len || seg.l4 + header_len > frame.wire_len() as usize {
@@ -375,10 +401,12 @@ pub fn rest<F: Frame>(frame: &F, seg: Segment, port_slot: usize, flow: &mut Mayb
     }
     let (src, dst) = if seg.v6 {
         let Some(ip) = header::<F, Ipv6Hdr>(frame, seg.l3) else { return outcome::SHORT };
-        unsafe { ((*ip).src, (*ip).dst) }
+        let src = [field!(u32, ip, Ipv6Hdr, src[0]), field!(u32, ip, Ipv6Hdr, src[1]), field!(u32, ip, Ipv6Hdr, src[2]), field!(u32, ip, Ipv6Hdr, src[3])];
+        let dst = [field!(u32, ip, Ipv6Hdr, dst[0]), field!(u32, ip, Ipv6Hdr, dst[1]), field!(u32, ip, Ipv6Hdr, dst[2]), field!(u32, ip, Ipv6Hdr, dst[3])];
+        (src, dst)
     } else {
         let Some(ip) = header::<F, Ipv4Hdr>(frame, seg.l3) else { return outcome::SHORT };
-        unsafe { ([(*ip).src, 0, 0, 0], [(*ip).dst, 0, 0, 0]) }
+        ([field!(u32, ip, Ipv4Hdr, src), 0, 0, 0], [field!(u32, ip, Ipv4Hdr, dst), 0, 0, 0])
     };
     flow.write(Flow {
         seg,

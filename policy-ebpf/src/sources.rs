@@ -7,36 +7,41 @@
 //! source is flooding anyway. The ban meter and bookkeeping use plain
 //! stores (see `on_syn`).
 
+use core::{mem::offset_of, ptr::addr_of_mut};
+
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{lpm_trie::Key, Array, LpmTrie},
 };
 use policy_common::{
     source::{
-        ban_duration_s, ban_origin, gcra_admit, sets_for, slot_flag, source_key_v4_word, source_key_v6_words,
-        source_set, Admit, SlotInfo, SourceSet, SourceSlot, Window, WAYS,
+        ban_duration_s, ban_origin, claim_kind_of, eviction_score, gcra_admit, sets_for, slot_flag, source_key_v4_word,
+        source_key_v6_words, source_set, Admit, SlotInfo, SourceSet, SourceSlot, Window, WAYS,
     },
     DirectionPolicy, BAN_CIDR_CAPACITY, DEFAULT_SOURCE_CAPACITY,
 };
 
-use crate::{atomic::Word, opaque::opaque, parse::Flow};
+use crate::{atomic::Word, opaque::opaque, parse::Flow, stats};
 
 /// Key: `source_set(source key)`; 8 ways per set. Writer: datapath (SYNs,
-/// expiries) and controller (manual bans). Capacity set at load time.
+/// expiries) and `smtpguard ban`/`unban` (one way, through the mapping,
+/// with the protocol below). Capacity set at load time. Mmapable: the
+/// controller reads it in place for metrics and `bans`.
+///
+/// Protocol per way: a claim stores the bucket, meter, ban and info words,
+/// then the key last; `ban_until_ns` changes only by compare-and-swap
+/// (start, expiry, manual ban and unban), so no writer undoes another's
+/// ban with a stale value; the meter and info are plain stores.
 #[map]
-static SOURCES: Array<SourceSet> = Array::with_max_entries(sets_for(DEFAULT_SOURCE_CAPACITY), 0);
+static SOURCES: Array<SourceSet> = Array::with_max_entries(sets_for(DEFAULT_SOURCE_CAPACITY), BPF_F_MMAPABLE);
 
 const CAS_TRIES: usize = 4;
 const NS_PER_S: u64 = 1_000_000_000;
 
-#[inline(always)]
-fn word(field: &u64) -> Word {
-    Word::of(field)
-}
-
 /// Applies `f` atomically; `None` from `f` leaves the word alone.
 #[inline(always)]
-fn update(w: Word, mut f: impl FnMut(u64) -> Option<u64>) -> Option<u64> {
+fn update<const OFF: usize>(w: Word<OFF>, mut f: impl FnMut(u64) -> Option<u64>) -> Option<u64> {
     for _ in 0..CAS_TRIES {
         let old = w.load();
         let new = f(old)?;
@@ -47,20 +52,60 @@ fn update(w: Word, mut f: impl FnMut(u64) -> Option<u64>) -> Option<u64> {
     None
 }
 
+/// One way of a set in `SOURCES`, by raw pointer: other CPUs and userspace
+/// write its words while a program runs.
+#[derive(Clone, Copy)]
+struct Slot(*mut SourceSlot);
+
+impl Slot {
+    /// Way `way % WAYS` of the set at `set`, a pointer `get_ptr_mut` gave.
+    #[inline(always)]
+    fn of(set: *mut SourceSet, way: u32) -> Self {
+        // SAFETY: `set` points to a live map value; the index is in bounds.
+        Self(unsafe { addr_of_mut!((*set).slots[way as usize % WAYS]) })
+    }
+
+    // SAFETY (each word below): an aligned u64 field of a live map value,
+    // accessed only atomically (see `Word::new`).
+    #[inline(always)]
+    fn key(self) -> Word<{ offset_of!(SourceSlot, key) }> {
+        unsafe { Word::new(self.0.cast()) }
+    }
+
+    #[inline(always)]
+    fn admit_tat(self) -> Word<{ offset_of!(SourceSlot, admit_tat_ns) }> {
+        unsafe { Word::new(self.0.cast()) }
+    }
+
+    #[inline(always)]
+    fn window(self) -> Word<{ offset_of!(SourceSlot, window) }> {
+        unsafe { Word::new(self.0.cast()) }
+    }
+
+    #[inline(always)]
+    fn ban_until(self) -> Word<{ offset_of!(SourceSlot, ban_until_ns) }> {
+        unsafe { Word::new(self.0.cast()) }
+    }
+
+    #[inline(always)]
+    fn info(self) -> Word<{ offset_of!(SourceSlot, info) }> {
+        unsafe { Word::new(self.0.cast()) }
+    }
+}
+
 /// A flow's source: its key, its set, and the way it holds (`tracked`) or
 /// would take if it were new.
 pub struct Source {
     key: u64,
-    set: Option<&'static SourceSet>,
+    set: Option<*mut SourceSet>,
     way: u32,
     tracked: bool,
 }
 
 impl Source {
     #[inline(always)]
-    fn slot(&self) -> Option<&'static SourceSlot> {
-        let set = self.set?;
-        Some(&set.slots[(self.way as usize) % WAYS])
+    fn slot(&self) -> Option<Slot> {
+        Some(Slot::of(self.set?, self.way))
     }
 }
 
@@ -70,44 +115,51 @@ impl Source {
 #[inline(always)]
 pub fn locate(flow: &Flow, sets: u32) -> Source {
     let key = if flow.seg.v6 { source_key_v6_words(&flow.src) } else { source_key_v4_word(flow.src[0]) };
-    let set = SOURCES.get(source_set(key, sets));
-    let mut way = 0;
-    let mut tracked = false;
-    if let Some(set) = set {
-        for i in 0..WAYS {
-            if word(&set.slots[i].key).load() == key {
-                way = i as u32;
-                tracked = true;
-                break;
-            }
-        }
-    }
-    Source { key, set, way: opaque(way as u64) as u32, tracked }
+    let set = SOURCES.get_ptr_mut(source_set(key, sets));
+    let found = match set {
+        Some(set) => find_way(set, key),
+        None => None,
+    };
+    Source { key, set, way: opaque(found.unwrap_or(0) as u64) as u32, tracked: found.is_some() }
 }
 
-/// The way a new source takes: a free way, else the idlest unbanned
-/// source, else the ban that ends first; manual bans go last.
+/// The way of `set` holding `key`. Each way's key is loaded at a constant
+/// offset from the set (way `i` at `i * size_of::<SourceSlot>()`), so the
+/// search is one load and one compare per way, as in a plain struct read.
 #[inline(always)]
-fn victim(set: &SourceSet, now_ns: u64) -> u32 {
+fn find_way(set: *mut SourceSet, key: u64) -> Option<u32> {
+    const SLOT: usize = size_of::<SourceSlot>();
+    macro_rules! ways {
+        ($($way:literal)*) => {
+            $(
+                // SAFETY: way `$way` < WAYS of a live set, its key an aligned,
+                // atomically accessed word.
+                if unsafe { Word::<{ $way * SLOT + offset_of!(SourceSlot, key) }>::new(set.cast()) }.load() == key {
+                    return Some($way);
+                }
+            )*
+        };
+    }
+    ways!(0 1 2 3 4 5 6 7);
+    const _: () = assert!(WAYS == 8, "find_way lists every way");
+    None
+}
+
+/// The way a new source takes: the lowest [`eviction_score`] (a free way,
+/// else the idlest unbanned source, else the ban that ends first; manual
+/// bans go last).
+#[inline(always)]
+fn victim(set: *mut SourceSet, now_ns: u64) -> u32 {
     let mut way = 0;
     let mut best = u64::MAX;
-    for i in 0..WAYS {
-        let s = &set.slots[i];
-        let score = if word(&s.key).load() == 0 {
-            0
-        } else {
-            let until = word(&s.ban_until_ns).load();
-            if until > now_ns {
-                let info = SlotInfo::unpack(word(&s.info).load());
-                let rank = if info.origin == ban_origin::MANUAL { 3u64 << 62 } else { 1u64 << 62 };
-                rank | (until / NS_PER_S)
-            } else {
-                1 + SlotInfo::unpack(word(&s.info).load()).last_seen_s as u64
-            }
-        };
+    for i in 0..WAYS as u32 {
+        let s = Slot::of(set, i);
+        let key = s.key().load();
+        // A free way needs no more loads.
+        let score = if key == 0 { 0 } else { eviction_score(key, s.ban_until().load(), s.info().load(), now_ns) };
         if score < best {
             best = score;
-            way = i as u32;
+            way = i;
         }
     }
     opaque(way as u64) as u32
@@ -127,7 +179,7 @@ pub fn check_ban(source: &Source, now_ns: u64) -> BanCheck {
         return BanCheck::Clear;
     }
     let Some(slot) = source.slot() else { return BanCheck::Clear };
-    let ban = word(&slot.ban_until_ns);
+    let ban = slot.ban_until();
     let until = ban.load();
     if until == 0 {
         BanCheck::Clear
@@ -159,14 +211,18 @@ pub fn network_banned(flow: &Flow, now_ns: u64) -> bool {
     until.is_some_and(|u| u > now_ns)
 }
 
-/// Gives the source its chosen way, evicting whoever held it.
+/// Gives the source its chosen way, evicting whoever held it, and counts
+/// what the way held (a `claim_kind`). The key is stored last, so a CPU
+/// that finds it finds the other words reset.
 #[inline(always)]
-fn claim(slot: &SourceSlot, key: u64, now_s: u32) {
-    word(&slot.admit_tat_ns).store(0);
-    word(&slot.window).store(0);
-    word(&slot.ban_until_ns).store(0);
-    word(&slot.info).store(SlotInfo { last_seen_s: now_s, ..SlotInfo::default() }.pack());
-    word(&slot.key).store(key);
+fn claim(slot: Slot, key: u64, now_ns: u64) {
+    let kind = claim_kind_of(slot.key().load(), slot.admit_tat().load(), slot.ban_until().load(), slot.info().load(), now_ns);
+    slot.admit_tat().store(0);
+    slot.window().store(0);
+    slot.ban_until().store(0);
+    slot.info().store(SlotInfo { last_seen_s: (now_ns / NS_PER_S) as u32, ..SlotInfo::default() }.pack());
+    slot.key().store(key);
+    stats::record_claim(kind);
 }
 
 pub enum SynOutcome {
@@ -188,17 +244,17 @@ pub fn on_syn(source: &mut Source, policy: &DirectionPolicy, now_ns: u64) -> Syn
     if !source.tracked {
         source.way = victim(set, now_ns);
         let Some(slot) = source.slot() else { return SynOutcome::Admitted };
-        claim(slot, source.key, now_s);
+        claim(slot, source.key, now_ns);
         source.tracked = true;
     }
     let Some(slot) = source.slot() else { return SynOutcome::Admitted };
-    let info_word = word(&slot.info);
+    let info_word = slot.info();
 
     if policy.ban_threshold != 0 {
         // The meter is a plain read-modify-write: a race between CPUs can
         // lose a count, which delays a ban by a SYN; a CAS here would cost
         // every SYN a locked instruction.
-        let meter = word(&slot.window);
+        let meter = slot.window();
         let window = Window::unpack(meter.load()).record(now_s);
         meter.store(window.pack());
         let count = window.estimate(now_s);
@@ -208,7 +264,7 @@ pub fn on_syn(source: &mut Source, policy: &DirectionPolicy, now_ns: u64) -> Syn
             let duration_s =
                 ban_duration_s(strikes, policy.ban_base_s, policy.ban_factor, policy.ban_max_s);
             let until = now_ns + duration_s as u64 * NS_PER_S;
-            let ban = word(&slot.ban_until_ns);
+            let ban = slot.ban_until();
             let old = ban.load();
             if old > now_ns || !ban.cas(old, until) {
                 return SynOutcome::Banned;
@@ -217,13 +273,13 @@ pub fn on_syn(source: &mut Source, policy: &DirectionPolicy, now_ns: u64) -> Syn
             info_word.store(
                 SlotInfo { strikes: strikes as u16, origin, flags: 0, last_seen_s: now_s }.pack(),
             );
-            word(&slot.window).store(0);
+            slot.window().store(0);
             return SynOutcome::BanStarted { count, duration_s, strikes };
         }
     }
 
     let admitted = policy.rate_interval_ns == 0
-        || update(word(&slot.admit_tat_ns), |tat| {
+        || update(slot.admit_tat(), |tat| {
             match gcra_admit(tat, now_ns, policy.rate_interval_ns, policy.rate_tolerance_ns) {
                 Admit::Accept(next) => Some(next),
                 Admit::Reject => None,

@@ -4,12 +4,12 @@ use aya_ebpf::{macros::map, maps::PerCpuArray};
 
 use crate::opaque::opaque;
 use policy_common::{
-    geo_index, stats_index, Counter, GEO_DROPS_ENTRIES, STATS_BANS_AUTO, STATS_BANS_ESCALATED, STATS_ENTRIES,
-    STATS_EVENTS_LOST,
+    claim_kind, geo_index, stats_index, Counter, GEO_DROPS_ENTRIES, STATS_BANS_AUTO, STATS_BANS_ESCALATED, STATS_CLAIMS,
+    STATS_ENTRIES, STATS_EVENTS_LOST,
 };
 
 /// Key: `stats_index(direction, verdict, reason, port slot)`, plus the
-/// events-lost cell. Writer: datapath. Reader: controller (sums CPUs).
+/// events-lost, ban-origin and source-claim cells. Writer: datapath. Reader: controller (sums CPUs).
 #[map]
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 
@@ -45,6 +45,16 @@ pub fn record_geo_drop(direction: u8, country: u32) {
 #[inline(always)]
 pub fn record_ban(escalated: bool) {
     let cell = if escalated { STATS_BANS_ESCALATED } else { STATS_BANS_AUTO };
+    if let Some(c) = STATS.get_ptr_mut(cell) {
+        // SAFETY: as in `record`.
+        unsafe { (*c).packets += 1 }
+    }
+}
+
+/// Counts a new source given a way in `SOURCES`, by what the way held.
+#[inline(always)]
+pub fn record_claim(kind: u8) {
+    let cell = STATS_CLAIMS + (kind as u32 % claim_kind::COUNT as u32);
     if let Some(c) = STATS.get_ptr_mut(cell) {
         // SAFETY: as in `record`.
         unsafe { (*c).packets += 1 }

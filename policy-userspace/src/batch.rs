@@ -1,4 +1,4 @@
-//! BPF_MAP_UPDATE_BATCH / BPF_MAP_DELETE_BATCH, which aya 0.14 does not
+//! BPF_MAP_LOOKUP_BATCH, BPF_MAP_UPDATE_BATCH and BPF_MAP_DELETE_BATCH, which aya 0.14 does not
 //! wrap: one syscall per chunk instead of one per entry, the difference
 //! between seconds and a fraction of one when a policy holds a million
 //! prefixes. Keys and values are passed as packed byte arrays.
@@ -50,14 +50,6 @@ fn run(cmd: libc::c_long, fd: RawFd, keys: &[u8], values: Option<&[u8]>, count: 
 pub fn bytes_of<T: aya::Pod>(v: &T) -> &[u8] {
     // SAFETY: Pod types have no padding and any bit pattern is valid.
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
-}
-
-/// Every value of an array map, in index order: a few syscalls instead of
-/// one per entry (the source table has 163,840 sets by default).
-pub fn array_values<T: aya::Pod>(fd: RawFd, entries: u32) -> std::io::Result<Vec<T>> {
-    let mut out: Vec<T> = Vec::with_capacity(entries as usize);
-    for_each_chunk(fd, entries, 1, |chunk: &[T]| out.extend_from_slice(chunk))?;
-    Ok(out)
 }
 
 /// Every cell of a per-CPU array map, summed over `cpus` (the kernel's

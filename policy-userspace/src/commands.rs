@@ -205,22 +205,30 @@ fn ban_target(s: &str) -> anyhow::Result<BanTarget> {
     })
 }
 
-pub fn ban(pins: &crate::pins::Pins, source: &str, duration: &str, reason: Option<&str>) -> anyhow::Result<()> {
+/// `smtpguard ban`. `duration` comes from [`time::parse_ban_duration`];
+/// a network wider than the limits of [`crate::ops::check_network_ban`]
+/// takes `force`. Every refusal leaves the pinned state as it was.
+pub fn ban(pins: &crate::pins::Pins, source: &str, duration: std::time::Duration, force: bool, reason: Option<&str>) -> anyhow::Result<()> {
     let target = ban_target(source)?;
-    let secs = time::parse_duration(duration).ok_or_else(|| anyhow::anyhow!("`{duration}` is not a duration; write such as 30s, 15m, 2h, 7d"))?;
+    if duration.is_zero() || duration.as_secs() > time::MAX_MANUAL_BAN_S {
+        anyhow::bail!("a manual ban lasts from 1s to 365d");
+    }
+    if let BanTarget::Network(net) = target {
+        crate::ops::check_network_ban(net, force)?;
+    }
     let mut maps = crate::ops::PinnedMaps::open(pins)?;
     let src = match target {
         BanTarget::Source(addr) => {
-            maps.ban(addr, std::time::Duration::from_secs(secs))?;
+            maps.ban(addr, duration)?;
             addr.to_string()
         }
         BanTarget::Network(net) => {
-            maps.ban_network(net, std::time::Duration::from_secs(secs))?;
+            maps.ban_network(net, duration)?;
             net.to_string()
         }
     };
     let line = serde_json::json!({"time": crate::events::rfc3339(crate::events::now_unix_ns()), "event": "ban_added", "origin": "manual",
-        "src": src, "duration_s": secs, "reason": reason});
+        "src": src, "duration_s": duration.as_secs(), "reason": reason});
     println!("{line}");
     Ok(())
 }

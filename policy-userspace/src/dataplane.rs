@@ -4,6 +4,7 @@
 use std::{
     net::IpAddr,
     os::fd::{AsFd, AsRawFd},
+    sync::Arc,
     time::Duration,
 };
 
@@ -25,7 +26,7 @@ use policy_common::{
     AclEntry, AclKeyV6, Counter, Event, PolicyConfig, Runtime, ACL_KEY_HEADER_BITS, DEFAULT_SOURCE_CAPACITY,
 };
 
-use crate::{acl4, observe::Observer, EBPF_OBJECT};
+use crate::{acl4, observe::Observer, runtime::RuntimeWords, sources::SourceTable, EBPF_OBJECT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -51,6 +52,45 @@ pub enum DataplaneError {
     Mmap { name: &'static str, source: std::io::Error },
     #[error(transparent)]
     Acl4Capacity(#[from] acl4::CapacityError),
+    #[error(transparent)]
+    Incompatible(#[from] IncompatiblePins),
+}
+
+/// Maps pinned by another smtpguard build, which this one cannot use.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the maps pinned in {dir} were made by another smtpguard build: {what}. Run `smtpguard detach` (it removes \
+     the pins, and with them bans, rate buckets and counters), then start `smtpguard run` again"
+)]
+pub struct IncompatiblePins {
+    pub dir: String,
+    pub what: String,
+}
+
+/// Refuses maps pinned in `dir` whose layout differs from this build's
+/// object (key or value size, or flags such as `BPF_F_MMAPABLE`): the
+/// kernel would load the programs against them, and the mismatch would
+/// show later as a cryptic verifier or mmap error. Maps not pinned there
+/// are fine; sizes set at load time (max entries) may differ.
+pub fn check_pinned_maps(dir: &std::path::Path) -> Result<(), IncompatiblePins> {
+    let incompatible = |what: String| IncompatiblePins { dir: dir.display().to_string(), what };
+    let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| incompatible(format!("this build's object does not parse ({e})")))?;
+    for name in policy_common::ALL_MAPS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let Some(want) = object.maps.get(name) else { continue };
+        let pinned = aya::maps::MapInfo::from_pin(&path).map_err(|e| incompatible(format!("{name} cannot be read ({e})")))?;
+        let (have, want) = ((pinned.key_size(), pinned.value_size(), pinned.map_flags()), (want.key_size(), want.value_size(), want.map_flags()));
+        if have != want {
+            return Err(incompatible(format!(
+                "{name} has key size {}, value size {} and flags {:#x}, this build wants {}, {} and {:#x}",
+                have.0, have.1, have.2, want.0, want.1, want.2
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn pin_error(path: &std::path::Path, e: impl std::fmt::Display) -> DataplaneError {
@@ -165,6 +205,10 @@ pub struct Dataplane {
     /// Fds of the counters and source table, for reads and for [`Dataplane::observer`].
     observer: Observer,
     source_sets: u32,
+    /// `RUNTIME`, mapped: the controller's words.
+    runtime: RuntimeWords,
+    /// `SOURCES`, mapped.
+    sources: Arc<SourceTable>,
     /// The IPv4 ACL arrays, mapped for writing.
     acl4: acl4::Arrays,
     /// What each generation's IPv4 arrays use.
@@ -203,6 +247,9 @@ impl Dataplane {
             None => Vec::new(),
         };
         let adopted = pin_paths.iter().any(|(_, p)| p.exists());
+        if let Some(dir) = options.pin_dir.as_deref().filter(|_| adopted) {
+            check_pinned_maps(dir)?;
+        }
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -220,29 +267,22 @@ impl Dataplane {
         let events = RingBuf::try_from(events)
             .map_err(|source| DataplaneError::Map { name: policy_common::EVENTS, source })?;
         let acl4 = map_acl4(&ebpf)?;
-        let observer = make_observer(&ebpf, source_sets)?;
-        let mut dataplane = Self { ebpf, events, observer, source_sets, acl4, acl4_used: [policy_common::acl4::Capacity { nodes: 0, slots: 0, values: 0 }; 2], installed_v4: [Vec::new(), Vec::new()], installed_v6: [AclContents::new(), AclContents::new()], grace_pending: false };
+        let (runtime, sources) = map_shared(&ebpf)?;
+        let sources = Arc::new(sources);
+        let observer = make_observer(&ebpf, sources.clone())?;
+        let mut dataplane = Self { ebpf, events, observer, source_sets, runtime, sources, acl4, acl4_used: [policy_common::acl4::Capacity { nodes: 0, slots: 0, values: 0 }; 2], installed_v4: [Vec::new(), Vec::new()], installed_v6: [AclContents::new(), AclContents::new()], grace_pending: false };
         if adopted {
             // Pinned state from an earlier run: keep the active generation
             // as it is; what the inactive one holds is found by reading it.
             let rt = dataplane.runtime()?;
             dataplane.source_sets = rt.source_sets;
-            dataplane.observer.source_sets = rt.source_sets;
             let inactive = (rt.active ^ 1) as usize;
             for generation in [inactive, rt.active as usize] {
                 dataplane.installed_v4[generation] = dataplane.acl4_contents(generation as u8);
                 dataplane.installed_v6[generation] = dataplane.acl6_contents(generation as u8)?;
             }
         } else {
-            dataplane.set_runtime(Runtime {
-                active: 0,
-                source_sets,
-                hook_direction: DEFAULT_HOOK_DIRECTION,
-                cidr_bans: 0,
-                drop_sample_one_in: 0,
-                events_per_second: 0,
-                port_filter: [0; policy_common::PORT_FILTER_WORDS],
-            })?;
+            dataplane.set_runtime(Runtime { source_sets, hook_direction: DEFAULT_HOOK_DIRECTION, ..Runtime::default() })?;
         }
         Ok(dataplane)
     }
@@ -256,14 +296,23 @@ impl Dataplane {
         Array::try_from(map).map_err(|source| DataplaneError::Map { name, source })
     }
 
+    /// The runtime settings, each word read atomically.
     pub fn runtime(&mut self) -> Result<Runtime> {
-        let name = policy_common::RUNTIME;
-        self.array::<Runtime>(name)?.get(&0, 0).map_err(|source| DataplaneError::Map { name, source })
+        Ok(self.runtime.read())
     }
 
+    /// Writes every runtime word the controller owns: all but the
+    /// network-ban flag (`cidr_bans`), whose only writer is `smtpguard
+    /// ban`/`unban` ([`crate::ops`]). For the first settings and for tests;
+    /// the controller otherwise writes single words ([`Dataplane::activate`]).
     pub fn set_runtime(&mut self, runtime: Runtime) -> Result<()> {
-        let name = policy_common::RUNTIME;
-        self.array::<Runtime>(name)?.set(0, runtime, 0).map_err(|source| DataplaneError::Map { name, source })
+        self.runtime.write_controller_words(&runtime);
+        Ok(())
+    }
+
+    /// The mapped source table, for readers on other threads (metrics).
+    pub fn source_table(&self) -> Arc<SourceTable> {
+        self.sources.clone()
     }
 
     pub fn policy(&mut self, generation: u32) -> Result<PolicyConfig> {
@@ -285,14 +334,14 @@ impl Dataplane {
     }
 
     fn set_port_filter(&mut self, policies: &[&PolicyConfig]) -> Result<()> {
-        let mut rt = self.runtime()?;
-        rt.port_filter = [0; policy_common::PORT_FILTER_WORDS];
+        let mut filter = [0; policy_common::PORT_FILTER_WORDS];
         for policy in policies {
-            for (word, bits) in rt.port_filter.iter_mut().zip(policy_common::port_filter(policy)) {
+            for (word, bits) in filter.iter_mut().zip(policy_common::port_filter(policy)) {
                 *word |= bits;
             }
         }
-        self.set_runtime(rt)
+        self.runtime.set_port_filter(filter);
+        Ok(())
     }
 
     /// Fills `generation` with a compiled policy, replacing what it held:
@@ -381,12 +430,10 @@ impl Dataplane {
     /// every packet that starts from now on is judged by it. The other
     /// generation is not written again before an RCU grace period has let
     /// the packets still reading it finish (see [`Dataplane::install`]).
+    /// Writes only the controller's words, one atomic store each.
     pub fn activate(&mut self, generation: u32, drop_sample_one_in: u32, events_per_second: u32) -> Result<()> {
-        let mut rt = self.runtime()?;
-        rt.active = generation & 1;
-        rt.drop_sample_one_in = drop_sample_one_in;
-        rt.events_per_second = events_per_second;
-        self.set_runtime(rt)?;
+        self.runtime.set_events(drop_sample_one_in, events_per_second);
+        self.runtime.set_active(generation & 1);
         self.grace_pending = true;
         Ok(())
     }
@@ -573,14 +620,16 @@ impl Dataplane {
         LpmTrie::try_from(map).map_err(|source| DataplaneError::Map { name, source })
     }
 
+    /// One set of the source table, read word by word from the mapping.
     pub fn source_set(&mut self, index: u32) -> Result<SourceSet> {
-        let name = policy_common::SOURCES;
-        self.array::<SourceSet>(name)?.get(&index, 0).map_err(|source| DataplaneError::Map { name, source })
+        Ok(self.sources.read_set(index % self.sources.sets()))
     }
 
+    /// Overwrites one set whole (tests and benchmarks seeding state; beside
+    /// traffic this would undo the datapath's updates, see [`SourceTable`]).
     pub fn set_source_set(&mut self, index: u32, set: &SourceSet) -> Result<()> {
-        let name = policy_common::SOURCES;
-        self.array::<SourceSet>(name)?.set(index, set, 0).map_err(|source| DataplaneError::Map { name, source })
+        self.sources.write_set(index % self.sources.sets(), set);
+        Ok(())
     }
 
     /// Every `STATS` cell, summed over CPUs.
@@ -723,7 +772,7 @@ fn map_acl4(ebpf: &Ebpf) -> Result<acl4::Arrays> {
     Ok(acl4::Arrays { root, nodes, slots, values, capacity })
 }
 
-fn make_observer(ebpf: &Ebpf, source_sets: u32) -> Result<Observer> {
+fn make_observer(ebpf: &Ebpf, sources: Arc<SourceTable>) -> Result<Observer> {
     let dup = |name: &'static str| -> Result<std::os::fd::OwnedFd> {
         let data = match ebpf.map(name) {
             Some(Map::Array(d) | Map::PerCpuArray(d) | Map::LpmTrie(d)) => d,
@@ -732,7 +781,25 @@ fn make_observer(ebpf: &Ebpf, source_sets: u32) -> Result<Observer> {
         data.fd().as_fd().try_clone_to_owned().map_err(|e| DataplaneError::Pin { path: name.into(), message: e.to_string() })
     };
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::Pin { path: what.into(), message: e.to_string() })?;
-    Ok(Observer { stats: dup(policy_common::STATS)?, geo_drops: dup(policy_common::GEO_DROPS)?, sources: dup(policy_common::SOURCES)?, ban_v4: dup(policy_common::BAN_V4)?, ban_v6: dup(policy_common::BAN_V6)?, source_sets, cpus })
+    Ok(Observer { stats: dup(policy_common::STATS)?, geo_drops: dup(policy_common::GEO_DROPS)?, sources, ban_v4: dup(policy_common::BAN_V4)?, ban_v6: dup(policy_common::BAN_V6)?, cpus })
+}
+
+/// Maps `RUNTIME` and `SOURCES`, the arrays the datapath and userspace
+/// both write word by word.
+fn map_shared(ebpf: &Ebpf) -> Result<(RuntimeWords, SourceTable)> {
+    let data = |name: &'static str| -> Result<&MapData> {
+        match ebpf.map(name) {
+            Some(Map::Array(d)) => Ok(d),
+            _ => Err(DataplaneError::MissingMap(name)),
+        }
+    };
+    let name = policy_common::RUNTIME;
+    let runtime = RuntimeWords::open(data(name)?.fd().as_fd()).map_err(|source| DataplaneError::Mmap { name, source })?;
+    let name = policy_common::SOURCES;
+    let sources = data(name)?;
+    let sets = sources.info().map_err(|source| DataplaneError::Map { name, source })?.max_entries();
+    let sources = SourceTable::open(sources.fd().as_fd(), sets).map_err(|source| DataplaneError::Mmap { name, source })?;
+    Ok((runtime, sources))
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
@@ -777,13 +844,6 @@ fn diff(old: &AclContents, new: &AclContents) -> (Vec<AclKey>, AclContents) {
         }
     }
     (stale, changed)
-}
-
-/// Every tracked slot of the source table behind `fd` (`sets` sets), read
-/// in batches.
-pub(crate) fn tracked_sources(fd: std::os::fd::RawFd, sets: u32) -> std::io::Result<Vec<policy_common::source::SourceSlot>> {
-    let sets: Vec<SourceSet> = crate::batch::array_values(fd, sets)?;
-    Ok(sets.iter().flat_map(|s| s.slots.iter().filter(|slot| slot.key != 0).copied()).collect())
 }
 
 #[cfg(test)]

@@ -14,6 +14,9 @@ pub mod observe;
 pub mod ops;
 pub mod pins;
 pub mod policy;
+pub mod runtime;
+mod shared;
+pub mod sources;
 
 /// The eBPF object built by `build.rs`, aligned for the ELF parser.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy-ebpf.o"));

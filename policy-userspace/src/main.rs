@@ -13,7 +13,7 @@ use smtpguard::{
     pins::{Pins, DEFAULT_PIN_DIR, DEFAULT_RUN_DIR},
     policy::{
         input::{self, Limits},
-        LoadOptions,
+        time, LoadOptions,
     },
 };
 
@@ -145,13 +145,19 @@ enum Command {
         #[command(flatten)]
         pins: PinArgs,
     },
-    /// Ban a source address (an IPv6 source is its /64) for a while.
+    /// Ban a source address (an IPv6 source is its /64) or a network for a while.
     ///
     /// Example: smtpguard ban 198.51.100.7 --for 1h --reason "spam run"
     Ban {
+        /// An address, or a network in CIDR notation (host bits zero).
         source: String,
-        #[arg(long = "for")]
-        duration: String,
+        /// How long: a number and s, m, h or d (30s, 15m, 2h, 7d); from 1s to 365d.
+        #[arg(long = "for", value_name = "DURATION", allow_hyphen_values = true, value_parser = time::parse_ban_duration)]
+        duration: std::time::Duration,
+        /// Ban a network wider than an IPv4 /8 or an IPv6 /32 (refused without it: 0.0.0.0/0 drops all port-25 traffic).
+        #[arg(long)]
+        force: bool,
+        /// Why, for the `ban_added` line printed.
         #[arg(long)]
         reason: Option<String>,
         #[command(flatten)]
@@ -237,7 +243,9 @@ fn main() -> ExitCode {
         Command::Reload(p) => commands::report(commands::reload(&p.pins())),
         Command::Status(p) => commands::report(commands::status(&p.pins())),
         Command::Bans { json, pins } => commands::report(commands::bans(&pins.pins(), json)),
-        Command::Ban { source, duration, reason, pins } => commands::report(commands::ban(&pins.pins(), &source, &duration, reason.as_deref())),
+        Command::Ban { source, duration, force, reason, pins } => {
+            commands::report(commands::ban(&pins.pins(), &source, duration, force, reason.as_deref()))
+        }
         Command::Unban { source, pins } => commands::report(commands::unban(&pins.pins(), &source)),
         Command::Detach(p) => commands::report(commands::detach(&p.pins())),
         Command::Check(p) => commands::check(&p.file, &p.options()),

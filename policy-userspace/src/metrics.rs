@@ -10,11 +10,11 @@ use prometheus::{
 use policy_common::{
     acl4::Capacity,
     direction, reason,
-    source::{ban_origin, SlotInfo},
+    source::ban_origin,
     stats_index, verdict, GEO_DROPS_ENTRIES, MAX_COUNTRIES, PORT_SLOTS,
 };
 
-use crate::{dataplane::ktime_now_ns, events, observe::Observer};
+use crate::{dataplane::ktime_now_ns, events, observe::Observer, ops};
 
 /// What the controller keeps between scrapes.
 pub struct ControllerMetrics {
@@ -90,20 +90,38 @@ impl TableGauges {
     /// One pass over the source table and the ban tries.
     pub fn scan(observer: &Observer) -> std::io::Result<Self> {
         let now = ktime_now_ns();
-        let mut g = TableGauges::default();
-        observer.for_each_source(|slot| {
-            g.tracked_sources += 1;
-            if slot.ban_until_ns > now {
-                let origin = SlotInfo::unpack(slot.info).origin;
-                if let Some(i) = [ban_origin::AUTO, ban_origin::ESCALATED, ban_origin::MANUAL].iter().position(|o| *o == origin) {
-                    g.bans[i] += 1;
-                }
-            }
-        })?;
+        let snapshot = observer.sources().snapshot(now);
+        let mut g = TableGauges { tracked_sources: snapshot.tracked, ..TableGauges::default() };
+        for (i, origin) in [ban_origin::AUTO, ban_origin::ESCALATED, ban_origin::MANUAL].into_iter().enumerate() {
+            g.bans[i] = snapshot.banned[origin as usize];
+        }
         (g.network_bans_v4, g.network_bans_v6) = observer.network_ban_counts()?;
         g.scanned_at = events::now_unix_ns() as f64 / 1e9;
         Ok(g)
     }
+}
+
+/// The source table's churn, from the summed `STATS` cells:
+/// `smtpguard_source_claims_total` counts new sources the datapath gave a
+/// way in `SOURCES`; `smtpguard_source_evictions_total{kind}` those of them
+/// that displaced an entry, by what it was (`stale`: idle, nothing lost;
+/// `live`: recently active, its bucket and meter lost; `ban`: a ban lost).
+/// Claims minus evictions took a free way.
+pub fn register_source_claims(r: &Registry, stats: &[policy_common::Counter]) {
+    let claims = ops::source_claims(stats);
+    let total = IntCounterVec::new(Opts::new("smtpguard_source_claims_total", "New sources given a way in the source table"), &[]).expect("valid");
+    total.with_label_values(&[] as &[&str]).inc_by(claims.iter().sum());
+    let evictions = IntCounterVec::new(
+        Opts::new("smtpguard_source_evictions_total", "New sources that displaced a tracked source, by what was displaced: stale (idle), live (active), ban"),
+        &["kind"],
+    )
+    .expect("valid");
+    let evicted = policy_common::claim_kind::STALE as usize;
+    for (name, n) in policy_common::claim_kind::NAMES.iter().zip(claims).skip(evicted) {
+        evictions.with_label_values(&[name]).inc_by(n);
+    }
+    register(r, total);
+    register(r, evictions);
 }
 
 /// Renders the whole exposition: kernel counters read now, the rest from
@@ -147,6 +165,7 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     ] {
         bans_total.with_label_values(&[origin]).inc_by(stats[cell as usize].packets);
     }
+    register_source_claims(&r, &stats);
     let geo = IntCounterVec::new(Opts::new("smtpguard_geo_drops_total", "Drops (and would-drops) by the geo-fence, by country"), &["direction", "country"]).expect("valid");
     let geo_cells = observer.geo_drops().map_err(|e| e.to_string())?;
     for (i, drops) in geo_cells.iter().enumerate().take(GEO_DROPS_ENTRIES as usize) {
@@ -225,4 +244,33 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out).map_err(|e| e.to_string())?;
     String::from_utf8(out).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use policy_common::{claim_kind, Counter, STATS_CLAIMS, STATS_ENTRIES};
+
+    use super::*;
+
+    #[test]
+    fn source_claims_and_evictions_by_kind_reach_the_exposition() {
+        let mut stats = vec![Counter::default(); STATS_ENTRIES as usize];
+        for (kind, n) in [(claim_kind::FREE, 8), (claim_kind::STALE, 3), (claim_kind::LIVE, 5), (claim_kind::BAN, 1)] {
+            stats[STATS_CLAIMS as usize + kind as usize].packets = n;
+        }
+        let r = Registry::new();
+        register_source_claims(&r, &stats);
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&r.gather(), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        for line in [
+            "smtpguard_source_claims_total 17",
+            "smtpguard_source_evictions_total{kind=\"stale\"} 3",
+            "smtpguard_source_evictions_total{kind=\"live\"} 5",
+            "smtpguard_source_evictions_total{kind=\"ban\"} 1",
+            "# TYPE smtpguard_source_evictions_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+    }
 }

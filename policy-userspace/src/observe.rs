@@ -1,24 +1,25 @@
 //! A read-only view of the datapath's counters and tables that other
 //! threads own: the metrics server reads through it while the control loop
 //! keeps the [`Dataplane`](crate::dataplane::Dataplane). It holds its own
-//! duplicates of the map fds, so it is `Send + Sync` and outlives nothing.
+//! duplicates of the map fds (and a share of the source table's mapping),
+//! so it is `Send + Sync`.
 
-use std::os::fd::{AsRawFd, OwnedFd};
-
-use policy_common::{
-    source::{SourceSet, SourceSlot},
-    Counter, GEO_DROPS_ENTRIES, STATS_ENTRIES,
+use std::{
+    os::fd::{AsRawFd, OwnedFd},
+    sync::Arc,
 };
 
-use crate::batch;
+use policy_common::{Counter, GEO_DROPS_ENTRIES, STATS_ENTRIES};
+
+use crate::{batch, sources::SourceTable};
 
 pub struct Observer {
     pub(crate) stats: OwnedFd,
     pub(crate) geo_drops: OwnedFd,
-    pub(crate) sources: OwnedFd,
+    /// The mapped source table (shared with the dataplane).
+    pub(crate) sources: Arc<SourceTable>,
     pub(crate) ban_v4: OwnedFd,
     pub(crate) ban_v6: OwnedFd,
-    pub(crate) source_sets: u32,
     /// The kernel's possible CPUs: per-CPU values come in this many.
     pub(crate) cpus: usize,
 }
@@ -34,12 +35,9 @@ impl Observer {
         batch::per_cpu_sums(self.geo_drops.as_raw_fd(), GEO_DROPS_ENTRIES, self.cpus)
     }
 
-    /// Calls `f` with every tracked source slot, a chunk of sets at a
-    /// time: a full table (52 MB) is never held at once.
-    pub fn for_each_source(&self, mut f: impl FnMut(&SourceSlot)) -> std::io::Result<()> {
-        batch::for_each_chunk(self.sources.as_raw_fd(), self.source_sets, 1, |sets: &[SourceSet]| {
-            sets.iter().flat_map(|s| s.slots.iter()).filter(|slot| slot.key != 0).for_each(&mut f)
-        })
+    /// The source table, read through its mapping.
+    pub fn sources(&self) -> &SourceTable {
+        &self.sources
     }
 
     /// Manual network bans stored, IPv4 and IPv6 (expired ones included).
@@ -52,17 +50,16 @@ impl Observer {
         Ok(Self {
             stats: self.stats.try_clone()?,
             geo_drops: self.geo_drops.try_clone()?,
-            sources: self.sources.try_clone()?,
+            sources: self.sources.clone(),
             ban_v4: self.ban_v4.try_clone()?,
             ban_v6: self.ban_v6.try_clone()?,
-            source_sets: self.source_sets,
             cpus: self.cpus,
         })
     }
 
     /// Sources the table can hold.
     pub fn source_capacity(&self) -> u64 {
-        self.source_sets as u64 * policy_common::source::WAYS as u64
+        self.sources.sets() as u64 * policy_common::source::WAYS as u64
     }
 }
 

@@ -3,17 +3,23 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsFd, AsRawFd},
     time::Duration,
 };
 
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use policy_common::{
-    direction, reason,
-    source::{ban_origin, source_key_v4, source_key_v6, source_set, SlotInfo, SourceSet, SourceSlot, WAYS},
-    stats_index, verdict, Counter, PolicyConfig, Runtime, PORT_SLOTS,
+    claim_kind, direction, reason,
+    source::{ban_origin, source_key_v4, source_key_v6, SlotInfo, SourceSlot},
+    stats_index, verdict, Counter, PolicyConfig, Runtime, PORT_SLOTS, STATS_CLAIMS,
 };
 
-use crate::{dataplane::ktime_now_ns, pins::Pins};
+use crate::{
+    dataplane::{check_pinned_maps, ktime_now_ns, IncompatiblePins},
+    pins::Pins,
+    runtime::RuntimeWords,
+    sources::{Contended, SourceTable},
+};
 
 /// Network bans as `bans` lists them.
 pub fn network_ban_rows(bans: &[(ipnet::IpNet, u64)]) -> Vec<Ban> {
@@ -31,19 +37,54 @@ pub enum OpsError {
     Map { path: String, message: String },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Incompatible(#[from] IncompatiblePins),
+    #[error(transparent)]
+    Contended(#[from] Contended),
+    #[error("locking {path} (another `smtpguard ban` holds it?): {source}")]
+    Lock { path: String, source: std::io::Error },
 }
 
 type Result<T> = std::result::Result<T, OpsError>;
 
+/// The widest networks `smtpguard ban` takes without `--force`: an IPv4 /8
+/// (16 million addresses) and an IPv6 /32 (a large provider's allocation).
+/// `0.0.0.0/0` or `::/0` would drop all port-25 traffic of the family.
+pub const MIN_BAN_PREFIX_V4: u8 = 8;
+pub const MIN_BAN_PREFIX_V6: u8 = 32;
+
+/// Refuses a network ban wider than [`MIN_BAN_PREFIX_V4`]/[`MIN_BAN_PREFIX_V6`]
+/// unless `force`.
+pub fn check_network_ban(net: ipnet::IpNet, force: bool) -> Result<()> {
+    let limit = match net {
+        ipnet::IpNet::V4(_) => MIN_BAN_PREFIX_V4,
+        ipnet::IpNet::V6(_) => MIN_BAN_PREFIX_V6,
+    };
+    if net.prefix_len() < limit && !force {
+        return Err(OpsError::Invalid(format!(
+            "{net} is wider than a /{limit}, the widest network `ban` takes: it would drop port 25 from every source in it{}; \
+             give --force if that is what you want (nothing was changed)",
+            if net.prefix_len() == 0 { " (all of them)" } else { "" }
+        )));
+    }
+    Ok(())
+}
+
+/// The coarse-clock time `duration` from now, refused when it does not fit.
+fn until_from_now(duration: Duration) -> Result<u64> {
+    u64::try_from(duration.as_nanos())
+        .ok()
+        .and_then(|d| ktime_now_ns().checked_add(d))
+        .ok_or_else(|| OpsError::Invalid(format!("a ban of {} s does not fit the clock (nothing was changed)", duration.as_secs())))
+}
+
 /// The pinned maps the operator commands use.
 pub struct PinnedMaps {
     pins: Pins,
-    runtime: Array<MapData, Runtime>,
+    runtime: RuntimeWords,
     policy: Array<MapData, PolicyConfig>,
     stats: PerCpuArray<MapData, Counter>,
-    sources: Array<MapData, SourceSet>,
-    /// The same map again, for batch reads.
-    sources_bulk: MapData,
+    sources: SourceTable,
 }
 
 fn open(pins: &Pins, name: &str) -> Result<MapData> {
@@ -55,23 +96,64 @@ fn typed<T>(r: std::result::Result<T, aya::maps::MapError>, name: &str) -> Resul
     r.map_err(|e| OpsError::Map { path: name.to_owned(), message: e.to_string() })
 }
 
+fn mapped<T>(r: std::io::Result<T>, pins: &Pins, name: &str) -> Result<T> {
+    r.map_err(|e| OpsError::Map { path: pins.dir.join(name).display().to_string(), message: format!("mapping it: {e}") })
+}
+
+/// `flock` on the pin directory's ban-lock directory, held by the commands
+/// that write bans: they serialise among themselves (the network-ban flag
+/// is recomputed from the tries' contents under it; the manual-ban counter
+/// is a read-modify-write). Not the pin directory itself: a running
+/// controller holds that one. Released on drop.
+struct BanLock(std::fs::File);
+
+impl BanLock {
+    fn take(pins: &Pins) -> Result<Self> {
+        let path = pins.ban_lock_dir();
+        let lock_error = |source| OpsError::Lock { path: path.display().to_string(), source };
+        match std::fs::create_dir(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(lock_error(e)),
+            _ => {}
+        }
+        let dir = std::fs::File::open(&path).map_err(lock_error)?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(dir.as_fd().as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(lock_error(std::io::Error::last_os_error()));
+        }
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for BanLock {
+    fn drop(&mut self) {
+        // SAFETY: as in `take`; closing the file would release it too.
+        unsafe { libc::flock(self.0.as_fd().as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
 impl PinnedMaps {
     pub fn open(pins: &Pins) -> Result<Self> {
         if !pins.exists() {
             return Err(OpsError::NotAttached(pins.dir.display().to_string()));
         }
+        check_pinned_maps(&pins.dir)?;
+        let runtime = open(pins, policy_common::RUNTIME)?;
+        let runtime = mapped(RuntimeWords::open(runtime.fd().as_fd()), pins, policy_common::RUNTIME)?;
+        let sources = open(pins, policy_common::SOURCES)?;
+        let sets = typed(sources.info(), policy_common::SOURCES)?.max_entries();
+        let sources = mapped(SourceTable::open(sources.fd().as_fd(), sets), pins, policy_common::SOURCES)?;
         Ok(Self {
             pins: pins.clone(),
-            runtime: typed(Array::try_from(Map::Array(open(pins, policy_common::RUNTIME)?)), policy_common::RUNTIME)?,
+            runtime,
             policy: typed(Array::try_from(Map::Array(open(pins, policy_common::POLICY)?)), policy_common::POLICY)?,
             stats: typed(PerCpuArray::try_from(Map::PerCpuArray(open(pins, policy_common::STATS)?)), policy_common::STATS)?,
-            sources: typed(Array::try_from(Map::Array(open(pins, policy_common::SOURCES)?)), policy_common::SOURCES)?,
-            sources_bulk: open(pins, policy_common::SOURCES)?,
+            sources,
         })
     }
 
+    /// The runtime settings, each word read atomically.
     pub fn runtime(&self) -> Result<Runtime> {
-        typed(self.runtime.get(&0, 0), policy_common::RUNTIME)
+        Ok(self.runtime.read())
     }
 
     pub fn policy(&self, generation: u32) -> Result<PolicyConfig> {
@@ -87,11 +169,14 @@ impl PinnedMaps {
             .collect()
     }
 
+    /// The mapped source table.
+    pub fn source_table(&self) -> &SourceTable {
+        &self.sources
+    }
+
     /// Every tracked source slot.
     pub fn sources(&self) -> Result<Vec<SourceSlot>> {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(self.sources_bulk.fd()));
-        crate::dataplane::tracked_sources(fd, self.sources.len())
-            .map_err(|e| OpsError::Map { path: policy_common::SOURCES.to_owned(), message: e.to_string() })
+        Ok(self.sources.slots())
     }
 
     fn source_key(addr: IpAddr) -> u64 {
@@ -101,32 +186,16 @@ impl PinnedMaps {
         }
     }
 
-    /// Bans `addr` until `duration` from now (a manual ban).
+    /// Bans `addr` until `duration` from now (a manual ban). Only the
+    /// source's own way is written, with the datapath's protocol (see
+    /// [`SourceTable::ban`]): the datapath's updates of the other ways of
+    /// the set stand.
     pub fn ban(&mut self, addr: IpAddr, duration: Duration) -> Result<()> {
-        let key = Self::source_key(addr);
-        let sets = self.runtime()?.source_sets;
-        let index = source_set(key, sets);
-        let mut set = typed(self.sources.get(&index, 0), policy_common::SOURCES)?;
-        let now = ktime_now_ns();
-        let way = set
-            .slots
-            .iter()
-            .position(|s| s.key == key)
-            .or_else(|| set.slots.iter().position(|s| s.key == 0))
-            .or_else(|| (0..WAYS).filter(|w| set.slots[*w].ban_until_ns <= now).min_by_key(|w| SlotInfo::unpack(set.slots[*w].info).last_seen_s))
-            .unwrap_or(0);
-        let slot = &mut set.slots[way];
-        if slot.key != key {
-            *slot = SourceSlot { key, ..SourceSlot::default() };
-        }
-        let mut info = SlotInfo::unpack(slot.info);
-        info.strikes = info.strikes.saturating_add(1);
-        info.origin = ban_origin::MANUAL;
-        info.last_seen_s = (now / 1_000_000_000) as u32;
-        slot.info = info.pack();
-        slot.ban_until_ns = now + duration.as_nanos() as u64;
-        typed(self.sources.set(index, set, 0), policy_common::SOURCES)?;
-        // Counted on the first CPU's cell; readers sum all CPUs.
+        let until = until_from_now(duration)?;
+        let _lock = BanLock::take(&self.pins)?;
+        self.sources.ban(Self::source_key(addr), until, ktime_now_ns)?;
+        // Counted on the first CPU's cell; readers sum all CPUs. The
+        // datapath never writes this cell, and bans hold the lock.
         let cell = policy_common::STATS_BANS_MANUAL;
         let mut values: Vec<Counter> = typed(self.stats.get(&cell, 0), policy_common::STATS)?.iter().copied().collect();
         values[0].packets += 1;
@@ -136,22 +205,27 @@ impl PinnedMaps {
 
     /// Bans a whole network (every source in it) until `duration` from now.
     pub fn ban_network(&mut self, net: ipnet::IpNet, duration: Duration) -> Result<()> {
-        let until = ktime_now_ns() + duration.as_nanos() as u64;
+        let until = until_from_now(duration)?;
+        let _lock = BanLock::take(&self.pins)?;
         self.network_trie_op(net, Some(until))?;
-        let mut rt = self.runtime()?;
-        rt.cidr_bans = 1;
-        typed(self.runtime.set(0, rt, 0), policy_common::RUNTIME)
+        self.update_network_ban_flag()
     }
 
     /// Lifts a network ban; returns whether there was one.
     pub fn unban_network(&mut self, net: ipnet::IpNet) -> Result<bool> {
+        let _lock = BanLock::take(&self.pins)?;
         let removed = self.network_trie_op(net, None)?;
-        if self.network_bans()?.is_empty() {
-            let mut rt = self.runtime()?;
-            rt.cidr_bans = 0;
-            typed(self.runtime.set(0, rt, 0), policy_common::RUNTIME)?;
-        }
+        self.update_network_ban_flag()?;
         Ok(removed)
+    }
+
+    /// Sets `RUNTIME.cidr_bans` from what the tries hold (the commands
+    /// holding the ban lock are its only writers, so the flag is set
+    /// whenever a ban is in a trie).
+    fn update_network_ban_flag(&mut self) -> Result<()> {
+        let any = !self.network_bans()?.is_empty();
+        self.runtime.set_cidr_bans(any);
+        Ok(())
     }
 
     /// Inserts (`Some(until)`) or removes a network ban.
@@ -207,16 +281,11 @@ impl PinnedMaps {
         Ok(out)
     }
 
-    /// Lifts a ban; returns whether there was one.
+    /// Lifts a ban; returns whether there was one. Writes only the
+    /// source's ban word ([`SourceTable::unban`]).
     pub fn unban(&mut self, addr: IpAddr) -> Result<bool> {
-        let key = Self::source_key(addr);
-        let index = source_set(key, self.runtime()?.source_sets);
-        let mut set = typed(self.sources.get(&index, 0), policy_common::SOURCES)?;
-        let now = ktime_now_ns();
-        let Some(slot) = set.slots.iter_mut().find(|s| s.key == key && s.ban_until_ns > now) else { return Ok(false) };
-        slot.ban_until_ns = 0;
-        typed(self.sources.set(index, set, 0), policy_common::SOURCES)?;
-        Ok(true)
+        let _lock = BanLock::take(&self.pins)?;
+        Ok(self.sources.unban(Self::source_key(addr), ktime_now_ns)?)
     }
 }
 
@@ -295,7 +364,24 @@ pub fn status(pins: &Pins) -> Result<String> {
             }
         }
     }
-    let bans = active_bans(&maps.sources()?);
-    out += &format!("active bans: {}\n", bans.len());
+    let table = maps.source_table().snapshot(ktime_now_ns());
+    out += &format!("source table: {} of {} ways tracked\n", table.tracked, table.capacity);
+    let claims = source_claims(&stats);
+    let kinds = |range: std::ops::Range<usize>| -> String {
+        range.map(|k| format!("{} {}", claim_kind::NAMES[k], claims[k])).collect::<Vec<_>>().join(", ")
+    };
+    out += &format!(
+        "new sources tracked: {} (free way: {}; evicted: {})\n",
+        claims.iter().sum::<u64>(),
+        claims[claim_kind::FREE as usize],
+        kinds(claim_kind::STALE as usize..claim_kind::COUNT)
+    );
+    out += &format!("active bans: {}\n", table.banned.iter().sum::<u64>());
     Ok(out)
+}
+
+/// The datapath's claims of a way for a new source, by [`claim_kind`],
+/// from the summed `STATS` cells.
+pub fn source_claims(stats: &[Counter]) -> [u64; claim_kind::COUNT] {
+    std::array::from_fn(|k| stats.get(STATS_CLAIMS as usize + k).map_or(0, |c| c.packets))
 }

@@ -2,9 +2,10 @@
 //! and the run directory beside it for the controller's pid.
 //!
 //! Layout under the pin directory (names without dots, as bpffs wants):
-//! one pin per map (`ACL_V4`, `SOURCES`, ...), `prog_<program>`, and one
+//! one pin per map (`ACL_V4`, `SOURCES`, ...), `prog_<program>`, one
 //! link per attachment: `link_xdp_<iface>`, `link_tcegress_<iface>`,
-//! `link_tcingress_<iface>`.
+//! `link_tcingress_<iface>`, and the directory `lock_bans` that ban
+//! commands lock. A running controller holds a lock on the pin directory.
 
 use std::{
     fs::File,
@@ -34,6 +35,11 @@ impl Pins {
 
     pub fn link(&self, kind: &str, iface: &str) -> PathBuf {
         self.dir.join(format!("link_{kind}_{}", iface.replace('.', "_")))
+    }
+
+    /// A directory inside the pins that ban commands lock among themselves.
+    pub fn ban_lock_dir(&self) -> PathBuf {
+        self.dir.join("lock_bans")
     }
 
     pub fn pid_file(&self) -> PathBuf {
@@ -104,8 +110,12 @@ impl Pins {
             let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).collect();
             paths.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_")));
             for p in paths {
-                std::fs::remove_file(&p)?;
-                removed += 1;
+                if p.is_dir() {
+                    std::fs::remove_dir(&p)?;
+                } else {
+                    std::fs::remove_file(&p)?;
+                    removed += 1;
+                }
             }
             std::fs::remove_dir(&self.dir)?;
         }

@@ -69,6 +69,42 @@ pub fn parse_duration(s: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
+/// The longest manual ban `smtpguard ban --for` takes: a year. Longer bans
+/// are a policy's deny list's job, not an operator's.
+pub const MAX_MANUAL_BAN_S: u64 = 365 * 86_400;
+
+/// The length of a manual ban (`smtpguard ban --for`): a duration such as
+/// `30s`, `15m`, `2h`, `7d`, positive and at most [`MAX_MANUAL_BAN_S`].
+/// The error says what is wrong in words an operator can act on.
+pub fn parse_ban_duration(s: &str) -> Result<std::time::Duration, String> {
+    const EXAMPLES: &str = "such as 30s, 15m, 2h, 7d";
+    let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!("`{s}`: durations are positive, {EXAMPLES}"));
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => 0,
+    };
+    if num.is_empty() || mult == 0 {
+        return Err(format!("`{s}` is not a duration; write a number and s, m, h or d, {EXAMPLES}"));
+    }
+    // All digits: a number too large for u64 is too long a ban too.
+    let secs = num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).unwrap_or(u64::MAX);
+    if secs == 0 {
+        return Err(format!("`{s}`: a ban must last a while, {EXAMPLES}"));
+    }
+    if secs > MAX_MANUAL_BAN_S {
+        return Err(format!("`{s}` is longer than the longest manual ban, 365d; ban for up to 365d (and again when it ends), or deny the source in the policy"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +127,20 @@ mod tests {
         assert_eq!(parse_duration("90"), None);
         assert_eq!(parse_duration("m"), None);
         assert_eq!(parse_duration("5w"), None);
+    }
+
+    #[test]
+    fn ban_durations_are_positive_and_at_most_a_year() {
+        assert_eq!(parse_ban_duration("15m"), Ok(std::time::Duration::from_secs(900)));
+        assert_eq!(parse_ban_duration("365d"), Ok(std::time::Duration::from_secs(MAX_MANUAL_BAN_S)));
+        assert!(parse_ban_duration("-5m").unwrap_err().contains("durations are positive, such as 30s"));
+        assert!(parse_ban_duration("0s").unwrap_err().contains("must last"));
+        assert!(parse_ban_duration("0d").unwrap_err().contains("must last"));
+        for long in ["366d", "213504d", "18446744074s", "99999999999999999999999d", "31536001s"] {
+            assert!(parse_ban_duration(long).unwrap_err().contains("longest manual ban, 365d"), "{long}");
+        }
+        for bad in ["", "m", "5w", "1.5h", "5 m", "h5"] {
+            assert!(parse_ban_duration(bad).unwrap_err().contains("is not a duration"), "{bad}");
+        }
     }
 }
