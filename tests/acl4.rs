@@ -39,10 +39,9 @@ fn judged(h: &mut Harness, src: Ipv4Addr) -> Option<(u32, u8)> {
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn kernel_lookups_equal_a_plain_longest_prefix_match() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut h = Harness::load().expect("loading the datapath");
     h.route(Hook::XdpIngress, direction::INGRESS, 1).unwrap();
     let mut rt = h.dp.runtime().unwrap();
@@ -114,10 +113,9 @@ fn kernel_lookups_equal_a_plain_longest_prefix_match() {
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn a_policy_too_large_for_the_arrays_is_refused_and_changes_nothing() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let dir = std::env::temp_dir().join(format!("smtpguard-acl4-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let small = write_deny_policy(&dir, "small", &["192.0.2.0/25".parse().unwrap()], "").unwrap();

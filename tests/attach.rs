@@ -54,10 +54,9 @@ fn cell(h: &mut Harness, dir: u8, v: u8, r: u8, slot: usize) -> u64 {
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn xdp_ingress_judges_real_connections_by_map_contents() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let lab = lab().expect("building the lab");
     let mut h = Harness::load().expect("loading the datapath");
     for denied in [CLIENT_DENIED_V4, CLIENT_DENIED_V6] {
@@ -83,10 +82,9 @@ fn xdp_ingress_judges_real_connections_by_map_contents() {
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn tc_egress_judges_real_connections_by_map_contents() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let lab = lab().expect("building the lab");
     let mut h = Harness::load().expect("loading the datapath");
     // The base egress policy denies 25; the first client holds an exemption.

@@ -26,10 +26,9 @@ use smtpguard_tests::{
 };
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn run_enforces_survives_kill_9_restarts_with_state_and_detaches_cleanly() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let lab = PairLab::new().expect("lab");
     let state = TestPins::new("life");
     let policy = write_policy(&state.policy_dir(), "policy.yaml", &format!(
@@ -129,10 +128,9 @@ fn bpf_obj_get(path: &Path) -> Result<std::os::fd::OwnedFd> {
 /// configuration (pass, default_allow): an update that wrote the maps in
 /// place would show one of those while the reloads run.
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn reloads_under_traffic_judge_every_packet_by_one_whole_policy() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     const RELOADS: usize = 30;
     let lab = PairLab::new().expect("lab");
     let state = TestPins::new("atomic");
@@ -208,10 +206,9 @@ fn reloads_under_traffic_judge_every_packet_by_one_whole_policy() {
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn metrics_pass_promtool_and_invalid_reloads_keep_the_running_policy() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let lab = PairLab::new().expect("lab");
     let state = TestPins::new("metrics");
     let dir = state.policy_dir();
@@ -258,10 +255,9 @@ fn metrics_pass_promtool_and_invalid_reloads_keep_the_running_policy() {
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn a_real_prometheus_scrapes_the_controller_and_promql_matches_the_datapath() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let lab = PairLab::new().expect("lab");
     let state = TestPins::new("prom");
     let dir = state.policy_dir();
@@ -290,10 +286,9 @@ fn a_real_prometheus_scrapes_the_controller_and_promql_matches_the_datapath() {
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn run_refuses_a_missing_interface_or_an_invalid_policy_before_changing_anything() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let state = TestPins::new("preflight");
     let dir = state.policy_dir();
     let good = write_policy(&dir, "good.yaml", "version: 1\n");
@@ -320,10 +315,9 @@ fn run_refuses_a_missing_interface_or_an_invalid_policy_before_changing_anything
 /// The server namespace plays the hypervisor and b0 the host side of a
 /// tenant's veth: what the tenant sends is judged by the egress policy.
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn a_tenant_interface_judges_what_the_vm_sends_by_the_egress_policy() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let lab = PairLab::new().expect("lab");
     let _submission = Greeter::start(&lab.server, 587).expect("greeter on 587");
     let state = TestPins::new("tenant");
@@ -345,10 +339,9 @@ fn a_tenant_interface_judges_what_the_vm_sends_by_the_egress_policy() {
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn a_manual_network_ban_drops_every_source_in_it_until_lifted() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let lab = PairLab::new().expect("lab");
     let state = TestPins::new("netban");
     let dir = state.policy_dir();

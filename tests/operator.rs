@@ -48,10 +48,9 @@ fn refused(state: &TestPins, args: &[&str], says: &[&str]) {
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn ban_durations_are_refused_when_zero_negative_or_longer_than_a_year_never_wrapped() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let (state, mut h) = pinned("opdur");
     // 213504 days is 2^64 ns and a bit: it wrapped to 1525 s.
     refused(&state, &["ban", "192.0.2.7", "--for", "213504d"], &["longest manual ban, 365d"]);
@@ -75,10 +74,9 @@ fn ban_durations_are_refused_when_zero_negative_or_longer_than_a_year_never_wrap
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn networks_wider_than_a_v4_slash_8_or_a_v6_slash_32_take_force() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let (state, mut h) = pinned("opnet");
     refused(&state, &["ban", "0.0.0.0/0", "--for", "1h"], &["wider than a /8", "--force", "all of them"]);
     refused(&state, &["ban", "::/0", "--for", "1h"], &["wider than a /32", "--force"]);
@@ -106,10 +104,9 @@ fn networks_wider_than_a_v4_slash_8_or_a_v6_slash_32_take_force() {
 /// flags): loading over it, and the operator commands, refuse with the
 /// way out instead of a verifier or mmap error.
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn pins_of_an_older_build_are_refused_with_a_detach_hint() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let state = TestPins::new("opold");
     let bpf = |cmd: libc::c_long, attr: &mut [u64; 16]| {

@@ -101,10 +101,9 @@ fn healthz_generation(ns: &Netns, port: u16) -> u64 {
 /// read-modify-write of RUNTIME could clear the flag the ban had just set
 /// or put back the generation a reload had flipped away from.
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn network_bans_racing_reloads_keep_the_ban_flag_and_the_active_generation() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     const PORT: u16 = 19441;
     const MAX_RELOADS: u64 = 400;
     const MAX_BANS: u64 = 200_000;
@@ -220,10 +219,9 @@ impl Drop for RemoveOnDrop {
 /// a newcomer, never tracked and unbanned. Writing the whole set back from
 /// userspace lost the bans the datapath made in other ways meanwhile.
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn manual_bans_beside_a_flood_of_auto_bans_in_one_set_lose_none() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     const SECONDS: u64 = 15;
     const MAX_SOURCES: u32 = 200_000;
     const MAX_OPS: u64 = 2_000_000;

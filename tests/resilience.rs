@@ -51,10 +51,9 @@ fn proc_kib(pid: i32, field: &str) -> u64 {
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn a_second_controller_on_the_same_pins_is_refused_and_changes_nothing() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let lab = PairLab::new().expect("lab");
     let state = TestPins::new("second");
     let allow = write_policy(&state.policy_dir(), "allow.yaml", "version: 1\ningress:\n  default: {25: allow}\n");
@@ -92,10 +91,9 @@ fn a_second_controller_on_the_same_pins_is_refused_and_changes_nothing() {
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn a_sighup_during_start_up_is_a_reload_after_it_not_an_exit() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let lab = PairLab::new().expect("lab");
     let state = TestPins::new("earlyhup");
     let policy = write_policy(&state.policy_dir(), "policy.yaml", "version: 1\ningress:\n  default: {25: allow}\n");
@@ -129,10 +127,9 @@ fn idle_connections(lab: &PairLab, port: u16, n: usize) -> Vec<TcpStream> {
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn idle_and_concurrent_metrics_clients_stall_nothing() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let lab = PairLab::new().expect("lab");
     let state = TestPins::new("idle");
     let policy = write_policy(
@@ -207,10 +204,9 @@ fn provoke_events(lab: &PairLab, mut done: impl FnMut() -> bool) -> bool {
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn the_event_log_survives_a_full_disk_and_follows_rotation() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let lab = PairLab::new().expect("lab");
     let state = TestPins::new("disk");
     let disk = SmallDisk::new("events", "512k");
@@ -267,10 +263,9 @@ fn list_policy(state: &TestPins) -> (PathBuf, PathBuf) {
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn a_long_rejected_reload_keeps_health_answering_memory_bounded_and_the_old_policy() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let lab = PairLab::new().expect("lab");
     let state = TestPins::new("badlist");
     let (policy, list) = list_policy(&state);
@@ -316,10 +311,9 @@ fn a_long_rejected_reload_keeps_health_answering_memory_bounded_and_the_old_poli
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn a_fifo_for_a_list_file_is_refused_without_freezing_the_controller() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let lab = PairLab::new().expect("lab");
     let state = TestPins::new("fifo");
     let (policy, list) = list_policy(&state);

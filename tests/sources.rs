@@ -62,10 +62,9 @@ fn seed_all_ways(h: &mut Harness, slot: impl Fn(usize) -> SourceSlot) {
 }
 
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn every_claim_of_a_way_is_counted_by_what_the_way_held() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut h = metered(WAYS as u32, None);
     assert_eq!(h.dp.source_sets(), 1, "one set: every source shares it");
     let (free, stale, live, ban) =
@@ -116,10 +115,9 @@ fn every_claim_of_a_way_is_counted_by_what_the_way_held() {
 /// (On a host, 2,000,000 sources churning through the default 1.3M table
 /// look like this, with larger numbers.)
 #[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
 fn sources_churning_through_a_small_table_count_exactly_and_status_shows_it() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     const CAPACITY: u32 = 1024;
     const SOURCES: u32 = 4096;
     let state = TestPins::new("srcchurn");

@@ -14,9 +14,11 @@ use policy_common::{
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("the IPv4 ACL needs {needed} {what} per generation, but the datapath was loaded with room for {capacity}; restart with a larger --acl4-{what}")]
+#[error("the IPv4 ACL needs at least {needed} {what} per generation, but the datapath was loaded with room for {capacity}; restart with a larger --acl4-{what}")]
 pub struct CapacityError {
     pub what: &'static str,
+    /// How many were asked for when the room ran out (the build stops
+    /// there: a policy far too large costs no more memory than the room).
     pub needed: usize,
     pub capacity: u32,
 }
@@ -66,7 +68,7 @@ pub fn build(entries: &[(u8, Ipv4Net, AclEntry)], generation: u32, capacity: &Ca
     let bases = Bases::of(generation, capacity);
     let mut b = Builder { tables: Tables::default(), bases, capacity, spare: Vec::new() };
     b.tables.values.push(AclEntry::default());
-    let mut value_index: HashMap<AclEntry, u32, WordHash> = HashMap::with_capacity_and_hasher(entries.len() / 4, WordHash);
+    let mut value_index: HashMap<AclEntry, u32, WordHash> = HashMap::with_capacity_and_hasher((entries.len() / 4).min(capacity.values as usize), WordHash);
     value_index.insert(AclEntry::default(), 0);
     let mut per_scope: Vec<Vec<(u32, u8, u32)>> = vec![Vec::new(); ACL_SCOPES];
     for (scope, net, entry) in entries {
@@ -75,10 +77,10 @@ pub fn build(entries: &[(u8, Ipv4Net, AclEntry)], generation: u32, capacity: &Ca
             b.tables.values.push(*entry);
             next
         });
+        if b.tables.values.len() > capacity.values as usize {
+            return Err(CapacityError { what: "values", needed: b.tables.values.len(), capacity: capacity.values });
+        }
         per_scope[*scope as usize % ACL_SCOPES].push((u32::from(net.network()), net.prefix_len(), v));
-    }
-    if b.tables.values.len() > capacity.values as usize {
-        return Err(CapacityError { what: "values", needed: b.tables.values.len(), capacity: capacity.values });
     }
     let absolute = |v: u32| if v == 0 { 0 } else { bases.values + v };
     b.tables.root = vec![0; ACL_SCOPES * ROOT_SLOTS as usize];

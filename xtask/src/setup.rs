@@ -221,7 +221,8 @@ pub fn test(args: &[String]) -> Result<()> {
         Command::new("cargo")
             .args(["test", "--workspace"])
             .args(args)
-            .args(["--", "--test-threads=1"])
+            // Privileged tests are ignored by a plain `cargo test`.
+            .args(["--", "--include-ignored", "--test-threads=1"])
             .env("SMTPGUARD_PRIVILEGED", "1")
             .env("SMTPGUARD_GEO_DATABASE", geo_database()?),
     )
