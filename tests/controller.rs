@@ -22,7 +22,7 @@ use smtpguard_tests::{
     packet::{TcpFrame, SYN},
     pairlab::{http_get, metric, wait_for_metric, write_policy, PairLab, RunningController, TestPins, CLIENT_DENIED, CLIENT_OK, SERVER},
     require_root, smtpguard_bin,
-    testrun::time_run,
+    testrun::{obj_get, time_run},
 };
 
 #[test]
@@ -107,19 +107,6 @@ fn run_enforces_survives_kill_9_restarts_with_state_and_detaches_cleanly() {
     assert!(out.contains("nothing is attached"), "{out}");
 }
 
-fn bpf_obj_get(path: &Path) -> Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    let mut attr = [0u64; 4];
-    attr[0] = c.as_ptr() as u64;
-    // SAFETY: BPF_OBJ_GET (7) with a pathname.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 7, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
-    if fd < 0 {
-        bail!("BPF_OBJ_GET {}: {}", path.display(), std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd from the kernel.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
-}
 
 /// Policy A denies the peer; policy B denies by default and allows the
 /// local server. A packet from the peer to the server is (drop, deny_acl)
@@ -142,7 +129,7 @@ fn reloads_under_traffic_judge_every_packet_by_one_whole_policy() {
     let policy = write_policy(&dir, "policy.yaml", &a);
     let ctl = RunningController::start(&lab, &state, &policy, 19426).expect("controller");
 
-    let prog = bpf_obj_get(&state.pin_dir.join("prog_xdp_ingress")).unwrap();
+    let prog = obj_get(&state.pin_dir.join("prog_xdp_ingress")).unwrap();
     let stats = PerCpuArray::<MapData, Counter>::try_from(Map::PerCpuArray(MapData::from_pin(state.pin_dir.join("STATS")).unwrap())).unwrap();
     let frame = TcpFrame::new(peer.parse().unwrap(), local.parse().unwrap(), 25, SYN).build();
     let cells = [

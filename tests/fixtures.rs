@@ -29,9 +29,11 @@ pub const OPEN_COUNTRY: u32 = 8;
 pub fn write_deny_policy(dir: &std::path::Path, name: &str, cidrs: &[ipnet::Ipv4Net], extra_yaml: &str) -> std::io::Result<std::path::PathBuf> {
     std::fs::create_dir_all(dir)?;
     let list: String = cidrs.iter().map(|c| format!("{c}\n")).collect();
-    std::fs::write(dir.join(format!("{name}.txt")), list)?;
+    std::fs::write(dir.join(format!("{name}.txt")), &list)?;
     let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, format!("version: 1\nports: {{25: smtp}}\ningress:\n  default: {{25: allow}}\n  deny_files: [{name}.txt]\n{extra_yaml}"))?;
+    // A million CIDRs are about 15 MB, over the default limit of 8 MiB.
+    let limits = if list.len() > 8 << 20 { format!("limits: {{list_file_bytes: {}}}\n", list.len().next_power_of_two()) } else { String::new() };
+    std::fs::write(&path, format!("version: 1\n{limits}ports: {{25: smtp}}\ningress:\n  default: {{25: allow}}\n  deny_files: [{name}.txt]\n{extra_yaml}"))?;
     Ok(path)
 }
 

@@ -27,24 +27,12 @@ use smtpguard_tests::{
     netns::{veth_pair, Netns},
     packet::{TcpFrame, SYN},
     require_root, smtpguard_bin,
-    testrun::time_run,
+    testrun::{obj_get, time_run},
 };
 
 const XDP_DROP: u32 = 1;
 const SERVER: &str = "192.0.2.2";
 
-fn bpf_obj_get(path: &Path) -> Result<OwnedFd> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    let mut attr = [0u64; 4];
-    attr[0] = c.as_ptr() as u64;
-    // SAFETY: BPF_OBJ_GET (7) with a pathname.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 7, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
-    if fd < 0 {
-        bail!("BPF_OBJ_GET {}: {}", path.display(), std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd from the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
 
 /// `smtpguard run` in `ns` on `iface`; killed on drop.
 struct Controller {
@@ -119,7 +107,7 @@ fn network_bans_racing_reloads_keep_the_ban_flag_and_the_active_generation() {
     let _events_file = RemoveOnDrop(state.pins.run_dir.with_extension("events.jsonl"));
     let _ctl = Controller::start(&server, &state, &policy, "b0", PORT).unwrap();
     let pid = state.pins.controller_pid().expect("the controller's pid");
-    let prog = bpf_obj_get(&state.pins.dir.join("prog_xdp_ingress")).unwrap();
+    let prog = obj_get(&state.pins.dir.join("prog_xdp_ingress")).unwrap();
 
     let stop = AtomicBool::new(false);
     let deadline = Instant::now() + Duration::from_secs(SECONDS);

@@ -11,6 +11,7 @@ use anyhow::{bail, Result};
 const BPF_PROG_LOAD: libc::c_long = 5;
 pub(crate) const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 
 pub(crate) fn bpf(cmd: libc::c_long, attr: &mut [u64; 20]) -> libc::c_long {
@@ -50,6 +51,19 @@ pub fn pin(prog: BorrowedFd<'_>, path: &std::path::Path) -> Result<()> {
         bail!("pinning at {}: {}", path.display(), std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Opens the object (map, program, link) pinned at `path`.
+pub fn obj_get(path: &std::path::Path) -> Result<OwnedFd> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut attr = [0u64; 20];
+    attr[0] = c.as_ptr() as u64;
+    let fd = bpf(BPF_OBJ_GET, &mut attr);
+    if fd < 0 {
+        bail!("BPF_OBJ_GET {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Loads `r0 = XDP_PASS; exit`: the floor of any XDP program's cost.
