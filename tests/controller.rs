@@ -14,7 +14,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Result};
 use aya::maps::{Map, MapData, PerCpuArray};
 use policy_common::{direction, reason, stats_index, verdict, Counter};
 use smtpguard_tests::{

@@ -5,7 +5,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    os::fd::{AsFd, FromRawFd, OwnedFd},
+    os::fd::AsFd,
     path::Path,
     process::{Child, Command, Stdio},
     sync::{
