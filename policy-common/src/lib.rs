@@ -9,6 +9,7 @@
 
 pub mod acl4;
 pub mod maps;
+pub mod smtp_scan;
 pub mod source;
 
 pub use maps::*;
@@ -77,11 +78,15 @@ pub mod reason {
     pub const RATE_LIMITED: u8 = 6;
     /// A SYN pushed its source over the ban threshold; the source is now banned.
     pub const RATE_BAN: u8 = 7;
-    /// Payload begins with a blocked SMTP command (VRFY, EXPN).
+    /// A command line of the segment, or one completed across segments,
+    /// is a blocked SMTP command (VRFY, EXPN).
     pub const SMTP_COMMAND: u8 = 8;
     pub const DEFAULT_ALLOW: u8 = 9;
     pub const DEFAULT_DENY: u8 = 10;
-    pub const COUNT: usize = 11;
+    /// A payload segment beyond a gap on a command-filtered flow: held
+    /// back (dropped) until the gap fills, so no command is read out of order.
+    pub const SMTP_OUT_OF_ORDER: u8 = 11;
+    pub const COUNT: usize = 12;
     pub const NAMES: [&str; COUNT] = [
         "fragment",
         "malformed",
@@ -94,6 +99,7 @@ pub mod reason {
         "smtp_command",
         "default_allow",
         "default_deny",
+        "smtp_out_of_order",
     ];
 }
 
@@ -154,8 +160,16 @@ pub const STATS_BANS_MANUAL: u32 = STATS_VERDICT_CELLS + 3;
 /// cell `STATS_CLAIMS + kind`. Their sum is every new source tracked; all
 /// but `FREE` are evictions.
 pub const STATS_CLAIMS: u32 = STATS_VERDICT_CELLS + 4;
+/// `STATS` cell: payload segments of command-filtered flows longer than
+/// [`smtp_scan::SCAN_BYTES`]; their bytes beyond were not scanned.
+pub const STATS_SCAN_TRUNCATED: u32 = STATS_CLAIMS + claim_kind::COUNT as u32;
+/// `STATS` cell: TCP resets sent to the peer of an established session
+/// the policy now denies (see `reset` in the datapath).
+pub const STATS_RESETS: u32 = STATS_SCAN_TRUNCATED + 1;
+/// `STATS` cell: command-filtered flows given an `SMTP_FLOWS` entry.
+pub const STATS_SMTP_FLOWS: u32 = STATS_SCAN_TRUNCATED + 2;
 /// Entries of the `STATS` per-CPU array.
-pub const STATS_ENTRIES: u32 = STATS_CLAIMS + claim_kind::COUNT as u32;
+pub const STATS_ENTRIES: u32 = STATS_SCAN_TRUNCATED + 3;
 
 /// What the way a new source takes in its `SOURCES` set held before:
 /// how full the table is under churn. See [`source::claim_kind_of`].
@@ -175,13 +189,16 @@ pub mod claim_kind {
     pub const NAMES: [&str; COUNT] = ["free", "stale", "live", "ban"];
 }
 
-/// Index of a (direction, country) drop counter in `GEO_DROPS`.
+/// Index of a (direction, verdict, country) drop counter in `GEO_DROPS`;
+/// `verdict` is [`verdict::DROP`] or [`verdict::WOULD_DROP`] (other values
+/// count as drops).
 #[inline(always)]
-pub const fn geo_index(direction: u8, country: u32) -> u32 {
-    direction as u32 * MAX_COUNTRIES as u32 + country
+pub const fn geo_index(direction: u8, verdict: u8, country: u32) -> u32 {
+    let monitor = (verdict == verdict::WOULD_DROP) as u32;
+    (direction as u32 * 2 + monitor) * MAX_COUNTRIES as u32 + country
 }
 
-pub const GEO_DROPS_ENTRIES: u32 = (direction::COUNT * MAX_COUNTRIES) as u32;
+pub const GEO_DROPS_ENTRIES: u32 = (direction::COUNT * 2 * MAX_COUNTRIES) as u32;
 
 /// Settings of the loaded datapath that are not part of a policy generation.
 ///
@@ -320,7 +337,10 @@ pub struct DirectionPolicy {
     pub rate_enabled: u8,
     /// Non-zero when the geo-fence applies.
     pub geo_enabled: u8,
-    pub _pad0: [u8; 2],
+    /// [`action`] for IP fragments of segments to an SMTP-profile port
+    /// while `smtp_block` is set: the command filter cannot read them.
+    pub smtp_fragment_action: u8,
+    pub _pad0: [u8; 1],
     /// GCRA emission interval: 60 s / new connections per minute.
     pub rate_interval_ns: u64,
     /// GCRA tolerance: (burst - 1) * interval.
@@ -350,7 +370,8 @@ impl DirectionPolicy {
         smtp_block: 0,
         rate_enabled: 0,
         geo_enabled: 0,
-        _pad0: [0; 2],
+        smtp_fragment_action: action::DROP,
+        _pad0: [0; 1],
         rate_interval_ns: 0,
         rate_tolerance_ns: 0,
         ban_threshold: 0,
@@ -507,6 +528,8 @@ mod pod {
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for source::SourceSet {}
     unsafe impl aya::Pod for maps::Counter {}
+    unsafe impl aya::Pod for SmtpFlowKey {}
+    unsafe impl aya::Pod for SmtpFlow {}
 }
 
 impl DirectionPolicy {
@@ -525,18 +548,30 @@ impl DirectionPolicy {
     }
 }
 
-/// Case-insensitive check of a TCP payload's first bytes against the
-/// blocked SMTP commands: the verb, then a space, CR, LF or the end.
-#[inline(always)]
-pub fn blocked_smtp_command(head: &[u8; 5], payload_len: u32, blocked: u8) -> bool {
-    if payload_len < 4 {
-        return false;
-    }
-    let delimited = payload_len == 4 || matches!(head[4], b' ' | b'\r' | b'\n');
-    if !delimited {
-        return false;
-    }
-    let verb = [head[0] & 0xdf, head[1] & 0xdf, head[2] & 0xdf, head[3] & 0xdf];
-    (blocked & smtp_command::VRFY != 0 && verb == *b"VRFY")
-        || (blocked & smtp_command::EXPN != 0 && verb == *b"EXPN")
+/// Key of an `SMTP_FLOWS` entry: one client-to-server direction of a
+/// TCP connection to a command-filtered port, as a hook judges it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SmtpFlowKey {
+    /// Address words in memory order; IPv4 uses the first word.
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    /// [`direction`]: the same addresses may be judged by either.
+    pub direction: u8,
+    pub _pad: [u8; 3],
 }
+const _: () = assert!(core::mem::size_of::<SmtpFlowKey>() == 40);
+
+/// Value of an `SMTP_FLOWS` entry: where the scanned stream ends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SmtpFlow {
+    /// Sequence number of the next byte the scanner expects.
+    pub next_seq: u32,
+    /// [`smtp_scan`] state set at `next_seq`.
+    pub states: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<SmtpFlow>() == 8);

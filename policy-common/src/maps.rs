@@ -32,7 +32,8 @@ pub const SOURCES: &str = "SOURCES";
 /// crate root). Writer: datapath (the manual-ban cell: `smtpguard ban`,
 /// CPU 0's cell). Reader: controller, summing CPUs.
 pub const STATS: &str = "STATS";
-/// `PerCpuArray<u64>`, drops per (direction, country), indexed by `geo_index`.
+/// `PerCpuArray<u64>`, drops and would-drops per (direction, verdict,
+/// country), indexed by `geo_index`.
 pub const GEO_DROPS: &str = "GEO_DROPS";
 /// `RingBuf` of `Event`s.
 pub const EVENTS: &str = "EVENTS";
@@ -56,8 +57,17 @@ pub const SCRATCH: &str = "SCRATCH";
 pub const TENANT_IFACES: &str = "TENANT_IFACES";
 pub const TENANT_IFACES_CAPACITY: u32 = 4096;
 
+/// `LruHashMap<SmtpFlowKey, SmtpFlow>`: scanner state of command-filtered
+/// SMTP flows, so a command split across segments is still seen. Writer
+/// and reader: the datapath. Capacity settable at load time.
+pub const SMTP_FLOWS: &str = "SMTP_FLOWS";
+/// Default capacity of `SMTP_FLOWS`, in flows.
+pub const DEFAULT_SMTP_FLOWS: u32 = 65_536;
+/// `PerCpuArray<[u8; SCAN_BYTES]>`, 1 entry: payload copied for the scanner.
+pub const SCAN_BUF: &str = "SCAN_BUF";
+
 /// Every map of the object, for the ELF test and the controller.
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 18] = [
     RUNTIME,
     POLICY,
     ACL4_ROOT,
@@ -74,6 +84,8 @@ pub const ALL_MAPS: [&str; 16] = [
     EVENT_BUDGET,
     SCRATCH,
     TENANT_IFACES,
+    SMTP_FLOWS,
+    SCAN_BUF,
 ];
 
 /// Program names, one per hook.
