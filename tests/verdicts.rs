@@ -324,6 +324,22 @@ fn pipeline_cases(v: &Variant) -> Vec<Case> {
     add("EXPN is dropped", IN, data(IN, 25, b"EXPN staff\r\n"), no_setup(), counted(verdict::DROP, reason::SMTP_COMMAND, 0), None);
     add("a bare 4-byte EXPN is dropped", IN, data(IN, 25, b"EXPN"), no_setup(), counted(verdict::DROP, reason::SMTP_COMMAND, 0), None);
     add("VRFYX is no command", IN, data(IN, 25, b"VRFYX\r\n"), no_setup(), counted(verdict::PASS, reason::DEFAULT_ALLOW, 0), None);
+    // Every line of a segment is a command line (issue 12).
+    let cmd_drop = || counted(verdict::DROP, reason::SMTP_COMMAND, 0);
+    let cmd_pass = || counted(verdict::PASS, reason::DEFAULT_ALLOW, 0);
+    add("VRFY pipelined after EHLO is dropped", IN, data(IN, 25, b"EHLO x\r\nVRFY root\r\n"), no_setup(), cmd_drop(), None);
+    add("EXPN after a bare LF is dropped", IN, data(IN, 25, b"NOOP\nexpn staff\n"), no_setup(), cmd_drop(), None);
+    add("EXPN after a bare CR is dropped", IN, data(IN, 25, b"NOOP\rEXPN staff"), no_setup(), cmd_drop(), None);
+    add("VRFY after a leading space is dropped", IN, data(IN, 25, b" VRFY root\r\n"), no_setup(), cmd_drop(), None);
+    add("VRFY after tabs and spaces on line 3 is dropped", IN, data(IN, 25, b"EHLO x\r\nNOOP\r\n\t  vRfY root\r\n"), no_setup(), cmd_drop(), None);
+    add("VRFY ending the segment after a line break is dropped", IN, data(IN, 25, b"NOOP\r\nVRFY"), no_setup(), cmd_drop(), None);
+    add("EXPN followed by a colon is dropped", IN, data(IN, 25, b"EXPN:staff\r\n"), no_setup(), cmd_drop(), None);
+    let long_tail: Vec<u8> = [vec![b'x'; 1500], b"\r\nVRFY root\r\n".to_vec()].concat();
+    add("VRFY on a line starting at byte 1502 is dropped", IN, data(IN, 25, &[b"NOOP ".as_slice(), &long_tail].concat()), no_setup(), cmd_drop(), None);
+    add("a body line mentioning vrfy mid-line passes", IN, data(IN, 25, b"Subject: hi\r\nplease vrfy root\r\n"), no_setup(), cmd_pass(), None);
+    add("VRFY inside an address passes", IN, data(IN, 25, b"RCPT TO:<vrfy@example.org>\r\n"), no_setup(), cmd_pass(), None);
+    add("V RFY is no command", IN, data(IN, 25, b"V RFY root\r\n"), no_setup(), cmd_pass(), None);
+    add("a segment ending in VRF passes", IN, data(IN, 25, b"NOOP\r\nVRF"), no_setup(), cmd_pass(), None);
     add("MAIL FROM passes", IN, data(IN, 25, b"MAIL FROM:<a@example.org>\r\n"), no_setup(), counted(verdict::PASS, reason::DEFAULT_ALLOW, 0), None);
     add("VRFY on submission (587) is not filtered", IN, data(IN, 587, b"VRFY root\r\n"), no_setup(), counted(verdict::PASS, reason::DEFAULT_ALLOW, 2), None);
     add(
@@ -621,7 +637,7 @@ fn check_ban(h: &mut Harness, addr: IpAddr, strikes: u16, duration_s: u32, origi
 /// Cases in the table, as README.md states them ("one table of N cases"):
 /// a case that goes missing, or one added without saying so, fails the
 /// tests below instead of passing silently.
-const CASES: usize = 431;
+const CASES: usize = 503;
 
 fn all_cases() -> Vec<Case> {
     let mut cases = other_cases();
@@ -701,7 +717,7 @@ fn run_case(h: &mut Harness, hook: Hook, case: &Case) -> anyhow::Result<Ran> {
     }
     let geo_cell = match case.expect {
         Expect::Counted { verdict, reason: reason::GEO, .. } if verdict != verdict::PASS => {
-            Some(geo_index(case.dir, fixtures::BLOCKED_COUNTRY) as usize)
+            Some(geo_index(case.dir, verdict, fixtures::BLOCKED_COUNTRY) as usize)
         }
         _ => None,
     };

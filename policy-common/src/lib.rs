@@ -83,10 +83,7 @@ pub mod reason {
     pub const SMTP_COMMAND: u8 = 8;
     pub const DEFAULT_ALLOW: u8 = 9;
     pub const DEFAULT_DENY: u8 = 10;
-    /// A payload segment beyond a gap on a command-filtered flow: held
-    /// back (dropped) until the gap fills, so no command is read out of order.
-    pub const SMTP_OUT_OF_ORDER: u8 = 11;
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 11;
     pub const NAMES: [&str; COUNT] = [
         "fragment",
         "malformed",
@@ -99,7 +96,6 @@ pub mod reason {
         "smtp_command",
         "default_allow",
         "default_deny",
-        "smtp_out_of_order",
     ];
 }
 
@@ -163,13 +159,8 @@ pub const STATS_CLAIMS: u32 = STATS_VERDICT_CELLS + 4;
 /// `STATS` cell: payload segments of command-filtered flows longer than
 /// [`smtp_scan::SCAN_BYTES`]; their bytes beyond were not scanned.
 pub const STATS_SCAN_TRUNCATED: u32 = STATS_CLAIMS + claim_kind::COUNT as u32;
-/// `STATS` cell: TCP resets sent to the peer of an established session
-/// the policy now denies (see `reset` in the datapath).
-pub const STATS_RESETS: u32 = STATS_SCAN_TRUNCATED + 1;
-/// `STATS` cell: command-filtered flows given an `SMTP_FLOWS` entry.
-pub const STATS_SMTP_FLOWS: u32 = STATS_SCAN_TRUNCATED + 2;
 /// Entries of the `STATS` per-CPU array.
-pub const STATS_ENTRIES: u32 = STATS_SCAN_TRUNCATED + 3;
+pub const STATS_ENTRIES: u32 = STATS_SCAN_TRUNCATED + 1;
 
 /// What the way a new source takes in its `SOURCES` set held before:
 /// how full the table is under churn. See [`source::claim_kind_of`].
@@ -337,10 +328,7 @@ pub struct DirectionPolicy {
     pub rate_enabled: u8,
     /// Non-zero when the geo-fence applies.
     pub geo_enabled: u8,
-    /// [`action`] for IP fragments of segments to an SMTP-profile port
-    /// while `smtp_block` is set: the command filter cannot read them.
-    pub smtp_fragment_action: u8,
-    pub _pad0: [u8; 1],
+    pub _pad0: [u8; 2],
     /// GCRA emission interval: 60 s / new connections per minute.
     pub rate_interval_ns: u64,
     /// GCRA tolerance: (burst - 1) * interval.
@@ -370,8 +358,7 @@ impl DirectionPolicy {
         smtp_block: 0,
         rate_enabled: 0,
         geo_enabled: 0,
-        smtp_fragment_action: action::DROP,
-        _pad0: [0; 1],
+        _pad0: [0; 2],
         rate_interval_ns: 0,
         rate_tolerance_ns: 0,
         ban_threshold: 0,
@@ -528,8 +515,6 @@ mod pod {
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for source::SourceSet {}
     unsafe impl aya::Pod for maps::Counter {}
-    unsafe impl aya::Pod for SmtpFlowKey {}
-    unsafe impl aya::Pod for SmtpFlow {}
 }
 
 impl DirectionPolicy {
@@ -548,30 +533,3 @@ impl DirectionPolicy {
     }
 }
 
-/// Key of an `SMTP_FLOWS` entry: one client-to-server direction of a
-/// TCP connection to a command-filtered port, as a hook judges it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SmtpFlowKey {
-    /// Address words in memory order; IPv4 uses the first word.
-    pub src: [u32; 4],
-    pub dst: [u32; 4],
-    pub sport: u16,
-    pub dport: u16,
-    /// [`direction`]: the same addresses may be judged by either.
-    pub direction: u8,
-    pub _pad: [u8; 3],
-}
-const _: () = assert!(core::mem::size_of::<SmtpFlowKey>() == 40);
-
-/// Value of an `SMTP_FLOWS` entry: where the scanned stream ends.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SmtpFlow {
-    /// Sequence number of the next byte the scanner expects.
-    pub next_seq: u32,
-    /// [`smtp_scan`] state set at `next_seq`.
-    pub states: u16,
-    pub _pad: [u8; 2],
-}
-const _: () = assert!(core::mem::size_of::<SmtpFlow>() == 8);

@@ -57,17 +57,11 @@ pub const SCRATCH: &str = "SCRATCH";
 pub const TENANT_IFACES: &str = "TENANT_IFACES";
 pub const TENANT_IFACES_CAPACITY: u32 = 4096;
 
-/// `LruHashMap<SmtpFlowKey, SmtpFlow>`: scanner state of command-filtered
-/// SMTP flows, so a command split across segments is still seen. Writer
-/// and reader: the datapath. Capacity settable at load time.
-pub const SMTP_FLOWS: &str = "SMTP_FLOWS";
-/// Default capacity of `SMTP_FLOWS`, in flows.
-pub const DEFAULT_SMTP_FLOWS: u32 = 65_536;
 /// `PerCpuArray<[u8; SCAN_BYTES]>`, 1 entry: payload copied for the scanner.
 pub const SCAN_BUF: &str = "SCAN_BUF";
 
 /// Every map of the object, for the ELF test and the controller.
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 17] = [
     RUNTIME,
     POLICY,
     ACL4_ROOT,
@@ -84,7 +78,6 @@ pub const ALL_MAPS: [&str; 18] = [
     EVENT_BUDGET,
     SCRATCH,
     TENANT_IFACES,
-    SMTP_FLOWS,
     SCAN_BUF,
 ];
 

@@ -180,7 +180,9 @@ pub fn transition_index(blocked: u8, byte: u8, states: States) -> usize {
 /// command ended with this byte.
 #[inline(always)]
 pub fn step(blocked: u8, byte: u8, states: States) -> u16 {
-    TRANSITIONS[transition_index(blocked, byte, states)]
+    // Never out of range (classes are below class::COUNT); `get` keeps a
+    // panic path, which BPF cannot have, out of the datapath.
+    TRANSITIONS.get(transition_index(blocked, byte, states)).copied().unwrap_or(0)
 }
 
 /// Does the data end where a blocked verb may be complete (`VRFY` as the

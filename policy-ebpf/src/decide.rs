@@ -7,7 +7,7 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use policy_common::{
-    action, blocked_smtp_command, event_kind, hook, mode, profile, reason, verdict, DirectionPolicy, PORT_SLOT_UNKNOWN,
+    action, event_kind, hook, mode, profile, reason, verdict, DirectionPolicy, PORT_SLOT_UNKNOWN,
 };
 
 use crate::{
@@ -16,6 +16,7 @@ use crate::{
     events,
     frame::Frame,
     parse::{self, outcome, Flow, Ports, Segment, PULL_LEN},
+    smtp,
     sources::{self, BanCheck, SynOutcome},
     stats,
 };
@@ -192,15 +193,12 @@ fn pipeline<F: Frame>(frame: &F, runtime: RuntimeView, generation: u32, dp: &Dir
     }
 
     let slot_profile = *dp.profile.get(flow.port_slot).unwrap_or(&profile::OTHER);
-    if slot_profile == profile::SMTP && dp.smtp_block != 0 && flow.payload_len >= 4 {
-        let head = if flow.payload_len == 4 {
-            frame.copy::<4>(flow.payload_offset).map(|h| [h[0], h[1], h[2], h[3], 0])
-        } else {
-            frame.copy::<5>(flow.payload_offset)
-        };
-        if head.is_some_and(|h| blocked_smtp_command(&h, flow.payload_len, dp.smtp_block)) {
-            return Outcome::new(action::DROP, reason::SMTP_COMMAND);
-        }
+    if slot_profile == profile::SMTP
+        && dp.smtp_block != 0
+        && flow.payload_len != 0
+        && smtp::blocked_command(frame, flow.payload_offset, flow.payload_len, dp.smtp_block)
+    {
+        return Outcome::new(action::DROP, reason::SMTP_COMMAND);
     }
 
     match dp.default_action.get(flow.port_slot) {
@@ -235,7 +233,7 @@ fn finish(
         return Verdict::Pass;
     }
     if outcome.reason == reason::GEO {
-        stats::record_geo_drop(dir, outcome.country);
+        stats::record_geo_drop(dir, v, outcome.country);
     }
     if let Some(flow) = flow {
         if runtime.drop_sample_one_in() != 0 {

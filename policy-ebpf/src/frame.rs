@@ -5,7 +5,7 @@
 //! its headers outside the linear area (AF_PACKET senders, GRO): then the
 //! parser reports [`Truncated`](crate::parse::Parsed::Truncated) although
 //! the frame is longer, and the TC hook pulls the headers in and parses
-//! again. The payload peek uses `bpf_skb_load_bytes`, which needs no pull,
+//! again. The payload scan copies with `bpf_skb_load_bytes`, which needs no pull,
 //! so locally generated TCP (payload in page fragments) is never copied.
 
 use core::mem::size_of;
@@ -23,8 +23,12 @@ pub trait Frame {
     fn wire_len(&self) -> u32;
     /// Makes up to `len` bytes directly readable; false when nothing changed.
     fn pull(&self, len: u32) -> bool;
-    /// Copies `N` (at most 8) bytes at `offset`, wherever they are.
-    fn copy<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
+    /// Copies `len` bytes at `offset`, wherever they are, to `dst`; false
+    /// when the frame is shorter.
+    ///
+    /// # Safety
+    /// `dst` is valid for writes of `len` bytes.
+    unsafe fn copy_to(&self, offset: usize, dst: *mut u8, len: u32) -> bool;
     /// Ifindex the packet arrived on before being forwarded; 0 when it
     /// was generated on this host (or not known, as in XDP).
     fn arrived_on(&self) -> u32;
@@ -106,26 +110,6 @@ pub mod load {
     }
 }
 
-/// An 8-byte, 8-aligned copy buffer: zeroed by one store, not a memset call.
-#[repr(C, align(8))]
-struct Bytes8([u8; 8]);
-
-impl Bytes8 {
-    const ZERO: Self = Self([0; 8]);
-
-    fn as_mut_ptr(&mut self) -> *mut core::ffi::c_void {
-        self.0.as_mut_ptr() as *mut _
-    }
-
-    /// The first `N` bytes (`N` <= 8).
-    #[inline(always)]
-    fn first<const N: usize>(&self) -> [u8; N] {
-        let mut out = [0u8; N];
-        out.copy_from_slice(&self.0[..N]);
-        out
-    }
-}
-
 pub struct XdpFrame<'a>(pub &'a XdpContext);
 
 // The context fields are u32, so LLVM may keep a packet pointer in a 32-bit
@@ -158,11 +142,9 @@ impl Frame for XdpFrame<'_> {
     /// A helper rather than direct access: the offset then stays an
     /// imprecise scalar for the verifier, which keeps its state count down.
     #[inline(always)]
-    fn copy<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        let mut buf = Bytes8::ZERO;
-        // SAFETY: the helper bounds-checks and writes at most N <= 8 bytes.
-        let rc = unsafe { bpf_xdp_load_bytes(self.0.as_ptr() as *mut _, offset as u32, buf.as_mut_ptr(), N as u32) };
-        (rc == 0).then(|| buf.first())
+    unsafe fn copy_to(&self, offset: usize, dst: *mut u8, len: u32) -> bool {
+        // SAFETY: the helper bounds-checks the frame; the caller vouches for `dst`.
+        unsafe { bpf_xdp_load_bytes(self.0.as_ptr() as *mut _, offset as u32, dst.cast(), len) == 0 }
     }
 
     #[inline(always)]
@@ -197,11 +179,9 @@ impl Frame for SkbFrame<'_> {
     }
 
     #[inline(always)]
-    fn copy<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        let mut buf = Bytes8::ZERO;
-        // SAFETY: the helper bounds-checks and writes at most N <= 8 bytes.
-        let rc = unsafe { bpf_skb_load_bytes(self.0.as_ptr(), offset as u32, buf.as_mut_ptr(), N as u32) };
-        (rc == 0).then(|| buf.first())
+    unsafe fn copy_to(&self, offset: usize, dst: *mut u8, len: u32) -> bool {
+        // SAFETY: as for XDP.
+        unsafe { bpf_skb_load_bytes(self.0.as_ptr(), offset as u32, dst.cast(), len) == 0 }
     }
 
     #[inline(always)]

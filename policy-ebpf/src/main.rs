@@ -19,6 +19,7 @@ mod events;
 mod frame;
 mod opaque;
 mod parse;
+mod smtp;
 mod sources;
 mod stats;
 

@@ -5,7 +5,7 @@ use aya_ebpf::{macros::map, maps::PerCpuArray};
 use crate::opaque::opaque;
 use policy_common::{
     claim_kind, geo_index, stats_index, Counter, GEO_DROPS_ENTRIES, STATS_BANS_AUTO, STATS_BANS_ESCALATED, STATS_CLAIMS,
-    STATS_ENTRIES, STATS_EVENTS_LOST,
+    STATS_ENTRIES, STATS_EVENTS_LOST, STATS_SCAN_TRUNCATED,
 };
 
 /// Key: `stats_index(direction, verdict, reason, port slot)`, plus the
@@ -13,7 +13,7 @@ use policy_common::{
 #[map]
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES, 0);
 
-/// Key: `geo_index(direction, country)`: drops and would-drops by country.
+/// Key: `geo_index(direction, verdict, country)`: drops and would-drops by country.
 #[map]
 static GEO_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GEO_DROPS_ENTRIES, 0);
 
@@ -34,8 +34,8 @@ pub fn record(direction: u8, verdict: u8, reason: u8, port_slot: usize, bytes: u
 }
 
 #[inline(always)]
-pub fn record_geo_drop(direction: u8, country: u32) {
-    if let Some(c) = GEO_DROPS.get_ptr_mut(opaque(geo_index(direction, country) as u64) as u32) {
+pub fn record_geo_drop(direction: u8, verdict: u8, country: u32) {
+    if let Some(c) = GEO_DROPS.get_ptr_mut(opaque(geo_index(direction, verdict, country) as u64) as u32) {
         // SAFETY: as in `record`.
         unsafe { *c += 1 }
     }
@@ -64,6 +64,15 @@ pub fn record_claim(kind: u8) {
 #[inline(always)]
 pub fn record_event_lost() {
     if let Some(c) = STATS.get_ptr_mut(STATS_EVENTS_LOST) {
+        // SAFETY: as in `record`.
+        unsafe { (*c).packets += 1 }
+    }
+}
+
+/// Counts a payload segment longer than the command scanner reads.
+#[inline(always)]
+pub fn record_scan_truncated() {
+    if let Some(c) = STATS.get_ptr_mut(STATS_SCAN_TRUNCATED) {
         // SAFETY: as in `record`.
         unsafe { (*c).packets += 1 }
     }

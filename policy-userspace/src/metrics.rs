@@ -166,13 +166,20 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
         bans_total.with_label_values(&[origin]).inc_by(stats[cell as usize].packets);
     }
     register_source_claims(&r, &stats);
-    let geo = IntCounterVec::new(Opts::new("smtpguard_geo_drops_total", "Drops (and would-drops) by the geo-fence, by country"), &["direction", "country"]).expect("valid");
+    let scan_truncated = IntCounterVec::new(
+        Opts::new("smtpguard_smtp_scan_truncated_total", "Payload segments of command-filtered SMTP ports longer than the scanner reads (2048 bytes); the rest went unscanned"),
+        &[],
+    )
+    .expect("valid");
+    scan_truncated.with_label_values(&[] as &[&str]).inc_by(stats[policy_common::STATS_SCAN_TRUNCATED as usize].packets);
+    let geo = IntCounterVec::new(Opts::new("smtpguard_geo_drops_total", "Drops and would-drops (monitor mode) by the geo-fence, by country"), &["direction", "verdict", "country"]).expect("valid");
     let geo_cells = observer.geo_drops().map_err(|e| e.to_string())?;
     for (i, drops) in geo_cells.iter().enumerate().take(GEO_DROPS_ENTRIES as usize) {
         if *drops > 0 {
-            let d = i / MAX_COUNTRIES;
+            let (d, monitor) = (i / MAX_COUNTRIES / 2, i / MAX_COUNTRIES % 2 == 1);
+            let v = if monitor { verdict::WOULD_DROP } else { verdict::DROP };
             let country = view.country(i % MAX_COUNTRIES).unwrap_or("unknown");
-            geo.with_label_values(&[direction::NAMES[d], country]).inc_by(*drops);
+            geo.with_label_values(&[direction::NAMES[d], verdict::NAMES[v as usize], country]).inc_by(*drops);
         }
     }
     let bans = IntGaugeVec::new(Opts::new("smtpguard_active_bans", "Sources banned now, by origin (from the last table scan)"), &["origin"]).expect("valid");
@@ -226,7 +233,7 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     let build = IntGaugeVec::new(Opts::new("smtpguard_build_info", "Build information"), &["version"]).expect("valid");
     build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
-    for c in [packets, bytes, events_lost, bans_total, geo] {
+    for c in [packets, bytes, events_lost, bans_total, scan_truncated, geo] {
         register(&r, c);
     }
     register(&r, bans);

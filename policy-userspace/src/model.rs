@@ -5,7 +5,7 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use policy_common::{
-    action, blocked_smtp_command, direction, mode, profile, reason, side, verdict, AclEntry, DirectionPolicy,
+    action, direction, mode, profile, reason, side, smtp_scan, verdict, AclEntry, DirectionPolicy,
 };
 
 use crate::policy::Compiled;
@@ -151,11 +151,9 @@ pub fn decide(c: &Compiled, acl: &AclIndex, p: &Packet, state: SourceState) -> D
             return finish(d, action::DROP, reason::RATE_LIMITED);
         }
     }
-    if dp.profile[slot] == profile::SMTP && dp.smtp_block != 0 && p.payload.len() >= 4 {
-        let mut head = [0u8; 5];
-        let n = p.payload.len().min(5);
-        head[..n].copy_from_slice(&p.payload[..n]);
-        if blocked_smtp_command(&head, p.payload.len() as u32, dp.smtp_block) {
+    if dp.profile[slot] == profile::SMTP && dp.smtp_block != 0 {
+        let scanned = &p.payload[..p.payload.len().min(smtp_scan::SCAN_BYTES)];
+        if smtp_scan::scan(dp.smtp_block, smtp_scan::AT_LINE_START, scanned).blocked {
             return finish(d, action::DROP, reason::SMTP_COMMAND);
         }
     }
