@@ -446,6 +446,95 @@ fn pipeline_cases(v: &Variant) -> Vec<Case> {
         counted(verdict::PASS, reason::FRAGMENT, PORT_SLOT_UNKNOWN),
         None,
     );
+    // Fragments on a command-filtered port (issue 12): a first fragment is
+    // judged like a whole segment, then dropped unless the policy allows
+    // fragments there; one too short for the TCP flags is a new connection.
+    let first_frag = || v.frame(IN, 25, ACK | PSH).payload(b"NOOP\r\n").fragment(0, true).build();
+    add("a first fragment to 25 is dropped while commands are filtered", IN, first_frag(), no_setup(), counted(verdict::DROP, reason::FRAGMENT, 0), None);
+    add(
+        "a first fragment to 25 passes when the policy allows fragments",
+        IN,
+        first_frag(),
+        Box::new(|_, p| {
+            dp_mut(p, IN).smtp_fragment_action = action::PASS;
+            Ok(())
+        }),
+        counted(verdict::PASS, reason::DEFAULT_ALLOW, 0),
+        None,
+    );
+    add(
+        "monitor: a first fragment to 25 only counts",
+        IN,
+        first_frag(),
+        Box::new(move |_, p| {
+            monitor(IN)(p);
+            Ok(())
+        }),
+        counted(verdict::WOULD_DROP, reason::FRAGMENT, 0),
+        None,
+    );
+    add("a first fragment's VRFY in sight is dropped as a command when fragments are allowed", IN, v.frame(IN, 25, ACK | PSH).payload(b"VRFY root\r\n").fragment(0, true).build(), Box::new(|_, p| {
+            dp_mut(p, IN).smtp_fragment_action = action::PASS;
+            Ok(())
+        }), counted(verdict::DROP, reason::SMTP_COMMAND, 0), None);
+    add("a first fragment to 587 is not command-filtered", IN, v.frame(IN, 587, ACK | PSH).payload(b"VRFY root\r\n").fragment(0, true).build(), no_setup(), counted(verdict::PASS, reason::DEFAULT_ALLOW, 2), None);
+    let eight_byte_first = |dir: u8| {
+        let t = v.frame(dir, 25, SYN).fragment(0, true);
+        let (l3, l4) = (t.l2_len(), t.l4_offset());
+        let mut f = t.build();
+        f.truncate(l4 + 8);
+        let ip_len = if v.v6 { l4 + 8 - l3 - 40 } else { l4 + 8 - l3 };
+        let at = if v.v6 { l3 + 4 } else { l3 + 2 };
+        f[at..at + 2].copy_from_slice(&(ip_len as u16).to_be_bytes());
+        f
+    };
+    let malformed_allowed = || -> Setup {
+        Box::new(|_, p| {
+            dp_mut(p, EG).malformed_action = action::PASS;
+            Ok(())
+        })
+    };
+    add("an 8-byte first fragment is judged by the policy, not as malformed", EG, eight_byte_first(EG), malformed_allowed(), counted(verdict::DROP, reason::DEFAULT_DENY, 0), None);
+    add(
+        "an 8-byte first fragment from a denied source is dropped as denied",
+        IN,
+        eight_byte_first(IN),
+        Box::new(move |h, p| {
+            dp_mut(p, IN).malformed_action = action::PASS;
+            dp_mut(p, IN).smtp_fragment_action = action::PASS;
+            h.add_acl(IN, side::PEER, ing.src, host_len, entry_all_ports(0, 22, 0)).map_err(Into::into)
+        }),
+        counted(verdict::DROP, reason::DENY_ACL, 0),
+        None,
+    );
+    add(
+        "an 8-byte first fragment is a new connection for the rate limit",
+        IN,
+        eight_byte_first(IN),
+        Box::new(move |h, p| {
+            dp_mut(p, IN).smtp_fragment_action = action::PASS;
+            rate_on(p);
+            h.seed_source(ing.src, seed::bucket_empty(&p.direction[IN as usize])).map_err(Into::into)
+        }),
+        counted(verdict::DROP, reason::RATE_LIMITED, 0),
+        None,
+    );
+    let mut long_ip = data(IN, 25, b"NOOP\r\n");
+    let l3 = v.frame(IN, 25, ACK).l2_len();
+    let at = if v.v6 { l3 + 4 } else { l3 + 2 };
+    let claimed = u16::from_be_bytes([long_ip[at], long_ip[at + 1]]) + 100;
+    long_ip[at..at + 2].copy_from_slice(&claimed.to_be_bytes());
+    add("an IP length past the frame's end is malformed", IN, long_ip, no_setup(), counted(verdict::DROP, reason::MALFORMED, 0), None);
+    if v.v6 {
+        add(
+            "a later IPv6 fragment whose next header is an extension is counted as a fragment",
+            EG,
+            v.frame(EG, 25, SYN).protocol(60).fragment(185, false).build(),
+            no_setup(),
+            counted(verdict::PASS, reason::FRAGMENT, PORT_SLOT_UNKNOWN),
+            None,
+        );
+    }
     add("a later UDP fragment is not ours", EG, v.frame(EG, 25, 0).protocol(17).fragment(185, false).build(), no_setup(), Expect::Uncounted, None);
 
     // Malformed TCP to a guarded port: the action is configuration.
@@ -637,7 +726,7 @@ fn check_ban(h: &mut Harness, addr: IpAddr, strikes: u16, duration_s: u32, origi
 /// Cases in the table, as README.md states them ("one table of N cases"):
 /// a case that goes missing, or one added without saying so, fails the
 /// tests below instead of passing silently.
-const CASES: usize = 503;
+const CASES: usize = 560;
 
 fn all_cases() -> Vec<Case> {
     let mut cases = other_cases();

@@ -328,7 +328,10 @@ pub struct DirectionPolicy {
     pub rate_enabled: u8,
     /// Non-zero when the geo-fence applies.
     pub geo_enabled: u8,
-    pub _pad0: [u8; 2],
+    /// [`action`] for IP fragments of segments to an SMTP-profile port
+    /// while `smtp_block` is set: the command filter cannot read them.
+    pub smtp_fragment_action: u8,
+    pub _pad0: [u8; 1],
     /// GCRA emission interval: 60 s / new connections per minute.
     pub rate_interval_ns: u64,
     /// GCRA tolerance: (burst - 1) * interval.
@@ -358,7 +361,8 @@ impl DirectionPolicy {
         smtp_block: 0,
         rate_enabled: 0,
         geo_enabled: 0,
-        _pad0: [0; 2],
+        smtp_fragment_action: action::DROP,
+        _pad0: [0; 1],
         rate_interval_ns: 0,
         rate_tolerance_ns: 0,
         ban_threshold: 0,

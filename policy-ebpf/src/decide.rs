@@ -193,6 +193,18 @@ fn pipeline<F: Frame>(frame: &F, runtime: RuntimeView, generation: u32, dp: &Dir
     }
 
     let slot_profile = *dp.profile.get(flow.port_slot).unwrap_or(&profile::OTHER);
+    let default_action = *dp.default_action.get(flow.port_slot).unwrap_or(&action::PASS);
+    // The command filter cannot read a fragmented segment: its later
+    // fragments carry no ports. Dropping the first keeps the host from
+    // reassembling any of it. (Where the default drops, it says why.)
+    if slot_profile == profile::SMTP
+        && dp.smtp_block != 0
+        && flow.seg.first_fragment
+        && dp.smtp_fragment_action == action::DROP
+        && default_action != action::DROP
+    {
+        return Outcome::new(action::DROP, reason::FRAGMENT);
+    }
     if slot_profile == profile::SMTP
         && dp.smtp_block != 0
         && flow.payload_len != 0
@@ -201,9 +213,10 @@ fn pipeline<F: Frame>(frame: &F, runtime: RuntimeView, generation: u32, dp: &Dir
         return Outcome::new(action::DROP, reason::SMTP_COMMAND);
     }
 
-    match dp.default_action.get(flow.port_slot) {
-        Some(&action::DROP) => Outcome::new(action::DROP, reason::DEFAULT_DENY),
-        _ => Outcome::new(action::PASS, reason::DEFAULT_ALLOW),
+    if default_action == action::DROP {
+        Outcome::new(action::DROP, reason::DEFAULT_DENY)
+    } else {
+        Outcome::new(action::PASS, reason::DEFAULT_ALLOW)
     }
 }
 

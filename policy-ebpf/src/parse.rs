@@ -11,7 +11,10 @@ use core::mem::MaybeUninit;
 
 use policy_common::{MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS};
 
-use crate::frame::{load, ptr_at, Frame};
+use crate::{
+    frame::{load, ptr_at, Frame},
+    opaque::opaque,
+};
 
 /// Loads field `$field` (or element `$field[$i]`) of the header `$ty`
 /// behind `$h`, a pointer [`ptr_at`] returned, as a `$width` (u8, u16 or
@@ -39,6 +42,9 @@ const IPV6_HOPOPTS: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
 const IPV6_DSTOPTS: u8 = 60;
+/// IPv4 flags and fragment offset: More Fragments, and the offset's bits.
+const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+const IPV4_OFFSET: u16 = 0x1fff;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 /// Headers must end within this many bytes of the frame start; also the
@@ -59,6 +65,9 @@ pub struct Segment {
     pub len: usize,
     pub sport: u16,
     pub dport: u16,
+    /// The first fragment of a fragmented segment: the rest of it (and
+    /// perhaps of its TCP header) is in later fragments.
+    pub first_fragment: bool,
 }
 
 /// A TCP segment to a guarded port, fully parsed. The addresses are copied
@@ -70,7 +79,8 @@ pub struct Flow {
     pub src: [u32; 4],
     pub dst: [u32; 4],
     pub port_slot: usize,
-    /// SYN without ACK: a new connection.
+    /// SYN without ACK: a new connection. Also a first fragment too short
+    /// for the TCP flags: judged as the new connection it may be.
     pub syn: bool,
     pub payload_offset: usize,
     pub payload_len: u32,
@@ -93,7 +103,7 @@ pub mod outcome {
 }
 
 impl Segment {
-    pub const NONE: Self = Self { v6: false, l3: 0, l4: 0, len: 0, sport: 0, dport: 0 };
+    pub const NONE: Self = Self { v6: false, l3: 0, l4: 0, len: 0, sport: 0, dport: 0, first_fragment: false };
 }
 
 /// The result of [`ports`]: an [`outcome`] and, for TCP, the segment.
@@ -245,7 +255,7 @@ pub fn plain<F: Frame>(frame: &F) -> u32 {
     if protocol != IPPROTO_TCP {
         return plain::NOT_TCP;
     }
-    if u16::from_be(field!(u16, h, PlainTcp4, frag)) & 0x1fff != 0 {
+    if u16::from_be(field!(u16, h, PlainTcp4, frag)) & IPV4_OFFSET != 0 {
         return plain::OTHER;
     }
     u16::from_be(field!(u16, h, PlainTcp4, dport)) as u32
@@ -269,20 +279,27 @@ const _: () = assert!(core::mem::size_of::<PlainSegment4>() == 54);
 pub fn plain_flow<F: Frame>(frame: &F, port_slot: usize, flow: &mut MaybeUninit<Flow>) -> u8 {
     // SAFETY: ptr_at checks that the whole struct is readable.
     let Some(h) = (unsafe { ptr_at::<F, PlainSegment4>(frame, 0) }) else { return outcome::SHORT };
-    let (total_len, addrs, sport, dport, offset, flags) = (
+    let (total_len, frag, addrs, sport, dport, offset, flags) = (
         u16::from_be(field!(u16, h, PlainSegment4, ip.total_len)) as usize,
+        u16::from_be(field!(u16, h, PlainSegment4, ip.frag)),
         (field!(u32, h, PlainSegment4, ip.src), field!(u32, h, PlainSegment4, ip.dst)),
         u16::from_be(field!(u16, h, PlainSegment4, tcp.sport)),
         u16::from_be(field!(u16, h, PlainSegment4, tcp.dport)),
         field!(u8, h, PlainSegment4, tcp.offset),
         field!(u8, h, PlainSegment4, tcp.flags),
     );
+    // First fragments are rare: the general parse handles them.
+    if frag & IPV4_MORE_FRAGMENTS != 0 {
+        return outcome::SHORT;
+    }
     let header_len = ((offset >> 4) as usize) * 4;
-    if total_len < 20 || header_len < 20 || total_len - 20 < header_len || 34 + header_len > frame.wire_len() as usize {
+    let wire_len = frame.wire_len() as usize;
+    // 14 + total_len: the IP length must not run past the frame (as in `rest`).
+    if total_len < 20 || header_len < 20 || total_len - 20 < header_len || 14 + total_len > wire_len {
         return outcome::MALFORMED;
     }
     flow.write(Flow {
-        seg: Segment { v6: false, l3: 14, l4: 34, len: total_len - 20, sport, dport },
+        seg: Segment { v6: false, l3: 14, l4: 34, len: total_len - 20, sport, dport, first_fragment: false },
         src: [addrs.0, 0, 0, 0],
         dst: [addrs.1, 0, 0, 0],
         port_slot,
@@ -332,10 +349,10 @@ fn ipv4<F: Frame>(frame: &F, l3: usize) -> Ports {
     if ver_ihl >> 4 != 4 || header_len < 20 || total_len < header_len {
         return Ports::only(outcome::MALFORMED);
     }
-    if frag & 0x1fff != 0 {
+    if frag & IPV4_OFFSET != 0 {
         return Ports::only(outcome::FRAGMENT);
     }
-    tcp_ports(frame, false, l3, l3 + header_len, total_len - header_len)
+    tcp_ports(frame, false, l3, l3 + header_len, total_len - header_len, frag & IPV4_MORE_FRAGMENTS != 0)
 }
 
 #[inline(always)]
@@ -347,6 +364,7 @@ fn ipv6<F: Frame>(frame: &F, l3: usize) -> Ports {
         return Ports::only(outcome::MALFORMED);
     }
     let mut offset = l3 + 40;
+    let mut first_fragment = false;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
@@ -360,8 +378,14 @@ fn ipv6<F: Frame>(frame: &F, l3: usize) -> Ports {
                 let (n, frag) = (field!(u8, h, Ipv6Frag, next), u16::from_be(field!(u16, h, Ipv6Frag, offset_flags)));
                 next = n;
                 if frag >> 3 != 0 {
-                    return Ports::only(if next == IPPROTO_TCP { outcome::FRAGMENT } else { outcome::NOT_TCP });
+                    // A later fragment: TCP, or headers before TCP that may
+                    // end in it, is a fragment we count; anything else is not ours.
+                    return Ports::only(match next {
+                        IPPROTO_TCP | IPV6_HOPOPTS | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_DSTOPTS => outcome::FRAGMENT,
+                        _ => outcome::NOT_TCP,
+                    });
                 }
+                first_fragment |= frag & 1 != 0;
                 offset += 8;
             }
             _ => break,
@@ -376,14 +400,27 @@ fn ipv6<F: Frame>(frame: &F, l3: usize) -> Ports {
     if payload_len < ext_len {
         return Ports::only(outcome::MALFORMED);
     }
-    tcp_ports(frame, true, l3, offset, payload_len - ext_len)
+    tcp_ports(frame, true, l3, offset, payload_len - ext_len, first_fragment)
 }
 
 #[inline(always)]
-fn tcp_ports<F: Frame>(frame: &F, v6: bool, l3: usize, l4: usize, len: usize) -> Ports {
+fn tcp_ports<F: Frame>(frame: &F, v6: bool, l3: usize, l4: usize, len: usize, first_fragment: bool) -> Ports {
+    // The ports must be within the IP length, even in a first fragment.
+    if len < 4 {
+        return Ports::only(outcome::MALFORMED);
+    }
     let Some(p) = header::<F, TcpPorts>(frame, l4) else { return Ports::only(outcome::SHORT) };
     let (sport, dport) = (u16::from_be(field!(u16, p, TcpPorts, sport)), u16::from_be(field!(u16, p, TcpPorts, dport)));
-    Ports { outcome: outcome::TCP, seg: Segment { v6, l3, l4, len, sport, dport } }
+    Ports { outcome: outcome::TCP, seg: Segment { v6, l3, l4, len, sport, dport, first_fragment } }
+}
+
+/// Flags and header length for a first fragment that ends inside its TCP
+/// header: a SYN, and a header as long as what is there (no payload).
+/// Opaque, so the verifier does not walk the pipeline once more for
+/// these constants.
+#[inline(always)]
+fn cut_header(len: usize) -> (u8, usize) {
+    (opaque(TCP_SYN as u64) as u8, opaque(len as u64) as usize)
 }
 
 /// Parses the rest of the TCP header of a segment to a guarded port: an
@@ -392,13 +429,29 @@ fn tcp_ports<F: Frame>(frame: &F, v6: bool, l3: usize, l4: usize, len: usize) ->
 /// an empty flow materialised on every failure path.
 #[inline(always)]
 pub fn rest<F: Frame>(frame: &F, seg: Segment, port_slot: usize, flow: &mut MaybeUninit<Flow>) -> u8 {
-    let Some(tcp) = header::<F, TcpHdr>(frame, seg.l4) else { return outcome::SHORT };
-    let (offset, flags) = (field!(u8, tcp, TcpHdr, offset), field!(u8, tcp, TcpHdr, flags));
-    let header_len = ((offset >> 4) as usize) * 4;
-    // The whole TCP header must be in the frame, options included.
-    if header_len < 20 || seg.len < header_len || seg.l4 + header_len > frame.wire_len() as usize {
+    // An IP length past the frame's end claims bytes that are not there.
+    if seg.l4 + seg.len > frame.wire_len() as usize {
         return outcome::MALFORMED;
     }
+    // A first fragment that ends inside the TCP header still names both
+    // ports: it is judged as a new connection (the flags are not in sight).
+    let (flags, header_len) = if seg.first_fragment && seg.len < 20 {
+        cut_header(seg.len)
+    } else {
+        let Some(tcp) = header::<F, TcpHdr>(frame, seg.l4) else { return outcome::SHORT };
+        let (offset, flags) = (field!(u8, tcp, TcpHdr, offset), field!(u8, tcp, TcpHdr, flags));
+        let header_len = ((offset >> 4) as usize) * 4;
+        if seg.first_fragment && seg.len < header_len {
+            cut_header(seg.len)
+        } else {
+            // The whole TCP header must be in the frame, options included.
+            if header_len < 20 || seg.len < header_len || seg.l4 + header_len > frame.wire_len() as usize {
+                return outcome::MALFORMED;
+            }
+            (flags, header_len)
+        }
+    };
+    let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let (src, dst) = if seg.v6 {
         let Some(ip) = header::<F, Ipv6Hdr>(frame, seg.l3) else { return outcome::SHORT };
         let src = [field!(u32, ip, Ipv6Hdr, src[0]), field!(u32, ip, Ipv6Hdr, src[1]), field!(u32, ip, Ipv6Hdr, src[2]), field!(u32, ip, Ipv6Hdr, src[3])];
@@ -413,7 +466,7 @@ pub fn rest<F: Frame>(frame: &F, seg: Segment, port_slot: usize, flow: &mut Mayb
         src,
         dst,
         port_slot,
-        syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        syn,
         payload_offset: seg.l4 + header_len,
         payload_len: (seg.len - header_len) as u32,
     });

@@ -61,6 +61,8 @@ pub struct Direction {
     pub geo: Option<Geo>,
     /// `smtp_command` bits.
     pub smtp_block: u8,
+    /// [`action`] for IP fragments to an `smtp` port while commands are blocked.
+    pub smtp_fragments: u8,
     /// [`action`] for malformed packets.
     pub malformed: u8,
 }
@@ -75,6 +77,7 @@ impl Direction {
             rate_limit: None,
             geo: None,
             smtp_block: 0,
+            smtp_fragments: action::DROP,
             malformed: action::DROP,
         }
     }

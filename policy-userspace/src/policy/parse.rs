@@ -46,7 +46,7 @@ const RATE_FIELDS: &[&str] = &["new_per_minute", "burst", "ban_above_per_minute"
 const ESCALATE_FIELDS: &[&str] = &["factor", "max"];
 const GEO_FIELDS: &[&str] = &["database", "field", "block", "allow_only", "unknown"];
 const EVENTS_FIELDS: &[&str] = &["drop_sample_one_in", "per_second"];
-const SMTP_FIELDS: &[&str] = &["block"];
+const SMTP_FIELDS: &[&str] = &["block", "fragments"];
 /// The window counts of the ban meter are 16-bit.
 const MAX_BAN_THRESHOLD: i64 = 65_535;
 
@@ -393,7 +393,7 @@ impl Walker<'_> {
                 }
                 "rate_limit" => d.rate_limit = self.rate_limit(value, &field),
                 "geo" => d.geo = self.geo(value, &field),
-                "smtp_commands" => d.smtp_block = self.smtp_commands(value, &field),
+                "smtp_commands" => self.smtp_commands(value, &field, d),
                 _ => {
                     if let Some(a) = self.action(value, &field) {
                         d.malformed = a;
@@ -727,10 +727,16 @@ impl Walker<'_> {
         }
     }
 
-    fn smtp_commands(&mut self, node: &Node, field: &str) -> u8 {
+    fn smtp_commands(&mut self, node: &Node, field: &str, d: &mut Direction) {
         let mut bits = 0;
-        for (_, _, value) in self.fields(node, field, SMTP_FIELDS) {
-            let f = join(field, "block");
+        for (key, _, value) in self.fields(node, field, SMTP_FIELDS) {
+            let f = join(field, key);
+            if key == "fragments" {
+                if let Some(a) = self.action(value, &f) {
+                    d.smtp_fragments = a;
+                }
+                continue;
+            }
             for (i, item) in self.list(value, &f).iter().enumerate() {
                 match self.one_of(item, &format!("{f}[{i}]"), &["VRFY", "EXPN"]) {
                     Some(0) => bits |= smtp_command::VRFY,
@@ -739,7 +745,7 @@ impl Walker<'_> {
                 }
             }
         }
-        bits
+        d.smtp_block = bits;
     }
 }
 

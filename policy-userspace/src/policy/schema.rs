@@ -89,7 +89,8 @@ fn direction() -> Value {
                 "oneOf": [{"required": ["block"]}, {"required": ["allow_only"]}]
             },
             "smtp_commands": {"type": "object", "additionalProperties": false, "properties": {
-                "block": {"type": "array", "items": {"type": "string", "enum": ["VRFY", "EXPN", "vrfy", "expn"]}}
+                "block": {"type": "array", "items": {"type": "string", "enum": ["VRFY", "EXPN", "vrfy", "expn"]}},
+                "fragments": action()
             }},
             "malformed": action()
         }
