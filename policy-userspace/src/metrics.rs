@@ -214,6 +214,7 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
         (policy_common::GEO_DROPS, policy_common::GEO_DROPS_ENTRIES as i64),
         (policy_common::EVENT_BUDGET, 1),
         (policy_common::SCRATCH, 1),
+        (policy_common::SCAN_BUF, 1),
     ] {
         entries.with_label_values(&[name]).set(cap);
         capacity.with_label_values(&[name]).set(cap);
