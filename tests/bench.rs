@@ -18,7 +18,7 @@ use policy_common::{direction, side, source::SourceSlot};
 use smtpguard::dataplane::{ktime_now_ns, Hook};
 use smtpguard_tests::{
     fixtures::{base_policy, ends, entry, entry_all_ports, seed, Harness, BLOCKED_COUNTRY, OPEN_COUNTRY},
-    packet::{TcpFrame, SYN},
+    packet::{TcpFrame, ACK, PSH, SYN},
     testrun::{load_empty_xdp, pin_to_last_cpu, time_run},
 };
 
@@ -90,6 +90,30 @@ fn cases() -> Vec<Case> {
                 h.seed_source(ing.src, slot).map_err(Into::into)
             }),
         },
+        // The command filter on 25 (the base policy blocks VRFY and EXPN):
+        // a full-size segment without a command, one with a command on its
+        // third line, and a short command segment.
+        Case {
+            name: "payload_1448",
+            what: "1448-byte body segment to 25, no command (scanned whole)",
+            frame: TcpFrame::new(ing.src, ing.dst, 25, ACK | PSH).payload(&body_segment(1448)).build(),
+            drops: false,
+            setup: Box::new(|_, _| Ok(())),
+        },
+        Case {
+            name: "command_line3",
+            what: "EHLO, NOOP, then VRFY in one segment to 25",
+            frame: TcpFrame::new(ing.src, ing.dst, 25, ACK | PSH).payload(b"EHLO client.example\r\nNOOP\r\nVRFY root\r\n").build(),
+            drops: true,
+            setup: Box::new(|_, _| Ok(())),
+        },
+        Case {
+            name: "command_short",
+            what: "NOOP segment to 25",
+            frame: TcpFrame::new(ing.src, ing.dst, 25, ACK | PSH).payload(b"NOOP\r\n").build(),
+            drops: false,
+            setup: Box::new(|_, _| Ok(())),
+        },
         Case {
             name: "full_pass",
             what: "SYN to 25 through every step",
@@ -109,6 +133,12 @@ fn cases() -> Vec<Case> {
             }),
         },
     ]
+}
+
+/// Mail body text: lines of 72 characters, as a message body is sent.
+fn body_segment(len: usize) -> Vec<u8> {
+    let line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod\r\n";
+    line.iter().copied().cycle().take(len).collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -411,6 +411,9 @@ fn tcp_ports<F: Frame>(frame: &F, v6: bool, l3: usize, l4: usize, len: usize, fi
     }
     let Some(p) = header::<F, TcpPorts>(frame, l4) else { return Ports::only(outcome::SHORT) };
     let (sport, dport) = (u16::from_be(field!(u16, p, TcpPorts, sport)), u16::from_be(field!(u16, p, TcpPorts, dport)));
+    // Opaque: false is a constant on most header layouts, and the verifier
+    // would carry the difference through the pipeline.
+    let first_fragment = opaque(first_fragment as u64) != 0;
     Ports { outcome: outcome::TCP, seg: Segment { v6, l3, l4, len, sport, dport, first_fragment } }
 }
 
@@ -452,6 +455,9 @@ pub fn rest<F: Frame>(frame: &F, seg: Segment, port_slot: usize, flow: &mut Mayb
         }
     };
     let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // Opaque: the branches above taught the verifier whether this is a
+    // first fragment, and it would walk the whole pipeline once for each.
+    let seg = Segment { first_fragment: opaque(seg.first_fragment as u64) != 0, ..seg };
     let (src, dst) = if seg.v6 {
         let Some(ip) = header::<F, Ipv6Hdr>(frame, seg.l3) else { return outcome::SHORT };
         let src = [field!(u32, ip, Ipv6Hdr, src[0]), field!(u32, ip, Ipv6Hdr, src[1]), field!(u32, ip, Ipv6Hdr, src[2]), field!(u32, ip, Ipv6Hdr, src[3])];

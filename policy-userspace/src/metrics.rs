@@ -167,7 +167,7 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     }
     register_source_claims(&r, &stats);
     let scan_truncated = IntCounterVec::new(
-        Opts::new("smtpguard_smtp_scan_truncated_total", "Payload segments of command-filtered SMTP ports longer than the scanner reads (2048 bytes); the rest went unscanned"),
+        Opts::new("smtpguard_smtp_scan_truncated_total", "Payload segments of command-filtered SMTP ports longer than the scanner reads (512 bytes); the rest went unscanned"),
         &[],
     )
     .expect("valid");
