@@ -1,6 +1,6 @@
 //! The decision pipeline for TCP to a guarded port, in the documented
 //! order: allow ACL, ban table, deny ACL, geo-fence, new-connection rate,
-//! SMTP command filter, default action. Every counted packet leaves
+//! fragments and the SMTP command filter, default action. Every counted packet leaves
 //! through [`finish`], which applies monitor mode and records counters.
 
 use core::mem::MaybeUninit;
