@@ -3,10 +3,10 @@
 //! Headers are read with direct packet access, which the verifier only
 //! allows after a bounds check against `data_end`. A TC skb may keep part of
 //! its headers outside the linear area (AF_PACKET senders, GRO): then the
-//! parser reports [`Truncated`](crate::parse::Parsed::Truncated) although
-//! the frame is longer, and the TC hook pulls the headers in and parses
-//! again. The payload scan copies with `bpf_skb_load_bytes`, which needs no pull,
-//! so locally generated TCP (payload in page fragments) is never copied.
+//! parser reports `SHORT` although the frame is longer, and the TC hook
+//! pulls the headers in and parses again. The command scan copies payload
+//! into its own buffer with `bpf_skb_load_bytes`, which needs no pull, so
+//! locally generated TCP (payload in page fragments) is never linearised.
 
 use core::mem::size_of;
 
