@@ -9,6 +9,7 @@
 
 pub mod acl4;
 pub mod maps;
+pub mod smtp_flow;
 pub mod smtp_scan;
 pub mod source;
 
@@ -83,7 +84,11 @@ pub mod reason {
     pub const SMTP_COMMAND: u8 = 8;
     pub const DEFAULT_ALLOW: u8 = 9;
     pub const DEFAULT_DENY: u8 = 10;
-    pub const COUNT: usize = 11;
+    /// A payload segment of a command-filtered flow that starts past the
+    /// bytes seen so far: a command could span the gap, so it waits for
+    /// the retransmission that fills it (see [`crate::smtp_flow`]).
+    pub const SMTP_OUT_OF_ORDER: u8 = 11;
+    pub const COUNT: usize = 12;
     pub const NAMES: [&str; COUNT] = [
         "fragment",
         "malformed",
@@ -96,6 +101,7 @@ pub mod reason {
         "smtp_command",
         "default_allow",
         "default_deny",
+        "smtp_out_of_order",
     ];
 }
 
@@ -159,8 +165,12 @@ pub const STATS_CLAIMS: u32 = STATS_VERDICT_CELLS + 4;
 /// `STATS` cell: payload segments of command-filtered flows longer than
 /// [`smtp_scan::SCAN_BYTES`]; their bytes beyond were not scanned.
 pub const STATS_SCAN_TRUNCATED: u32 = STATS_CLAIMS + claim_kind::COUNT as u32;
+/// `STATS` cell: payload segments of command-filtered flows that found no
+/// entry in `SMTP_FLOWS`: one per client flow, plus one per flow whose
+/// entry was evicted (then scanned as if it started a line).
+pub const STATS_SMTP_FLOW_MISSES: u32 = STATS_SCAN_TRUNCATED + 1;
 /// Entries of the `STATS` per-CPU array.
-pub const STATS_ENTRIES: u32 = STATS_SCAN_TRUNCATED + 1;
+pub const STATS_ENTRIES: u32 = STATS_SMTP_FLOW_MISSES + 1;
 
 /// What the way a new source takes in its `SOURCES` set held before:
 /// how full the table is under churn. See [`source::claim_kind_of`].
@@ -519,6 +529,8 @@ mod pod {
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for source::SourceSet {}
     unsafe impl aya::Pod for maps::Counter {}
+    unsafe impl aya::Pod for smtp_flow::SmtpFlowKey {}
+    unsafe impl aya::Pod for smtp_flow::SmtpFlowState {}
 }
 
 impl DirectionPolicy {

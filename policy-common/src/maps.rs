@@ -57,11 +57,19 @@ pub const SCRATCH: &str = "SCRATCH";
 pub const TENANT_IFACES: &str = "TENANT_IFACES";
 pub const TENANT_IFACES_CAPACITY: u32 = 4096;
 
-/// `PerCpuArray<[u8; SCAN_BYTES]>`, 1 entry: payload copied for the scanner.
+/// `PerCpuArray<ScanJob>`, 1 entry: a segment's flow, place and payload
+/// bytes handed to the scanner.
 pub const SCAN_BUF: &str = "SCAN_BUF";
 
+/// `LruHashMap<SmtpFlowKey, SmtpFlowState>`: where each client stream of
+/// a command-filtered port stands (see [`crate::smtp_flow`]). Writer and
+/// reader: the datapath; the controller only sizes it.
+pub const SMTP_FLOWS: &str = "SMTP_FLOWS";
+/// Default capacity of `SMTP_FLOWS`, in flows. Settable at load time.
+pub const DEFAULT_SMTP_FLOWS_CAPACITY: u32 = 65_536;
+
 /// Every map of the object, for the ELF test and the controller.
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 18] = [
     RUNTIME,
     POLICY,
     ACL4_ROOT,
@@ -79,6 +87,7 @@ pub const ALL_MAPS: [&str; 17] = [
     SCRATCH,
     TENANT_IFACES,
     SCAN_BUF,
+    SMTP_FLOWS,
 ];
 
 /// Program names, one per hook.

@@ -205,12 +205,12 @@ fn pipeline<F: Frame>(frame: &F, runtime: RuntimeView, generation: u32, dp: &Dir
     {
         return Outcome::new(action::DROP, reason::FRAGMENT);
     }
-    if slot_profile == profile::SMTP
-        && dp.smtp_block != 0
-        && flow.payload_len != 0
-        && smtp::blocked_command(frame, flow.payload_offset, flow.payload_len, dp.smtp_block)
-    {
-        return Outcome::new(action::DROP, reason::SMTP_COMMAND);
+    if slot_profile == profile::SMTP && dp.smtp_block != 0 {
+        match smtp::judge(frame, flow, dp.smtp_block, dp.mode == mode::MONITOR) {
+            smtp::found::COMMAND => return Outcome::new(action::DROP, reason::SMTP_COMMAND),
+            smtp::found::GAP => return Outcome::new(action::DROP, reason::SMTP_OUT_OF_ORDER),
+            _ => {}
+        }
     }
 
     if default_action == action::DROP {

@@ -84,6 +84,14 @@ pub struct Flow {
     pub syn: bool,
     pub payload_offset: usize,
     pub payload_len: u32,
+    /// Sequence number of the first payload byte (a SYN takes one).
+    pub stream_seq: u32,
+}
+
+/// [`Flow::stream_seq`] from a TCP header's fields.
+#[inline(always)]
+fn stream_seq(seq_be: u32, flags: u8) -> u32 {
+    u32::from_be(seq_be).wrapping_add((flags & TCP_SYN != 0) as u32)
 }
 
 /// How far parsing got. Plain integers rather than an enum with data:
@@ -279,7 +287,7 @@ const _: () = assert!(core::mem::size_of::<PlainSegment4>() == 54);
 pub fn plain_flow<F: Frame>(frame: &F, port_slot: usize, flow: &mut MaybeUninit<Flow>) -> u8 {
     // SAFETY: ptr_at checks that the whole struct is readable.
     let Some(h) = (unsafe { ptr_at::<F, PlainSegment4>(frame, 0) }) else { return outcome::SHORT };
-    let (total_len, frag, addrs, sport, dport, offset, flags) = (
+    let (total_len, frag, addrs, sport, dport, offset, flags, seq) = (
         u16::from_be(field!(u16, h, PlainSegment4, ip.total_len)) as usize,
         u16::from_be(field!(u16, h, PlainSegment4, ip.frag)),
         (field!(u32, h, PlainSegment4, ip.src), field!(u32, h, PlainSegment4, ip.dst)),
@@ -287,6 +295,7 @@ pub fn plain_flow<F: Frame>(frame: &F, port_slot: usize, flow: &mut MaybeUninit<
         u16::from_be(field!(u16, h, PlainSegment4, tcp.dport)),
         field!(u8, h, PlainSegment4, tcp.offset),
         field!(u8, h, PlainSegment4, tcp.flags),
+        field!(u32, h, PlainSegment4, tcp.seq),
     );
     // First fragments are rare: the general parse handles them.
     if frag & IPV4_MORE_FRAGMENTS != 0 {
@@ -298,6 +307,7 @@ pub fn plain_flow<F: Frame>(frame: &F, port_slot: usize, flow: &mut MaybeUninit<
     if total_len < 20 || header_len < 20 || total_len - 20 < header_len || 14 + total_len > wire_len {
         return outcome::MALFORMED;
     }
+    let stream_seq = stream_seq(seq, flags);
     flow.write(Flow {
         seg: Segment { v6: false, l3: 14, l4: 34, len: total_len - 20, sport, dport, first_fragment: false },
         src: [addrs.0, 0, 0, 0],
@@ -306,6 +316,7 @@ pub fn plain_flow<F: Frame>(frame: &F, port_slot: usize, flow: &mut MaybeUninit<
         syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
         payload_offset: 34 + header_len,
         payload_len: (total_len - 20 - header_len) as u32,
+        stream_seq,
     });
     outcome::TCP
 }
@@ -422,8 +433,8 @@ fn tcp_ports<F: Frame>(frame: &F, v6: bool, l3: usize, l4: usize, len: usize, fi
 /// Opaque, so the verifier does not walk the pipeline once more for
 /// these constants.
 #[inline(always)]
-fn cut_header(len: usize) -> (u8, usize) {
-    (opaque(TCP_SYN as u64) as u8, opaque(len as u64) as usize)
+fn cut_header(len: usize) -> (u8, usize, u32) {
+    (opaque(TCP_SYN as u64) as u8, opaque(len as u64) as usize, 0)
 }
 
 /// Parses the rest of the TCP header of a segment to a guarded port: an
@@ -438,11 +449,13 @@ pub fn rest<F: Frame>(frame: &F, seg: Segment, port_slot: usize, flow: &mut Mayb
     }
     // A first fragment that ends inside the TCP header still names both
     // ports: it is judged as a new connection (the flags are not in sight).
-    let (flags, header_len) = if seg.first_fragment && seg.len < 20 {
+    // (A cut header's sequence number is not needed: first fragments
+    // move no flow state.)
+    let (flags, header_len, seq) = if seg.first_fragment && seg.len < 20 {
         cut_header(seg.len)
     } else {
         let Some(tcp) = header::<F, TcpHdr>(frame, seg.l4) else { return outcome::SHORT };
-        let (offset, flags) = (field!(u8, tcp, TcpHdr, offset), field!(u8, tcp, TcpHdr, flags));
+        let (offset, flags, seq) = (field!(u8, tcp, TcpHdr, offset), field!(u8, tcp, TcpHdr, flags), field!(u32, tcp, TcpHdr, seq));
         let header_len = ((offset >> 4) as usize) * 4;
         if seg.first_fragment && seg.len < header_len {
             cut_header(seg.len)
@@ -451,9 +464,10 @@ pub fn rest<F: Frame>(frame: &F, seg: Segment, port_slot: usize, flow: &mut Mayb
             if header_len < 20 || seg.len < header_len || seg.l4 + header_len > frame.wire_len() as usize {
                 return outcome::MALFORMED;
             }
-            (flags, header_len)
+            (flags, header_len, seq)
         }
     };
+    let stream_seq = stream_seq(seq, flags);
     let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // Opaque: the branches above taught the verifier whether this is a
     // first fragment, and it would walk the whole pipeline once for each.
@@ -475,6 +489,7 @@ pub fn rest<F: Frame>(frame: &F, seg: Segment, port_slot: usize, flow: &mut Mayb
         syn,
         payload_offset: seg.l4 + header_len,
         payload_len: (seg.len - header_len) as u32,
+        stream_seq,
     });
     outcome::TCP
 }

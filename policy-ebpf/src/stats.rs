@@ -5,7 +5,7 @@ use aya_ebpf::{macros::map, maps::PerCpuArray};
 use crate::opaque::opaque;
 use policy_common::{
     claim_kind, geo_index, stats_index, Counter, GEO_DROPS_ENTRIES, STATS_BANS_AUTO, STATS_BANS_ESCALATED, STATS_CLAIMS,
-    STATS_ENTRIES, STATS_EVENTS_LOST, STATS_SCAN_TRUNCATED,
+    STATS_ENTRIES, STATS_EVENTS_LOST, STATS_SCAN_TRUNCATED, STATS_SMTP_FLOW_MISSES,
 };
 
 /// Key: `stats_index(direction, verdict, reason, port slot)`, plus the
@@ -73,6 +73,15 @@ pub fn record_event_lost() {
 #[inline(always)]
 pub fn record_scan_truncated() {
     if let Some(c) = STATS.get_ptr_mut(STATS_SCAN_TRUNCATED) {
+        // SAFETY: as in `record`.
+        unsafe { (*c).packets += 1 }
+    }
+}
+
+/// Counts a payload segment whose flow had no entry in `SMTP_FLOWS`.
+#[inline(always)]
+pub fn record_smtp_flow_miss() {
+    if let Some(c) = STATS.get_ptr_mut(STATS_SMTP_FLOW_MISSES) {
         // SAFETY: as in `record`.
         unsafe { (*c).packets += 1 }
     }
