@@ -17,7 +17,10 @@
 //!   monitor mode counts it and resynchronises at its end.
 //! SYNs and bare ACKs carry no payload and touch no entry.
 
-use crate::smtp_scan::{self, States, SCAN_BYTES};
+use crate::{
+    reason,
+    smtp_scan::{self, States, SCAN_BYTES},
+};
 
 /// `SMTP_FLOWS` key: a client stream, addresses in memory order (IPv4 in
 /// the first word), ports in host order.
@@ -115,13 +118,54 @@ pub fn next_state(plan: &Plan, start: u32, len: u32, scanned_to_end: bool, state
     }
 }
 
+/// What the filter concludes from a scan: [`CLEAN`] or the drop reason,
+/// and the flow's new entry (`None`: leave it). `out` is the scan's result
+/// (states, or `smtp_scan::BLOCKED` with the states where it stopped at a
+/// command) over the window `(skip, n)`; `monitor`: what is held back
+/// reaches the host all the same; `partial`: a first fragment, whose rest
+/// is out of sight.
+#[inline(always)]
+pub fn conclude(plan: &Plan, start: u32, len: u32, (skip, n): (u32, u32), out: u16, monitor: bool, partial: bool) -> (u32, Option<SmtpFlowState>) {
+    let stopped = out & smtp_scan::BLOCKED != 0;
+    let states = out & smtp_scan::STATES_MASK;
+    let hit = stopped || smtp_scan::verb_at_end(states);
+    let why = if hit {
+        reason::SMTP_COMMAND as u32
+    } else if plan.place == place::GAP {
+        reason::SMTP_OUT_OF_ORDER as u32
+    } else {
+        CLEAN
+    };
+    if (why != CLEAN && !monitor) || partial {
+        return (why, None);
+    }
+    (why, next_state(plan, start, len, skip + n == len && !stopped, states))
+}
+
+/// [`conclude`]'s answer for a segment the filter passes.
+pub const CLEAN: u32 = 0;
+const _: () = assert!(reason::SMTP_COMMAND as u32 != CLEAN && reason::SMTP_OUT_OF_ORDER as u32 != CLEAN);
+
+/// Judges a segment of `payload` at `start` against its flow's entry, as
+/// the datapath does: the reason or [`CLEAN`], and the new entry.
+pub fn judge(stored: Option<SmtpFlowState>, start: u32, payload: &[u8], blocked: u8, monitor: bool, partial: bool) -> (u32, Option<SmtpFlowState>) {
+    let len = payload.len() as u32;
+    if len == 0 {
+        return (CLEAN, None);
+    }
+    let p = plan(stored, start, len);
+    let (skip, n) = window(&p, len);
+    let out = smtp_scan::scan_to_block(blocked, p.from, &payload[skip as usize..(skip + n) as usize]);
+    conclude(&p, start, len, (skip, n), out, monitor, partial)
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
     use std::vec::Vec;
 
     use super::*;
-    use crate::{smtp_command, smtp_scan::scan};
+    use crate::smtp_command;
 
     const BOTH: u8 = smtp_command::VRFY | smtp_command::EXPN;
 
@@ -132,17 +176,11 @@ mod tests {
         segments
             .iter()
             .map(|&(start, bytes)| {
-                let p = plan(entry, start, bytes.len() as u32);
-                let (skip, n) = window(&p, bytes.len() as u32);
-                let s = scan(BOTH, p.from, &bytes[skip as usize..(skip + n) as usize]);
-                let held = s.blocked || p.place == place::GAP;
-                if !held {
-                    let to_end = (skip + n) as usize == bytes.len();
-                    if let Some(e) = next_state(&p, start, bytes.len() as u32, to_end, s.states) {
-                        entry = Some(e);
-                    }
+                let (why, next) = judge(entry, start, bytes, BOTH, false, false);
+                if next.is_some() {
+                    entry = next;
                 }
-                held
+                why != CLEAN
             })
             .collect()
     }

@@ -222,6 +222,21 @@ pub fn scan(blocked: u8, states: States, bytes: &[u8]) -> Scan {
     Scan { states: set, blocked: hit || verb_at_end(set) }
 }
 
+/// Scans `bytes` from `states` up to the first blocked command: the states
+/// after, or [`BLOCKED`] with the states where a command was completed.
+/// The datapath's loop, step for step (it stops there too).
+pub fn scan_to_block(blocked: u8, states: States, bytes: &[u8]) -> u16 {
+    let mut set = states;
+    for &b in bytes {
+        let out = step(blocked, b, set);
+        if out & BLOCKED != 0 {
+            return out;
+        }
+        set = out;
+    }
+    set
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

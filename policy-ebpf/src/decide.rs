@@ -206,10 +206,9 @@ fn pipeline<F: Frame>(frame: &F, runtime: RuntimeView, generation: u32, dp: &Dir
         return Outcome::new(action::DROP, reason::FRAGMENT);
     }
     if slot_profile == profile::SMTP && dp.smtp_block != 0 {
-        match smtp::judge(frame, flow, dp.smtp_block, dp.mode == mode::MONITOR) {
-            smtp::found::COMMAND => return Outcome::new(action::DROP, reason::SMTP_COMMAND),
-            smtp::found::GAP => return Outcome::new(action::DROP, reason::SMTP_OUT_OF_ORDER),
-            _ => {}
+        let why = smtp::judge(frame, flow, dp.smtp_block, dp.mode == mode::MONITOR);
+        if why != smtp::CLEAN {
+            return Outcome::new(action::DROP, why as u8);
         }
     }
 

@@ -15,21 +15,14 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray},
 };
 use policy_common::{
-    smtp_flow::{self, place, SmtpFlowKey, SmtpFlowState},
+    smtp_flow::{self, SmtpFlowKey, SmtpFlowState},
     smtp_scan::{self, SCAN_BYTES},
     DEFAULT_SMTP_FLOWS_CAPACITY,
 };
 
 use crate::{frame::Frame, opaque::opaque, parse::Flow, stats};
 
-/// What the filter found in a segment.
-pub mod found {
-    pub const CLEAN: u32 = 0;
-    /// A blocked command, whole or completed across segments.
-    pub const COMMAND: u32 = 1;
-    /// Bytes before the segment were not seen.
-    pub const GAP: u32 = 2;
-}
+pub use smtp_flow::CLEAN;
 
 /// Bits of [`ScanJob::flags`].
 mod job {
@@ -76,12 +69,13 @@ fn has_byte(word: u64, b: u8) -> bool {
     x.wrapping_sub(ONES) & !x & HIGHS != 0
 }
 
-/// Judges a segment of a command-filtered flow: a [`found`] value. Called
+/// Judges a segment of a command-filtered flow: [`CLEAN`] or why it is
+/// dropped. Called
 /// for every segment, payload or not: a branch around the call would have
 /// the verifier walk the rest of the pipeline once more per side.
 #[inline(always)]
 pub fn judge<F: Frame>(frame: &F, flow: &Flow, blocked: u8, monitor: bool) -> u32 {
-    let Some(j) = SCAN_BUF.get_ptr_mut(0) else { return found::CLEAN };
+    let Some(j) = SCAN_BUF.get_ptr_mut(0) else { return CLEAN };
     let mut n = if flow.payload_len as usize > SCAN_BYTES { SCAN_BYTES as u32 } else { flow.payload_len };
     // SAFETY: per-CPU value, no concurrent user; `bytes` holds SCAN_BYTES >= n.
     unsafe {
@@ -89,7 +83,7 @@ pub fn judge<F: Frame>(frame: &F, flow: &Flow, blocked: u8, monitor: bool) -> u3
         (*j).start = flow.stream_seq;
         (*j).len = flow.payload_len;
         (*j).blocked = blocked;
-        (*j).flags = (if monitor { job::MONITOR } else { 0 }) | (if flow.seg.first_fragment { job::PARTIAL } else { 0 });
+        (*j).flags = (monitor as u8 * job::MONITOR) | (flow.seg.first_fragment as u8 * job::PARTIAL);
         if n != 0 {
             // The same value, but not a known one: the verifier tracks the
             // helper's size argument back to the header lengths it came
@@ -107,12 +101,12 @@ pub fn judge<F: Frame>(frame: &F, flow: &Flow, blocked: u8, monitor: bool) -> u3
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn smtp_judge_job() -> u32 {
-    let Some(j) = SCAN_BUF.get_ptr_mut(0) else { return found::CLEAN };
+    let Some(j) = SCAN_BUF.get_ptr_mut(0) else { return CLEAN };
     // SAFETY: per-CPU value, no concurrent user; written by `judge`.
     let j = unsafe { &*j };
     let len = j.len;
     if len == 0 {
-        return found::CLEAN;
+        return CLEAN;
     }
     if len as usize > SCAN_BYTES {
         stats::record_scan_truncated();
@@ -125,64 +119,74 @@ pub extern "C" fn smtp_judge_job() -> u32 {
         stats::record_smtp_flow_miss();
     }
     let plan = smtp_flow::plan(stored, j.start, len);
-    let (skip, n) = smtp_flow::window(&plan, len);
-    let out = scan(&j.bytes, skip as usize, (skip + n) as usize, j.blocked, plan.from);
-    let states = out & smtp_scan::STATES_MASK;
-    let hit = out & smtp_scan::BLOCKED != 0 || smtp_scan::verb_at_end(states);
-    let held = hit || plan.place == place::GAP;
-    if (!held || j.flags & job::MONITOR != 0) && j.flags & job::PARTIAL == 0 {
-        let scanned_to_end = skip + n == len;
-        if let Some(next) = smtp_flow::next_state(&plan, j.start, len, scanned_to_end, states) {
-            match entry {
-                // SAFETY: as above.
-                Some(e) => unsafe { *e = next },
-                None => {
-                    let _ = SMTP_FLOWS.insert(&j.key, &next, 0);
-                }
+    let window = smtp_flow::window(&plan, len);
+    let out = smtp_scan_range(window.0, window.0 + window.1, j.blocked as u32, plan.from as u32) as u16;
+    let (monitor, partial) = (j.flags & job::MONITOR != 0, j.flags & job::PARTIAL != 0);
+    let (why, next) = smtp_flow::conclude(&plan, j.start, len, window, out, monitor, partial);
+    if let Some(next) = next {
+        match entry {
+            // SAFETY: as above.
+            Some(e) => unsafe { *e = next },
+            None => {
+                let _ = SMTP_FLOWS.insert(&j.key, &next, 0);
             }
         }
     }
-    if hit {
-        found::COMMAND
-    } else if plan.place == place::GAP {
-        found::GAP
-    } else {
-        found::CLEAN
-    }
+    why
 }
 
-/// Scans `bytes[from..to]` from `states`: the states after, with
-/// `smtp_scan::BLOCKED` when a command was completed on the way.
-#[inline(always)]
-fn scan(bytes: &[u8; SCAN_BYTES], from: usize, to: usize, blocked: u8, states: u16) -> u16 {
-    let words = bytes.as_ptr() as *const u64;
-    let mut states = states;
-    let mut hit = 0;
-    for w in 0..WORDS {
+/// Scans the job's `bytes[from..to]` from `states`: the states after, or
+/// `smtp_scan::BLOCKED` with the states where a command was completed
+/// (the scan stops there: carrying a "seen one" flag through the loop
+/// tripled the verifier's work). A global function of its own: the loop is
+/// verified once, for any arguments.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn smtp_scan_range(from: u32, to: u32, blocked: u32, states: u32) -> u32 {
+    let Some(j) = SCAN_BUF.get_ptr_mut(0) else { return 0 };
+    // SAFETY: per-CPU value, no concurrent user; 8-aligned `bytes`.
+    let words = unsafe { (*j).bytes.as_ptr() } as *const u64;
+    let (to, blocked) = (to as usize, blocked as u8);
+    let mut states = states as u16;
+    // Bytes up to the first word boundary, one by one.
+    let mut at = from as usize;
+    for _ in 0..8 {
+        if at >= to || at % 8 == 0 {
+            break;
+        }
+        // SAFETY: masked into the buffer.
+        let b = unsafe { *(words as *const u8).add(at & (SCAN_BYTES - 1)) };
+        let out = smtp_scan::step(blocked, b, states);
+        if out & smtp_scan::BLOCKED != 0 {
+            return out as u32;
+        }
+        states = out;
+        at += 1;
+    }
+    let first = at / 8;
+    for k in 0..WORDS {
+        let w = first + k;
         let start = w * 8;
+        // `to` is at most SCAN_BYTES, so `w` stays below WORDS.
         if start >= to {
             break;
         }
-        if start + 8 <= from {
-            continue;
-        }
-        // SAFETY: w < WORDS, within the buffer; `bytes` is 8-aligned.
-        let word = unsafe { *words.add(w) };
-        if smtp_scan::only_in_line(states) && start >= from && start + 8 <= to && !has_byte(word, b'\n') && !has_byte(word, b'\r') {
+        // SAFETY: w < WORDS, within the buffer; the mask shows the
+        // verifier (a bounds check LLVM would fold away).
+        let word = unsafe { *words.add(w & (WORDS - 1)) };
+        if smtp_scan::only_in_line(states) && start + 8 <= to && !has_byte(word, b'\n') && !has_byte(word, b'\r') {
             continue;
         }
         for i in 0..8 {
-            let at = start + i;
-            if at >= to {
+            if start + i >= to {
                 break;
             }
-            if at < from {
-                continue;
-            }
             let out = smtp_scan::step(blocked, (word >> (8 * i)) as u8, states);
-            hit |= out & smtp_scan::BLOCKED;
-            states = out & smtp_scan::STATES_MASK;
+            if out & smtp_scan::BLOCKED != 0 {
+                return out as u32;
+            }
+            states = out;
         }
     }
-    states | hit
+    states as u32
 }
