@@ -15,6 +15,7 @@
 //! - starts past `next`: bytes in between were not seen, so a command may
 //!   span them: out of order, held back (dropped) until the gap is filled;
 //!   monitor mode counts it and resynchronises at its end.
+//!
 //! SYNs and bare ACKs carry no payload and touch no entry.
 
 use crate::{

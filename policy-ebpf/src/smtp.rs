@@ -111,7 +111,7 @@ pub extern "C" fn smtp_judge_job() -> u32 {
     if len as usize > SCAN_BYTES {
         stats::record_scan_truncated();
     }
-    let entry = SMTP_FLOWS.get_ptr_mut(&j.key);
+    let entry = SMTP_FLOWS.get_ptr_mut(j.key);
     // SAFETY: an LRU value of the map's type; a racing update on another
     // CPU (the same flow, reordered) costs at worst one stale read.
     let stored = entry.map(|e| unsafe { *e });
@@ -128,7 +128,7 @@ pub extern "C" fn smtp_judge_job() -> u32 {
             // SAFETY: as above.
             Some(e) => unsafe { *e = next },
             None => {
-                let _ = SMTP_FLOWS.insert(&j.key, &next, 0);
+                let _ = SMTP_FLOWS.insert(j.key, next, 0);
             }
         }
     }
@@ -151,7 +151,7 @@ pub extern "C" fn smtp_scan_range(from: u32, to: u32, blocked: u32, states: u32)
     // Bytes up to the first word boundary, one by one.
     let mut at = from as usize;
     for _ in 0..8 {
-        if at >= to || at % 8 == 0 {
+        if at >= to || at.is_multiple_of(8) {
             break;
         }
         // SAFETY: masked into the buffer.
