@@ -206,6 +206,7 @@ impl Harness {
         for index in std::mem::take(&mut self.sets) {
             self.dp.set_source_set(index, &SourceSet::default())?;
         }
+        self.dp.clear_smtp_flows()?;
         self.set_policy(&base_policy())?;
         self.dp.drain_events()?;
         Ok(())

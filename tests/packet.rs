@@ -33,6 +33,8 @@ pub struct TcpFrame {
     pub sport: u16,
     pub dport: u16,
     pub flags: u8,
+    /// Sequence number (1 unless set).
+    pub seq: u32,
     pub payload: Vec<u8>,
     /// Outermost first: (TPID, VLAN id).
     pub vlans: Vec<(u16, u16)>,
@@ -52,6 +54,7 @@ impl TcpFrame {
             sport: 40_000,
             dport,
             flags,
+            seq: 1,
             payload: Vec::new(),
             vlans: Vec::new(),
             ipv4_options: Vec::new(),
@@ -91,6 +94,11 @@ impl TcpFrame {
         self
     }
 
+    pub fn seq(mut self, seq: u32) -> Self {
+        self.seq = seq;
+        self
+    }
+
     pub fn sport(mut self, sport: u16) -> Self {
         self.sport = sport;
         self
@@ -116,7 +124,7 @@ impl TcpFrame {
         let mut tcp = Vec::with_capacity(20 + self.payload.len());
         tcp.extend_from_slice(&self.sport.to_be_bytes());
         tcp.extend_from_slice(&self.dport.to_be_bytes());
-        tcp.extend_from_slice(&1u32.to_be_bytes()); // seq
+        tcp.extend_from_slice(&self.seq.to_be_bytes());
         tcp.extend_from_slice(&(if self.flags & ACK != 0 { 1u32 } else { 0 }).to_be_bytes());
         tcp.push(5 << 4); // data offset
         tcp.push(self.flags);

@@ -8,6 +8,8 @@ use std::net::IpAddr;
 
 use policy_common::{
     action, direction, event_kind, geo_index, mode, reason, side, smtp_command,
+    smtp_flow::{self, SmtpFlowKey, SmtpFlowState},
+    smtp_scan,
     source::{ban_origin, slot_flag, SlotInfo, SourceSlot},
     stats_index, verdict, DirectionPolicy, PolicyConfig, PORT_SLOT_UNKNOWN,
 };
@@ -624,6 +626,94 @@ fn truncation_cases(v: &Variant) -> Vec<Case> {
     cases
 }
 
+/// Where the flow entry must stand after a case: `None`, no entry.
+fn expect_flow(key: SmtpFlowKey, want: Option<SmtpFlowState>) -> Option<Check> {
+    Some(Box::new(move |h: &mut Harness| {
+        let have = h.dp.smtp_flow(&key)?;
+        anyhow::ensure!(have == want, "flow entry {have:?}, expected {want:?}");
+        Ok(())
+    }))
+}
+
+/// The entry the datapath keeps after passing `bytes` at `start` as a
+/// stream's first data (the shared rules, `smtp_flow::judge`).
+fn after_first(start: u32, bytes: &[u8]) -> SmtpFlowState {
+    let (why, next) = smtp_flow::judge(None, start, bytes, BOTH_COMMANDS, false, false);
+    assert_eq!(why, smtp_flow::CLEAN, "{bytes:?} is clean");
+    next.expect("a clean first segment makes an entry")
+}
+
+const BOTH_COMMANDS: u8 = smtp_command::VRFY | smtp_command::EXPN;
+
+/// The command filter across segments of one client stream (issue 12):
+/// each case seeds the stream's `SMTP_FLOWS` entry as earlier segments
+/// would have left it, sends the next segment and checks the entry after.
+fn flow_cases(v: &Variant) -> Vec<Case> {
+    use direction::INGRESS as IN;
+    const S: u32 = 5_000;
+    let e = ends(IN, v.v6);
+    let key = SmtpFlowKey::of(e.src, e.dst, 40_000, 25);
+    let at = |seq: u32, payload: &[u8]| v.frame(IN, 25, ACK | PSH).seq(seq).payload(payload).build();
+    let seeded = |state: SmtpFlowState| -> Setup { Box::new(move |h, _| h.dp.set_smtp_flow(&key, &state).map_err(Into::into)) };
+    let cmd_drop = || counted(verdict::DROP, reason::SMTP_COMMAND, 0);
+    let pass = || counted(verdict::PASS, reason::DEFAULT_ALLOW, 0);
+    let line_start = |next: u32| SmtpFlowState { next, states: smtp_scan::AT_LINE_START, pad: 0 };
+    let mut cases = Vec::new();
+    let mut add = |name: &str, frame: Vec<u8>, setup: Setup, expect: Expect, after: Option<Check>| {
+        cases.push(Case { name: format!("{name} [{}]", v.label), dir: IN, frame, setup, expect, after });
+    };
+
+    let first = b"EHLO x\r\nVR";
+    add("a stream's first data makes its entry", at(S, first), no_setup(), pass(), expect_flow(key, Some(after_first(S, first))));
+    let vr = after_first(S - 2, b"VR");
+    add("a VRFY completed in the next segment is dropped and moves nothing", at(S, b"FY root\r\n"), seeded(vr), cmd_drop(), expect_flow(key, Some(vr)));
+    let e_ = after_first(S - 7, b"NOOP\r\nE");
+    add("an EXPN split after its first letter is dropped", at(S, b"XPN staff\r\n"), seeded(e_), cmd_drop(), expect_flow(key, Some(e_)));
+    let blank = after_first(S - 3, b"\r\n ");
+    add("a VRFY after a blank that ended the last segment is dropped", at(S, b"vrfy root\r\n"), seeded(blank), cmd_drop(), None);
+    let no = after_first(S - 10, b"EHLO x\r\nNO");
+    add(
+        "a continuation that completes no command passes and moves the entry on",
+        at(S, b"OP\r\n"),
+        seeded(no),
+        pass(),
+        expect_flow(key, Some(SmtpFlowState { next: S + 4, ..line_start(0) })),
+    );
+    add("a segment past a gap is held back", at(S, b"NOOP\r\n"), seeded(line_start(S - 10)), counted(verdict::DROP, reason::SMTP_OUT_OF_ORDER, 0), expect_flow(key, Some(line_start(S - 10))));
+    add(
+        "monitor: a segment past a gap only counts and resynchronises at its end",
+        at(S, b"NOOP\r\n"),
+        Box::new(move |h, p| {
+            dp_mut(p, IN).mode = mode::MONITOR;
+            h.dp.set_smtp_flow(&key, &line_start(S - 10)).map_err(Into::into)
+        }),
+        counted(verdict::WOULD_DROP, reason::SMTP_OUT_OF_ORDER, 0),
+        expect_flow(key, Some(SmtpFlowState { next: S + 6, states: smtp_scan::LINE_OR_START, pad: 0 })),
+    );
+    let ahead = after_first(S, first);
+    add("a retransmission of seen bytes is judged alone and moves nothing", at(S, b"EHLO x\r\n"), seeded(ahead), pass(), expect_flow(key, Some(ahead)));
+    add("a retransmitted VRFY is still dropped", at(S, b"VRFY root\r\n"), seeded(line_start(S + 20)), cmd_drop(), None);
+    let host_has_vr = after_first(S, b"VR");
+    add("an overlapping segment is read from where the host stands", at(S, b"xxFY root\r\n"), seeded(host_has_vr), cmd_drop(), None);
+    let wrap = after_first(u32::MAX - 1, b"VR");
+    add("a VRFY split across the sequence-number wrap is dropped", at(0, b"FY root\r\n"), seeded(wrap), cmd_drop(), None);
+    add(
+        "a first fragment makes no entry",
+        v.frame(IN, 25, ACK | PSH).seq(S).payload(first).fragment(0, true).build(),
+        Box::new(|_, p| {
+            dp_mut(p, IN).smtp_fragment_action = action::PASS;
+            Ok(())
+        }),
+        pass(),
+        expect_flow(key, None),
+    );
+    add("a SYN makes no entry", v.frame(IN, 25, SYN).seq(S - 1).build(), no_setup(), pass(), expect_flow(key, None));
+    // Documented limit: with its entry evicted, a stream starts over at a
+    // line start (counted in smtpguard_smtp_flows_total).
+    add("without an entry a continuation is read from a line start", at(S, b"FY root\r\n"), no_setup(), pass(), None);
+    cases
+}
+
 /// Family-specific header cases.
 fn header_cases(v: &Variant) -> Vec<Case> {
     let dir = direction::EGRESS;
@@ -726,7 +816,7 @@ fn check_ban(h: &mut Harness, addr: IpAddr, strikes: u16, duration_s: u32, origi
 /// Cases in the table, as README.md states them ("one table of N cases"):
 /// a case that goes missing, or one added without saying so, fails the
 /// tests below instead of passing silently.
-const CASES: usize = 560;
+const CASES: usize = 644;
 
 fn all_cases() -> Vec<Case> {
     let mut cases = other_cases();
@@ -735,6 +825,7 @@ fn all_cases() -> Vec<Case> {
             let v = Variant { v6, vlans, label: format!("{}, {label}", if v6 { "IPv6" } else { "IPv4" }) };
             cases.extend(pipeline_cases(&v));
             cases.extend(header_cases(&v));
+            cases.extend(flow_cases(&v));
             cases.extend(truncation_cases(&v));
         }
     }

@@ -37,6 +37,23 @@ pub struct SmtpFlowKey {
 }
 const _: () = assert!(core::mem::size_of::<SmtpFlowKey>() == 40);
 
+impl SmtpFlowKey {
+    /// The key of the client stream `src:sport` -> `dst:dport` (both of one
+    /// family), as the datapath builds it from the headers.
+    pub fn of(src: core::net::IpAddr, dst: core::net::IpAddr, sport: u16, dport: u16) -> Self {
+        fn words(addr: core::net::IpAddr) -> [u32; 4] {
+            match addr {
+                core::net::IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
+                core::net::IpAddr::V6(a) => {
+                    let o = a.octets();
+                    core::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+                }
+            }
+        }
+        Self { src: words(src), dst: words(dst), sport, dport, v6: src.is_ipv6() as u8, pad: [0; 3] }
+    }
+}
+
 /// `SMTP_FLOWS` value: where the stream stands.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

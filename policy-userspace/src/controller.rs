@@ -45,6 +45,7 @@ pub struct RunOptions {
     pub policy_options: policy::LoadOptions,
     pub source_capacity: u32,
     pub acl4_capacity: policy_common::acl4::Capacity,
+    pub smtp_flow_capacity: u32,
 }
 
 /// The interface's index, 0 when there is none by that name.
@@ -338,7 +339,12 @@ pub fn run(o: RunOptions) -> Result<()> {
     let events = EventLog::open(o.events.as_deref(), state.metrics.event_write_failures.clone())
         .with_context(|| format!("opening {}", o.events.as_deref().unwrap_or(Path::new("stdout")).display()))?;
     let adopting = o.pins.exists();
-    let mut dp = Dataplane::load(LoadOptions { source_capacity: o.source_capacity, pin_dir: Some(o.pins.dir.clone()), acl4_capacity: o.acl4_capacity })
+    let mut dp = Dataplane::load(LoadOptions {
+        source_capacity: o.source_capacity,
+        pin_dir: Some(o.pins.dir.clone()),
+        acl4_capacity: o.acl4_capacity,
+        smtp_flow_capacity: o.smtp_flow_capacity,
+    })
         .context("loading the datapath")?;
     let active = dp.active_generation()?;
     let generation = if adopting { dp.policy(active)?.generation } else { 0 };

@@ -23,7 +23,9 @@ use aya::{
 use policy_common::{
     direction, hook,
     source::{sets_for, SourceSet},
-    AclEntry, AclKeyV6, Counter, Event, PolicyConfig, Runtime, ACL_KEY_HEADER_BITS, DEFAULT_SOURCE_CAPACITY,
+    smtp_flow::{SmtpFlowKey, SmtpFlowState},
+    AclEntry, AclKeyV6, Counter, Event, PolicyConfig, Runtime, ACL_KEY_HEADER_BITS, DEFAULT_SMTP_FLOWS_CAPACITY,
+    DEFAULT_SOURCE_CAPACITY,
 };
 
 use crate::{acl4, observe::Observer, runtime::RuntimeWords, sources::SourceTable, EBPF_OBJECT};
@@ -139,11 +141,19 @@ pub struct LoadOptions {
     /// Room per generation in the IPv4 ACL arrays (maps pinned earlier
     /// keep the room they were made with).
     pub acl4_capacity: policy_common::acl4::Capacity,
+    /// Client streams `SMTP_FLOWS` follows for the command filter (a map
+    /// pinned earlier keeps its size).
+    pub smtp_flow_capacity: u32,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { source_capacity: DEFAULT_SOURCE_CAPACITY, pin_dir: None, acl4_capacity: policy_common::acl4::Capacity::DEFAULT }
+        Self {
+            source_capacity: DEFAULT_SOURCE_CAPACITY,
+            pin_dir: None,
+            acl4_capacity: policy_common::acl4::Capacity::DEFAULT,
+            smtp_flow_capacity: DEFAULT_SMTP_FLOWS_CAPACITY,
+        }
     }
 }
 
@@ -237,6 +247,7 @@ impl Dataplane {
         let source_sets = sets_for(options.source_capacity);
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(policy_common::SOURCES, source_sets);
+        loader.map_max_entries(policy_common::SMTP_FLOWS, options.smtp_flow_capacity.max(1));
         let room = options.acl4_capacity;
         let generations = policy_common::GENERATIONS;
         loader.map_max_entries(policy_common::ACL4_NODES, generations * room.nodes);
@@ -632,6 +643,36 @@ impl Dataplane {
         Ok(())
     }
 
+    fn smtp_flows(&mut self) -> Result<HashMap<&mut MapData, SmtpFlowKey, SmtpFlowState>> {
+        let name = policy_common::SMTP_FLOWS;
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        HashMap::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+    }
+
+    /// Where the command filter has a client stream (tests).
+    pub fn smtp_flow(&mut self, key: &SmtpFlowKey) -> Result<Option<SmtpFlowState>> {
+        match self.smtp_flows()?.get(key, 0) {
+            Ok(state) => Ok(Some(state)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DataplaneError::Map { name: policy_common::SMTP_FLOWS, source }),
+        }
+    }
+
+    /// Puts a client stream where a test wants it.
+    pub fn set_smtp_flow(&mut self, key: &SmtpFlowKey, state: &SmtpFlowState) -> Result<()> {
+        self.smtp_flows()?.insert(key, state, 0).map_err(|source| DataplaneError::Map { name: policy_common::SMTP_FLOWS, source })
+    }
+
+    /// Forgets every client stream (tests: each case starts with none).
+    pub fn clear_smtp_flows(&mut self) -> Result<()> {
+        let mut flows = self.smtp_flows()?;
+        let keys: Vec<SmtpFlowKey> = flows.keys().filter_map(|k| k.ok()).collect();
+        for key in keys {
+            let _ = flows.remove(&key);
+        }
+        Ok(())
+    }
+
     /// Every `STATS` cell, summed over CPUs.
     pub fn stats(&self) -> Result<Vec<Counter>> {
         let name = policy_common::STATS;
@@ -781,7 +822,20 @@ fn make_observer(ebpf: &Ebpf, sources: Arc<SourceTable>) -> Result<Observer> {
         data.fd().as_fd().try_clone_to_owned().map_err(|e| DataplaneError::Pin { path: name.into(), message: e.to_string() })
     };
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::Pin { path: what.into(), message: e.to_string() })?;
-    Ok(Observer { stats: dup(policy_common::STATS)?, geo_drops: dup(policy_common::GEO_DROPS)?, sources, ban_v4: dup(policy_common::BAN_V4)?, ban_v6: dup(policy_common::BAN_V6)?, cpus })
+    let name = policy_common::SMTP_FLOWS;
+    let smtp_flow_capacity = match ebpf.map(name) {
+        Some(Map::LruHashMap(d)) => d.info().map_err(|source| DataplaneError::Map { name, source })?.max_entries(),
+        _ => return Err(DataplaneError::MissingMap(name)),
+    };
+    Ok(Observer {
+        stats: dup(policy_common::STATS)?,
+        geo_drops: dup(policy_common::GEO_DROPS)?,
+        sources,
+        ban_v4: dup(policy_common::BAN_V4)?,
+        ban_v6: dup(policy_common::BAN_V6)?,
+        cpus,
+        smtp_flow_capacity,
+    })
 }
 
 /// Maps `RUNTIME` and `SOURCES`, the arrays the datapath and userspace

@@ -124,6 +124,9 @@ enum Command {
         /// Sources the rate and ban table holds.
         #[arg(long, default_value_t = policy_common::DEFAULT_SOURCE_CAPACITY)]
         source_capacity: u32,
+        /// Client streams on plaintext 25 the command filter follows across segments (about 100 bytes each).
+        #[arg(long, default_value_t = policy_common::DEFAULT_SMTP_FLOWS_CAPACITY, value_parser = clap::value_parser!(u32).range(1..))]
+        smtp_flows: u32,
         #[command(flatten)]
         acl4: Acl4Room,
         /// Use this MaxMind database for every geo-fence instead of the paths in the file.
@@ -220,7 +223,7 @@ struct Acl4Room {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { policy, uplink, tenant, xdp_mode, metrics_addr, events, source_capacity, acl4, geo_database, limits, pins } => {
+        Command::Run { policy, uplink, tenant, xdp_mode, metrics_addr, events, source_capacity, smtp_flows, acl4, geo_database, limits, pins } => {
             let xdp_mode = match xdp_mode {
                 XdpModeArg::Auto => XdpModeChoice::Auto,
                 XdpModeArg::Native => XdpModeChoice::Native,
@@ -237,6 +240,7 @@ fn main() -> ExitCode {
                 policy_options: LoadOptions { geo_database, today: None, limits: limits.limits() },
                 source_capacity,
                 acl4_capacity: policy_common::acl4::Capacity { nodes: acl4.acl4_nodes, slots: acl4.acl4_slots, values: acl4.acl4_values },
+                smtp_flow_capacity: smtp_flows,
             };
             commands::report(smtpguard::controller::run(options))
         }

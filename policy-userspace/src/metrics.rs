@@ -172,6 +172,15 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     )
     .expect("valid");
     scan_truncated.with_label_values(&[] as &[&str]).inc_by(stats[policy_common::STATS_SCAN_TRUNCATED as usize].packets);
+    let smtp_flows = IntCounterVec::new(
+        Opts::new(
+            "smtpguard_smtp_flows_total",
+            "Client streams of command-filtered SMTP ports the filter began to follow: one per stream, plus one per stream whose state was evicted from SMTP_FLOWS",
+        ),
+        &[],
+    )
+    .expect("valid");
+    smtp_flows.with_label_values(&[] as &[&str]).inc_by(stats[policy_common::STATS_SMTP_FLOW_MISSES as usize].packets);
     let geo = IntCounterVec::new(Opts::new("smtpguard_geo_drops_total", "Drops and would-drops (monitor mode) by the geo-fence, by country"), &["direction", "verdict", "country"]).expect("valid");
     let geo_cells = observer.geo_drops().map_err(|e| e.to_string())?;
     for (i, drops) in geo_cells.iter().enumerate().take(GEO_DROPS_ENTRIES as usize) {
@@ -224,6 +233,7 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
         (policy_common::BAN_V4, policy_common::BAN_CIDR_CAPACITY as i64),
         (policy_common::BAN_V6, policy_common::BAN_CIDR_CAPACITY as i64),
         (policy_common::SOURCES, observer.source_capacity() as i64),
+        (policy_common::SMTP_FLOWS, observer.smtp_flow_capacity() as i64),
         (policy_common::EVENTS, policy_common::EVENTS_BYTES as i64),
         (policy_common::TENANT_IFACES, policy_common::TENANT_IFACES_CAPACITY as i64),
     ] {
@@ -234,7 +244,7 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     let build = IntGaugeVec::new(Opts::new("smtpguard_build_info", "Build information"), &["version"]).expect("valid");
     build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
-    for c in [packets, bytes, events_lost, bans_total, scan_truncated, geo] {
+    for c in [packets, bytes, events_lost, bans_total, scan_truncated, smtp_flows, geo] {
         register(&r, c);
     }
     register(&r, bans);

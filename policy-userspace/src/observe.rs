@@ -22,6 +22,8 @@ pub struct Observer {
     pub(crate) ban_v6: OwnedFd,
     /// The kernel's possible CPUs: per-CPU values come in this many.
     pub(crate) cpus: usize,
+    /// Client streams `SMTP_FLOWS` holds, as the map was made.
+    pub(crate) smtp_flow_capacity: u32,
 }
 
 impl Observer {
@@ -54,7 +56,13 @@ impl Observer {
             ban_v4: self.ban_v4.try_clone()?,
             ban_v6: self.ban_v6.try_clone()?,
             cpus: self.cpus,
+            smtp_flow_capacity: self.smtp_flow_capacity,
         })
+    }
+
+    /// Client streams the command filter can follow.
+    pub fn smtp_flow_capacity(&self) -> u64 {
+        self.smtp_flow_capacity as u64
     }
 
     /// Sources the table can hold.
