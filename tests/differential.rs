@@ -1,7 +1,10 @@
 //! The kernel and the userspace model (`explain`) must agree: random
 //! policies, written as YAML and compiled the normal way, judge random
 //! packets through the real programs (BPF_PROG_TEST_RUN) and through the
-//! model, and every verdict and reason must match.
+//! model, and every verdict and reason must match. Packets come alone or
+//! as client streams cut into segments (with retransmissions, gaps and
+//! overlaps), so the command filter's state across segments is held to
+//! the model too, entry by entry; some are IP fragments.
 
 use std::{
     fmt::Write as _,
@@ -9,11 +12,11 @@ use std::{
     path::Path,
 };
 
-use policy_common::{direction, reason, stats_index, verdict};
+use policy_common::{direction, reason, stats_index, verdict, PORT_SLOT_UNKNOWN};
 use serde::Serialize;
 use smtpguard::{
     dataplane::Hook,
-    model::{decide, AclIndex, Packet, SourceState},
+    model::{decide, AclIndex, Fragment, Packet, SourceState},
     policy::{self, time, LoadOptions},
 };
 use smtpguard_tests::{fixtures::Harness, packet::TcpFrame, require_root, rng::Rng};
@@ -93,7 +96,7 @@ fn random_direction_yaml(rng: &mut Rng, ports: &[(u16, &str)]) -> String {
         writeln!(y, "    geo: {{database: geo.mmdb, field: country_code, {list}: [{}], unknown: {unknown}}}", countries.join(", ")).unwrap();
     }
     if rng.chance(60) {
-        y += "    smtp_commands: {block: [VRFY, EXPN]}\n";
+        y += if rng.chance(30) { "    smtp_commands: {block: [VRFY, EXPN], fragments: allow}\n" } else { "    smtp_commands: {block: [VRFY, EXPN]}\n" };
     }
     if rng.chance(40) {
         y += "    rate_limit: {new_per_minute: 6000, burst: 1000, ban_above_per_minute: 60000}\n";
@@ -119,7 +122,64 @@ fn random_packet(rng: &mut Rng) -> Packet {
     let dport = if rng.chance(85) { rng.pick(&PORTS).0 } else { *rng.pick(&[80u16, 443, 26, 24]) };
     let syn = rng.chance(50);
     let payload = if syn { Vec::new() } else { random_payload(rng) };
-    Packet { direction: if rng.chance(50) { direction::INGRESS } else { direction::EGRESS }, src: addr(rng, v6), dst: addr(rng, v6), dport, syn, payload }
+    let fragment = match rng.below(20) {
+        0 => Fragment::First,
+        1 => Fragment::Later,
+        _ => Fragment::Whole,
+    };
+    Packet {
+        direction: if rng.chance(50) { direction::INGRESS } else { direction::EGRESS },
+        src: addr(rng, v6),
+        dst: addr(rng, v6),
+        sport: 40_000,
+        dport,
+        syn,
+        payload,
+        seq: 1,
+        fragment,
+    }
+}
+
+/// A client stream to 25 cut into segments at random points, sent in
+/// order with now and then a retransmission, a segment skipped (a gap)
+/// or an overlap, as a hostile client or a lossy path would.
+fn random_stream(rng: &mut Rng) -> Vec<Packet> {
+    let v6 = rng.chance(40);
+    let text: Vec<u8> = (0..1 + rng.below(3)).flat_map(|_| random_payload(rng)).collect();
+    let template = Packet {
+        direction: if rng.chance(50) { direction::INGRESS } else { direction::EGRESS },
+        src: addr(rng, v6),
+        dst: addr(rng, v6),
+        sport: 1024 + rng.below(60_000) as u16,
+        dport: 25,
+        syn: false,
+        payload: Vec::new(),
+        // Now and then near the wrap of sequence space.
+        seq: if rng.chance(20) { u32::MAX - rng.below(64) as u32 } else { rng.below(1 << 30) as u32 },
+        fragment: Fragment::Whole,
+    };
+    let mut packets = Vec::new();
+    let (mut at, mut sent) = (0usize, Vec::<(usize, usize)>::new());
+    while at < text.len() && packets.len() < 12 {
+        let len = (1 + rng.below(40) as usize).min(text.len() - at);
+        let (start, end) = match rng.below(10) {
+            // A retransmission of something already sent.
+            0 if !sent.is_empty() => *rng.pick(&sent),
+            // An overlap: from a little before, to past, what was sent.
+            1 if at > 0 => (at - 1 - rng.below(at.min(4) as u64) as usize, at + len),
+            _ => (at, at + len),
+        };
+        let end = end.min(text.len());
+        // A gap: this piece is lost, the next one arrives first.
+        if rng.chance(8) && end < text.len() {
+            at = end;
+            continue;
+        }
+        at = at.max(end);
+        sent.push((start, end));
+        packets.push(Packet { payload: text[start..end].to_vec(), seq: template.seq.wrapping_add(start as u32), ..template.clone() });
+    }
+    packets
 }
 
 /// Up to four pipelined lines: commands with and without leading blanks,
@@ -159,6 +219,9 @@ fn kernel_and_model_agree_on_random_policies_and_packets() {
     let mut failures = Vec::new();
     let (mut runs, mut counted, mut drops) = (0, 0, 0);
     let mut generation = 0u32;
+    // The model's SMTP_FLOWS: like the kernel's, kept across policies.
+    let mut flows = std::collections::HashMap::new();
+    let mut by_reason = std::collections::BTreeMap::new();
     for p in 0..POLICIES {
         let text = random_policy(&mut rng);
         let path = dir.join(format!("policy-{p}.yaml"));
@@ -170,11 +233,24 @@ fn kernel_and_model_agree_on_random_policies_and_packets() {
         generation ^= 1;
         h.dp.install(generation, &c, p as u64 + 1).unwrap();
         h.dp.activate(generation, 0, 0).unwrap();
-        for _ in 0..PACKETS_PER_POLICY {
-            let packet = random_packet(&mut rng);
+        let mut packets = Vec::new();
+        while packets.len() < PACKETS_PER_POLICY {
+            if rng.chance(15) {
+                packets.extend(random_stream(&mut rng));
+            } else {
+                packets.push(random_packet(&mut rng));
+            }
+        }
+        for packet in packets {
             let hook = *rng.pick(&Hook::ALL);
             let flags = if packet.syn { 0x02 } else { 0x18 };
-            let frame = TcpFrame::new(packet.src, packet.dst, packet.dport, flags).payload(&packet.payload).build();
+            let mut frame = TcpFrame::new(packet.src, packet.dst, packet.dport, flags).sport(packet.sport).seq(packet.seq).payload(&packet.payload);
+            frame = match packet.fragment {
+                Fragment::Whole => frame,
+                Fragment::First => frame.fragment(0, true),
+                Fragment::Later => frame.fragment(1 + rng.below(100) as u16, rng.chance(50)),
+            };
+            let frame = frame.build();
             let mut rt = h.dp.runtime().unwrap();
             rt.hook_direction[hook.index()] = packet.direction;
             h.dp.set_runtime(rt).unwrap();
@@ -186,11 +262,21 @@ fn kernel_and_model_agree_on_random_policies_and_packets() {
             // Verdict, events-lost and ban cells; a fresh source's SYN also
             // claims a way (STATS_CLAIMS), which the model does not track.
             let moved: Vec<usize> = (0..policy_common::STATS_CLAIMS as usize).filter(|i| after[*i].packets != before[*i].packets).collect();
-            let expected = decide(&c, &acl, &packet, SourceState::default());
+            let key = packet.flow_key();
+            let expected = decide(&c, &acl, &packet, SourceState::default(), flows.get(&key).copied());
+            if let Some(next) = expected.flow {
+                flows.insert(key, next);
+            }
+            if h.dp.smtp_flow(&key).unwrap() != flows.get(&key).copied() {
+                failures.push(format!("policy {p}, {hook:?}, {packet:?}: kernel flow entry {:?}, model {:?}", h.dp.smtp_flow(&key).unwrap(), flows.get(&key)));
+            }
             let (pass_code, drop_code) = hook.verdict_codes();
-            let expected_cell = expected.counted.map(|(v, r)| stats_index(packet.direction, v, r, expected.port_slot.unwrap()) as usize);
+            let expected_cell = expected.counted.map(|(v, r)| stats_index(packet.direction, v, r, expected.port_slot.unwrap_or(PORT_SLOT_UNKNOWN)) as usize);
             let expected_rc = if expected.passes() { pass_code } else { drop_code };
             runs += 1;
+            if let Some((_, r)) = expected.counted {
+                *by_reason.entry(reason::NAMES[r as usize]).or_insert(0usize) += 1;
+            }
             if expected.counted.is_some() {
                 counted += 1;
             }
@@ -207,7 +293,10 @@ fn kernel_and_model_agree_on_random_policies_and_packets() {
     }
     h.reset().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    eprintln!("{runs} packets over {POLICIES} policies: {counted} counted, {drops} dropped, {} disagreements", failures.len());
+    eprintln!("{runs} packets over {POLICIES} policies: {counted} counted, {drops} dropped, {} disagreements; by reason {by_reason:?}", failures.len());
     assert!(counted > runs / 2 && drops > runs / 10, "the random mix should exercise the pipeline");
+    for why in ["smtp_command", "smtp_out_of_order", "fragment"] {
+        assert!(by_reason.get(why).is_some_and(|n| *n >= 5), "the random mix should reach {why} (by reason {by_reason:?})");
+    }
     assert!(failures.is_empty(), "{}", failures.iter().take(5).cloned().collect::<Vec<_>>().join("\n\n"));
 }

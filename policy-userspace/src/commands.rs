@@ -108,8 +108,19 @@ pub fn explain(path: &Path, options: &LoadOptions, args: ExplainArgs) -> ExitCod
         return ExitCode::FAILURE;
     }
     let payload = args.payload.clone().map(|p| p.replace("\\r", "\r").replace("\\n", "\n")).unwrap_or_default();
-    let packet = Packet { direction: args.direction, src: args.src, dst: args.dst, dport: args.dport, syn: args.syn, payload: payload.into_bytes() };
-    let d = model::decide(&c, &AclIndex::new(&c), &packet, SourceState::default());
+    let packet = Packet {
+        direction: args.direction,
+        src: args.src,
+        dst: args.dst,
+        sport: 40_000,
+        dport: args.dport,
+        syn: args.syn,
+        payload: payload.into_bytes(),
+        seq: 1,
+        fragment: model::Fragment::Whole,
+    };
+    // A fresh source and the stream's first segment.
+    let d = model::decide(&c, &AclIndex::new(&c), &packet, SourceState::default(), None);
     let rule = c.rule(d.rule);
     let (verdict_name, reason_name) = match d.counted {
         Some((v, r)) => (verdict::NAMES[v as usize], reason::NAMES[r as usize]),

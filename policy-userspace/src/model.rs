@@ -5,10 +5,24 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use policy_common::{
-    action, direction, mode, profile, reason, side, smtp_scan, verdict, AclEntry, DirectionPolicy,
+    action, direction, mode, profile, reason, side,
+    smtp_flow::{self, SmtpFlowKey, SmtpFlowState},
+    verdict, AclEntry, DirectionPolicy,
 };
 
 use crate::policy::Compiled;
+
+/// Where a packet stands in IP fragmentation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented.
+    #[default]
+    Whole,
+    /// The first fragment: ports and headers in sight, the rest later.
+    First,
+    /// A later fragment: no ports.
+    Later,
+}
 
 /// A packet as `explain` describes it.
 #[derive(Clone, Debug)]
@@ -16,10 +30,21 @@ pub struct Packet {
     pub direction: u8,
     pub src: IpAddr,
     pub dst: IpAddr,
+    pub sport: u16,
     pub dport: u16,
     /// SYN without ACK.
     pub syn: bool,
     pub payload: Vec<u8>,
+    /// Sequence number of the first payload byte.
+    pub seq: u32,
+    pub fragment: Fragment,
+}
+
+impl Packet {
+    /// The command filter's key for the packet's client stream.
+    pub fn flow_key(&self) -> SmtpFlowKey {
+        SmtpFlowKey::of(self.src, self.dst, self.sport, self.dport)
+    }
 }
 
 /// What the per-source state says; `explain` assumes a fresh source.
@@ -34,9 +59,12 @@ pub struct SourceState {
 pub struct Decision {
     /// [`verdict`]; `None` when the packet is not ours (not counted).
     pub counted: Option<(u8, u8)>,
+    /// `None`: not guarded, or no ports in sight (a later fragment).
     pub port_slot: Option<usize>,
     pub rule: u32,
     pub country: u32,
+    /// The stream's `SMTP_FLOWS` entry after the packet (`None`: as it was).
+    pub flow: Option<SmtpFlowState>,
 }
 
 impl Decision {
@@ -94,9 +122,17 @@ impl AclIndex {
     }
 }
 
-pub fn decide(c: &Compiled, acl: &AclIndex, p: &Packet, state: SourceState) -> Decision {
+/// The datapath's decision on `p`, from a source in `state` and a client
+/// stream whose `SMTP_FLOWS` entry is `flow`.
+pub fn decide(c: &Compiled, acl: &AclIndex, p: &Packet, state: SourceState, flow: Option<SmtpFlowState>) -> Decision {
     let dp: &DirectionPolicy = &c.config.direction[p.direction as usize];
-    let mut d = Decision { counted: None, port_slot: None, rule: 0, country: 0 };
+    let mut d = Decision { counted: None, port_slot: None, rule: 0, country: 0, flow: None };
+    if p.fragment == Fragment::Later {
+        // No ports to judge: counted, and passed for the host to reassemble
+        // (its first fragment was judged).
+        d.counted = Some((verdict::PASS, reason::FRAGMENT));
+        return d;
+    }
     let Some(slot) = dp.port_slot(p.dport) else { return d };
     d.port_slot = Some(slot);
     let finish = |mut d: Decision, act: u8, why: u8| {
@@ -151,10 +187,17 @@ pub fn decide(c: &Compiled, acl: &AclIndex, p: &Packet, state: SourceState) -> D
             return finish(d, action::DROP, reason::RATE_LIMITED);
         }
     }
-    if dp.profile[slot] == profile::SMTP && dp.smtp_block != 0 {
-        let scanned = &p.payload[..p.payload.len().min(smtp_scan::SCAN_BYTES)];
-        if smtp_scan::scan(dp.smtp_block, smtp_scan::AT_LINE_START, scanned).blocked {
-            return finish(d, action::DROP, reason::SMTP_COMMAND);
+    let filtered = dp.profile[slot] == profile::SMTP && dp.smtp_block != 0;
+    let first_fragment = p.fragment == Fragment::First;
+    if filtered && first_fragment && dp.smtp_fragment_action == action::DROP && dp.default_action[slot] != action::DROP {
+        return finish(d, action::DROP, reason::FRAGMENT);
+    }
+    if filtered {
+        let monitor = dp.mode == mode::MONITOR;
+        let (why, next) = smtp_flow::judge(flow, p.seq, &p.payload, dp.smtp_block, monitor, first_fragment);
+        d.flow = next;
+        if why != smtp_flow::CLEAN {
+            return finish(d, action::DROP, why as u8);
         }
     }
     if dp.default_action[slot] == action::DROP {
