@@ -272,7 +272,13 @@ fn kernel_and_model_agree_on_random_policies_and_packets() {
             }
             let (pass_code, drop_code) = hook.verdict_codes();
             let expected_cell = expected.counted.map(|(v, r)| stats_index(packet.direction, v, r, expected.port_slot.unwrap_or(PORT_SLOT_UNKNOWN)) as usize);
-            let expected_rc = if expected.passes() { pass_code } else { drop_code };
+            let expected_rc = if expected.reset {
+                hook.reset_code()
+            } else if expected.passes() {
+                pass_code
+            } else {
+                drop_code
+            };
             runs += 1;
             if let Some((_, r)) = expected.counted {
                 *by_reason.entry(reason::NAMES[r as usize]).or_insert(0usize) += 1;

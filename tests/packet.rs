@@ -1,9 +1,11 @@
 //! Crafted frames for BPF_PROG_TEST_RUN: Ethernet, VLAN tags, IPv4 with
 //! options, IPv6 with extension headers, fragments, TCP with payload.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
 pub const ACK: u8 = 0x10;
 pub const PSH: u8 = 0x08;
 
@@ -233,4 +235,91 @@ pub fn checksum(data: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// A TCP frame's fields as read back from bytes (VLAN tags, IPv4 without
+/// options or IPv6 without extension headers), for checking what a
+/// program wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadTcp {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub vlans: Vec<[u8; 4]>,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub ttl: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub window: u16,
+    pub payload_len: usize,
+    /// The IPv4 header checksum verifies (always true for IPv6).
+    pub ip_checksum_ok: bool,
+    /// The TCP checksum verifies over the pseudo header.
+    pub tcp_checksum_ok: bool,
+    /// Bytes after the IP length (padding).
+    pub trailer: usize,
+}
+
+pub fn read_tcp(f: &[u8]) -> Option<ReadTcp> {
+    let mut at = 12;
+    let mut vlans = Vec::new();
+    while matches!(u16::from_be_bytes([*f.get(at)?, *f.get(at + 1)?]), TPID_8021Q | TPID_8021AD) {
+        vlans.push([f[at], f[at + 1], f[at + 2], f[at + 3]]);
+        at += 4;
+    }
+    let ethertype = u16::from_be_bytes([*f.get(at)?, *f.get(at + 1)?]);
+    let l3 = at + 2;
+    let (src, dst, ttl, l4, ip_end, ip_checksum_ok, pseudo): (IpAddr, IpAddr, u8, usize, usize, bool, Vec<u8>) = match ethertype {
+        0x0800 => {
+            let h = f.get(l3..l3 + 20)?;
+            if h[0] != 0x45 || h[9] != 6 {
+                return None;
+            }
+            let total = u16::from_be_bytes([h[2], h[3]]) as usize;
+            let (s, d) = (Ipv4Addr::new(h[12], h[13], h[14], h[15]), Ipv4Addr::new(h[16], h[17], h[18], h[19]));
+            let mut pseudo = h[12..20].to_vec();
+            pseudo.extend_from_slice(&[0, 6]);
+            pseudo.extend_from_slice(&((total - 20) as u16).to_be_bytes());
+            (s.into(), d.into(), h[8], l3 + 20, l3 + total, checksum(h) == 0, pseudo)
+        }
+        0x86dd => {
+            let h = f.get(l3..l3 + 40)?;
+            if h[6] != 6 {
+                return None;
+            }
+            let plen = u16::from_be_bytes([h[4], h[5]]) as usize;
+            let s: [u8; 16] = h[8..24].try_into().ok()?;
+            let d: [u8; 16] = h[24..40].try_into().ok()?;
+            let mut pseudo = h[8..40].to_vec();
+            pseudo.extend_from_slice(&(plen as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, 6]);
+            (Ipv6Addr::from(s).into(), Ipv6Addr::from(d).into(), h[7], l3 + 40, l3 + 40 + plen, true, pseudo)
+        }
+        _ => return None,
+    };
+    let t = f.get(l4..l4 + 20)?;
+    let hlen = (t[12] >> 4) as usize * 4;
+    let segment = f.get(l4..ip_end)?;
+    let tcp_checksum_ok = checksum(&[pseudo, segment.to_vec()].concat()) == 0;
+    Some(ReadTcp {
+        dst_mac: f[0..6].try_into().ok()?,
+        src_mac: f[6..12].try_into().ok()?,
+        vlans,
+        src,
+        dst,
+        ttl,
+        sport: u16::from_be_bytes([t[0], t[1]]),
+        dport: u16::from_be_bytes([t[2], t[3]]),
+        seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+        ack: u32::from_be_bytes([t[8], t[9], t[10], t[11]]),
+        flags: t[13],
+        window: u16::from_be_bytes([t[14], t[15]]),
+        payload_len: ip_end - l4 - hlen,
+        ip_checksum_ok,
+        tcp_checksum_ok,
+        trailer: f.len() - ip_end,
+    })
 }

@@ -16,7 +16,7 @@ use policy_common::{
 use smtpguard::dataplane::{ktime_now_ns, Hook};
 use smtpguard_tests::{
     fixtures::{self, base_policy, ends, entry, entry_all_ports, seed, Harness, NS_PER_S},
-    packet::{arp_frame, Ext, TcpFrame, ACK, PSH, SYN, TPID_8021AD, TPID_8021Q},
+    packet::{arp_frame, read_tcp, Ext, ReadTcp, TcpFrame, ACK, FIN, PSH, RST, SYN, TPID_8021AD, TPID_8021Q},
     require_root,
 };
 
@@ -26,6 +26,8 @@ enum Expect {
     /// Not SMTP: passes and no counter moves.
     Uncounted,
     Counted { verdict: u8, reason: u8, slot: usize },
+    /// Dropped for `reason` and answered with a reset to the sender.
+    Reset { reason: u8, slot: usize },
 }
 
 const fn counted(verdict: u8, reason: u8, slot: usize) -> Expect {
@@ -357,6 +359,91 @@ fn pipeline_cases(v: &Variant) -> Vec<Case> {
     );
 
     let monitor = |dir: u8| move |p: &mut PolicyConfig| dp_mut(p, dir).mode = mode::MONITOR;
+
+    // Open connections the policy now denies get a reset (issue 12).
+    let resets = |dir: u8| move |p: &mut PolicyConfig| dp_mut(p, dir).established_reset = 1;
+    let seg = |dir, flags, payload: &[u8]| v.frame(dir, 25, flags).seq(7_000).payload(payload).build();
+    add(
+        "egress: a data segment the default denies gets a reset",
+        EG,
+        seg(EG, ACK | PSH, b"MAIL FROM:<a@b>\r\n"),
+        Box::new(move |_, p| {
+            resets(EG)(p);
+            Ok(())
+        }),
+        Expect::Reset { reason: reason::DEFAULT_DENY, slot: 0 },
+        None,
+    );
+    add(
+        "a banned source's data segment gets a reset",
+        IN,
+        seg(IN, ACK | PSH, b"RCPT TO:<a@b>\r\n"),
+        Box::new(move |h, p| {
+            resets(IN)(p);
+            h.seed_source(ing.src, seed::banned_for(600)).map_err(Into::into)
+        }),
+        Expect::Reset { reason: reason::BANNED, slot: 0 },
+        None,
+    );
+    add(
+        "a FIN a deny rule drops is acknowledged in its reset",
+        IN,
+        seg(IN, ACK | FIN, b"QUIT\r\n"),
+        Box::new(move |h, p| {
+            resets(IN)(p);
+            h.add_acl(IN, side::PEER, ing.src, net_len, entry(0, 0, 22, 0)).map_err(Into::into)
+        }),
+        Expect::Reset { reason: reason::DENY_ACL, slot: 0 },
+        None,
+    );
+    add(
+        "a bare ACK from a blocked country gets a reset",
+        IN,
+        seg(IN, ACK, b""),
+        Box::new(move |h, p| {
+            resets(IN)(p);
+            dp_mut(p, IN).geo_enabled = 1;
+            h.add_acl(IN, side::PEER, ing.src, net_len, entry(0, 0, 0, fixtures::BLOCKED_COUNTRY)).map_err(Into::into)
+        }),
+        Expect::Reset { reason: reason::GEO, slot: 0 },
+        None,
+    );
+    add(
+        "monitor: an open connection the policy denies is not reset",
+        EG,
+        seg(EG, ACK | PSH, b"DATA\r\n"),
+        Box::new(move |_, p| {
+            resets(EG)(p);
+            monitor(EG)(p);
+            Ok(())
+        }),
+        counted(verdict::WOULD_DROP, reason::DEFAULT_DENY, 0),
+        None,
+    );
+    for (name, flags) in [("a SYN the policy denies gets no reset", SYN), ("a RST the policy denies gets none back", RST | ACK), ("a segment without ACK gets no reset", PSH)] {
+        add(
+            name,
+            EG,
+            seg(EG, flags, b""),
+            Box::new(move |_, p| {
+                resets(EG)(p);
+                Ok(())
+            }),
+            counted(verdict::DROP, reason::DEFAULT_DENY, 0),
+            None,
+        );
+    }
+    add(
+        "a dropped VRFY gets no reset (the prober waits)",
+        IN,
+        seg(IN, ACK | PSH, b"VRFY root\r\n"),
+        Box::new(move |_, p| {
+            resets(IN)(p);
+            Ok(())
+        }),
+        counted(verdict::DROP, reason::SMTP_COMMAND, 0),
+        None,
+    );
     add(
         "monitor: a deny only counts",
         IN,
@@ -719,6 +806,21 @@ fn header_cases(v: &Variant) -> Vec<Case> {
     let dir = direction::EGRESS;
     let judged = counted(verdict::DROP, reason::DEFAULT_DENY, 0);
     let mut cases = Vec::new();
+    // A reset is made only of plain headers: with IPv4 options or IPv6
+    // extension headers, an open connection's denied segment is dropped.
+    let data = v.frame(dir, 25, ACK | PSH).payload(b"NOOP\r\n");
+    let odd_headers = if v.v6 { data.ext(Ext::DestOpts) } else { data.ipv4_options(&[0x01; 4]) };
+    cases.push(Case {
+        name: format!("a denied segment with IP options or extension headers gets no reset [{}]", v.label),
+        dir,
+        frame: odd_headers.build(),
+        setup: Box::new(|_, p| {
+            dp_mut(p, direction::EGRESS).established_reset = 1;
+            Ok(())
+        }),
+        expect: judged,
+        after: None,
+    });
     let mut add = |name: &str, frame: Vec<u8>, expect: Expect| {
         cases.push(Case { name: format!("{name} [{}]", v.label), dir, frame, setup: no_setup(), expect, after: None });
     };
@@ -816,7 +918,7 @@ fn check_ban(h: &mut Harness, addr: IpAddr, strikes: u16, duration_s: u32, origi
 /// Cases in the table, as README.md states them ("one table of N cases"):
 /// a case that goes missing, or one added without saying so, fails the
 /// tests below instead of passing silently.
-const CASES: usize = 644;
+const CASES: usize = 704;
 
 fn all_cases() -> Vec<Case> {
     let mut cases = other_cases();
@@ -858,8 +960,14 @@ fn run_case(h: &mut Harness, hook: Hook, case: &Case) -> anyhow::Result<Ran> {
     (case.setup)(h, &mut policy)?;
     h.set_policy(&policy)?;
     let (before, geo_before) = h.counters()?;
-    let (rc, _) = h.dp.test_run(hook, &case.frame, 1)?;
+    let (rc, out) = h.dp.test_run_out(hook, &case.frame)?;
     let (after, geo_after) = h.counters()?;
+    let resets = |s: &[policy_common::Counter]| s[policy_common::STATS_RESETS as usize + case.dir as usize].packets;
+    let want_resets = u64::from(matches!(case.expect, Expect::Reset { .. }));
+    anyhow::ensure!(resets(&after) - resets(&before) == want_resets, "resets counted {}, expected {want_resets}", resets(&after) - resets(&before));
+    if let Expect::Reset { .. } = case.expect {
+        check_reset(&case.frame, &out)?;
+    }
     // A started ban is counted once, by origin.
     let bans = |s: &[policy_common::Counter], cell: u32| s[cell as usize].packets;
     let started = (
@@ -876,6 +984,7 @@ fn run_case(h: &mut Harness, hook: Hook, case: &Case) -> anyhow::Result<Ran> {
     let (pass_code, drop_code) = hook.verdict_codes();
     let expected_rc = match case.expect {
         Expect::Counted { verdict: verdict::DROP, .. } => drop_code,
+        Expect::Reset { .. } => hook.reset_code(),
         _ => pass_code,
     };
     anyhow::ensure!(rc == expected_rc, "returned {rc:#x}, expected {expected_rc:#x}");
@@ -883,6 +992,7 @@ fn run_case(h: &mut Harness, hook: Hook, case: &Case) -> anyhow::Result<Ran> {
     let expected_cell = match case.expect {
         Expect::Uncounted => None,
         Expect::Counted { verdict, reason, slot } => Some(stats_index(case.dir, verdict, reason, slot) as usize),
+        Expect::Reset { reason, slot } => Some(stats_index(case.dir, verdict::DROP, reason, slot) as usize),
     };
     // Verdict cells and events-lost; the ban-origin cells follow the ban checks.
     let checked = policy_common::STATS_EVENTS_LOST as usize + 1;
@@ -899,6 +1009,7 @@ fn run_case(h: &mut Harness, hook: Hook, case: &Case) -> anyhow::Result<Ran> {
         Expect::Counted { verdict, reason: reason::GEO, .. } if verdict != verdict::PASS => {
             Some(geo_index(case.dir, verdict, fixtures::BLOCKED_COUNTRY) as usize)
         }
+        Expect::Reset { reason: reason::GEO, .. } => Some(geo_index(case.dir, verdict::DROP, fixtures::BLOCKED_COUNTRY) as usize),
         _ => None,
     };
     for (i, (b, a)) in geo_before.iter().zip(&geo_after).enumerate() {
@@ -909,6 +1020,36 @@ fn run_case(h: &mut Harness, hook: Hook, case: &Case) -> anyhow::Result<Ran> {
         after(h)?;
     }
     Ok(Ran::Judged)
+}
+
+/// `out` is the reset a stack accepts for the segment `input`: same VLAN
+/// tags, ends swapped, RST+ACK with the segment's acknowledgment as its
+/// sequence number, acknowledging all the segment carried, valid
+/// checksums, nothing after the TCP header.
+fn check_reset(input: &[u8], out: &[u8]) -> anyhow::Result<()> {
+    let i = read_tcp(input).ok_or_else(|| anyhow::anyhow!("the case's frame does not parse"))?;
+    let o = read_tcp(out).ok_or_else(|| anyhow::anyhow!("the reset does not parse: {out:02x?}"))?;
+    let consumed = i.payload_len as u32 + u32::from(i.flags & FIN != 0);
+    let want = ReadTcp {
+        dst_mac: i.src_mac,
+        src_mac: i.dst_mac,
+        vlans: i.vlans.clone(),
+        src: i.dst,
+        dst: i.src,
+        ttl: 64,
+        sport: i.dport,
+        dport: i.sport,
+        seq: i.ack,
+        ack: i.seq.wrapping_add(consumed),
+        flags: RST | ACK,
+        window: 0,
+        payload_len: 0,
+        ip_checksum_ok: true,
+        tcp_checksum_ok: true,
+        trailer: 0,
+    };
+    anyhow::ensure!(o == want, "reset {o:?}, expected {want:?}");
+    Ok(())
 }
 
 fn describe_cell(i: usize) -> String {

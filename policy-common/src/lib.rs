@@ -105,6 +105,16 @@ pub mod reason {
     ];
 }
 
+/// Drop reasons that deny a connection by policy (who, where from, which
+/// way), as opposed to one packet's content or shape: a dropped segment of
+/// an open connection for these gets a reset where the policy asks for
+/// one. Not the rate limit and bans it starts (SYNs only), nor the command
+/// filter (a tarpit: the prober waits), nor fragments and malformed frames.
+#[inline(always)]
+pub const fn reset_worthy(why: u8) -> bool {
+    matches!(why, reason::BANNED | reason::DENY_ACL | reason::GEO | reason::DEFAULT_DENY)
+}
+
 /// What a policy statement asks for.
 pub mod action {
     pub const PASS: u8 = 0;
@@ -169,8 +179,11 @@ pub const STATS_SCAN_TRUNCATED: u32 = STATS_CLAIMS + claim_kind::COUNT as u32;
 /// entry in `SMTP_FLOWS`: one per client flow, plus one per flow whose
 /// entry was evicted (then scanned as if it started a line).
 pub const STATS_SMTP_FLOW_MISSES: u32 = STATS_SCAN_TRUNCATED + 1;
+/// `STATS` cells, one per direction: TCP resets sent for dropped
+/// segments of open connections (`DirectionPolicy::established_reset`).
+pub const STATS_RESETS: u32 = STATS_SMTP_FLOW_MISSES + 1;
 /// Entries of the `STATS` per-CPU array.
-pub const STATS_ENTRIES: u32 = STATS_SMTP_FLOW_MISSES + 1;
+pub const STATS_ENTRIES: u32 = STATS_RESETS + direction::COUNT as u32;
 
 /// What the way a new source takes in its `SOURCES` set held before:
 /// how full the table is under churn. See [`source::claim_kind_of`].
@@ -341,7 +354,11 @@ pub struct DirectionPolicy {
     /// [`action`] for IP fragments of segments to an SMTP-profile port
     /// while `smtp_block` is set: the command filter cannot read them.
     pub smtp_fragment_action: u8,
-    pub _pad0: [u8; 1],
+    /// Non-zero: a dropped segment of an open connection (a policy edit or
+    /// a ban denied it mid-session) is answered with a TCP reset to its
+    /// sender, so the client fails at once instead of stalling (see
+    /// [`reset_worthy`]).
+    pub established_reset: u8,
     /// GCRA emission interval: 60 s / new connections per minute.
     pub rate_interval_ns: u64,
     /// GCRA tolerance: (burst - 1) * interval.
@@ -372,7 +389,7 @@ impl DirectionPolicy {
         rate_enabled: 0,
         geo_enabled: 0,
         smtp_fragment_action: action::DROP,
-        _pad0: [0; 1],
+        established_reset: 0,
         rate_interval_ns: 0,
         rate_tolerance_ns: 0,
         ban_threshold: 0,

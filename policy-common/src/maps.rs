@@ -61,6 +61,10 @@ pub const TENANT_IFACES_CAPACITY: u32 = 4096;
 /// bytes handed to the scanner.
 pub const SCAN_BUF: &str = "SCAN_BUF";
 
+/// `PerCpuArray<ResetJob>`, 1 entry: where a segment to answer with a
+/// reset has its headers, and the rewritten headers.
+pub const RESET_BUF: &str = "RESET_BUF";
+
 /// `LruHashMap<SmtpFlowKey, SmtpFlowState>`: where each client stream of
 /// a command-filtered port stands (see [`crate::smtp_flow`]). Writer and
 /// reader: the datapath; the controller only sizes it.
@@ -69,7 +73,7 @@ pub const SMTP_FLOWS: &str = "SMTP_FLOWS";
 pub const DEFAULT_SMTP_FLOWS_CAPACITY: u32 = 65_536;
 
 /// Every map of the object, for the ELF test and the controller.
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 19] = [
     RUNTIME,
     POLICY,
     ACL4_ROOT,
@@ -88,6 +92,7 @@ pub const ALL_MAPS: [&str; 18] = [
     TENANT_IFACES,
     SCAN_BUF,
     SMTP_FLOWS,
+    RESET_BUF,
 ];
 
 /// Program names, one per hook.

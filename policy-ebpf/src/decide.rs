@@ -1,7 +1,8 @@
 //! The decision pipeline for TCP to a guarded port, in the documented
 //! order: allow ACL, ban table, deny ACL, geo-fence, new-connection rate,
 //! fragments and the SMTP command filter, default action. Every counted packet leaves
-//! through [`finish`], which applies monitor mode and records counters.
+//! through [`finish`], which applies monitor mode, records counters and
+//! picks, for a dropped segment of an open connection, a reset.
 
 use core::mem::MaybeUninit;
 
@@ -16,7 +17,7 @@ use crate::{
     events,
     frame::Frame,
     parse::{self, outcome, Flow, Ports, Segment, PULL_LEN},
-    smtp,
+    reset, smtp,
     sources::{self, BanCheck, SynOutcome},
     stats,
 };
@@ -24,6 +25,9 @@ use crate::{
 pub enum Verdict {
     Pass,
     Drop,
+    /// Drop, and answer the sender with a reset (`reset::prepare` has
+    /// noted the segment).
+    Reset,
 }
 
 /// What the pipeline decided, before monitor mode.
@@ -260,9 +264,15 @@ fn finish(
             }
         }
     }
-    if v == verdict::DROP {
-        Verdict::Drop
-    } else {
-        Verdict::Pass
+    if v != verdict::DROP {
+        return Verdict::Pass;
     }
+    // A segment of an open connection the policy now denies.
+    if let Some(flow) = flow {
+        if !flow.syn && dp.established_reset != 0 && policy_common::reset_worthy(outcome.reason) {
+            reset::prepare(flow, dir);
+            return Verdict::Reset;
+        }
+    }
+    Verdict::Drop
 }

@@ -19,6 +19,7 @@ mod events;
 mod frame;
 mod opaque;
 mod parse;
+mod reset;
 mod smtp;
 mod sources;
 mod stats;
@@ -40,17 +41,27 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
     match decide::judge(&XdpFrame(&ctx), hook::XDP_INGRESS) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
+        Verdict::Reset => reset::xdp(&ctx),
     }
 }
 
+/// On tenant interfaces: what a VM sends. A reset goes back to the VM.
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
-    tc_verdict(decide::judge(&SkbFrame(&ctx), hook::TC_INGRESS))
+    match decide::judge(&SkbFrame(&ctx), hook::TC_INGRESS) {
+        Verdict::Reset => reset::tc(&ctx, false),
+        other => tc_verdict(other),
+    }
 }
 
+/// On the uplink's egress: what the host itself sends (forwarded tenant
+/// traffic was judged on arrival). A reset goes into the host.
 #[classifier]
 pub fn tc_egress(ctx: TcContext) -> i32 {
-    tc_verdict(decide::judge(&SkbFrame(&ctx), hook::TC_EGRESS))
+    match decide::judge(&SkbFrame(&ctx), hook::TC_EGRESS) {
+        Verdict::Reset => reset::tc(&ctx, true),
+        other => tc_verdict(other),
+    }
 }
 
 /// Passing lets later clsact programs have their say (`TC_ACT_UNSPEC`).
@@ -58,7 +69,7 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
 fn tc_verdict(verdict: Verdict) -> i32 {
     match verdict {
         Verdict::Pass => TC_ACT_UNSPEC,
-        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Drop | Verdict::Reset => TC_ACT_SHOT,
     }
 }
 

@@ -5,7 +5,7 @@ use aya_ebpf::{macros::map, maps::PerCpuArray};
 use crate::opaque::opaque;
 use policy_common::{
     claim_kind, geo_index, stats_index, Counter, GEO_DROPS_ENTRIES, STATS_BANS_AUTO, STATS_BANS_ESCALATED, STATS_CLAIMS,
-    STATS_ENTRIES, STATS_EVENTS_LOST, STATS_SCAN_TRUNCATED, STATS_SMTP_FLOW_MISSES,
+    STATS_ENTRIES, STATS_EVENTS_LOST, STATS_RESETS, STATS_SCAN_TRUNCATED, STATS_SMTP_FLOW_MISSES,
 };
 
 /// Key: `stats_index(direction, verdict, reason, port slot)`, plus the
@@ -82,6 +82,15 @@ pub fn record_scan_truncated() {
 #[inline(always)]
 pub fn record_smtp_flow_miss() {
     if let Some(c) = STATS.get_ptr_mut(STATS_SMTP_FLOW_MISSES) {
+        // SAFETY: as in `record`.
+        unsafe { (*c).packets += 1 }
+    }
+}
+
+/// Counts a reset sent for a dropped segment of an open connection.
+#[inline(always)]
+pub fn record_reset(direction: u8) {
+    if let Some(c) = STATS.get_ptr_mut(STATS_RESETS + (direction as u32 & 1)) {
         // SAFETY: as in `record`.
         unsafe { (*c).packets += 1 }
     }

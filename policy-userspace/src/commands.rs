@@ -108,17 +108,7 @@ pub fn explain(path: &Path, options: &LoadOptions, args: ExplainArgs) -> ExitCod
         return ExitCode::FAILURE;
     }
     let payload = args.payload.clone().map(|p| p.replace("\\r", "\r").replace("\\n", "\n")).unwrap_or_default();
-    let packet = Packet {
-        direction: args.direction,
-        src: args.src,
-        dst: args.dst,
-        sport: 40_000,
-        dport: args.dport,
-        syn: args.syn,
-        payload: payload.into_bytes(),
-        seq: 1,
-        fragment: model::Fragment::Whole,
-    };
+    let packet = Packet::new(args.direction, args.src, args.dst, args.dport, args.syn, payload.into_bytes());
     // A fresh source and the stream's first segment.
     let d = model::decide(&c, &AclIndex::new(&c), &packet, SourceState::default(), None);
     let rule = c.rule(d.rule);
@@ -134,6 +124,7 @@ pub fn explain(path: &Path, options: &LoadOptions, args: ExplainArgs) -> ExitCod
             "rule": rule.map(|r| &*r.id),
             "rule_origin": rule.map(|r| format!("{}:{}", r.origin.file.display(), r.origin.pos.line)),
             "country": c.country(d.country),
+            "reset": d.reset,
             "port": args.dport,
             "assumes": "source not banned, tokens available, under the ban threshold",
         });
@@ -146,6 +137,9 @@ pub fn explain(path: &Path, options: &LoadOptions, args: ExplainArgs) -> ExitCod
         }
         if let Some(code) = c.country(d.country) {
             println!("country: {code}");
+        }
+        if d.reset {
+            println!("reset:   the sender gets a TCP reset (a segment of an open connection; `established: reset`)");
         }
         if d.counted.is_none() {
             println!("(port {} is not guarded in this direction: the datapath lets it through uncounted)", args.dport);

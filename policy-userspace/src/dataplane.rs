@@ -184,6 +184,15 @@ impl Hook {
         }
     }
 
+    /// The program's return value when it answers with a reset: `XDP_TX`,
+    /// `TC_ACT_REDIRECT`.
+    pub const fn reset_code(self) -> u32 {
+        match self {
+            Hook::XdpIngress => 3,
+            Hook::TcIngress | Hook::TcEgress => 7,
+        }
+    }
+
     /// The program's return value for a pass and for a drop.
     pub const fn verdict_codes(self) -> (u32, u32) {
         match self {
@@ -723,6 +732,23 @@ impl Dataplane {
         }
         .map_err(|source| DataplaneError::Program { name, source })?;
         Ok((result.return_value, result.duration))
+    }
+
+    /// Runs a hook's program once on `frame`: its return value and the
+    /// frame as the program left it (a reset it rewrote the frame into).
+    pub fn test_run_out(&mut self, hook: Hook, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let name = hook.program_name();
+        // Room for the frame and the headroom a program may have grown into.
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat: 1, ..TestRunOptions::new() };
+        let result = match self.ebpf.program_mut(name) {
+            Some(Program::Xdp(p)) => p.test_run(opts),
+            Some(Program::SchedClassifier(p)) => p.test_run(opts),
+            _ => return Err(DataplaneError::MissingProgram(name)),
+        }
+        .map_err(|source| DataplaneError::Program { name, source })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
     }
 
     /// The loaded program of a hook, for callers that drive BPF_PROG_TEST_RUN

@@ -181,6 +181,14 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     )
     .expect("valid");
     smtp_flows.with_label_values(&[] as &[&str]).inc_by(stats[policy_common::STATS_SMTP_FLOW_MISSES as usize].packets);
+    let resets = IntCounterVec::new(
+        Opts::new("smtpguard_resets_total", "TCP resets sent to the senders of dropped segments of open connections the policy denies (`established: reset`)"),
+        &["direction"],
+    )
+    .expect("valid");
+    for d in [direction::INGRESS, direction::EGRESS] {
+        resets.with_label_values(&[direction::NAMES[d as usize]]).inc_by(stats[policy_common::STATS_RESETS as usize + d as usize].packets);
+    }
     let geo = IntCounterVec::new(Opts::new("smtpguard_geo_drops_total", "Drops and would-drops (monitor mode) by the geo-fence, by country"), &["direction", "verdict", "country"]).expect("valid");
     let geo_cells = observer.geo_drops().map_err(|e| e.to_string())?;
     for (i, drops) in geo_cells.iter().enumerate().take(GEO_DROPS_ENTRIES as usize) {
@@ -224,6 +232,7 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
         (policy_common::EVENT_BUDGET, 1),
         (policy_common::SCRATCH, 1),
         (policy_common::SCAN_BUF, 1),
+        (policy_common::RESET_BUF, 1),
     ] {
         entries.with_label_values(&[name]).set(cap);
         capacity.with_label_values(&[name]).set(cap);
@@ -244,7 +253,7 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     let build = IntGaugeVec::new(Opts::new("smtpguard_build_info", "Build information"), &["version"]).expect("valid");
     build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
-    for c in [packets, bytes, events_lost, bans_total, scan_truncated, smtp_flows, geo] {
+    for c in [packets, bytes, events_lost, bans_total, scan_truncated, smtp_flows, resets, geo] {
         register(&r, c);
     }
     register(&r, bans);

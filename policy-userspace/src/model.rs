@@ -41,6 +41,12 @@ pub struct Packet {
 }
 
 impl Packet {
+    /// A whole segment from port 40000, the first of its stream (as
+    /// `explain` assumes).
+    pub fn new(direction: u8, src: IpAddr, dst: IpAddr, dport: u16, syn: bool, payload: Vec<u8>) -> Self {
+        Self { direction, src, dst, sport: 40_000, dport, syn, payload, seq: 1, fragment: Fragment::Whole }
+    }
+
     /// The command filter's key for the packet's client stream.
     pub fn flow_key(&self) -> SmtpFlowKey {
         SmtpFlowKey::of(self.src, self.dst, self.sport, self.dport)
@@ -65,6 +71,9 @@ pub struct Decision {
     pub country: u32,
     /// The stream's `SMTP_FLOWS` entry after the packet (`None`: as it was).
     pub flow: Option<SmtpFlowState>,
+    /// The drop is answered with a TCP reset (an open connection's
+    /// segment the policy denies; plain headers, ACK set).
+    pub reset: bool,
 }
 
 impl Decision {
@@ -126,7 +135,7 @@ impl AclIndex {
 /// stream whose `SMTP_FLOWS` entry is `flow`.
 pub fn decide(c: &Compiled, acl: &AclIndex, p: &Packet, state: SourceState, flow: Option<SmtpFlowState>) -> Decision {
     let dp: &DirectionPolicy = &c.config.direction[p.direction as usize];
-    let mut d = Decision { counted: None, port_slot: None, rule: 0, country: 0, flow: None };
+    let mut d = Decision { counted: None, port_slot: None, rule: 0, country: 0, flow: None, reset: false };
     if p.fragment == Fragment::Later {
         // No ports to judge: counted, and passed for the host to reassemble
         // (its first fragment was judged).
@@ -146,6 +155,9 @@ pub fn decide(c: &Compiled, acl: &AclIndex, p: &Packet, state: SourceState, flow
             verdict::PASS
         };
         d.counted = Some((v, why));
+        // An IPv6 fragment has an extension header: no reset is made of it.
+        let plain_headers = !(p.src.is_ipv6() && p.fragment != Fragment::Whole);
+        d.reset = v == verdict::DROP && !p.syn && plain_headers && dp.established_reset != 0 && policy_common::reset_worthy(why);
         d
     };
     let (peer, local) = if p.direction == direction::INGRESS { (p.src, p.dst) } else { (p.dst, p.src) };

@@ -136,8 +136,8 @@ fn an_expired_exemption_stops_applying() {
     assert_eq!(ids, ["new"]);
     assert_eq!(c.next_expiry, time::parse_date("2026-12-02"), "recompile due the day after `new` ends");
     let explain = |src: &str| {
-        let packet = Packet { direction: direction::EGRESS, src: src.parse().unwrap(), dst: "203.0.113.1".parse().unwrap(), dport: 25, syn: true, payload: vec![] };
-        decide(&c, &AclIndex::new(&c), &packet, SourceState::default()).counted
+        let packet = Packet::new(direction::EGRESS, src.parse().unwrap(), "203.0.113.1".parse().unwrap(), 25, true, vec![]);
+        decide(&c, &AclIndex::new(&c), &packet, SourceState::default(), None).counted
     };
     assert_eq!(explain("10.0.0.1"), Some((verdict::DROP, reason::DEFAULT_DENY)));
     assert_eq!(explain("11.0.0.1"), Some((verdict::PASS, reason::ALLOW_ACL)));
@@ -281,8 +281,8 @@ fn golden_geo_from_own_databases_in_both_record_layouts() {
         renders.push(render(&c));
 
         let decide_at = |dir: u8, src: &str, dst: &str| {
-            let packet = Packet { direction: dir, src: src.parse().unwrap(), dst: dst.parse().unwrap(), dport: 25, syn: true, payload: vec![] };
-            let d = decide(&c, &AclIndex::new(&c), &packet, SourceState::default());
+            let packet = Packet::new(dir, src.parse().unwrap(), dst.parse().unwrap(), 25, true, vec![]);
+            let d = decide(&c, &AclIndex::new(&c), &packet, SourceState::default(), None);
             (d.counted, c.country(d.country).map(str::to_owned))
         };
         assert_eq!(decide_at(direction::INGRESS, "2001:db8:100::1", "2001:db8:1::25"), (Some((verdict::DROP, reason::GEO)), Some("KP".into())));
@@ -374,8 +374,8 @@ fn the_whole_real_database_compiles_and_answers_spot_checks() {
     assert!(c.geo.networks_read > 1_000_000 && c.countries.len() > 200, "{:?} {}", c.geo, c.countries.len());
     let acl = AclIndex::new(&c);
     let country = |ip: &str| {
-        let packet = Packet { direction: direction::INGRESS, src: ip.parse().unwrap(), dst: "192.0.2.1".parse().unwrap(), dport: 25, syn: true, payload: vec![] };
-        let d = decide(&c, &acl, &packet, SourceState::default());
+        let packet = Packet::new(direction::INGRESS, ip.parse().unwrap(), "192.0.2.1".parse().unwrap(), 25, true, vec![]);
+        let d = decide(&c, &acl, &packet, SourceState::default(), None);
         (c.country(d.country).map(str::to_owned), d.counted)
     };
     assert_eq!(country("8.8.8.8"), (None, Some((verdict::PASS, reason::DEFAULT_ALLOW))), "US passes");
@@ -449,8 +449,8 @@ fn explain_names_the_rule_and_its_line() {
     let c = policy::compile(&p.unwrap(), time::parse_date(TODAY).unwrap()).unwrap();
     let acl = AclIndex::new(&c);
     let run = |dir: u8, src: &str, dst: &str, dport: u16, payload: &str| {
-        let packet = Packet { direction: dir, src: src.parse::<IpAddr>().unwrap(), dst: dst.parse().unwrap(), dport, syn: payload.is_empty(), payload: payload.as_bytes().to_vec() };
-        let d = decide(&c, &acl, &packet, SourceState::default());
+        let packet = Packet::new(dir, src.parse::<IpAddr>().unwrap(), dst.parse().unwrap(), dport, payload.is_empty(), payload.as_bytes().to_vec());
+        let d = decide(&c, &acl, &packet, SourceState::default(), None);
         (d.counted, c.rule(d.rule).map(|r| (r.id.clone(), r.origin.pos.line)))
     };
     assert_eq!(run(direction::EGRESS, "192.0.2.50", "203.0.113.10", 25, ""), (Some((verdict::PASS, reason::ALLOW_ACL)), Some(("relay-a".into(), 13))));

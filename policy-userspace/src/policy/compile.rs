@@ -307,6 +307,7 @@ fn direction_config(policy: &Policy, d: &Direction, geo_drop: [u64; MAX_COUNTRIE
     p.malformed_action = d.malformed;
     p.smtp_block = d.smtp_block & (smtp_command::VRFY | smtp_command::EXPN);
     p.smtp_fragment_action = d.smtp_fragments;
+    p.established_reset = d.established_reset as u8;
     if let Some(r) = &d.rate_limit {
         p.rate_enabled = 1;
         p.rate_interval_ns = 60_000_000_000 / r.new_per_minute as u64;

@@ -65,6 +65,8 @@ pub struct Direction {
     pub smtp_fragments: u8,
     /// [`action`] for malformed packets.
     pub malformed: u8,
+    /// A dropped segment of an open connection gets a TCP reset (`established: reset`).
+    pub established_reset: bool,
 }
 
 impl Direction {
@@ -79,6 +81,7 @@ impl Direction {
             smtp_block: 0,
             smtp_fragments: action::DROP,
             malformed: action::DROP,
+            established_reset: true,
         }
     }
 

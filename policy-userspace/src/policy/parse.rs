@@ -38,6 +38,7 @@ const DIRECTION_FIELDS: &[&str] = &[
     "geo",
     "smtp_commands",
     "malformed",
+    "established",
 ];
 const RULE_FIELDS: &[&str] = &["id", "cidr", "side", "ports", "comment"];
 const EXEMPTION_FIELDS: &[&str] = &["id", "cidr", "side", "ports", "until", "comment"];
@@ -394,6 +395,11 @@ impl Walker<'_> {
                 "rate_limit" => d.rate_limit = self.rate_limit(value, &field),
                 "geo" => d.geo = self.geo(value, &field),
                 "smtp_commands" => self.smtp_commands(value, &field, d),
+                "established" => {
+                    if let Some(i) = self.one_of(value, &field, &["reset", "drop"]) {
+                        d.established_reset = i == 0;
+                    }
+                }
                 _ => {
                     if let Some(a) = self.action(value, &field) {
                         d.malformed = a;

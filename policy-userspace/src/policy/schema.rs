@@ -92,7 +92,9 @@ fn direction() -> Value {
                 "block": {"type": "array", "items": {"type": "string", "enum": ["VRFY", "EXPN", "vrfy", "expn"]}},
                 "fragments": action()
             }},
-            "malformed": action()
+            "malformed": action(),
+            "established": {"type": "string", "enum": ["reset", "drop"], "default": "reset",
+                            "description": "what a segment of an open connection the policy denies gets besides the drop: a TCP reset to its sender, or nothing"}
         }
     })
 }
