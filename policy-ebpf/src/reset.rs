@@ -153,7 +153,7 @@ fn offsets(j: &ResetJob) -> Option<(u32, u32, u32)> {
     // offsets into this function.
     let (l3, l4) = (opaque(j.l3 as u64) as u32, opaque(j.l4 as u64) as u32);
     let ip_len = if j.v6 != 0 { 40 } else { 20 };
-    if l3 < 14 || l3 > 512 || l4 != l3 + ip_len {
+    if !(14..=512).contains(&l3) || l4 != l3 + ip_len {
         return None;
     }
     Some((l3, ip_len, l4))
