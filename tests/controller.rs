@@ -21,7 +21,7 @@ use smtpguard_tests::{
     packet::{TcpFrame, SYN},
     pairlab::{http_get, metric, wait_for_metric, write_policy, PairLab, RunningController, TestPins, CLIENT_DENIED, CLIENT_OK, SERVER},
     require_root, smtpguard_bin,
-    testrun::{obj_get, time_run},
+    testrun::{load_empty_xdp, obj_get, time_run, XdpLink},
 };
 
 #[test]
@@ -346,4 +346,147 @@ fn a_manual_network_ban_drops_every_source_in_it_until_lifted() {
     let (code, out) = state.cmd(&["unban", "192.0.2.0/30"]);
     assert_eq!(code, 0, "{out}");
     assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "after the ban is lifted");
+}
+
+/// An SMTP server in `ns` on `addr:port` (`smtp-sink`), killed on drop.
+struct Sink(std::process::Child);
+
+impl Sink {
+    fn start(ns: &smtpguard_tests::netns::Netns, addr: &str, port: u16) -> Self {
+        let child = Command::new("nsenter")
+            .args([&format!("--net=/run/netns/{}", ns.name()), "--", "smtp-sink", "-u", "nobody", &format!("{addr}:{port}"), "64"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("smtp-sink");
+        Self(child)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An SMTP session from `src` in `ns` to `dst:port`, past EHLO; waits
+/// (bounded) for the server to listen.
+fn open_session(ns: &smtpguard_tests::netns::Netns, src: &str, dst: &str, port: u16) -> std::net::TcpStream {
+    use std::io::{BufRead, BufReader};
+    for _ in 0..100 {
+        let stream = ns
+            .enter(|| -> std::io::Result<std::net::TcpStream> {
+                let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                socket.bind(&std::net::SocketAddr::new(src.parse().unwrap(), 0).into())?;
+                socket.connect_timeout(&std::net::SocketAddr::new(dst.parse().unwrap(), port).into(), Duration::from_secs(2))?;
+                Ok(socket.into())
+            })
+            .unwrap();
+        let Ok(mut stream) = stream else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("220"), "banner {line:?}");
+        stream.write_all(b"EHLO client.test\r\n").unwrap();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            if line.starts_with("250 ") {
+                return stream;
+            }
+            assert!(line.starts_with("250-"), "EHLO answer {line:?}");
+        }
+    }
+    panic!("no SMTP server answered on {dst}:{port}");
+}
+
+/// What the session's next command meets: the server's answer, or the
+/// error the client's stack reports (bounded by the read timeout).
+fn next_command(stream: &mut std::net::TcpStream) -> Result<String, std::io::ErrorKind> {
+    use std::io::Read;
+    stream.write_all(b"NOOP\r\n").map_err(|e| e.kind())?;
+    let mut buf = [0u8; 512];
+    match stream.read(&mut buf) {
+        Ok(0) => Err(std::io::ErrorKind::UnexpectedEof),
+        Ok(n) => Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        Err(e) => Err(e.kind()),
+    }
+}
+
+/// Applies a new policy text and waits (bounded) for its generation.
+fn apply(state: &TestPins, lab: &PairLab, port: u16, policy: &Path, text: &str) {
+    let generation = || -> u64 { http_get(lab, port, "/healthz").ok().and_then(|h| h.split_whitespace().nth(2)?.parse().ok()).unwrap_or(0) };
+    let before = generation();
+    let tmp = policy.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, policy).unwrap();
+    let (code, out) = state.cmd(&["reload"]);
+    assert_eq!(code, 0, "{out}");
+    for _ in 0..500 {
+        if generation() > before {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the edited policy was not applied");
+}
+
+/// A policy edit that denies an open session: with `established: reset`
+/// (the default) the client's next command fails at once with a reset,
+/// at each hook (XDP on the uplink, TC on a tenant interface, TC on the
+/// uplink's egress for the host's own connections); with `established:
+/// drop` it stalls. Real kernel TCP at both ends.
+#[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
+fn an_open_session_the_policy_now_denies_is_reset_to_its_client() {
+    require_root();
+    let lab = PairLab::new().expect("lab");
+    // A veth delivers what an XDP program sends back (XDP_TX) only to a
+    // peer that runs XDP itself (GRO is not enough on this kernel); a
+    // real NIC has no such need. An empty program passes everything.
+    let _peer_xdp = XdpLink::attach(&lab.client, "a0", &load_empty_xdp().expect("empty XDP program")).expect("XDP on a0");
+    let _server_sink = Sink::start(&lab.server, SERVER, 2525);
+    let _client_sink = Sink::start(&lab.client, CLIENT_OK, 2525);
+    let state = TestPins::new("reset");
+    let dir = state.policy_dir();
+    let port = 19432;
+    let allowed = |dir_name: &str, extra: &str| {
+        format!("version: 1\nports: {{2525: smtp}}\n{dir_name}:\n  default: {{2525: deny}}\n  allow: [{{id: open, cidr: {CLIENT_OK}/32}}, {{id: host, cidr: {SERVER}/32}}]\n{extra}")
+    };
+    let denied = |dir_name: &str, extra: &str| format!("version: 1\nports: {{2525: smtp}}\n{dir_name}:\n  default: {{2525: deny}}\n{extra}");
+    let resets = |dir_name: &str| {
+        let m = http_get(&lab, port, "/metrics").unwrap();
+        metric(&m, "smtpguard_resets_total", &[&format!("direction=\"{dir_name}\"")]).unwrap_or(0.0)
+    };
+    // (hook, interface arguments, policy direction, who opens the session)
+    let cases: [(&str, &[&str], &str, bool); 3] =
+        [("xdp uplink", &["--uplink", "b0"], "ingress", true), ("tc tenant", &["--tenant", "b0"], "egress", true), ("tc uplink egress", &["--uplink", "b0"], "egress", false)];
+    for (hook, args, dir_name, from_client) in cases {
+        let policy = write_policy(&dir, "policy.yaml", &allowed(dir_name, ""));
+        let ctl = RunningController::start_on(&lab, &state, &policy, port, args).expect("controller");
+        let session = || if from_client { open_session(&lab.client, CLIENT_OK, SERVER, 2525) } else { open_session(&lab.server, SERVER, CLIENT_OK, 2525) };
+
+        let mut s = session();
+        assert!(next_command(&mut s).is_ok_and(|a| a.starts_with("250")), "{hook}: the session works while allowed");
+        let before = resets(dir_name);
+        apply(&state, &lab, port, &policy, &denied(dir_name, ""));
+        let r = next_command(&mut s);
+        assert_eq!(r, Err(std::io::ErrorKind::ConnectionReset), "{hook}: the denied session is reset (resets counted: {})", resets(dir_name) - before);
+        assert_eq!(resets(dir_name), before + 1.0, "{hook}: one reset counted");
+
+        apply(&state, &lab, port, &policy, &allowed(dir_name, "  established: drop\n"));
+        let mut s = session();
+        apply(&state, &lab, port, &policy, &denied(dir_name, "  established: drop\n"));
+        let r = next_command(&mut s);
+        assert!(matches!(r, Err(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)), "{hook}: with `established: drop` the session stalls, got {r:?}");
+        assert_eq!(resets(dir_name), before + 1.0, "{hook}: no reset with `established: drop`");
+        drop(ctl);
+        let (code, out) = state.cmd(&["detach"]);
+        assert_eq!(code, 0, "{out}");
+    }
 }

@@ -1,12 +1,17 @@
 //! BPF_PROG_TEST_RUN driven directly, for timing many repeats of one frame,
-//! and the empty XDP program every per-packet cost is compared with.
+//! the empty XDP program every per-packet cost is compared with, and a
+//! raw program attached to an interface.
 
 use std::{
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::PathBuf,
+    process::Command,
     time::Instant,
 };
 
 use anyhow::{bail, Result};
+
+use crate::netns::{run, Netns};
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 pub(crate) const BPF_PROG_TEST_RUN: libc::c_long = 10;
@@ -114,4 +119,30 @@ pub fn pin_to_last_cpu() -> Result<usize> {
         }
     }
     Ok(cpu)
+}
+
+/// A raw XDP program attached to an interface in a namespace (netlink via
+/// `ip`, as an operator would), detached on drop.
+pub struct XdpLink {
+    ns: String,
+    iface: String,
+}
+
+impl XdpLink {
+    pub fn attach(ns: &Netns, iface: &str, prog: &std::os::fd::OwnedFd) -> Result<Self> {
+        // `ip link set xdp pinned` needs a pin: pin the program, attach, unpin.
+        let path = PathBuf::from(format!("/sys/fs/bpf/sgtest_floor_{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        pin(prog.as_fd(), &path)?;
+        let r = run(&["nsenter", &format!("--net=/run/netns/{}", ns.name()), "--", "ip", "link", "set", iface, "xdpdrv", "pinned", &path.display().to_string()]);
+        let _ = std::fs::remove_file(&path);
+        r?;
+        Ok(Self { ns: ns.name().to_owned(), iface: iface.to_owned() })
+    }
+}
+
+impl Drop for XdpLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["-n", &self.ns, "link", "set", &self.iface, "xdpdrv", "off"]).status();
+    }
 }

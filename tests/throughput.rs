@@ -7,9 +7,8 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    os::fd::{AsFd, OwnedFd},
-    path::{Path, PathBuf},
-    process::Command,
+    os::fd::OwnedFd,
+    path::Path,
     time::Duration,
 };
 
@@ -23,10 +22,10 @@ use smtpguard::{
 use smtpguard_tests::{
     hvlab::Counters,
     livegen,
-    netns::{run, veth_pair, Netns},
+    netns::{veth_pair, Netns},
     packet::{TcpFrame, SYN},
     rng::Rng,
-    testrun,
+    testrun::XdpLink,
 };
 
 pub const PACKETS: u32 = 5_000_000;
@@ -310,29 +309,3 @@ pub fn run_all(work: &Path, only: Option<&str>) -> Result<Vec<Mode>> {
     Ok(modes)
 }
 
-/// A raw XDP program attached to an interface in a namespace (netlink via
-/// `ip`, as an operator would), detached on drop.
-struct XdpLink {
-    ns: String,
-    iface: String,
-    _pin: PathBuf,
-}
-
-impl XdpLink {
-    fn attach(ns: &Netns, iface: &str, prog: &std::os::fd::OwnedFd) -> Result<Self> {
-        // `ip link set xdp pinned` needs a pin: pin the program, attach, unpin.
-        let pin = PathBuf::from(format!("/sys/fs/bpf/sgtest_floor_{}", std::process::id()));
-        let _ = std::fs::remove_file(&pin);
-        testrun::pin(prog.as_fd(), &pin)?;
-        let r = run(&["nsenter", &format!("--net=/run/netns/{}", ns.name()), "--", "ip", "link", "set", iface, "xdpdrv", "pinned", &pin.display().to_string()]);
-        let _ = std::fs::remove_file(&pin);
-        r?;
-        Ok(Self { ns: ns.name().to_owned(), iface: iface.to_owned(), _pin: pin })
-    }
-}
-
-impl Drop for XdpLink {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["-n", &self.ns, "link", "set", &self.iface, "xdpdrv", "off"]).status();
-    }
-}
