@@ -440,7 +440,7 @@ impl Dataplane {
     fn map_fd(&self, name: &'static str) -> Result<std::os::fd::RawFd> {
         let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
         let data = match map {
-            Map::LpmTrie(d) | Map::Array(d) | Map::HashMap(d) | Map::PerCpuArray(d) => d,
+            Map::LpmTrie(d) | Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) => d,
             _ => return Err(DataplaneError::MissingMap(name)),
         };
         Ok(data.fd().as_fd().as_raw_fd())
