@@ -617,6 +617,48 @@ impl SmtpSession {
     pub fn set_timeout(&mut self, t: Duration) -> Result<()> {
         Ok(self.stream.set_read_timeout(Some(t))?)
     }
+
+    /// Writes `bytes` as they are: no CRLF added, no reply read (pipelined
+    /// or partial commands).
+    pub fn write_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        Ok(self.stream.write_all(bytes)?)
+    }
+
+    /// Each write leaves at once as a segment of its own (TCP_NODELAY).
+    pub fn set_nodelay(&mut self) -> Result<()> {
+        Ok(self.stream.set_nodelay(true)?)
+    }
+
+    /// Waits, at most `within`, until the peer has acknowledged every byte
+    /// written (SIOCOUTQ is 0): a write after that is a new segment.
+    pub fn wait_acked(&self, within: Duration) -> Result<bool> {
+        use std::os::fd::AsRawFd;
+        let deadline = Instant::now() + within;
+        loop {
+            let mut queued: libc::c_int = 0;
+            // SAFETY: SIOCOUTQ writes one int through the pointer.
+            if unsafe { libc::ioctl(self.stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } != 0 {
+                bail!("SIOCOUTQ: {}", std::io::Error::last_os_error());
+            }
+            if queued == 0 {
+                return Ok(true);
+            }
+            if Instant::now() > deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The next reply, or `None` when none came within the read timeout
+    /// (a stalled session).
+    pub fn reply_within_timeout(&mut self) -> Result<Option<String>> {
+        match self.reply() {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|e| matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// Where the real IP-to-country database is: `$SMTPGUARD_GEO_DATABASE`,

@@ -7,6 +7,8 @@ pub mod livegen;
 pub mod netns;
 pub mod packet;
 pub mod pairlab;
+pub mod postfix;
+pub mod rawtcp;
 pub mod rng;
 pub mod scenario;
 pub mod testrun;

@@ -23,18 +23,25 @@ pub const CLIENT_DENIED: &str = "192.0.2.3";
 /// A client and a server namespace joined by a veth pair (`a0` in the
 /// client, `b0` in the server), a greeter on 25 in the server.
 pub struct PairLab {
-    _greeter: Greeter,
+    _greeter: Option<Greeter>,
     pub client: Netns,
     pub server: Netns,
 }
 
 impl PairLab {
     pub fn new() -> Result<Self> {
+        let mut lab = Self::bare()?;
+        lab._greeter = Some(Greeter::start(&lab.server, 25)?);
+        Ok(lab)
+    }
+
+    /// The namespaces and the veth pair only: port 25 is free for a
+    /// server of the test's own.
+    pub fn bare() -> Result<Self> {
         let client = Netns::new("ccli")?;
         let server = Netns::new("csrv")?;
         veth_pair(&client, "a0", &[&format!("{CLIENT_OK}/24"), &format!("{CLIENT_DENIED}/24")], &server, "b0", &[&format!("{SERVER}/24")])?;
-        let greeter = Greeter::start(&server, 25)?;
-        Ok(Self { _greeter: greeter, client, server })
+        Ok(Self { _greeter: None, client, server })
     }
 }
 
