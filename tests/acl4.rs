@@ -10,8 +10,8 @@ use std::{
 use ipnet::Ipv4Net;
 use policy_common::{acl4::Capacity, action, direction, event_kind, reason, side, AclEntry, MAX_PORTS};
 use smtpguard::{
-    commands,
-    dataplane::{Dataplane, Hook, LoadOptions},
+    policy,
+    dataplane::{Capacities, Dataplane, Hook},
 };
 use smtpguard_tests::{
     fixtures::{base_policy, entry_all_ports, write_deny_policy, Harness},
@@ -44,9 +44,9 @@ fn kernel_lookups_equal_a_plain_longest_prefix_match() {
     require_root();
     let mut h = Harness::load().expect("loading the datapath");
     h.route(Hook::XdpIngress, direction::INGRESS, 1).unwrap();
-    let mut rt = h.dp.runtime().unwrap();
+    let mut rt = h.dp.runtime();
     rt.events_per_second = 10_000_000;
-    h.dp.set_runtime(rt).unwrap();
+    h.dp.set_runtime(rt);
     // Unmatched sources are dropped by default, so allow, deny and no
     // match all look different.
     let mut policy = base_policy();
@@ -73,7 +73,7 @@ fn kernel_lookups_equal_a_plain_longest_prefix_match() {
     // Written into one generation and then, after a flip, into the other.
     let mut generations = Vec::new();
     for round in 0..2 {
-        let target = h.dp.active_generation().unwrap();
+        let target = h.dp.active_generation();
         generations.push(target);
         let entries: Vec<_> = rules.iter().map(|(net, e)| (IpAddr::V4(net.network()), net.prefix_len(), *e)).collect();
         h.add_acl_entries(direction::INGRESS, side::PEER, &entries).unwrap();
@@ -98,10 +98,10 @@ fn kernel_lookups_equal_a_plain_longest_prefix_match() {
         if round == 0 {
             h.reset().unwrap();
             h.route(Hook::XdpIngress, direction::INGRESS, 1).unwrap();
-            let mut rt = h.dp.runtime().unwrap();
+            let mut rt = h.dp.runtime();
             rt.active ^= 1;
             rt.events_per_second = 10_000_000;
-            h.dp.set_runtime(rt).unwrap();
+            h.dp.set_runtime(rt);
             h.set_policy(&policy).unwrap();
         }
     }
@@ -124,15 +124,15 @@ fn a_policy_too_large_for_the_arrays_is_refused_and_changes_nothing() {
     let large = write_deny_policy(&dir, "large", &many, "").unwrap();
     // As the controller's reload compiles.
     let compile = |p: &std::path::Path| {
-        let (compiled, diags) = commands::compile_for_reload(p, &Default::default());
+        let (compiled, diags) = policy::load_for_reload(p, &Default::default());
         compiled.unwrap_or_else(|| panic!("{diags}")).1
     };
     let room = Capacity { nodes: 16, slots: 4096, values: 256 };
-    let mut dp = Dataplane::load(LoadOptions { acl4_capacity: room, ..LoadOptions::default() }).unwrap();
+    let mut dp = Dataplane::load(Capacities { acl4: room, ..Capacities::default() }, None).unwrap();
     // As the controller does: the policy in both generations.
     let small = compile(&small);
     dp.install(1, &small, 1).unwrap();
-    dp.activate(1, 0, 0).unwrap();
+    dp.activate(1, 0, 0);
     dp.install(0, &small, 1).unwrap();
     let verdict = |dp: &mut Dataplane, src: [u8; 4]| {
         let frame = TcpFrame::new(IpAddr::V4(src.into()), IpAddr::V4(Ipv4Addr::new(203, 0, 113, 25)), 25, SYN).build();
@@ -146,7 +146,7 @@ fn a_policy_too_large_for_the_arrays_is_refused_and_changes_nothing() {
     // Refused before anything was written: the active generation enforces
     // the small policy, and so does the standby one it was meant for.
     assert_eq!((verdict(&mut dp, [192, 0, 2, 9]), verdict(&mut dp, [198, 51, 0, 7])), (drop, pass));
-    dp.activate(0, 0, 0).unwrap();
+    dp.activate(0, 0, 0);
     assert_eq!((verdict(&mut dp, [192, 0, 2, 9]), verdict(&mut dp, [198, 51, 0, 7])), (drop, pass), "generation 0 after the refusal");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -64,7 +64,7 @@ fn xdp_ingress_judges_real_connections_by_map_contents() {
         let len = if addr.is_ipv4() { 32 } else { 128 };
         h.add_acl(direction::INGRESS, side::PEER, addr, len, entry(0, 0, 22, 0)).unwrap();
     }
-    lab.server.enter(|| h.dp.attach_xdp("b0", XdpMode::Default)).unwrap().expect("attaching XDP");
+    lab.server.enter(|| h.dp.attach_unpinned(Hook::XdpIngress, "b0", XdpMode::Default)).unwrap().expect("attaching XDP");
 
     for (ok, denied, server) in [(CLIENT_OK_V4, CLIENT_DENIED_V4, SERVER_V4), (CLIENT_OK_V6, CLIENT_DENIED_V6, SERVER_V6)] {
         let denies = cell(&mut h, direction::INGRESS, verdict::DROP, reason::DENY_ACL, 0);
@@ -93,7 +93,7 @@ fn tc_egress_judges_real_connections_by_map_contents() {
         let len = if addr.is_ipv4() { 32 } else { 128 };
         h.add_acl(direction::EGRESS, side::LOCAL, addr, len, entry(0, 11, 0, 0)).unwrap();
     }
-    lab.client.enter(|| h.dp.attach_tc(Hook::TcEgress, "a0")).unwrap().expect("attaching TC egress");
+    lab.client.enter(|| h.dp.attach_unpinned(Hook::TcEgress, "a0", XdpMode::Default)).unwrap().expect("attaching TC egress");
 
     for (ok, denied, server) in [(CLIENT_OK_V4, CLIENT_DENIED_V4, SERVER_V4), (CLIENT_OK_V6, CLIENT_DENIED_V6, SERVER_V6)] {
         let denies = cell(&mut h, direction::EGRESS, verdict::DROP, reason::DEFAULT_DENY, 0);

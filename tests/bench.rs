@@ -15,7 +15,10 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{bail, Context, Result};
 use policy_common::{direction, side, source::SourceSlot};
-use smtpguard::dataplane::{ktime_now_ns, Dataplane, Hook, LoadOptions};
+use smtpguard::{
+    clock::ktime_now_ns,
+    dataplane::{Capacities, Dataplane, Hook},
+};
 use smtpguard_tests::{
     fixtures::{base_policy, ends, entry, entry_all_ports, seed, Harness, BLOCKED_COUNTRY, OPEN_COUNTRY},
     packet::{TcpFrame, ACK, PSH, SYN},
@@ -179,11 +182,11 @@ fn datapath(json: bool) -> Result<()> {
         let fd = h.dp.program_fd(Hook::XdpIngress)?;
         let (pass, drop) = Hook::XdpIngress.verdict_codes();
         let expected = if case.drops { drop } else { pass };
-        let rc = time_run(fd, &case.frame, 1)?.retval;
+        let rc = time_run(std::os::fd::AsFd::as_fd(&fd), &case.frame, 1)?.retval;
         if rc != expected {
             bail!("{}: verdict {rc}, expected {expected}", case.name);
         }
-        let (row, floor) = timed_rounds(floor_prog.as_fd_borrowed(), &probe, fd, &case.frame, expected, case.name, case.what)?;
+        let (row, floor) = timed_rounds(floor_prog.as_fd_borrowed(), &probe, std::os::fd::AsFd::as_fd(&fd), &case.frame, expected, case.name, case.what)?;
         floors.extend(floor.iter().map(|f| f.0));
         floor_kernel.extend(floor.iter().map(|f| f.1));
         rows.push(row);
@@ -240,7 +243,7 @@ fn smtp_flow_memory() -> Result<Vec<(u32, u64)>> {
     [policy_common::DEFAULT_SMTP_FLOWS_CAPACITY, 1_000_000]
         .into_iter()
         .map(|n| {
-            let dp = Dataplane::load(LoadOptions { smtp_flow_capacity: n, ..LoadOptions::default() })?;
+            let dp = Dataplane::load(Capacities { smtp_flows: n, ..Capacities::default() }, None)?;
             Ok((n, dp.map_memlock(policy_common::SMTP_FLOWS)?))
         })
         .collect()
@@ -312,7 +315,7 @@ fn time_compile(path: &std::path::Path, runs: usize) -> Result<(f64, smtpguard::
     let mut last = None;
     for _ in 0..runs {
         let start = std::time::Instant::now();
-        let (compiled, diags) = smtpguard::commands::load_and_compile(path, &Default::default());
+        let (compiled, diags) = smtpguard::policy::load_and_compile(path, &Default::default());
         let Some((_, c)) = compiled else { bail!("{} is not valid:\n{diags}", path.display()) };
         times.push(start.elapsed().as_secs_f64() * 1000.0);
         last = Some(c);
@@ -385,9 +388,9 @@ fn geo_database() -> Result<std::path::PathBuf> {
         .context("the real geo database: set SMTPGUARD_GEO_DATABASE or put it at ../shared/data (see its README)")
 }
 
-/// Compiled as a reload compiles it (`compile_for_reload`).
+/// Compiled as a reload compiles it (`load_for_reload`).
 fn compile_file(path: &std::path::Path) -> Result<smtpguard::policy::Compiled> {
-    let (compiled, diags) = smtpguard::commands::compile_for_reload(path, &Default::default());
+    let (compiled, diags) = smtpguard::policy::load_for_reload(path, &Default::default());
     let Some((_, c)) = compiled else { bail!("{} is not valid:\n{diags}", path.display()) };
     Ok(c)
 }

@@ -16,8 +16,8 @@ use policy_common::{direction, reason, stats_index, verdict, PORT_SLOT_UNKNOWN};
 use serde::Serialize;
 use smtpguard::{
     dataplane::Hook,
-    model::{decide, AclIndex, Fragment, Packet, SourceState},
-    policy::{self, time, LoadOptions},
+    reference::{decide, AclIndex, Fragment, Packet, SourceState},
+    policy::{self, time, ReadOptions},
 };
 use smtpguard_tests::{fixtures::Harness, packet::TcpFrame, require_root, rng::Rng};
 
@@ -226,13 +226,13 @@ fn kernel_and_model_agree_on_random_policies_and_packets() {
         let text = random_policy(&mut rng);
         let path = dir.join(format!("policy-{p}.yaml"));
         std::fs::write(&path, &text).unwrap();
-        let (policy, diags) = policy::load_file(&path, &LoadOptions::default());
+        let (policy, diags) = policy::load_file(&path, &ReadOptions::default());
         let policy = policy.unwrap_or_else(|| panic!("generated policy is invalid:\n{text}\n{diags}"));
         let c = policy::compile(&policy, today).unwrap();
         let acl = AclIndex::new(&c);
         generation ^= 1;
         h.dp.install(generation, &c, p as u64 + 1).unwrap();
-        h.dp.activate(generation, 0, 0).unwrap();
+        h.dp.activate(generation, 0, 0);
         let mut packets = Vec::new();
         while packets.len() < PACKETS_PER_POLICY {
             if rng.chance(15) {
@@ -251,9 +251,9 @@ fn kernel_and_model_agree_on_random_policies_and_packets() {
                 Fragment::Later => frame.fragment(1 + rng.below(100) as u16, rng.chance(50)),
             };
             let frame = frame.build();
-            let mut rt = h.dp.runtime().unwrap();
+            let mut rt = h.dp.runtime();
             rt.hook_direction[hook.index()] = packet.direction;
-            h.dp.set_runtime(rt).unwrap();
+            h.dp.set_runtime(rt);
             let before = h.dp.stats().unwrap();
             let (rc, _) = h.dp.test_run(hook, &frame, 1).unwrap();
             let after = h.dp.stats().unwrap();

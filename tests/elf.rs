@@ -44,8 +44,8 @@ fn embedded_object_has_exactly_the_named_programs_and_maps() {
 fn programs_verify_well_within_the_verifier_budget() {
     smtpguard_tests::require_root();
     const BUDGET: u32 = 1_000_000;
-    let dp = smtpguard::dataplane::Dataplane::load(Default::default()).expect("loading the datapath");
-    for (name, verified) in dp.verified_instructions().expect("program info") {
+    let mut dp = smtpguard::dataplane::Dataplane::load(Default::default(), None).expect("loading the datapath");
+    for (name, verified) in dp.programs().verified_instructions().expect("program info") {
         eprintln!("{name}: {verified} instructions verified");
         assert!(verified < BUDGET / 2, "{name} needed {verified} of the verifier's {BUDGET}");
     }

@@ -13,7 +13,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, Map, MapData};
 use policy_common::source::{ban_origin, source_key_v4, SlotInfo, SourceSet, SourceSlot, WAYS};
-use smtpguard::dataplane::ktime_now_ns;
+use smtpguard::clock::ktime_now_ns;
 use smtpguard_tests::{
     netns::Netns,
     pairlab::{distinct_hosts_list, http_get, metric, write_policy, PairLab, RunningController, TestPins, CLIENT_DENIED},

@@ -8,7 +8,10 @@ use policy_common::{
     source::{source_key_v4, source_key_v6, source_set, SlotInfo, SourceSet, SourceSlot, Window},
     AclEntry, Counter, DirectionPolicy, PolicyConfig, MAX_PORTS, PORT_UNUSED,
 };
-use smtpguard::dataplane::{ktime_now_ns, AclPrefix, Dataplane, DataplaneError, Hook, LoadOptions};
+use smtpguard::{
+    clock::ktime_now_ns,
+    dataplane::{testing::AclPrefix, Capacities, Dataplane, DataplaneError, Hook},
+};
 
 pub const NS_PER_S: u64 = 1_000_000_000;
 
@@ -121,30 +124,31 @@ pub struct Harness {
 
 impl Harness {
     pub fn load() -> Result<Self, DataplaneError> {
-        Self::load_with(LoadOptions::default())
+        Self::load_with(Capacities::default(), None)
     }
 
-    /// [`Harness::load`] with load options of the test's choosing (a small
-    /// source table, pins).
-    pub fn load_with(options: LoadOptions) -> Result<Self, DataplaneError> {
-        let dp = Dataplane::load(options)?;
+    /// [`Harness::load`] with map sizes of the test's choosing (a small
+    /// source table), and pins.
+    pub fn load_with(capacities: Capacities, pin_dir: Option<&std::path::Path>) -> Result<Self, DataplaneError> {
+        let dp = Dataplane::load(capacities, pin_dir)?;
         let mut h = Self { dp, acl: Vec::new(), sets: Vec::new() };
         h.set_policy(&base_policy())?;
         Ok(h)
     }
 
     pub fn set_policy(&mut self, policy: &PolicyConfig) -> Result<(), DataplaneError> {
-        let generation = self.dp.runtime()?.active;
+        let generation = self.dp.runtime().active;
         self.dp.set_policy(generation, policy)
     }
 
     /// Makes `hook` judge by `dir`, with events uncapped enough for tests.
     pub fn route(&mut self, hook: Hook, dir: u8, drop_sample_one_in: u32) -> Result<(), DataplaneError> {
-        let mut rt = self.dp.runtime()?;
+        let mut rt = self.dp.runtime();
         rt.hook_direction[hook.index()] = dir;
         rt.drop_sample_one_in = drop_sample_one_in;
         rt.events_per_second = 1_000;
-        self.dp.set_runtime(rt)
+        self.dp.set_runtime(rt);
+        Ok(())
     }
 
     pub fn add_acl(&mut self, dir: u8, acl_side: u8, addr: IpAddr, prefix_len: u8, e: AclEntry) -> Result<(), DataplaneError> {
@@ -159,7 +163,7 @@ impl Harness {
 
     /// Many prefixes, each with its own meaning, written at once.
     pub fn add_acl_entries(&mut self, dir: u8, acl_side: u8, entries: &[(IpAddr, u8, AclEntry)]) -> Result<(), DataplaneError> {
-        let generation = self.dp.runtime()?.active as u8;
+        let generation = self.dp.runtime().active as u8;
         let edits: Vec<_> = entries
             .iter()
             .map(|&(addr, prefix_len, e)| (AclPrefix { generation, scope: acl_scope(dir, acl_side), addr, prefix_len }, Some(e)))
@@ -176,11 +180,11 @@ impl Harness {
     /// Puts `slot` (with the key of `addr`) into the source's set.
     pub fn seed_source(&mut self, addr: IpAddr, mut slot: SourceSlot) -> Result<(), DataplaneError> {
         let index = self.set_index(addr);
-        let mut set = self.dp.source_set(index)?;
+        let mut set = self.dp.source_set(index);
         slot.key = source_key(addr);
         let way = set.slots.iter().position(|s| s.key == 0 || s.key == slot.key).unwrap_or(0);
         set.slots[way] = slot;
-        self.dp.set_source_set(index, &set)?;
+        self.dp.set_source_set(index, &set);
         self.sets.push(index);
         Ok(())
     }
@@ -190,13 +194,14 @@ impl Harness {
         let index = self.set_index(addr);
         let key = source_key(addr);
         self.sets.push(index);
-        Ok(self.dp.source_set(index)?.slots.iter().find(|s| s.key == key).copied())
+        Ok(self.dp.source_set(index).slots.iter().find(|s| s.key == key).copied())
     }
 
     /// Forgets a source: the datapath sees it as new again.
     pub fn clear_source(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
         let index = self.set_index(addr);
-        self.dp.set_source_set(index, &SourceSet::default())
+        self.dp.set_source_set(index, &SourceSet::default());
+        Ok(())
     }
 
     /// Removes every seeded entry and resets the policy.
@@ -204,7 +209,7 @@ impl Harness {
         let removals: Vec<_> = std::mem::take(&mut self.acl).into_iter().map(|p| (p, None)).collect();
         self.dp.edit_acls(&removals)?;
         for index in std::mem::take(&mut self.sets) {
-            self.dp.set_source_set(index, &SourceSet::default())?;
+            self.dp.set_source_set(index, &SourceSet::default());
         }
         self.dp.clear_smtp_flows()?;
         self.set_policy(&base_policy())?;

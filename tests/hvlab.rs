@@ -395,8 +395,7 @@ impl Lab {
 
     /// The datapath's own counters, read from the pinned map.
     pub fn counters(&self) -> Result<Counters> {
-        let pins = smtpguard::pins::Pins::new(&self.pin_dir, &self.run_dir);
-        Ok(Counters(smtpguard::ops::PinnedMaps::open(&pins)?.stats()?))
+        Ok(Counters(smtpguard::dataplane::maps::Maps::open_pinned(&self.pin_dir)?.stats()?))
     }
 
     /// Waits (at most `within`) for an event line after the first

@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 
 use policy_common::direction;
-use smtpguard::dataplane::{Hook, LoadOptions};
+use smtpguard::dataplane::{Capacities, Hook};
 use smtpguard_tests::{
     fixtures::{base_policy, Harness, TestPins},
     packet::{TcpFrame, SYN},
@@ -18,7 +18,7 @@ const DAY_S: u64 = 86_400;
 /// A datapath pinned where the commands look, judging ingress on XDP.
 fn pinned(tag: &str) -> (TestPins, Harness) {
     let state = TestPins::new(tag);
-    let mut h = Harness::load_with(LoadOptions { pin_dir: Some(state.pins.dir.clone()), ..LoadOptions::default() }).expect("loading the datapath");
+    let mut h = Harness::load_with(Capacities::default(), Some(&state.pins.dir)).expect("loading the datapath");
     h.set_policy(&base_policy()).unwrap();
     h.route(Hook::XdpIngress, direction::INGRESS, 0).unwrap();
     (state, h)
@@ -127,7 +127,7 @@ fn pins_of_an_older_build_are_refused_with_a_detach_hint() {
     attr[1] = map.as_raw_fd() as u64;
     assert!(bpf(6, &mut attr) == 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
 
-    let err = match Harness::load_with(LoadOptions { pin_dir: Some(state.pins.dir.clone()), ..LoadOptions::default() }) {
+    let err = match Harness::load_with(Capacities::default(), Some(&state.pins.dir)) {
         Ok(_) => panic!("loaded over an older build's pins"),
         Err(e) => e.to_string(),
     };

@@ -18,8 +18,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use policy_common::{direction, source::source_key_v4};
 use smtpguard::{
-    dataplane::{ktime_now_ns, Hook, LoadOptions},
-    ops::PinnedMaps,
+    clock::ktime_now_ns,
+    dataplane::{bans::BanLock, maps::Maps, Capacities, Hook},
 };
 use smtpguard_tests::{
     fixtures::{base_policy, Harness, TestPins},
@@ -125,9 +125,9 @@ fn network_bans_racing_reloads_keep_the_ban_flag_and_the_active_generation() {
         // Reloads, one at a time: SIGHUP, then wait until the controller
         // reports the next generation, then check the active one.
         let reloads = scope.spawn(|| -> Result<(u64, Vec<String>)> {
-            let maps = PinnedMaps::open(&state.pins)?;
+            let maps = Maps::open_pinned(&state.pins.dir)?;
             let g0 = healthz_generation(&server, PORT);
-            let a0 = maps.runtime()?.active;
+            let a0 = maps.runtime().active;
             let mut violations = Vec::new();
             let mut done = 0;
             while done < MAX_RELOADS && Instant::now() < deadline {
@@ -142,7 +142,7 @@ fn network_bans_racing_reloads_keep_the_ban_flag_and_the_active_generation() {
                     std::thread::sleep(Duration::from_micros(200));
                 }
                 done += 1;
-                let active = maps.runtime()?.active;
+                let active = maps.runtime().active;
                 let expected = a0 ^ (done as u32 & 1);
                 if active != expected {
                     violations.push(format!("after reload {done}: active generation {active}, the controller flipped to {expected}"));
@@ -150,25 +150,29 @@ fn network_bans_racing_reloads_keep_the_ban_flag_and_the_active_generation() {
             }
             Ok((done, violations))
         });
-        let mut maps = PinnedMaps::open(&state.pins).unwrap();
+        let mut maps = Maps::open_pinned(&state.pins.dir).unwrap();
         let mut violations = Vec::new();
         let mut bans = 0u64;
         while bans < MAX_BANS && Instant::now() < deadline && !reloads.is_finished() {
             let i = bans % 250;
             let net: ipnet::IpNet = format!("10.{i}.0.0/16").parse().unwrap();
             let inside = TcpFrame::new(IpAddr::V4(Ipv4Addr::new(10, i as u8, 1, 2)), SERVER.parse().unwrap(), 25, SYN).build();
-            maps.ban_network(net, Duration::from_secs(3600)).unwrap();
-            if maps.runtime().unwrap().cidr_bans == 0 {
+            let lock = BanLock::take(&state.pins.ban_lock_dir()).unwrap();
+            maps.ban_network(&lock, net, Duration::from_secs(3600)).unwrap();
+            drop(lock);
+            if maps.runtime().cidr_bans == 0 {
                 violations.push(format!("ban {bans}: {net} banned but the ban flag is clear right after the ban"));
             }
             let rc = time_run(prog.as_fd(), &inside, 1).unwrap().retval;
             if rc != XDP_DROP {
                 violations.push(format!("ban {bans}: a SYN from inside {net} got {rc}, not a drop"));
             }
-            if maps.runtime().unwrap().cidr_bans == 0 {
+            if maps.runtime().cidr_bans == 0 {
                 violations.push(format!("ban {bans}: {net} banned but the ban flag is clear before the unban"));
             }
-            assert!(maps.unban_network(net).unwrap(), "{net} was banned");
+            let lock = BanLock::take(&state.pins.ban_lock_dir()).unwrap();
+            assert!(maps.unban_network(&lock, net).unwrap(), "{net} was banned");
+            drop(lock);
             bans += 1;
         }
         let (reloaded, reload_violations) = reloads.join().unwrap().unwrap();
@@ -214,7 +218,7 @@ fn manual_bans_beside_a_flood_of_auto_bans_in_one_set_lose_none() {
     const MAX_SOURCES: u32 = 200_000;
     const MAX_OPS: u64 = 2_000_000;
     let state = TestPins::new("raceset");
-    let mut h = Harness::load_with(LoadOptions { source_capacity: 8, pin_dir: Some(state.pins.dir.clone()), ..LoadOptions::default() }).unwrap();
+    let mut h = Harness::load_with(Capacities { sources: 8, ..Capacities::default() }, Some(&state.pins.dir)).unwrap();
     assert_eq!(h.dp.source_sets(), 1, "one set: every source collides");
     let mut policy = base_policy();
     let p = &mut policy.direction[direction::INGRESS as usize];
@@ -234,14 +238,14 @@ fn manual_bans_beside_a_flood_of_auto_bans_in_one_set_lose_none() {
     let operator = {
         let (stop, seq, pins) = (stop.clone(), seq.clone(), state.pins.clone());
         std::thread::spawn(move || -> Result<u64> {
-            let mut maps = PinnedMaps::open(&pins)?;
+            let mut maps = Maps::open_pinned(&pins.dir)?;
             let mut ops = 0;
             while !stop.load(Ordering::Relaxed) && ops < MAX_OPS && Instant::now() < deadline + Duration::from_secs(5) {
                 seq.fetch_add(1, Ordering::SeqCst);
-                maps.ban(manual, Duration::from_secs(7200))?;
+                maps.ban_source(&BanLock::take(&pins.ban_lock_dir())?, manual, Duration::from_secs(7200))?;
                 seq.fetch_add(1, Ordering::SeqCst);
                 seq.fetch_add(1, Ordering::SeqCst);
-                maps.unban(manual)?;
+                maps.unban_source(&BanLock::take(&pins.ban_lock_dir())?, manual)?;
                 seq.fetch_add(1, Ordering::SeqCst);
                 ops += 2;
             }
@@ -275,7 +279,7 @@ fn manual_bans_beside_a_flood_of_auto_bans_in_one_set_lose_none() {
             IpAddr::V4(a) => a.octets(),
             IpAddr::V6(_) => unreachable!(),
         });
-        let set = h.dp.source_set(0).unwrap();
+        let set = h.dp.source_set(0);
         if let Some(slot) = set.slots.iter().find(|s| s.key == key) {
             if slot.ban_until_ns <= ktime_now_ns() {
                 lost.push(format!("{src}: banned by the datapath, now tracked and not banned ({slot:?})"));

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use aya::programs::XdpMode;
 use policy_common::{acl4::Capacity, direction, reason, verdict, ACL4_NODES, ACL4_ROOT, ACL4_SLOTS, ACL4_VALUES, ACL_V6};
 use smtpguard::{
-    dataplane::{Dataplane, Hook, LoadOptions},
+    dataplane::{acl4_writer, Capacities, Dataplane, Hook},
     policy::Compiled,
 };
 use smtpguard_tests::{
@@ -35,9 +35,9 @@ const PROBES: usize = 16;
 fn apply(dp: &mut Dataplane, path: &Path, number: u64) -> Result<(f64, Compiled)> {
     let start = Instant::now();
     let compiled = crate::compile_file(path)?;
-    let target = dp.active_generation()? ^ 1;
+    let target = dp.active_generation() ^ 1;
     dp.install(target, &compiled, number)?;
-    dp.activate(target, 0, 0)?;
+    dp.activate(target, 0, 0);
     let took = start.elapsed().as_secs_f64();
     dp.install(target ^ 1, &compiled, number)?;
     Ok((took, compiled))
@@ -83,11 +83,11 @@ pub fn run_scale(work: &Path, sizes: &[usize]) -> Result<(Vec<SizeRow>, u64)> {
         // The IPv4 arrays are reserved at load time: sized, as an operator
         // would, for the larger of the two policies (or the default).
         let room = [&a, &b].iter().try_fold(Capacity::DEFAULT, |room, p| -> Result<Capacity> {
-            let need = smtpguard::acl4::needed(&crate::compile_file(p)?.v4);
+            let need = acl4_writer::needed(&crate::compile_file(p)?.v4);
             let grow = |have: u32, need: u32| have.max(need + need / 8);
             Ok(Capacity { nodes: grow(room.nodes, need.nodes), slots: grow(room.slots, need.slots), values: grow(room.values, need.values) })
         })?;
-        let mut dp = Dataplane::load(LoadOptions { acl4_capacity: room, ..LoadOptions::default() }).context("loading the datapath")?;
+        let mut dp = Dataplane::load(Capacities { acl4: room, ..Capacities::default() }, None).context("loading the datapath")?;
         let (load_s, compiled) = apply(&mut dp, &a, 1)?;
         if compiled.entries() == 0 {
             bail!("{size}: the policy compiled to nothing");
@@ -99,7 +99,7 @@ pub fn run_scale(work: &Path, sizes: &[usize]) -> Result<(Vec<SizeRow>, u64)> {
         for name in [ACL4_ROOT, ACL4_NODES, ACL4_SLOTS, ACL4_VALUES, ACL_V6] {
             map_bytes += dp.map_memlock(name)?;
         }
-        let (used, _) = dp.acl4_usage();
+        let (used, _) = dp.acl4_usage()?;
         eprintln!("  IPv4 arrays use {} nodes, {} slots, {} values (both generations); reserved per generation {room:?}", used.nodes, used.slots, used.values);
 
         let fd = dp.program_fd(Hook::XdpIngress)?;
@@ -107,7 +107,7 @@ pub fn run_scale(work: &Path, sizes: &[usize]) -> Result<(Vec<SizeRow>, u64)> {
         let (mut ns, mut floor_ns) = (0.0, 0.0);
         for i in 0..PROBES {
             let frame = syn_from(inside(&cidrs[(i * 7919) % size]));
-            let t = time_run(fd, &frame, REPEAT)?;
+            let t = time_run(std::os::fd::AsFd::as_fd(&fd), &frame, REPEAT)?;
             if t.retval != drop_code {
                 bail!("{size}: a listed source was not dropped (verdict {})", t.retval);
             }
@@ -126,7 +126,7 @@ pub fn run_scale(work: &Path, sizes: &[usize]) -> Result<(Vec<SizeRow>, u64)> {
         eprintln!("  smtpguard {ns:.2} ns/pkt (floor {floor_ns:.2}), load {load_s:.3} s, reload {reload_s:.3} s, {map_bytes} map bytes; iptables {iptables_mpps:.2} Mpps");
         rows.push(SizeRow { size, smtpguard_ns: ns, floor_ns, nft_mpps, iptables_mpps, load_s, reload_s, map_bytes });
     }
-    let dp = Dataplane::load(LoadOptions { source_capacity: 1_000_000, ..LoadOptions::default() })?;
+    let dp = Dataplane::load(Capacities { sources: 1_000_000, ..Capacities::default() }, None)?;
     let sources = dp.map_memlock(policy_common::SOURCES)?;
     Ok((rows, sources))
 }
@@ -157,9 +157,9 @@ pub fn run_reload(work: &Path) -> Result<Reload> {
     // Frames addressed to another host: what a policy passes, the stack
     // discards unanswered, so the flood costs the same under either policy.
     bed.dut.ip(&["link", "set", "d0", "address", "02:00:00:00:00:03"])?;
-    let mut dp = Dataplane::load(LoadOptions::default())?;
+    let mut dp = Dataplane::load(Capacities::default(), None)?;
     let (_, compiled) = apply(&mut dp, &base, 1)?;
-    bed.dut.enter(|| dp.attach_xdp("d0", XdpMode::Driver))??;
+    bed.dut.enter(|| dp.attach_unpinned(Hook::XdpIngress, "d0", XdpMode::Driver))??;
     let frame = syn_from(s);
     let generator = bed.generator(&frame)?;
 

@@ -10,7 +10,10 @@ use policy_common::{
     source::{source_key_v4, source_set, SlotInfo, SourceSet, SourceSlot, WAYS},
     STATS_CLAIMS,
 };
-use smtpguard::dataplane::{ktime_now_ns, Hook, LoadOptions};
+use smtpguard::{
+    clock::ktime_now_ns,
+    dataplane::{Capacities, Hook},
+};
 use smtpguard_tests::{
     fixtures::{base_policy, Harness, TestPins, NS_PER_S},
     packet::{TcpFrame, SYN},
@@ -20,8 +23,8 @@ use smtpguard_tests::{
 /// A datapath with `capacity` sources whose ingress policy meters SYNs
 /// (and never bans on its own).
 fn metered(capacity: u32, pins: Option<&TestPins>) -> Harness {
-    let options = LoadOptions { source_capacity: capacity, pin_dir: pins.map(|p| p.pins.dir.clone()), ..LoadOptions::default() };
-    let mut h = Harness::load_with(options).expect("loading the datapath");
+    let capacities = Capacities { sources: capacity, ..Capacities::default() };
+    let mut h = Harness::load_with(capacities, pins.map(|p| p.pins.dir.as_path())).expect("loading the datapath");
     let mut policy = base_policy();
     let p = &mut policy.direction[direction::INGRESS as usize];
     p.rate_enabled = 1;
@@ -53,12 +56,12 @@ fn since(now: [u64; claim_kind::COUNT], before: [u64; claim_kind::COUNT]) -> [u6
 /// Rewrites the one set of the table: its current keys, with `slot` as
 /// every way's other words.
 fn seed_all_ways(h: &mut Harness, slot: impl Fn(usize) -> SourceSlot) {
-    let mut set = h.dp.source_set(0).unwrap();
+    let mut set = h.dp.source_set(0);
     for (way, s) in set.slots.iter_mut().enumerate() {
         assert_ne!(s.key, 0, "way {way} is tracked");
         *s = SourceSlot { key: s.key, ..slot(way) };
     }
-    h.dp.set_source_set(0, &set).unwrap();
+    h.dp.set_source_set(0, &set);
 }
 
 #[test]
@@ -105,9 +108,9 @@ fn every_claim_of_a_way_is_counted_by_what_the_way_held() {
     seed_all_ways(&mut h, |_| SourceSlot { ban_until_ns: until, info: SlotInfo { strikes: 1, origin: 1, flags: 0, last_seen_s: now_s }.pack(), ..SourceSlot::default() });
     let got = newcomers(&mut h, 8);
     assert_eq!((got[free], got[stale], got[live], got[ban]), (0, 0, 7, 1));
-    let banned = h.dp.source_set(0).unwrap().slots.iter().filter(|s| s.ban_until_ns > ktime_now_ns()).count();
+    let banned = h.dp.source_set(0).slots.iter().filter(|s| s.ban_until_ns > ktime_now_ns()).count();
     assert_eq!(banned, 7, "seven bans stand, one was evicted");
-    h.dp.set_source_set(0, &SourceSet::default()).unwrap();
+    h.dp.set_source_set(0, &SourceSet::default());
 }
 
 /// 4,096 distinct sources through a table of 1,024: each set's first eight
@@ -132,7 +135,7 @@ fn sources_churning_through_a_small_table_count_exactly_and_status_shows_it() {
     let free: u64 = per_set.iter().map(|&n| n.min(WAYS as u64)).sum();
     let got = claims(&mut h);
     assert_eq!(got, [free, 0, SOURCES as u64 - free, 0], "claims (free, stale, live, ban) of {SOURCES} sources in {sets} sets");
-    assert_eq!(h.dp.source_table().slots().len() as u64, free, "every way holding a source");
+    assert_eq!(h.dp.maps().source_table().slots().len() as u64, free, "every way holding a source");
 
     let (code, out) = state.cmd(&["status"]);
     assert_eq!(code, 0, "{out}");

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use aya::programs::XdpMode;
 use policy_common::{direction, hook, reason, verdict};
 use smtpguard::{
-    dataplane::{Dataplane, Hook, LoadOptions},
+    dataplane::{Capacities, Dataplane, Hook},
     policy::Compiled,
 };
 use smtpguard_tests::{
@@ -170,10 +170,10 @@ pub struct Mode {
 }
 
 fn smtpguard_dataplane(compiled: &Compiled) -> Result<Dataplane> {
-    let mut dp = Dataplane::load(LoadOptions::default()).context("loading the datapath")?;
+    let mut dp = Dataplane::load(Capacities::default(), None).context("loading the datapath")?;
     dp.install(0, compiled, 1)?;
-    dp.activate(0, 0, 0)?;
-    let (used, room) = dp.acl4_usage();
+    dp.activate(0, 0, 0);
+    let (used, room) = dp.acl4_usage()?;
     eprintln!("  IPv4 ACL arrays: {} of {} nodes, {} of {} slots, {} of {} values", used.nodes, room.nodes, used.slots, room.slots, used.values, room.values);
     Ok(dp)
 }
@@ -266,7 +266,7 @@ pub fn run_all(work: &Path, only: Option<&str>) -> Result<Vec<Mode>> {
         }
         let bed = Bed::new(false)?;
         let mut dp = smtpguard_dataplane(&compiled)?;
-        bed.dut.enter(|| dp.attach_xdp("d0", XdpMode::Driver))??;
+        bed.dut.enter(|| dp.attach_unpinned(Hook::XdpIngress, "d0", XdpMode::Driver))??;
         push(name, what, bed.flood(frame, Bed::xdp_drops)?);
         let judged = smtpguard_drops(&mut dp)?;
         if judged == 0 {
@@ -276,10 +276,10 @@ pub fn run_all(work: &Path, only: Option<&str>) -> Result<Vec<Mode>> {
     if wanted("smtpguard_tc") {
         let bed = Bed::new(true)?;
         let mut dp = smtpguard_dataplane(&compiled)?;
-        let mut rt = dp.runtime()?;
+        let mut rt = dp.runtime();
         rt.hook_direction[hook::TC_INGRESS] = direction::INGRESS;
-        dp.set_runtime(rt)?;
-        bed.dut.enter(|| dp.attach_tc(Hook::TcIngress, "d0"))??;
+        dp.set_runtime(rt);
+        bed.dut.enter(|| dp.attach_unpinned(Hook::TcIngress, "d0", XdpMode::Driver))??;
         let dp = std::cell::RefCell::new(dp);
         push("smtpguard_tc", "smtpguard TC ingress, source in the deny list", bed.flood(&acl_frame, |_| smtpguard_drops(&mut dp.borrow_mut()))?);
     }

@@ -13,7 +13,7 @@ use policy_common::{
     source::{ban_origin, slot_flag, SlotInfo, SourceSlot},
     stats_index, verdict, DirectionPolicy, PolicyConfig, PORT_SLOT_UNKNOWN,
 };
-use smtpguard::dataplane::{ktime_now_ns, Hook};
+use smtpguard::{clock::ktime_now_ns, dataplane::Hook};
 use smtpguard_tests::{
     fixtures::{self, base_policy, ends, entry, entry_all_ports, seed, Harness, NS_PER_S},
     packet::{arp_frame, read_tcp, Ext, ReadTcp, TcpFrame, ACK, FIN, PSH, RST, SYN, TPID_8021AD, TPID_8021Q},

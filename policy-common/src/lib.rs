@@ -160,6 +160,35 @@ pub const fn stats_index(direction: u8, verdict: u8, reason: u8, port_slot: usiz
 /// Cells of `STATS` indexed by [`stats_index`].
 pub const STATS_VERDICT_CELLS: u32 =
     (direction::COUNT * verdict::COUNT * reason::COUNT * PORT_SLOTS) as u32;
+
+/// What a verdict cell of `STATS` counts: [`stats_index`] read backwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatsCell {
+    pub direction: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub port_slot: usize,
+    pub index: u32,
+}
+
+impl StatsCell {
+    /// The cell at `index` (< [`STATS_VERDICT_CELLS`]).
+    pub const fn of(index: u32) -> Self {
+        let i = index as usize;
+        Self {
+            port_slot: i % PORT_SLOTS,
+            reason: ((i / PORT_SLOTS) % reason::COUNT) as u8,
+            verdict: ((i / PORT_SLOTS / reason::COUNT) % verdict::COUNT) as u8,
+            direction: (i / PORT_SLOTS / reason::COUNT / verdict::COUNT) as u8,
+            index,
+        }
+    }
+
+    /// Every verdict cell, in index order.
+    pub fn all() -> impl Iterator<Item = Self> {
+        (0..STATS_VERDICT_CELLS).map(Self::of)
+    }
+}
 /// The `STATS` cell (packets only) counting events lost to a full ring buffer.
 pub const STATS_EVENTS_LOST: u32 = STATS_VERDICT_CELLS;
 /// `STATS` cells (packets only) counting bans started, by origin: automatic
@@ -566,3 +595,18 @@ impl DirectionPolicy {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_cells_read_back_their_index() {
+        let mut n = 0;
+        for c in StatsCell::all() {
+            assert_eq!(stats_index(c.direction, c.verdict, c.reason, c.port_slot), c.index);
+            n += 1;
+        }
+        assert_eq!(n, STATS_VERDICT_CELLS);
+    }
+}

@@ -17,13 +17,14 @@ use tokio::{
 };
 
 use crate::{
-    commands::{compile_for_reload, load_and_compile},
-    dataplane::{Dataplane, Hook, LoadOptions},
+    clock,
+    dataplane::{Capacities, Dataplane, Hook},
     event_log::EventLog,
-    events, http,
+    events::{Event, ReloadResult},
+    http,
     metrics::{ControllerMetrics, PolicyView},
     pins::Pins,
-    policy::{self, time, Compiled, Policy},
+    policy::{self, load_and_compile, load_for_reload, time, Compiled, Policy},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,10 +43,8 @@ pub struct RunOptions {
     pub metrics_addr: SocketAddr,
     pub pins: Pins,
     pub events: Option<PathBuf>,
-    pub policy_options: policy::LoadOptions,
-    pub source_capacity: u32,
-    pub acl4_capacity: policy_common::acl4::Capacity,
-    pub smtp_flow_capacity: u32,
+    pub policy_options: policy::ReadOptions,
+    pub capacities: Capacities,
 }
 
 /// The interface's index, 0 when there is none by that name.
@@ -131,16 +130,30 @@ impl Controller {
         self.policy.ports.iter().map(|g| g.port).collect()
     }
 
-    fn emit(&mut self, v: serde_json::Value) {
-        self.events.emit(&v);
+    fn emit(&mut self, event: &Event) {
+        self.events.emit(event);
+    }
+
+    /// The `policy_reload` event of an applied policy.
+    fn applied_event(&self, trigger: &str, duration_ms: Option<f64>) -> Event {
+        Event::PolicyReload {
+            time: clock::now_rfc3339(),
+            result: ReloadResult::Ok,
+            trigger: trigger.to_owned(),
+            generation: self.generation,
+            entries: Some(self.compiled.entries()),
+            errors: Vec::new(),
+            more_errors: 0,
+            duration_ms,
+        }
     }
 
     /// Starts compiling the policy files on the blocking pool.
     fn start_reload(&mut self, why: &'static str) -> ReloadJob {
         self.state.reload_started();
-        self.state.metrics.last_reload_time.set(events::now_unix_ns() as f64 / 1e9);
+        self.state.metrics.last_reload_time.set(clock::unix_now_s());
         let (path, options) = (self.o.policy.clone(), self.o.policy_options.clone());
-        ReloadJob { why, started: Instant::now(), compiled: tokio::task::spawn_blocking(move || compile_for_reload(&path, &options)) }
+        ReloadJob { why, started: Instant::now(), compiled: tokio::task::spawn_blocking(move || load_for_reload(&path, &options)) }
     }
 
     /// Applies a compiled reload into the inactive generation and flips to
@@ -161,24 +174,31 @@ impl Controller {
             Ok(()) => {
                 m.reloads.with_label_values(&["ok"]).inc();
                 m.last_reload_ok.set(1);
-                eprintln!("smtpguard: policy generation {} in force ({why}, {:.1} ms)", self.generation, seconds * 1e3);
-                let ev = serde_json::json!({"time": events::rfc3339(events::now_unix_ns()), "event": "policy_reload", "result": "ok",
-                    "trigger": why, "generation": self.generation, "entries": self.compiled.entries(), "duration_ms": seconds * 1e3});
-                self.emit(ev);
+                tracing::info!("policy generation {} in force ({why}, {:.1} ms)", self.generation, seconds * 1e3);
+                let ev = self.applied_event(why, Some(seconds * 1e3));
+                self.emit(&ev);
             }
             Err((errors, more)) => {
                 m.reloads.with_label_values(&["rejected"]).inc();
                 m.last_reload_ok.set(0);
                 for e in &errors {
-                    eprintln!("{e}");
+                    tracing::error!("{e}");
                 }
                 if more > 0 {
-                    eprintln!("... and {more} more error(s)");
+                    tracing::error!("... and {more} more error(s)");
                 }
-                eprintln!("smtpguard: reload rejected ({why}); generation {} stays in force", self.generation);
-                let ev = serde_json::json!({"time": events::rfc3339(events::now_unix_ns()), "event": "policy_reload", "result": "rejected",
-                    "trigger": why, "generation": self.generation, "errors": errors, "more_errors": more, "duration_ms": seconds * 1e3});
-                self.emit(ev);
+                tracing::error!("reload rejected ({why}); generation {} stays in force", self.generation);
+                let ev = Event::PolicyReload {
+                    time: clock::now_rfc3339(),
+                    result: ReloadResult::Rejected,
+                    trigger: why.to_owned(),
+                    generation: self.generation,
+                    entries: None,
+                    errors,
+                    more_errors: more,
+                    duration_ms: Some(seconds * 1e3),
+                };
+                self.emit(&ev);
             }
         }
         // Watch what the policy in force names. After a rejected edit the
@@ -195,16 +215,8 @@ impl Controller {
     }
 
     fn apply(&mut self, policy: Policy, compiled: Compiled) -> Result<()> {
-        let inactive = self.dp.active_generation()? ^ 1;
         let number = self.generation + 1;
-        self.dp.install(inactive, &compiled, number)?;
-        self.dp.activate(inactive, compiled.events.drop_sample_one_in, compiled.events.per_second)?;
-        // Bring the now idle generation level with the active one (after
-        // the grace period `install` waits for), so the next edit is a diff
-        // against it; the new policy is already in force.
-        if let Err(e) = self.dp.install(inactive ^ 1, &compiled, number) {
-            eprintln!("smtpguard: warning: updating the standby generation failed ({e}); the next reload rewrites it");
-        }
+        self.dp.swap(&compiled, number)?;
         self.generation = number;
         self.policy = policy;
         self.compiled = compiled;
@@ -215,7 +227,7 @@ impl Controller {
     /// Tells the metrics endpoint what is in force now.
     fn publish_view(&mut self) {
         let (_, acl6_entries) = self.dp.acl_entry_counts();
-        let (acl4_used, acl4_room) = self.dp.acl4_usage();
+        let Ok((acl4_used, acl4_room)) = self.dp.acl4_usage() else { return };
         self.state.set_view(PolicyView {
             generation: self.generation,
             ports: self.ports(),
@@ -250,8 +262,8 @@ impl Controller {
         let Ok(evs) = self.dp.drain_events() else { return };
         let ports = self.ports();
         for e in evs {
-            let v = events::to_json(&e, &self.compiled, &ports);
-            self.emit(v);
+            let event = Event::from_datapath(&e, &self.compiled, &ports);
+            self.emit(&event);
         }
     }
 }
@@ -277,12 +289,12 @@ fn attach_all(o: &RunOptions, dp: &mut Dataplane) -> Result<()> {
         for (mode, name) in modes {
             match dp.attach_xdp_pinned(iface, *mode, &pin) {
                 Ok(adopted) => {
-                    eprintln!("smtpguard: xdp_ingress {} {iface} ({name} mode)", if adopted { "adopted on" } else { "attached to" });
+                    tracing::info!("xdp_ingress {} {iface} ({name} mode)", if adopted { "adopted on" } else { "attached to" });
                     done = true;
                     break;
                 }
                 Err(e) if !adopt && o.xdp_mode == XdpModeChoice::Auto && *mode == XdpMode::Driver => {
-                    eprintln!("smtpguard: warning: native XDP on {iface} failed ({e}); falling back to generic XDP");
+                    tracing::warn!("native XDP on {iface} failed ({e}); falling back to generic XDP");
                     last = Some(e);
                 }
                 Err(e) => return Err(e).with_context(|| format!("attaching XDP to {iface}")),
@@ -293,12 +305,12 @@ fn attach_all(o: &RunOptions, dp: &mut Dataplane) -> Result<()> {
         }
         let tc = o.pins.link("tcegress", iface);
         let adopted = dp.attach_tc_pinned(Hook::TcEgress, iface, &tc).with_context(|| format!("attaching tc_egress to {iface}"))?;
-        eprintln!("smtpguard: tc_egress {} {iface}", if adopted { "adopted on" } else { "attached to" });
+        tracing::info!("tc_egress {} {iface}", if adopted { "adopted on" } else { "attached to" });
     }
     for iface in &o.tenants {
         let tc = o.pins.link("tcingress", iface);
         let adopted = dp.attach_tc_pinned(Hook::TcIngress, iface, &tc).with_context(|| format!("attaching tc_ingress to {iface}"))?;
-        eprintln!("smtpguard: tc_ingress {} {iface}", if adopted { "adopted on" } else { "attached to" });
+        tracing::info!("tc_ingress {} {iface}", if adopted { "adopted on" } else { "attached to" });
     }
     let tenants: Vec<u32> = o.tenants.iter().map(|i| ifindex(i)).collect();
     dp.set_tenant_ifaces(&tenants).context("recording the tenant interfaces")
@@ -332,22 +344,17 @@ pub fn run(o: RunOptions) -> Result<()> {
     http::spawn(listener, state.clone()).context("starting the metrics server")?;
     // The first policy must be valid before anything is touched.
     let (compiled, diags) = load_and_compile(&o.policy, &o.policy_options);
-    eprint!("{diags}");
+    for line in diags.to_string().lines() {
+        tracing::warn!("{line}");
+    }
     let Some((policy, compiled)) = compiled else { bail!("{}: the policy is not valid; nothing was changed", o.policy.display()) };
     o.pins.create().with_context(|| format!("creating {} and {}", o.pins.dir.display(), o.pins.run_dir.display()))?;
     let _lock = o.pins.lock()?;
     let events = EventLog::open(o.events.as_deref(), state.metrics.event_write_failures.clone())
         .with_context(|| format!("opening {}", o.events.as_deref().unwrap_or(Path::new("stdout")).display()))?;
     let adopting = o.pins.exists();
-    let mut dp = Dataplane::load(LoadOptions {
-        source_capacity: o.source_capacity,
-        pin_dir: Some(o.pins.dir.clone()),
-        acl4_capacity: o.acl4_capacity,
-        smtp_flow_capacity: o.smtp_flow_capacity,
-    })
-        .context("loading the datapath")?;
-    let active = dp.active_generation()?;
-    let generation = if adopting { dp.policy(active)?.generation } else { 0 };
+    let dp = Dataplane::load(o.capacities, Some(&o.pins.dir)).context("loading the datapath")?;
+    let generation = if adopting { dp.maps().policy(dp.active_generation())?.generation } else { 0 };
     let watched = watch_list(&o.policy, &policy);
     let mut c = Controller { o: o.clone(), dp, policy, compiled, generation, watched, state: state.clone(), events, last_seen: None, expiry_tried: None };
     // Load the policy before attaching, so the first packet a new link
@@ -359,23 +366,23 @@ pub fn run(o: RunOptions) -> Result<()> {
     m.reload_duration.observe(start.elapsed().as_secs_f64());
     m.reloads.with_label_values(&["ok"]).inc();
     m.last_reload_ok.set(1);
-    m.last_reload_time.set(events::now_unix_ns() as f64 / 1e9);
+    m.last_reload_time.set(clock::unix_now_s());
     attach_all(&o, &mut c.dp)?;
-    c.dp.pin_programs(&o.pins.dir)?;
+    c.dp.programs().pin(&o.pins.dir)?;
     std::fs::write(o.pins.pid_file(), std::process::id().to_string())?;
     state.ready(c.dp.observer()?);
     c.publish_view();
-    eprintln!(
-        "smtpguard: {} policy generation {} from {}; pins in {}",
+    tracing::info!(
+        "{} policy generation {} from {}; pins in {}",
         if adopting { "adopted pinned state;" } else { "enforcing" },
         c.generation,
         o.policy.display(),
         o.pins.dir.display()
     );
-    c.emit(serde_json::json!({"time": events::rfc3339(events::now_unix_ns()), "event": "policy_reload", "result": "ok",
-        "trigger": if adopting { "restart" } else { "start" }, "generation": c.generation, "entries": c.compiled.entries()}));
+    let started = c.applied_event(if adopting { "restart" } else { "start" }, None);
+    c.emit(&started);
     let result = rt.block_on(control_loop(&mut c, &mut signals));
-    eprintln!("smtpguard: stopping; enforcement continues from {} (smtpguard detach removes it)", o.pins.dir.display());
+    tracing::info!("stopping; enforcement continues from {} (smtpguard detach removes it)", o.pins.dir.display());
     let _ = std::fs::remove_file(o.pins.pid_file());
     result
 }

@@ -51,7 +51,7 @@ impl EventLog {
     }
 
     /// Appends one event as a line.
-    pub fn emit(&mut self, event: &serde_json::Value) {
+    pub fn emit(&mut self, event: &crate::events::Event) {
         let mut line = Vec::with_capacity(256);
         if self.cut_line {
             line.push(b'\n');
@@ -68,7 +68,7 @@ impl EventLog {
             Ok(()) => {
                 self.cut_line = false;
                 if self.failing > 0 {
-                    eprintln!("smtpguard: events: writing to {} works again; {} event(s) were lost", self.name(), self.failing);
+                    tracing::info!("events: writing to {} works again; {} event(s) were lost", self.name(), self.failing);
                     self.failing = 0;
                 }
             }
@@ -76,8 +76,8 @@ impl EventLog {
                 self.cut_line = self.cut_line || written > 0;
                 self.failures.inc();
                 if self.failing == 0 {
-                    eprintln!(
-                        "smtpguard: events: writing to {} failed ({e}); counting lost events in smtpguard_event_write_failures_total until it works again",
+                    tracing::error!(
+                        "events: writing to {} failed ({e}); counting lost events in smtpguard_event_write_failures_total until it works again",
                         self.name()
                     );
                 }
@@ -112,12 +112,12 @@ impl EventLog {
                 *identity = Some(id);
                 // A new file starts on a line of its own.
                 self.cut_line = false;
-                eprintln!("smtpguard: events: reopened {} ({why})", path.display());
+                tracing::info!("events: reopened {} ({why})", path.display());
             }
             Err(e) => {
                 // Events go on to the old file, if any; said once, retried each tick.
                 if identity.is_some() {
-                    eprintln!("smtpguard: events: cannot reopen {} ({e}); retrying", path.display());
+                    tracing::error!("events: cannot reopen {} ({e}); retrying", path.display());
                 }
                 *identity = None;
             }

@@ -1,23 +1,146 @@
-//! Events as JSON lines a SOC can ship as they are.
+//! Events as JSON lines a SOC can ship as they are: one typed enum,
+//! serialised with serde, whose JSON Schema (`smtpguard schema --events`,
+//! `docs/events.schema.json`) is derived from the same definition.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use policy_common::{direction, event_kind, reason, verdict, Event};
-use serde_json::{json, Value};
+use policy_common::{direction, event_kind, reason, verdict};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
-use crate::{dataplane::ktime_now_ns, policy::Compiled};
+use crate::{clock, policy::Compiled};
 
-/// RFC 3339 UTC time of a Unix time in nanoseconds.
-pub fn rfc3339(unix_ns: u128) -> String {
-    let secs = (unix_ns / 1_000_000_000) as i64;
-    let millis = (unix_ns / 1_000_000 % 1000) as u32;
-    let day = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    format!("{}T{:02}:{:02}:{:02}.{millis:03}Z", crate::policy::time::format_date(day), rem / 3600, rem / 60 % 60, rem % 60)
+/// One line of the event stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The datapath banned a source whose new connections went over the
+    /// policy's threshold (or a repeat offender again, escalated).
+    BanAdded {
+        #[serde(flatten)]
+        packet: Packet,
+        /// SYNs counted in the sliding minute when the ban started.
+        count: u32,
+        duration_s: u32,
+        /// Bans of this source so far, this one included.
+        strikes: u32,
+    },
+    /// A source's ban ran out; seen on the source's next packet.
+    BanExpired {
+        #[serde(flatten)]
+        packet: Packet,
+    },
+    /// A source began to be rate limited after admitted connections.
+    RateLimitTrip {
+        #[serde(flatten)]
+        packet: Packet,
+    },
+    /// A sampled drop (one in `events.drop_sample_one_in`).
+    DropSample {
+        #[serde(flatten)]
+        packet: Packet,
+    },
+    /// An operator banned a source or network (`smtpguard ban`).
+    ManualBan {
+        time: String,
+        /// The address or network banned.
+        source: String,
+        duration_s: u64,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        reason: Option<String>,
+    },
+    /// A policy was applied (start, restart, reload) or refused.
+    PolicyReload {
+        time: String,
+        result: ReloadResult,
+        /// What asked for it: `start`, `restart`, `SIGHUP`, `file change`, `exemption expiry`.
+        trigger: String,
+        /// The policy generation in force afterwards.
+        generation: u64,
+        /// Map entries of the policy applied.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        entries: Option<usize>,
+        /// Why it was refused (the first errors of each kind).
+        #[serde(skip_serializing_if = "Vec::is_empty", default)]
+        errors: Vec<String>,
+        /// Errors left out of `errors`.
+        #[serde(skip_serializing_if = "is_zero", default)]
+        more_errors: usize,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        duration_ms: Option<f64>,
+    },
 }
 
-pub fn now_unix_ns() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReloadResult {
+    Ok,
+    Rejected,
+}
+
+/// The packet a datapath event is about, and what the datapath decided.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Packet {
+    /// RFC 3339 UTC, when the datapath saw it.
+    pub time: String,
+    /// `ingress` or `egress`: the policy direction that judged it.
+    pub direction: String,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    /// The guarded port it was judged as.
+    pub port: Option<u16>,
+    /// Why (a counter reason such as `deny_acl`, `rate_ban`, or `ban_expired`).
+    pub reason: Option<String>,
+    /// `pass`, `drop` or `would_drop` (monitor mode).
+    pub verdict: Option<String>,
+    /// The id of the rule that decided, when one did.
+    pub rule: Option<String>,
+    /// The peer's country, when the policy has a geo-fence.
+    pub country: Option<String>,
+}
+
+impl Event {
+    /// A datapath event, with rule ids, countries and ports named by the
+    /// policy in force (`ports` by slot).
+    pub fn from_datapath(e: &policy_common::Event, compiled: &Compiled, ports: &[u16]) -> Self {
+        let name = |names: &[&'static str], i: u8| names.get(i as usize).map(|s| (*s).to_owned());
+        let mut packet = Packet {
+            time: clock::rfc3339(clock::wall_time_of(e.ktime_ns)),
+            direction: name(&direction::NAMES, e.direction).unwrap_or_else(|| "unknown".into()),
+            src: addr(e.family, e.src_octets()),
+            dst: addr(e.family, e.dst_octets()),
+            sport: e.sport,
+            dport: e.dport,
+            port: ports.get(e.port_slot as usize).copied(),
+            reason: name(&reason::NAMES, e.reason),
+            verdict: name(&verdict::NAMES, e.verdict),
+            rule: compiled.rule(e.rule).map(|r| r.id.to_string()),
+            country: compiled.country(e.country).map(str::to_owned),
+        };
+        match e.kind {
+            event_kind::BAN_ADDED => Event::BanAdded { packet, count: e.count, duration_s: e.duration_s, strikes: e.strikes },
+            event_kind::BAN_EXPIRED => {
+                packet.reason = Some("ban_expired".into());
+                Event::BanExpired { packet }
+            }
+            event_kind::RATE_TRIP => {
+                packet.reason = Some("rate_limited".into());
+                Event::RateLimitTrip { packet }
+            }
+            _ => Event::DropSample { packet },
+        }
+    }
+
+    /// One JSON line.
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"event\":\"unserialisable\",\"error\":\"{e}\"}}"))
+    }
 }
 
 fn addr(family: u8, octets: [u8; 16]) -> IpAddr {
@@ -28,41 +151,40 @@ fn addr(family: u8, octets: [u8; 16]) -> IpAddr {
     }
 }
 
-fn kind_name(kind: u8) -> &'static str {
-    match kind {
-        event_kind::BAN_ADDED => "ban_added",
-        event_kind::BAN_EXPIRED => "ban_expired",
-        event_kind::RATE_TRIP => "rate_limit_trip",
-        event_kind::DROP_SAMPLE => "drop_sample",
-        _ => "unknown",
-    }
+/// The JSON Schema of an event line.
+pub fn schema() -> serde_json::Value {
+    let mut schema = serde_json::to_value(schemars::schema_for!(Event)).expect("a schema serialises");
+    schema["title"] = "smtpguard event".into();
+    schema["description"] = "One line of the event stream (smtpguard run --events FILE, or stdout)".into();
+    schema
 }
 
-/// One datapath event as a JSON object.
-pub fn to_json(e: &Event, compiled: &Compiled, ports: &[u16]) -> Value {
-    // The event's kernel time, moved onto the wall clock.
-    let age = ktime_now_ns().saturating_sub(e.ktime_ns) as u128;
-    let mut v = json!({
-        "time": rfc3339(now_unix_ns().saturating_sub(age)),
-        "event": kind_name(e.kind),
-        "direction": direction::NAMES.get(e.direction as usize).copied().unwrap_or("unknown"),
-        "src": addr(e.family, e.src_octets()).to_string(),
-        "dst": addr(e.family, e.dst_octets()).to_string(),
-        "sport": e.sport,
-        "dport": e.dport,
-        "port": ports.get(e.port_slot as usize),
-        "reason": reason::NAMES.get(e.reason as usize).copied(),
-        "verdict": verdict::NAMES.get(e.verdict as usize).copied(),
-        "rule": compiled.rule(e.rule).map(|r| &*r.id),
-        "country": compiled.country(e.country),
-    });
-    if e.kind == event_kind::BAN_ADDED {
-        v["count"] = json!(e.count);
-        v["duration_s"] = json!(e.duration_s);
-        v["strikes"] = json!(e.strikes);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_name_their_kind_and_read_back() {
+        let e = Event::PolicyReload {
+            time: "2026-12-06T00:00:00.000Z".into(),
+            result: ReloadResult::Rejected,
+            trigger: "SIGHUP".into(),
+            generation: 3,
+            entries: None,
+            errors: vec!["policy.yaml:3: bad".into()],
+            more_errors: 0,
+            duration_ms: Some(1.5),
+        };
+        let line = e.to_line();
+        assert!(line.starts_with("{\"event\":\"policy_reload\""), "{line}");
+        assert!(!line.contains("more_errors") && !line.contains("entries"), "{line}");
+        assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), e);
     }
-    if e.kind == event_kind::BAN_EXPIRED || e.kind == event_kind::RATE_TRIP {
-        v["reason"] = json!(if e.kind == event_kind::BAN_EXPIRED { "ban_expired" } else { "rate_limited" });
+
+    #[test]
+    fn the_documented_schema_is_the_derived_one() {
+        let documented: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/events.schema.json")).expect("docs/events.schema.json parses");
+        assert_eq!(documented, schema(), "regenerate it: smtpguard schema --events > docs/events.schema.json");
     }
-    v
 }

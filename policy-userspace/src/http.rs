@@ -23,9 +23,8 @@ use hyper::{body::Bytes, server::conn::http1, service::service_fn, Method, Reque
 use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::{
-    events::now_unix_ns,
     metrics::{self, ControllerMetrics, PolicyView, TableGauges},
-    observe::Observer,
+    dataplane::observer::Observer,
 };
 
 pub const MAX_CONNECTIONS: usize = 64;
@@ -58,7 +57,7 @@ pub struct State {
 type Rendered = Result<Bytes, String>;
 
 fn now_ms() -> u64 {
-    (now_unix_ns() / 1_000_000) as u64
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64
 }
 
 impl State {
@@ -151,7 +150,7 @@ impl State {
         }
         match TableGauges::scan(observer) {
             Ok(g) => *self.tables.lock().unwrap_or_else(|p| p.into_inner()) = g,
-            Err(e) => eprintln!("smtpguard: metrics: scanning the source table failed: {e}"),
+            Err(e) => tracing::error!("metrics: scanning the source table failed: {e}"),
         }
     }
 }
@@ -168,7 +167,7 @@ async fn serve(listener: std::net::TcpListener, state: Arc<State>) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("smtpguard: metrics: cannot serve: {e}");
+            tracing::error!("metrics: cannot serve: {e}");
             return;
         }
     };
@@ -187,7 +186,7 @@ async fn serve(listener: std::net::TcpListener, state: Arc<State>) {
             Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of fds, say: wait instead of spinning.
-                eprintln!("smtpguard: metrics: accept failed: {e}");
+                tracing::error!("metrics: accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }

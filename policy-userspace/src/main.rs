@@ -10,10 +10,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use smtpguard::{
     commands::{self, ExplainArgs},
     controller::{RunOptions, XdpModeChoice},
+    dataplane::Capacities,
     pins::{Pins, DEFAULT_PIN_DIR, DEFAULT_RUN_DIR},
     policy::{
         input::{self, Limits},
-        time, LoadOptions,
+        time, ReadOptions,
     },
 };
 
@@ -43,8 +44,8 @@ struct PolicyArgs {
 }
 
 impl PolicyArgs {
-    fn options(&self) -> LoadOptions {
-        LoadOptions { geo_database: self.geo_database.clone(), today: None, limits: self.limits.limits() }
+    fn options(&self) -> ReadOptions {
+        ReadOptions { geo_database: self.geo_database.clone(), today: None, limits: self.limits.limits() }
     }
 }
 
@@ -178,8 +179,12 @@ enum Command {
     ///
     /// Example: smtpguard check /etc/smtpguard/policy.yaml
     Check(PolicyArgs),
-    /// Print the JSON Schema of the policy language, for editors.
-    Schema,
+    /// Print the JSON Schema of the policy language, for editors (or, with --events, of event lines).
+    Schema {
+        /// The schema of the event stream's JSON lines instead.
+        #[arg(long)]
+        events: bool,
+    },
     /// Say what the datapath would do with a packet, and which rule decided.
     ///
     /// Example: smtpguard explain policy.yaml --direction egress --src 192.0.2.10 --dst 203.0.113.5 --dport 25 --syn
@@ -237,11 +242,14 @@ fn main() -> ExitCode {
                 metrics_addr,
                 pins: pins.pins(),
                 events,
-                policy_options: LoadOptions { geo_database, today: None, limits: limits.limits() },
-                source_capacity,
-                acl4_capacity: policy_common::acl4::Capacity { nodes: acl4.acl4_nodes, slots: acl4.acl4_slots, values: acl4.acl4_values },
-                smtp_flow_capacity: smtp_flows,
+                policy_options: ReadOptions { geo_database, today: None, limits: limits.limits() },
+                capacities: Capacities {
+                    sources: source_capacity,
+                    acl4: policy_common::acl4::Capacity { nodes: acl4.acl4_nodes, slots: acl4.acl4_slots, values: acl4.acl4_values },
+                    smtp_flows,
+                },
             };
+            smtpguard::logging::init();
             commands::report(smtpguard::controller::run(options))
         }
         Command::Reload(p) => commands::report(commands::reload(&p.pins())),
@@ -253,7 +261,7 @@ fn main() -> ExitCode {
         Command::Unban { source, pins } => commands::report(commands::unban(&pins.pins(), &source)),
         Command::Detach(p) => commands::report(commands::detach(&p.pins())),
         Command::Check(p) => commands::check(&p.file, &p.options()),
-        Command::Schema => commands::schema(),
+        Command::Schema { events } => commands::schema(events),
         Command::Explain { policy, direction, src, dst, dport, syn, payload, json } => {
             let direction = match direction {
                 Direction::Ingress => policy_common::direction::INGRESS,

@@ -11,10 +11,14 @@ use policy_common::{
     acl4::Capacity,
     direction, reason,
     source::ban_origin,
-    stats_index, verdict, GEO_DROPS_ENTRIES, MAX_COUNTRIES, PORT_SLOTS,
+    verdict, StatsCell, GEO_DROPS_ENTRIES, MAX_COUNTRIES,
 };
 
-use crate::{dataplane::ktime_now_ns, events, observe::Observer, ops};
+use crate::{
+    clock::{self, ktime_now_ns},
+    commands::state::source_claims,
+    dataplane::observer::Observer,
+};
 
 /// What the controller keeps between scrapes.
 pub struct ControllerMetrics {
@@ -96,7 +100,7 @@ impl TableGauges {
             g.bans[i] = snapshot.banned[origin as usize];
         }
         (g.network_bans_v4, g.network_bans_v6) = observer.network_ban_counts()?;
-        g.scanned_at = events::now_unix_ns() as f64 / 1e9;
+        g.scanned_at = clock::unix_now_s();
         Ok(g)
     }
 }
@@ -108,7 +112,7 @@ impl TableGauges {
 /// `live`: recently active, its bucket and meter lost; `ban`: a ban lost).
 /// Claims minus evictions took a free way.
 pub fn register_source_claims(r: &Registry, stats: &[policy_common::Counter]) {
-    let claims = ops::source_claims(stats);
+    let claims = source_claims(stats);
     let total = IntCounterVec::new(Opts::new("smtpguard_source_claims_total", "New sources given a way in the source table"), &[]).expect("valid");
     total.with_label_values(&[] as &[&str]).inc_by(claims.iter().sum());
     let evictions = IntCounterVec::new(
@@ -139,21 +143,15 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     )
     .expect("valid");
     let stats = observer.stats().map_err(|e| e.to_string())?;
-    for d in [direction::INGRESS, direction::EGRESS] {
-        for v in 0..verdict::COUNT as u8 {
-            for why in 0..reason::COUNT as u8 {
-                for slot in 0..PORT_SLOTS {
-                    let c = stats[stats_index(d, v, why, slot) as usize];
-                    if c.packets == 0 {
-                        continue;
-                    }
-                    let port = view.ports.get(slot).map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
-                    let labels = [direction::NAMES[d as usize], verdict::NAMES[v as usize], reason::NAMES[why as usize], port.as_str()];
-                    packets.with_label_values(&labels).inc_by(c.packets);
-                    bytes.with_label_values(&labels).inc_by(c.bytes);
-                }
-            }
+    for cell in StatsCell::all() {
+        let c = stats[cell.index as usize];
+        if c.packets == 0 {
+            continue;
         }
+        let port = view.ports.get(cell.port_slot).map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
+        let labels = [direction::NAMES[cell.direction as usize], verdict::NAMES[cell.verdict as usize], reason::NAMES[cell.reason as usize], port.as_str()];
+        packets.with_label_values(&labels).inc_by(c.packets);
+        bytes.with_label_values(&labels).inc_by(c.bytes);
     }
     let events_lost = IntCounterVec::new(Opts::new("smtpguard_events_lost_total", "Events dropped because the ring buffer was full"), &[]).expect("valid");
     events_lost.with_label_values(&[] as &[&str]).inc_by(stats[policy_common::STATS_EVENTS_LOST as usize].packets);

@@ -12,8 +12,8 @@ use std::{
 use policy_common::{action, direction, reason, verdict};
 use serde::Serialize;
 use smtpguard::{
-    model::{decide, AclIndex, Packet, SourceState},
-    policy::{self, analyze, compile_with, input::Limits, time, Compiled, Diagnostics, LoadOptions},
+    reference::{decide, AclIndex, Packet, SourceState},
+    policy::{self, analyze, compile_with, input::Limits, time, Compiled, Diagnostics, ReadOptions},
 };
 
 #[path = "support/crafted_mmdb.rs"]
@@ -21,8 +21,8 @@ mod crafted_mmdb;
 
 const TODAY: &str = "2026-12-01";
 
-fn options() -> LoadOptions {
-    LoadOptions { today: time::parse_date(TODAY), ..LoadOptions::default() }
+fn options() -> ReadOptions {
+    ReadOptions { today: time::parse_date(TODAY), ..ReadOptions::default() }
 }
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -349,7 +349,7 @@ fn example_policies_are_valid_and_say_what_they_promise() {
 #[ignore = "needs the real geo database: cargo xtask test provides it"]
 fn the_geo_fence_example_is_valid_and_fences_what_it_says() {
     let path = repo_root().join("policies/geo-fence.yaml");
-    let options = LoadOptions { geo_database: Some(real_db()), ..options() };
+    let options = ReadOptions { geo_database: Some(real_db()), ..options() };
     let (p, mut diags) = policy::load_file(&path, &options);
     let p = p.unwrap_or_else(|| panic!("geo-fence.yaml:\n{diags}"));
     analyze::warnings(&p, &mut diags);
@@ -471,7 +471,7 @@ fn only_error(diags: &Diagnostics) -> String {
 
 /// Loads in a thread, so that a load that blocks fails the test instead
 /// of hanging it.
-fn load_within(path: &Path, options: LoadOptions, limit: Duration) -> (Option<policy::Policy>, Diagnostics) {
+fn load_within(path: &Path, options: ReadOptions, limit: Duration) -> (Option<policy::Policy>, Diagnostics) {
     let (tx, rx) = std::sync::mpsc::channel();
     let path = path.to_owned();
     std::thread::spawn(move || {
@@ -534,7 +534,7 @@ fn a_list_over_its_limit_is_refused_until_the_flag_or_the_policy_raises_it() {
         std::fs::write(&path, format!("version: 1\n{limits}ingress: {{deny_files: [list.txt]}}\n")).unwrap();
         path
     };
-    let flag = |bytes| LoadOptions { limits: Limits { list_file_bytes: bytes, ..Limits::default() }, ..options() };
+    let flag = |bytes| ReadOptions { limits: Limits { list_file_bytes: bytes, ..Limits::default() }, ..options() };
     let networks = |p: Option<policy::Policy>| p.map(|p| p.ingress.network_count());
 
     // The flag replaces the default of 8 MiB ...

@@ -53,7 +53,7 @@ const MAX_BAN_THRESHOLD: i64 = 65_535;
 
 /// Options that come from the command line rather than the file.
 #[derive(Clone, Debug, Default)]
-pub struct LoadOptions {
+pub struct ReadOptions {
     /// Replaces every geo `database` path (for machines that keep it elsewhere).
     pub geo_database: Option<PathBuf>,
     /// The day exemptions are judged against; default today (UTC).
@@ -69,7 +69,7 @@ struct Walker<'a> {
     shared_file: Arc<Path>,
     dir: PathBuf,
     diags: &'a mut Diagnostics,
-    options: &'a LoadOptions,
+    options: &'a ReadOptions,
     today: i64,
     /// Explicit ids and where they were first defined.
     ids: HashMap<String, Pos>,
@@ -81,7 +81,7 @@ struct Walker<'a> {
 
 /// Reads and validates a policy file. Warnings are in the diagnostics
 /// either way; the policy comes back only when there is no error.
-pub fn load_file(path: &Path, options: &LoadOptions) -> (Option<Policy>, Diagnostics) {
+pub fn load_file(path: &Path, options: &ReadOptions) -> (Option<Policy>, Diagnostics) {
     let mut diags = Diagnostics::default();
     let bytes = match input::read_bounded(path, input::POLICY_FILE_BYTES, InputKind::Policy) {
         Ok(b) => b,
@@ -105,7 +105,7 @@ pub fn load_file(path: &Path, options: &LoadOptions) -> (Option<Policy>, Diagnos
 }
 
 /// Validates policy `text` as if read from `path`.
-pub fn load_str(path: &Path, text: &str, options: &LoadOptions, diags: &mut Diagnostics) -> Option<Policy> {
+pub fn load_str(path: &Path, text: &str, options: &ReadOptions, diags: &mut Diagnostics) -> Option<Policy> {
     let root = match yaml::parse(text) {
         Ok(r) => r,
         Err(e) => {

@@ -1,57 +1,34 @@
 //! Dates and durations as policies write them.
 
+use time::{macros::format_description, Date, OffsetDateTime};
+
+const DAY_FORMAT: &[time::format_description::BorrowedFormatItem<'static>] = format_description!("[year]-[month]-[day]");
+
 /// Days since 1970-01-01 of a `YYYY-MM-DD` date.
 pub fn parse_date(s: &str) -> Option<i64> {
-    let mut parts = s.split('-');
-    let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || y.len() != 4 || m.len() != 2 || d.len() != 2 {
+    // `time` takes a year of any width; policies write four digits.
+    if s.len() != 10 {
         return None;
     }
-    let (y, m, d): (i64, u32, u32) = (y.parse().ok()?, m.parse().ok()?, d.parse().ok()?);
-    if !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
-        return None;
-    }
-    Some(days_from_civil(y, m, d))
+    let date = Date::parse(s, DAY_FORMAT).ok()?;
+    Some((date - Date::from_julian_day(UNIX_EPOCH_JULIAN_DAY).ok()?).whole_days())
 }
 
-fn days_in_month(y: i64, m: u32) -> u32 {
-    match m {
-        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Howard Hinnant's days_from_civil.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m as i64 + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
+/// The Julian day of 1970-01-01.
+const UNIX_EPOCH_JULIAN_DAY: i32 = 2_440_588;
 
 /// `YYYY-MM-DD` of a day number.
 pub fn format_date(days: i64) -> String {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    let date = i32::try_from(days).ok().and_then(|d| Date::from_julian_day(UNIX_EPOCH_JULIAN_DAY + d).ok());
+    match date.and_then(|d| d.format(DAY_FORMAT).ok()) {
+        Some(s) => s,
+        None => format!("day {days}"),
+    }
 }
 
 /// Today (UTC) as days since 1970-01-01.
 pub fn today() -> i64 {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    (secs / 86_400) as i64
+    (OffsetDateTime::now_utc().date().to_julian_day() - UNIX_EPOCH_JULIAN_DAY) as i64
 }
 
 /// Seconds of a duration such as `30s`, `15m`, `2h`, `7d`.

@@ -11,19 +11,19 @@ use std::{
 
 use policy_common::{Counter, GEO_DROPS_ENTRIES, STATS_ENTRIES};
 
-use crate::{batch, sources::SourceTable};
+use super::{batch, source_table::SourceTable};
 
 pub struct Observer {
-    pub(crate) stats: OwnedFd,
-    pub(crate) geo_drops: OwnedFd,
+    pub(super) stats: OwnedFd,
+    pub(super) geo_drops: OwnedFd,
     /// The mapped source table (shared with the dataplane).
-    pub(crate) sources: Arc<SourceTable>,
-    pub(crate) ban_v4: OwnedFd,
-    pub(crate) ban_v6: OwnedFd,
+    pub(super) sources: Arc<SourceTable>,
+    pub(super) ban_v4: OwnedFd,
+    pub(super) ban_v6: OwnedFd,
     /// The kernel's possible CPUs: per-CPU values come in this many.
-    pub(crate) cpus: usize,
+    pub(super) cpus: usize,
     /// Client streams `SMTP_FLOWS` holds, as the map was made.
-    pub(crate) smtp_flow_capacity: u32,
+    pub(super) smtp_flow_capacity: u32,
 }
 
 impl Observer {

@@ -23,7 +23,7 @@ use std::{os::fd::BorrowedFd, sync::atomic::Ordering};
 
 use policy_common::source::{ban_origin, eviction_score, source_set, SlotInfo, SourceSet, SourceSlot, WAYS};
 
-use crate::{dataplane::rcu_grace_period, shared::SharedWords};
+use super::{generations::rcu_grace_period, shared_words::SharedWords};
 
 /// Words per slot: key, bucket TAT, meter, ban expiry, info.
 const SLOT_WORDS: usize = size_of::<SourceSlot>() / 8;

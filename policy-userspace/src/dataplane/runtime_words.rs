@@ -1,14 +1,14 @@
 //! The datapath's `RUNTIME` settings, mapped: each 8-byte word has one
 //! writer (the table at [`policy_common::Runtime`]) and is stored alone,
 //! with an atomic store. The controller writes its words through
-//! [`crate::dataplane::Dataplane`]; `smtpguard ban`/`unban` of networks
-//! write the network-ban flag through [`crate::ops`], and nothing else does.
+//! [`super::generations`]; `smtpguard ban`/`unban` of networks
+//! write the network-ban flag through [`super::bans`], and nothing else does.
 
 use std::{os::fd::BorrowedFd, sync::atomic::Ordering};
 
 use policy_common::{runtime_word, Runtime, PORT_FILTER_WORDS};
 
-use crate::shared::SharedWords;
+use super::shared_words::SharedWords;
 
 pub struct RuntimeWords(SharedWords);
 

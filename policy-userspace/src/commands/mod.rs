@@ -1,0 +1,24 @@
+//! What the `smtpguard` subcommands do; `main.rs` only parses arguments.
+//! [`policy`]: the commands about a policy file; [`state`]: the commands
+//! about the pinned state of a running (or detached-but-pinned) datapath.
+
+pub mod policy;
+pub mod state;
+
+use std::process::ExitCode;
+
+pub use self::{
+    policy::{check, explain, schema, ExplainArgs},
+    state::{ban, bans, detach, reload, status, unban},
+};
+
+/// Prints an error chain and turns it into the exit code.
+pub fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("smtpguard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

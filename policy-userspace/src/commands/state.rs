@@ -1,0 +1,224 @@
+//! The commands about the pinned state, with or without a running
+//! controller: `status`, `bans`, `ban`, `unban`, `reload`, `detach`.
+
+use std::{net::IpAddr, time::Duration};
+
+use anyhow::{bail, Context};
+use policy_common::{claim_kind, direction, reason, source::SlotInfo, verdict, StatsCell, STATS_CLAIMS};
+use serde::Serialize;
+
+use crate::{
+    clock::{self, ktime_now_ns},
+    dataplane::{
+        bans::{self, check_network_ban, BanLock},
+        maps::Maps,
+    },
+    events::Event,
+    pins::Pins,
+    policy::time,
+};
+
+/// The maps of the datapath pinned under `pins`.
+fn open_maps(pins: &Pins) -> anyhow::Result<Maps> {
+    if !pins.exists() {
+        bail!("nothing is attached: no smtpguard state pinned at {} (start `smtpguard run` first)", pins.dir.display());
+    }
+    Ok(Maps::open_pinned(&pins.dir)?)
+}
+
+pub fn reload(pins: &Pins) -> anyhow::Result<()> {
+    let pid = pins.controller_pid().ok_or_else(|| anyhow::anyhow!("no controller is running (no live pid in {})", pins.pid_file().display()))?;
+    // SAFETY: sending a signal to a pid we read.
+    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        bail!("signalling pid {pid}: {}", std::io::Error::last_os_error());
+    }
+    println!("asked controller {pid} to reload");
+    Ok(())
+}
+
+/// `smtpguard status`.
+pub fn status(pins: &Pins) -> anyhow::Result<()> {
+    let maps = open_maps(pins)?;
+    let rt = maps.runtime();
+    let policy = maps.policy(rt.active)?;
+    let stats = maps.stats()?;
+    let mut out = format!("policy generation {} (slot {})\n", policy.generation, rt.active);
+    out += &format!("controller: {}\n", pins.controller_pid().map(|p| format!("running, pid {p}")).unwrap_or_else(|| "not running (enforcement continues from the pins)".into()));
+    out += "attached:\n";
+    for (kind, iface) in pins.links() {
+        out += &format!("  {kind:<10} {iface}\n");
+    }
+    out += "counters (packets, bytes):\n";
+    // Summed over port slots.
+    let mut rows: std::collections::BTreeMap<(u8, u8, u8), (u64, u64)> = Default::default();
+    for cell in StatsCell::all() {
+        let c = stats[cell.index as usize];
+        if c.packets > 0 {
+            let row = rows.entry((cell.direction, cell.verdict, cell.reason)).or_default();
+            row.0 += c.packets;
+            row.1 += c.bytes;
+        }
+    }
+    for ((d, v, r), (p, b)) in rows {
+        out += &format!("  {:<8} {:<10} {:<14} {p:>12} {b:>14}\n", direction::NAMES[d as usize], verdict::NAMES[v as usize], reason::NAMES[r as usize]);
+    }
+    let table = maps.source_table().snapshot(ktime_now_ns());
+    out += &format!("source table: {} of {} ways tracked\n", table.tracked, table.capacity);
+    let claims = source_claims(&stats);
+    let kinds = |range: std::ops::Range<usize>| -> String { range.map(|k| format!("{} {}", claim_kind::NAMES[k], claims[k])).collect::<Vec<_>>().join(", ") };
+    out += &format!(
+        "new sources tracked: {} (free way: {}; evicted: {})\n",
+        claims.iter().sum::<u64>(),
+        claims[claim_kind::FREE as usize],
+        kinds(claim_kind::STALE as usize..claim_kind::COUNT)
+    );
+    out += &format!("active bans: {}\n", table.banned.iter().sum::<u64>());
+    print!("{out}");
+    Ok(())
+}
+
+/// The datapath's claims of a way for a new source, by [`claim_kind`],
+/// from the summed `STATS` cells.
+pub fn source_claims(stats: &[policy_common::Counter]) -> [u64; claim_kind::COUNT] {
+    std::array::from_fn(|k| stats.get(STATS_CLAIMS as usize + k).map_or(0, |c| c.packets))
+}
+
+/// A ban as `bans` lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ban {
+    pub source: String,
+    pub remaining_s: u64,
+    pub strikes: u16,
+    pub origin: &'static str,
+}
+
+pub fn origin_name(origin: u8) -> &'static str {
+    use policy_common::source::ban_origin;
+    match origin {
+        ban_origin::AUTO => "auto",
+        ban_origin::ESCALATED => "escalated",
+        ban_origin::MANUAL => "manual",
+        _ => "none",
+    }
+}
+
+/// Bans in force: sources from the table, longest first, then networks.
+fn active_bans(maps: &Maps) -> anyhow::Result<Vec<Ban>> {
+    let now = ktime_now_ns();
+    let mut out: Vec<Ban> = maps
+        .source_table()
+        .slots()
+        .iter()
+        .filter(|s| s.ban_until_ns > now)
+        .map(|s| {
+            let (addr, len) = bans::key_addr(s.key);
+            let info = SlotInfo::unpack(s.info);
+            Ban { source: format!("{addr}/{len}"), remaining_s: (s.ban_until_ns - now) / 1_000_000_000, strikes: info.strikes, origin: origin_name(info.origin) }
+        })
+        .collect();
+    out.sort_by_key(|b| std::cmp::Reverse(b.remaining_s));
+    out.extend(maps.network_bans()?.into_iter().map(|(net, until)| Ban {
+        source: net.to_string(),
+        remaining_s: until.saturating_sub(now) / 1_000_000_000,
+        strikes: 1,
+        origin: "manual",
+    }));
+    Ok(out)
+}
+
+pub fn bans(pins: &Pins, json: bool) -> anyhow::Result<()> {
+    let bans = active_bans(&open_maps(pins)?)?;
+    if json {
+        println!("{}", serde_json::to_string(&bans)?);
+    } else {
+        println!("{:<45} {:>10} {:>8} {:<10}", "source", "remaining", "strikes", "origin");
+        for b in &bans {
+            println!("{:<45} {:>9}s {:>8} {:<10}", b.source, b.remaining_s, b.strikes, b.origin);
+        }
+        println!("{} active", bans.len());
+    }
+    Ok(())
+}
+
+/// What a ban names: one source (an address; an IPv4 /32 or IPv6 /64 CIDR
+/// is the same thing) or a network of sources.
+enum BanTarget {
+    Source(IpAddr),
+    Network(ipnet::IpNet),
+}
+
+fn ban_target(s: &str) -> anyhow::Result<BanTarget> {
+    if let Ok(a) = s.parse::<IpAddr>() {
+        return Ok(BanTarget::Source(a));
+    }
+    let net = crate::policy::parse::parse_cidr(s).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(match net {
+        ipnet::IpNet::V4(n) if n.prefix_len() == 32 => BanTarget::Source(IpAddr::V4(n.addr())),
+        ipnet::IpNet::V6(n) if n.prefix_len() == 64 => BanTarget::Source(IpAddr::V6(n.network())),
+        net => BanTarget::Network(net),
+    })
+}
+
+/// `smtpguard ban`. `duration` comes from [`time::parse_ban_duration`];
+/// a network wider than the limits of [`check_network_ban`] takes
+/// `force`. Every refusal leaves the pinned state as it was.
+pub fn ban(pins: &Pins, source: &str, duration: Duration, force: bool, reason: Option<&str>) -> anyhow::Result<()> {
+    let target = ban_target(source)?;
+    if duration.is_zero() || duration.as_secs() > time::MAX_MANUAL_BAN_S {
+        bail!("a manual ban lasts from 1s to 365d");
+    }
+    if let BanTarget::Network(net) = target {
+        check_network_ban(net, force)?;
+    }
+    let mut maps = open_maps(pins)?;
+    let lock = BanLock::take(&pins.ban_lock_dir())?;
+    let source = match target {
+        BanTarget::Source(addr) => {
+            maps.ban_source(&lock, addr, duration)?;
+            addr.to_string()
+        }
+        BanTarget::Network(net) => {
+            maps.ban_network(&lock, net, duration)?;
+            net.to_string()
+        }
+    };
+    let event = Event::ManualBan { time: clock::now_rfc3339(), source, duration_s: duration.as_secs(), reason: reason.map(str::to_owned) };
+    println!("{}", event.to_line());
+    Ok(())
+}
+
+pub fn unban(pins: &Pins, source: &str) -> anyhow::Result<()> {
+    let target = ban_target(source)?;
+    let mut maps = open_maps(pins)?;
+    let lock = BanLock::take(&pins.ban_lock_dir())?;
+    let lifted = match target {
+        BanTarget::Source(addr) => maps.unban_source(&lock, addr)?,
+        BanTarget::Network(net) => maps.unban_network(&lock, net)?,
+    };
+    if !lifted {
+        bail!("{source} is not banned");
+    }
+    println!("{source}: ban lifted");
+    Ok(())
+}
+
+pub fn detach(pins: &Pins) -> anyhow::Result<()> {
+    if let Some(pid) = pins.controller_pid() {
+        // SAFETY: sending a signal to a pid we read.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        // Its links close with it; wait for it to go (bounded).
+        for _ in 0..100 {
+            // SAFETY: signal 0 probes the process.
+            if unsafe { libc::kill(pid, 0) } != 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    if !pins.dir.exists() {
+        bail!("nothing is attached: {} does not exist", pins.dir.display());
+    }
+    let removed = pins.remove_all().with_context(|| format!("removing {}", pins.dir.display()))?;
+    println!("removed {removed} pins from {}; smtpguard no longer judges any packet", pins.dir.display());
+    Ok(())
+}
