@@ -90,9 +90,10 @@ impl Dataplane {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
-        let mut maps = Maps::take(&mut ebpf)?;
-        let programs = Programs::load(ebpf)?;
+        // Programs are verified while the object still holds every map's
+        // fd (they name maps by fd); the maps are taken out afterwards.
+        let mut programs = Programs::load(loader.load(EBPF_OBJECT)?)?;
+        let mut maps = Maps::take(programs.object())?;
         let generations = if adopted {
             // Pinned state from an earlier run: the active generation stays
             // as it is; what each holds is found by reading it.

@@ -91,6 +91,11 @@ impl Programs {
         Ok(programs)
     }
 
+    /// The object, for what else it holds (its maps, to be taken out).
+    pub(super) fn object(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
     pub(super) fn get(&mut self, hook: Hook) -> Result<HookProgram<'_>> {
         let name = hook.program_name();
         match self.ebpf.program_mut(name) {
