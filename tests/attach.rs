@@ -14,7 +14,7 @@ use policy_common::{direction, reason, side, stats_index, verdict};
 use smtpguard::dataplane::Hook;
 use smtpguard_tests::{
     fixtures::{entry, Harness},
-    lab::{assert_dropped, assert_greeted, connect, Greeter},
+    peers::{assert_dropped, assert_greeted, connect, Greeter},
     netns::{veth_pair, Netns},
     require_root,
 };

@@ -17,7 +17,7 @@ use std::{
 use aya::maps::{Map, MapData, PerCpuArray};
 use policy_common::{direction, reason, stats_index, verdict, Counter};
 use smtpguard_tests::{
-    lab::{assert_dropped, assert_greeted, connect, Greeter, Prometheus},
+    peers::{assert_dropped, assert_greeted, connect, Greeter, Prometheus},
     packet::{TcpFrame, SYN},
     pairlab::{http_get, metric, wait_for_metric, write_policy, PairLab, RunningController, TestPins, CLIENT_DENIED, CLIENT_OK, SERVER},
     require_root, smtpguard_bin,

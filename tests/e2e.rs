@@ -10,7 +10,7 @@ use policy_common::{direction, reason, verdict};
 use smtpguard_tests::{
     smtpguard_bin,
     hvlab::{flood, greeting, lab_policy, repo_root, swaks, Family, Lab, Role, SmtpSession, METRICS_PORT},
-    lab::Prometheus,
+    peers::Prometheus,
     require_root,
     scenario::{Scenario, RATE_BURST, RATE_PER_MINUTE},
 };

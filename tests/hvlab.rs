@@ -390,7 +390,7 @@ impl Lab {
 
     /// A GET on the hypervisor's loopback.
     pub fn http_get(&self, port: u16, path: &str) -> Result<String> {
-        crate::lab::http_get(&self.hv, port, path)
+        crate::peers::http_get(&self.hv, port, path)
     }
 
     /// The datapath's own counters, read from the pinned map.

@@ -2,7 +2,7 @@
 //! frames, a seeded datapath, and network namespaces that clean up.
 pub mod fixtures;
 pub mod hvlab;
-pub mod lab;
+pub mod peers;
 pub mod livegen;
 pub mod netns;
 pub mod packet;

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    lab::Greeter,
+    peers::Greeter,
     netns::{veth_pair, Netns},
     smtpguard_bin,
 };
@@ -164,7 +164,7 @@ impl Drop for RunningController {
 
 /// A GET of `path` on the controller's port in the server namespace.
 pub fn http_get(lab: &PairLab, port: u16, path: &str) -> Result<String> {
-    crate::lab::http_get(&lab.server, port, path)
+    crate::peers::http_get(&lab.server, port, path)
 }
 
 /// The value of a metric line with all the given label pairs.

@@ -23,7 +23,7 @@ use smtpguard::{
 };
 use smtpguard_tests::{
     fixtures::{base_policy, Harness, TestPins},
-    lab::http_get,
+    peers::http_get,
     netns::{veth_pair, Netns},
     packet::{TcpFrame, SYN},
     require_root, smtpguard_bin,

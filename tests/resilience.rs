@@ -13,7 +13,7 @@ use std::{
 };
 
 use smtpguard_tests::{
-    lab::{assert_dropped, assert_greeted, connect, connect_within},
+    peers::{assert_dropped, assert_greeted, connect, connect_within},
     pairlab::{distinct_hosts_list, http_get, metric, write_policy, PairLab, RunningController, TestPins, CLIENT_DENIED, CLIENT_OK, SERVER},
     require_root,
 };
@@ -139,7 +139,7 @@ fn idle_and_concurrent_metrics_clients_stall_nothing() {
     );
     let ctl = RunningController::start(&lab, &state, &policy, 19443).expect("controller");
     let idle = idle_connections(&lab, 19443, 20);
-    // Each answer within the client's own timeout (lab::http_get: 5 s),
+    // Each answer within the client's own timeout (peers::http_get: 5 s),
     // while all 20 sit open: the old in-loop server gave each 2 s in turn.
     let health = http_get(&lab, 19443, "/healthz").expect("/healthz with 20 idle connections open");
     assert!(health.starts_with("ok generation"), "{health}");

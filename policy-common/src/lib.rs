@@ -514,7 +514,7 @@ pub mod event_kind {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
-    /// `bpf_ktime_get_ns` when it happened.
+    /// When it happened, on the datapath's clock (`bpf_ktime_get_coarse_ns`).
     pub ktime_ns: u64,
     pub kind: u8,
     pub direction: u8,

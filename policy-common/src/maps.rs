@@ -48,7 +48,8 @@ pub const BAN_V6: &str = "BAN_V6";
 /// Capacity of each manual network ban trie.
 pub const BAN_CIDR_CAPACITY: u32 = 65_536;
 
-/// `PerCpuArray<u32>`, 1 entry: scratch word that keeps verifier state small.
+/// `PerCpuArray<u64>`, 1 entry: a word that hides exact values from the
+/// verifier, keeping its state count small (`policy-ebpf/src/opaque.rs`).
 pub const SCRATCH: &str = "SCRATCH";
 
 /// `HashMap<u32, u32>`: ifindexes of tenant interfaces (value 1). A packet

@@ -2,7 +2,7 @@
 //! and the run directory beside it for the controller's pid.
 //!
 //! Layout under the pin directory (names without dots, as bpffs wants):
-//! one pin per map (`ACL_V4`, `SOURCES`, ...), `prog_<program>`, one
+//! one pin per map (`ACL_V6`, `SOURCES`, ...), `prog_<program>`, one
 //! link per attachment: `link_xdp_<iface>`, `link_tcegress_<iface>`,
 //! `link_tcingress_<iface>`, and the directory `lock_bans` that ban
 //! commands lock. A running controller holds a lock on the pin directory.

@@ -1,5 +1,5 @@
-//! Pieces of a test lab: a greeting TCP server in a namespace, and a
-//! client that connects from a chosen source address.
+//! Real peers for the labs: a greeting TCP server in a namespace, a client
+//! that connects from a chosen source address, an HTTP GET, a Prometheus server.
 
 use std::{
     io::{Read, Write},
