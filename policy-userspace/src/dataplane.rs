@@ -765,6 +765,19 @@ impl Dataplane {
         Ok(fd.as_fd())
     }
 
+    /// The kernel's id of a hook's loaded program (for tools that find its
+    /// maps by id, as `smtpguard trace` does from the pinned programs).
+    pub fn program_id(&self, hook: Hook) -> Result<u32> {
+        let name = hook.program_name();
+        let info = match self.ebpf.program(name) {
+            Some(Program::Xdp(p)) => p.info(),
+            Some(Program::SchedClassifier(p)) => p.info(),
+            _ => return Err(DataplaneError::MissingProgram(name)),
+        }
+        .map_err(|source| DataplaneError::Program { name, source })?;
+        Ok(info.id())
+    }
+
     /// How many instructions the verifier processed for each program.
     pub fn verified_instructions(&self) -> Result<Vec<(&'static str, u32)>> {
         Hook::ALL

@@ -17,6 +17,7 @@ pub mod policy;
 pub mod runtime;
 mod shared;
 pub mod sources;
+pub mod trace;
 
 /// The eBPF object built by `build.rs`, aligned for the ELF parser.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy-ebpf.o"));
