@@ -84,6 +84,9 @@ pub const TRACE_BUF: &str = "TRACE_BUF";
 /// trace lines. Writer: the datapath, only for traced flows. Reader:
 /// `smtpguard trace` (aya-log's `EbpfLogger`); nobody otherwise.
 pub const AYA_LOGS: &str = "AYA_LOGS";
+/// Size of `AYA_LOGS` in bytes, as aya-log-ebpf 0.2 defines it (the ELF
+/// test checks the object agrees): about 250 trace lines.
+pub const AYA_LOGS_BYTES: u32 = 1 << 17;
 
 /// Every map of the object, for the ELF test and the controller.
 pub const ALL_MAPS: [&str; 22] = [
