@@ -338,6 +338,18 @@ fn smtpguard_trace_prints_the_address_lines_and_turns_tracing_off_on_exit() {
     assert_eq!(ring.take(), Vec::<String>::new(), "a line after the trace ended");
     drop(ring);
 
+    // An IPv4-mapped IPv6 address is the IPv4 address; SIGTERM ends the
+    // trace as Ctrl-C does.
+    let mut cmd = TraceCmd::start(&state, &[&format!("::ffff:{DENIED}"), "--port", "25"]);
+    cmd.ready();
+    let sel = switch.read();
+    assert_eq!(sel, TraceSelector::new(ip(DENIED), 25, sel.until_ns), "the selector for ::ffff:{DENIED}");
+    cmd.signal(libc::SIGTERM);
+    assert!(cmd.wait(Duration::from_secs(10)).success());
+    let last = TraceCmd::next(&cmd.err, Duration::from_secs(1), "closing line");
+    assert!(last.contains("terminated") && last.contains("tracing is off"), "{last}");
+    assert_eq!(switch.read().until_ns, 0);
+
     // Killed: the selector stays, but only until its expiry, which the
     // datapath honours.
     let mut cmd = TraceCmd::start(&state, &[DENIED, "--for", "2s"]);

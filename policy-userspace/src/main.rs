@@ -181,7 +181,7 @@ enum Command {
         /// The address whose flows are traced (source or destination).
         addr: IpAddr,
         /// Only flows with this source or destination port.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         port: Option<u16>,
         /// How long: a number and s, m or h (30s, 15m, 2h); at most 24h. Tracing stops then even if this command is killed.
         #[arg(long = "for", value_name = "DURATION", default_value = "60s", allow_hyphen_values = true, value_parser = smtpguard::trace::parse_trace_duration)]

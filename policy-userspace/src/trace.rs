@@ -293,6 +293,8 @@ impl TraceLock {
 
 /// `smtpguard trace ADDR [--port N] [--for DURATION]`.
 pub fn run(pins: &Pins, addr: IpAddr, port: Option<u16>, duration: Duration) -> anyhow::Result<()> {
+    // An IPv4-mapped IPv6 address means the IPv4 address: that is how its flows look.
+    let addr = addr.to_canonical();
     let programs = pinned_program_ids(pins)?;
     let _lock = TraceLock::take(&pins.dir)?;
     let ids: Vec<u32> = programs.iter().map(|(_, id)| *id).collect();
