@@ -5,6 +5,8 @@
 //! (10,000,000 repeats, CPU pinned) for each way a packet can leave,
 //! measured beside an empty XDP program in the same run. Each case runs
 //! in rounds interleaved with the floor; the median ratio is reported.
+//! Every case runs with the flow trace off; the `trace_*` cases repeat
+//! `deny_acl` with a trace on (`smtpguard trace`).
 
 mod endpoint;
 mod report;
@@ -14,10 +16,11 @@ mod throughput;
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{bail, Context, Result};
-use policy_common::{direction, side, source::SourceSlot};
+use policy_common::{direction, side, source::SourceSlot, trace::TraceSelector};
 use smtpguard::{
     clock::ktime_now_ns,
     dataplane::{Capacities, Dataplane, Hook},
+    dataplane::trace::{attach_loggers, TraceSwitch},
 };
 use smtpguard_tests::{
     fixtures::{base_policy, ends, entry, entry_all_ports, seed, Harness, BLOCKED_COUNTRY, OPEN_COUNTRY},
@@ -38,21 +41,44 @@ struct Case {
     frame: Vec<u8>,
     drops: bool,
     setup: Setup,
+    trace: Trace,
 }
+
+/// The flow trace during a case.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Trace {
+    /// Off: the selector's one word is read and found zero.
+    Off,
+    /// On for another address: the flow is compared and not traced.
+    Other,
+    /// On for the flow's source, the log ring read between short runs:
+    /// each packet writes its line.
+    Match,
+    /// On for the flow's source, nobody reading: once the ring is full
+    /// each packet builds its line and finds no room.
+    MatchFull,
+}
+
+/// Lines per timed run of [`Trace::Match`]: fewer than aya-log's ring
+/// (128 KiB) holds of them, so none is lost.
+const TRACE_LINES_PER_RUN: u32 = 200;
+/// Runs of [`Trace::Match`]; the row is their median.
+const TRACE_RUNS: usize = 200;
 
 fn cases() -> Vec<Case> {
     let ing = ends(direction::INGRESS, false);
     let syn = TcpFrame::new(ing.src, ing.dst, 25, SYN).build();
     let inp = direction::INGRESS as usize;
     vec![
-        Case { name: "non_tcp", what: "UDP to port 25", frame: TcpFrame::new(ing.src, ing.dst, 25, 0).protocol(17).build(), drops: false, setup: Box::new(|_, _| Ok(())) },
-        Case { name: "tcp80", what: "TCP SYN to port 80", frame: TcpFrame::new(ing.src, ing.dst, 80, SYN).build(), drops: false, setup: Box::new(|_, _| Ok(())) },
+        Case { name: "non_tcp", what: "UDP to port 25", frame: TcpFrame::new(ing.src, ing.dst, 25, 0).protocol(17).build(), drops: false, setup: Box::new(|_, _| Ok(())), trace: Trace::Off },
+        Case { name: "tcp80", what: "TCP SYN to port 80", frame: TcpFrame::new(ing.src, ing.dst, 80, SYN).build(), drops: false, setup: Box::new(|_, _| Ok(())), trace: Trace::Off },
         Case {
             name: "allow_acl",
             what: "SYN to 25, allow ACL",
             frame: syn.clone(),
             drops: false,
             setup: Box::new(move |h, _| h.add_acl(direction::INGRESS, side::PEER, ing.src, 32, entry_all_ports(11, 0, 0)).map_err(Into::into)),
+            trace: Trace::Off,
         },
         Case {
             name: "deny_acl",
@@ -60,6 +86,31 @@ fn cases() -> Vec<Case> {
             frame: syn.clone(),
             drops: true,
             setup: Box::new(move |h, _| h.add_acl(direction::INGRESS, side::PEER, ing.src, 24, entry(0, 0, 22, 0)).map_err(Into::into)),
+            trace: Trace::Off,
+        },
+        Case {
+            name: "trace_on_other",
+            what: "SYN, deny ACL, trace on other",
+            frame: syn.clone(),
+            drops: true,
+            setup: Box::new(move |h, _| h.add_acl(direction::INGRESS, side::PEER, ing.src, 24, entry(0, 0, 22, 0)).map_err(Into::into)),
+            trace: Trace::Other,
+        },
+        Case {
+            name: "trace_on_match",
+            what: "SYN, deny ACL, traced, written",
+            frame: syn.clone(),
+            drops: true,
+            setup: Box::new(move |h, _| h.add_acl(direction::INGRESS, side::PEER, ing.src, 24, entry(0, 0, 22, 0)).map_err(Into::into)),
+            trace: Trace::Match,
+        },
+        Case {
+            name: "trace_on_full",
+            what: "SYN, deny ACL, traced, ring full",
+            frame: syn.clone(),
+            drops: true,
+            setup: Box::new(move |h, _| h.add_acl(direction::INGRESS, side::PEER, ing.src, 24, entry(0, 0, 22, 0)).map_err(Into::into)),
+            trace: Trace::MatchFull,
         },
         Case {
             name: "banned",
@@ -67,6 +118,7 @@ fn cases() -> Vec<Case> {
             frame: syn.clone(),
             drops: true,
             setup: Box::new(move |h, _| h.seed_source(ing.src, seed::banned_for(3600)).map_err(Into::into)),
+            trace: Trace::Off,
         },
         Case {
             name: "geo_drop",
@@ -77,6 +129,7 @@ fn cases() -> Vec<Case> {
                 p.direction[inp].geo_enabled = 1;
                 h.add_acl(direction::INGRESS, side::PEER, ing.src, 24, entry(0, 0, 0, BLOCKED_COUNTRY)).map_err(Into::into)
             }),
+            trace: Trace::Off,
         },
         Case {
             name: "rate_limited",
@@ -92,6 +145,7 @@ fn cases() -> Vec<Case> {
                 let slot = SourceSlot { admit_tat_ns: ktime_now_ns() + 3_600_000_000_000, ..SourceSlot::default() };
                 h.seed_source(ing.src, slot).map_err(Into::into)
             }),
+            trace: Trace::Off,
         },
         // The command filter on 25 (the base policy blocks VRFY and EXPN):
         // a full-size segment without a command, one with a command on its
@@ -102,6 +156,7 @@ fn cases() -> Vec<Case> {
             frame: TcpFrame::new(ing.src, ing.dst, 25, ACK | PSH).payload(&body_segment(1448)).build(),
             drops: false,
             setup: Box::new(|_, _| Ok(())),
+            trace: Trace::Off,
         },
         Case {
             name: "command_line3",
@@ -109,6 +164,7 @@ fn cases() -> Vec<Case> {
             frame: TcpFrame::new(ing.src, ing.dst, 25, ACK | PSH).payload(b"EHLO client.example\r\nNOOP\r\nVRFY root\r\n").build(),
             drops: true,
             setup: Box::new(|_, _| Ok(())),
+            trace: Trace::Off,
         },
         Case {
             name: "command_short",
@@ -116,6 +172,7 @@ fn cases() -> Vec<Case> {
             frame: TcpFrame::new(ing.src, ing.dst, 25, ACK | PSH).payload(b"NOOP\r\n").build(),
             drops: false,
             setup: Box::new(|_, _| Ok(())),
+            trace: Trace::Off,
         },
         Case {
             name: "full_pass",
@@ -134,6 +191,7 @@ fn cases() -> Vec<Case> {
                 h.add_acl(direction::INGRESS, side::LOCAL, ing.dst, 24, entry(2, 11, 0, 0))?;
                 Ok(())
             }),
+            trace: Trace::Off,
         },
     ]
 }
@@ -179,6 +237,19 @@ fn datapath(json: bool) -> Result<()> {
         let mut policy = base_policy();
         (case.setup)(&mut h, &mut policy)?;
         h.set_policy(&policy)?;
+        // Off unless the case says otherwise (and off again when it drops).
+        let program_id = h.dp.programs().id(Hook::XdpIngress)?;
+        let trace = TraceSwitch::open(&[program_id])?;
+        let lines = CountLines::default();
+        let mut ring = attach_loggers(&[program_id], lines.clone())?;
+        // What an earlier case left (a full ring).
+        lines.drain(&mut ring);
+        let hour = ktime_now_ns() + 3_600_000_000_000;
+        match case.trace {
+            Trace::Off => {}
+            Trace::Other => trace.set(&TraceSelector::new(TRACE_OTHER.into(), 0, hour)),
+            Trace::Match | Trace::MatchFull => trace.set(&TraceSelector::new(ends(0, false).src, 0, hour)),
+        }
         let fd = h.dp.program_fd(Hook::XdpIngress)?;
         let (pass, drop) = Hook::XdpIngress.verdict_codes();
         let expected = if case.drops { drop } else { pass };
@@ -186,7 +257,16 @@ fn datapath(json: bool) -> Result<()> {
         if rc != expected {
             bail!("{}: verdict {rc}, expected {expected}", case.name);
         }
-        let (row, floor) = timed_rounds(floor_prog.as_fd_borrowed(), &probe, std::os::fd::AsFd::as_fd(&fd), &case.frame, expected, case.name, case.what)?;
+        let written = lines.drain(&mut ring);
+        let want = u64::from(matches!(case.trace, Trace::Match | Trace::MatchFull));
+        if written != want {
+            bail!("{}: {written} trace line(s) for one packet, expected {want}", case.name);
+        }
+        let (row, floor) = if case.trace == Trace::Match {
+            timed_trace_rounds(floor_prog.as_fd_borrowed(), &probe, std::os::fd::AsFd::as_fd(&fd), &case.frame, expected, (&lines, &mut ring), case.name, case.what)?
+        } else {
+            timed_rounds(floor_prog.as_fd_borrowed(), &probe, std::os::fd::AsFd::as_fd(&fd), &case.frame, expected, case.name, case.what)?
+        };
         floors.extend(floor.iter().map(|f| f.0));
         floor_kernel.extend(floor.iter().map(|f| f.1));
         rows.push(row);
@@ -200,7 +280,8 @@ fn datapath(json: bool) -> Result<()> {
     let floor_kernel_ns = median(floor_kernel);
 
     let non_smtp_ok = rows.iter().filter(|r| r.name == "non_tcp" || r.name == "tcp80").all(|r| r.ratio <= 1.25);
-    let pipeline_ok = rows.iter().all(|r| r.ratio <= 3.0);
+    // Tracing a flow is a diagnosis, not the pipeline: its rows are beside the target.
+    let pipeline_ok = rows.iter().filter(|r| !r.name.starts_with("trace_")).all(|r| r.ratio <= 3.0);
     if json {
         let cases: serde_json::Map<String, serde_json::Value> = rows
             .iter()
@@ -223,6 +304,12 @@ fn datapath(json: bool) -> Result<()> {
         }
         if let Some(r) = &reference {
             println!("{:<14} {:<32} {:>7} {:>8.2} {:>7} {:>7.2}", r.name, r.what, r.verdict, r.ns, r.kernel_ns, r.ratio);
+        }
+        let row = |name: &str| rows.iter().find(|r| r.name == name);
+        if let (Some(off), Some(other), Some(hit), Some(full)) = (row("deny_acl"), row("trace_on_other"), row("trace_on_match"), row("trace_on_full")) {
+            println!("\nflow trace (every other case runs with it off), over deny_acl: on for another address {:+.2} ns/pkt;", other.ns - off.ns);
+            println!("on for this flow {:+.2} once the log ring is full, and {:+.0} (kernel figures) a line written: runs of", full.ns - off.ns, hit.kernel_ns - off.kernel_ns);
+            println!("{TRACE_LINES_PER_RUN} with the ring read between them, whose wall clock is mostly the syscall's.");
         }
         println!();
         for (n, bytes) in &flow_memory {
@@ -264,6 +351,69 @@ fn xdp_filter_reference(floor: std::os::fd::BorrowedFd<'_>, frame: &[u8]) -> Res
         let fd = std::os::fd::AsFd::as_fd(&fd);
         Ok(timed_rounds(floor, frame, fd, frame, drop, "xdp_filter", "reference: xdp-filter, port 25 only")?.0)
     })
+}
+
+/// Another address than any case's flow, for the trace that matches none.
+const TRACE_OTHER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
+
+/// Counts the trace lines aya-log reads.
+#[derive(Clone, Default)]
+struct CountLines(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl log::Log for CountLines {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, _: &log::Record<'_>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn flush(&self) {}
+}
+
+impl CountLines {
+    /// Reads what the ring holds: the lines written since the last drain.
+    fn drain(&self, ring: &mut [aya_log::EbpfLogger<CountLines>]) -> u64 {
+        ring.iter_mut().for_each(|l| l.flush());
+        self.0.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// [`timed_rounds`] for a traced flow whose lines are read: `TRACE_RUNS`
+/// runs of `TRACE_LINES_PER_RUN` packets, the ring read between them and
+/// every line counted. A run this short costs the syscall tens of
+/// microseconds a packet of wall clock (XDP test-run setup, ticks), so the
+/// row's ns/pkt is the kernel's figure (its timer around the program runs
+/// alone), median over the runs; the ratio is over the floor's ns/pkt in
+/// a full-length run beside it.
+#[expect(clippy::too_many_arguments, reason = "timed_rounds' arguments and the ring")]
+fn timed_trace_rounds(
+    floor: std::os::fd::BorrowedFd<'_>,
+    probe: &[u8],
+    prog: std::os::fd::BorrowedFd<'_>,
+    frame: &[u8],
+    expected: u32,
+    (lines, ring): (&CountLines, &mut [aya_log::EbpfLogger<CountLines>]),
+    name: &'static str,
+    what: &'static str,
+) -> Result<(Row, Vec<(f64, f64)>)> {
+    let full = time_run(floor, probe, REPEAT)?;
+    let mut kernel = Vec::new();
+    for _ in 0..TRACE_RUNS {
+        lines.drain(ring);
+        let t = time_run(prog, frame, TRACE_LINES_PER_RUN)?;
+        if t.retval != expected {
+            bail!("{name}: verdict changed to {} during the run (expected {expected})", t.retval);
+        }
+        let written = lines.drain(ring);
+        if written != u64::from(TRACE_LINES_PER_RUN) {
+            bail!("{name}: {written} trace lines read of {TRACE_LINES_PER_RUN} packets");
+        }
+        kernel.push(t.kernel_ns as f64);
+    }
+    let ns = median(kernel);
+    let (pass, _) = Hook::XdpIngress.verdict_codes();
+    let verdict = if expected == pass { "pass" } else { "drop" };
+    Ok((Row { name, what, verdict, ns, kernel_ns: ns, ratio: ns / full.wall_ns }, vec![(full.wall_ns, full.kernel_ns as f64)]))
 }
 
 /// `ROUNDS` runs of `prog` on `frame`, each beside the floor program on

@@ -33,6 +33,9 @@ fn embedded_object_has_exactly_the_named_programs_and_maps() {
     for name in policy_common::ALL_MAPS {
         assert!(name.len() <= 15, "map name {name} is longer than the kernel keeps");
     }
+    // aya-log-ebpf's ring: its size is that crate's, the metrics' figure ours.
+    let logs = &obj.maps[policy_common::AYA_LOGS];
+    assert_eq!(logs.max_entries(), policy_common::AYA_LOGS_BYTES, "AYA_LOGS bytes");
 }
 
 /// The verifier walks each program within its 1,000,000-instruction budget

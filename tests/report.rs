@@ -101,7 +101,7 @@ pub fn render(dir: &Path, docs: &Path) -> Result<()> {
     let _ = writeln!(md, "rounds, each beside an empty XDP program; 10,000 background deny /24s in the IPv4 ACL.\n");
     let _ = writeln!(md, "| case | verdict | ns/pkt | kernel ns | ratio to empty |\n|---|---|---:|---:|---:|");
     let _ = writeln!(md, "| floor (empty XDP) | pass | {:.2} | {} | 1.00 |", f(&datapath["floor_ns"]), datapath["floor_kernel_ns"]);
-    for name in ["non_tcp", "tcp80", "allow_acl", "deny_acl", "banned", "geo_drop", "rate_limited", "full_pass"] {
+    for name in ["non_tcp", "tcp80", "allow_acl", "deny_acl", "trace_on_other", "trace_on_match", "trace_on_full", "banned", "geo_drop", "rate_limited", "full_pass"] {
         let c = &datapath["cases"][name];
         if !c.is_null() {
             let _ = writeln!(md, "| {name} | {} | {:.2} | {} | {:.2} |", c["verdict"].as_str().unwrap_or(""), f(&c["ns"]), c["kernel_ns"], f(&c["ratio"]));
@@ -112,10 +112,16 @@ pub fn render(dir: &Path, docs: &Path) -> Result<()> {
         let _ = writeln!(md, "| xdp_filter (reference: xdp-tools, port 25 only) | drop | {:.2} | {} | {:.2} |", f(&xf["ns"]), xf["kernel_ns"], f(&xf["ratio"]));
     }
     let ratio = |n: &str| f(&datapath["cases"][n]["ratio"]);
-    let worst = datapath["cases"].as_object().map(|c| c.values().map(|v| f(&v["ratio"])).fold(0.0, f64::max)).unwrap_or(f64::NAN);
+    // The flow trace's rows are a diagnosis beside the pipeline, not part of its target.
+    let worst = datapath["cases"].as_object().map(|c| c.iter().filter(|(k, _)| !k.starts_with("trace_")).map(|(_, v)| f(&v["ratio"])).fold(0.0, f64::max)).unwrap_or(f64::NAN);
     let _ = writeln!(md, "\nTargets: non-SMTP ≤ 1.25× ({}: UDP {:.2}×, TCP/80 {:.2}×); whole pipeline ≤ 3× ({}: up to {worst:.2}×).\n",
         met(ratio("non_tcp") <= 1.25 && ratio("tcp80") <= 1.25), ratio("non_tcp"), ratio("tcp80"), met(worst <= 3.0));
 
+    if !datapath["cases"]["trace_on_match"].is_null() {
+        let _ = writeln!(md, "The `trace_*` rows repeat `deny_acl` with the flow trace (`smtpguard trace`) on: for another address,");
+        let _ = writeln!(md, "for this flow with each line written (the kernel's figure for runs of 200, the log ring read between");
+        let _ = writeln!(md, "them), and for this flow with the log ring full. Every other row runs with it off.\n");
+    }
     let _ = writeln!(md, "Where the time goes (ablation runs that returned early at each step; kernel ns over the floor): up");
     let _ = writeln!(md, "to the flow (fixed-offset parse, configuration, port slot) about 10; each IPv4 ACL lookup about 13 to");
     let _ = writeln!(md, "14 (root, up to two run-compressed nodes, the value: a chain of dependent loads, each through the");

@@ -12,6 +12,7 @@ pub mod maps;
 pub mod smtp_flow;
 pub mod smtp_scan;
 pub mod source;
+pub mod trace;
 
 pub use maps::*;
 
@@ -577,6 +578,7 @@ mod pod {
     unsafe impl aya::Pod for maps::Counter {}
     unsafe impl aya::Pod for smtp_flow::SmtpFlowKey {}
     unsafe impl aya::Pod for smtp_flow::SmtpFlowState {}
+    unsafe impl aya::Pod for trace::TraceSelector {}
 }
 
 impl DirectionPolicy {

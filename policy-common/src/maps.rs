@@ -73,8 +73,24 @@ pub const SMTP_FLOWS: &str = "SMTP_FLOWS";
 /// Default capacity of `SMTP_FLOWS`, in flows. Settable at load time.
 pub const DEFAULT_SMTP_FLOWS_CAPACITY: u32 = 65_536;
 
+/// `Array<TraceSelector>`, 1 entry, `BPF_F_MMAPABLE`: which flows'
+/// decisions are traced (see [`crate::trace`]). Writer: `smtpguard trace`
+/// (word by word, through the mapping). Reader: the pipeline's exit, one
+/// word while tracing is off.
+pub const TRACE: &str = "TRACE";
+/// `PerCpuArray<TraceJob>`, 1 entry: a traced decision handed to the
+/// function that writes its log line.
+pub const TRACE_BUF: &str = "TRACE_BUF";
+/// aya-log's `RingBuf` of log records (the name is aya-log-ebpf's): the
+/// trace lines. Writer: the datapath, only for traced flows. Reader:
+/// `smtpguard trace` (aya-log's `EbpfLogger`); nobody otherwise.
+pub const AYA_LOGS: &str = "AYA_LOGS";
+/// Size of `AYA_LOGS` in bytes, as aya-log-ebpf 0.2 defines it (the ELF
+/// test checks the object agrees): about 250 trace lines.
+pub const AYA_LOGS_BYTES: u32 = 1 << 17;
+
 /// Every map of the object, for the ELF test and the controller.
-pub const ALL_MAPS: [&str; 19] = [
+pub const ALL_MAPS: [&str; 22] = [
     RUNTIME,
     POLICY,
     ACL4_ROOT,
@@ -94,6 +110,9 @@ pub const ALL_MAPS: [&str; 19] = [
     SCAN_BUF,
     SMTP_FLOWS,
     RESET_BUF,
+    TRACE,
+    TRACE_BUF,
+    AYA_LOGS,
 ];
 
 /// Program names, one per hook.

@@ -19,7 +19,7 @@ use crate::{
     parse::{self, outcome, Flow, Ports, Segment, PULL_LEN},
     reset, smtp,
     sources::{self, BanCheck, SynOutcome},
-    stats,
+    stats, trace,
 };
 
 pub enum Verdict {
@@ -133,13 +133,13 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
             // SAFETY: the TCP outcome is only returned after the flow was written.
             let flow = unsafe { flow.assume_init_ref() };
             let outcome = pipeline(frame, runtime, generation, dp, dir, flow);
-            finish(runtime, dp, dir, Some(flow), port_slot, bytes, outcome)
+            finish(runtime, dp, hook, dir, Some(flow), port_slot, bytes, outcome)
         }
         outcome::FRAGMENT => {
-            finish(runtime, dp, dir, None, port_slot, bytes, Outcome::new(action::PASS, reason::FRAGMENT))
+            finish(runtime, dp, hook, dir, None, port_slot, bytes, Outcome::new(action::PASS, reason::FRAGMENT))
         }
         // Malformed, or still short after a pull: the frame ends inside its headers.
-        _ => finish(runtime, dp, dir, None, port_slot, bytes, Outcome::new(dp.malformed_action, reason::MALFORMED)),
+        _ => finish(runtime, dp, hook, dir, None, port_slot, bytes, Outcome::new(dp.malformed_action, reason::MALFORMED)),
     }
 }
 
@@ -232,11 +232,14 @@ fn drop_verdict(dp: &DirectionPolicy) -> u8 {
     }
 }
 
-/// The one exit for counted packets.
+/// The one exit for counted packets. A parsed segment's decision is
+/// offered to the flow trace (one word's load while tracing is off).
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "inlined: the pipeline's state, passed as it is")]
 fn finish(
     runtime: RuntimeView,
     dp: &DirectionPolicy,
+    hook: usize,
     dir: u8,
     flow: Option<&Flow>,
     port_slot: usize,
@@ -244,6 +247,36 @@ fn finish(
     outcome: Outcome,
 ) -> Verdict {
     let v = if outcome.action == action::DROP { drop_verdict(dp) } else { verdict::PASS };
+    let out = settle(runtime, dp, dir, flow, port_slot, bytes, &outcome, v);
+    if let Some(flow) = flow {
+        let decision = trace::Decision {
+            hook,
+            direction: dir,
+            verdict: v,
+            reason: outcome.reason,
+            rule: outcome.rule,
+            country: outcome.country,
+            reset: matches!(out, Verdict::Reset),
+        };
+        trace::offer(flow, &decision);
+    }
+    out
+}
+
+/// Monitor mode, counters, sampled events and the reset: the verdict `v`
+/// (after monitor mode) as the hook returns it.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "inlined: the pipeline's state, passed as it is")]
+fn settle(
+    runtime: RuntimeView,
+    dp: &DirectionPolicy,
+    dir: u8,
+    flow: Option<&Flow>,
+    port_slot: usize,
+    bytes: u32,
+    outcome: &Outcome,
+    v: u8,
+) -> Verdict {
     stats::record(dir, v, outcome.reason, port_slot, bytes);
     if v == verdict::PASS {
         return Verdict::Pass;

@@ -23,6 +23,7 @@ mod reset;
 mod smtp;
 mod sources;
 mod stats;
+mod trace;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC},

@@ -175,6 +175,21 @@ enum Command {
     },
     /// Stop the controller if it runs, and remove every program, link and pin.
     Detach(PinArgs),
+    /// Print the datapath's decision about every packet from or to an address, as it happens.
+    ///
+    /// Example: smtpguard trace 198.51.100.7 --port 25 --for 5m
+    Trace {
+        /// The address whose flows are traced (source or destination).
+        addr: IpAddr,
+        /// Only flows with this source or destination port.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        port: Option<u16>,
+        /// How long: a number and s, m or h (30s, 15m, 2h); at most 24h. Tracing stops then even if this command is killed.
+        #[arg(long = "for", value_name = "DURATION", default_value = "60s", allow_hyphen_values = true, value_parser = smtpguard::commands::trace::parse_trace_duration)]
+        duration: std::time::Duration,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
     /// Validate a policy: exit 0 when valid (warnings printed), 1 with every error listed.
     ///
     /// Example: smtpguard check /etc/smtpguard/policy.yaml
@@ -260,6 +275,7 @@ fn main() -> ExitCode {
         }
         Command::Unban { source, pins } => commands::report(commands::unban(&pins.pins(), &source)),
         Command::Detach(p) => commands::report(commands::detach(&p.pins())),
+        Command::Trace { addr, port, duration, pins } => commands::report(smtpguard::commands::trace::run(&pins.pins(), addr, port, duration)),
         Command::Check(p) => commands::check(&p.file, &p.options()),
         Command::Schema { events } => commands::schema(events),
         Command::Explain { policy, direction, src, dst, dport, syn, payload, json } => {

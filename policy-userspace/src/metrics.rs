@@ -206,7 +206,7 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     let scanned = Gauge::new("smtpguard_table_scan_timestamp_seconds", "When the source table and ban tries were last scanned for the gauges above (Unix time)").expect("valid");
     scanned.set(tables.scanned_at);
     let entries = IntGaugeVec::new(Opts::new("smtpguard_map_entries", "Entries in each map (EVENTS: bytes waiting is not tracked)"), &["map"]).expect("valid");
-    let capacity = IntGaugeVec::new(Opts::new("smtpguard_map_capacity", "Capacity of each map (EVENTS: bytes)"), &["map"]).expect("valid");
+    let capacity = IntGaugeVec::new(Opts::new("smtpguard_map_capacity", "Capacity of each map (EVENTS, AYA_LOGS: bytes)"), &["map"]).expect("valid");
     entries.with_label_values(&[policy_common::ACL_V6]).set(view.acl6_entries as i64);
     for (name, used, room) in [
         (policy_common::ACL4_NODES, view.acl4_used.nodes, view.acl4_room.nodes),
@@ -231,6 +231,8 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
         (policy_common::SCRATCH, 1),
         (policy_common::SCAN_BUF, 1),
         (policy_common::RESET_BUF, 1),
+        (policy_common::TRACE, 1),
+        (policy_common::TRACE_BUF, 1),
     ] {
         entries.with_label_values(&[name]).set(cap);
         capacity.with_label_values(&[name]).set(cap);
@@ -242,6 +244,7 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
         (policy_common::SOURCES, observer.source_capacity() as i64),
         (policy_common::SMTP_FLOWS, observer.smtp_flow_capacity() as i64),
         (policy_common::EVENTS, policy_common::EVENTS_BYTES as i64),
+        (policy_common::AYA_LOGS, policy_common::AYA_LOGS_BYTES as i64),
         (policy_common::TENANT_IFACES, policy_common::TENANT_IFACES_CAPACITY as i64),
     ] {
         capacity.with_label_values(&[name]).set(cap);

@@ -4,8 +4,9 @@
 //! Layout under the pin directory (names without dots, as bpffs wants):
 //! one pin per map (`ACL_V6`, `SOURCES`, ...), `prog_<program>`, one
 //! link per attachment: `link_xdp_<iface>`, `link_tcegress_<iface>`,
-//! `link_tcingress_<iface>`, and the directory `lock_bans` that ban
-//! commands lock. A running controller holds a lock on the pin directory.
+//! `link_tcingress_<iface>`, and the directories `lock_bans` that ban
+//! commands lock and `lock_trace` that `smtpguard trace` locks. A running
+//! controller holds a lock on the pin directory.
 
 use std::{
     fs::File,

@@ -1,9 +1,11 @@
 //! What the `smtpguard` subcommands do; `main.rs` only parses arguments.
 //! [`policy`]: the commands about a policy file; [`state`]: the commands
-//! about the pinned state of a running (or detached-but-pinned) datapath.
+//! about the pinned state of a running (or detached-but-pinned) datapath;
+//! [`trace`]: following one address's packets through the datapath.
 
 pub mod policy;
 pub mod state;
+pub mod trace;
 
 use std::process::ExitCode;
 

@@ -11,6 +11,7 @@
 //!   [`source_table`] and [`runtime_words`] (the mmapable arrays shared
 //!   word by word with the datapath), [`batch`] (batched syscalls);
 //! - [`observer`]: a read-only view for the metrics thread;
+//! - [`trace`]: flow tracing's selector and log ring, found from the pins;
 //! - `testing` (feature `testing`): what tests and benchmarks need beyond.
 
 pub mod acl4_writer;
@@ -24,6 +25,7 @@ pub mod programs;
 pub mod runtime_words;
 mod shared_words;
 pub mod source_table;
+pub mod trace;
 #[cfg(feature = "testing")]
 pub mod testing;
 

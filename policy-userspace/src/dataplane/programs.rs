@@ -164,6 +164,13 @@ impl Programs {
         .map_err(|source| DataplaneError::Program { name, source })
     }
 
+    /// The kernel's id of a hook's loaded program (for tools that find its
+    /// maps by id, as `smtpguard trace` does).
+    pub fn id(&mut self, hook: Hook) -> Result<u32> {
+        let name = hook.program_name();
+        Ok(self.get(hook)?.info().map_err(|source| DataplaneError::Program { name, source })?.id())
+    }
+
     /// How many instructions the verifier processed for each program.
     pub fn verified_instructions(&mut self) -> Result<Vec<(&'static str, u32)>> {
         Hook::ALL
