@@ -8,7 +8,7 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use policy_common::{acl4::Capacity, action, direction, event_kind, reason, side, AclEntry, MAX_PORTS};
+use policy_common::{verdict, acl4::Capacity, direction, event_kind, reason, side, AclEntry, MAX_PORTS};
 use smtpguard::{
     policy,
     dataplane::{Capacities, Dataplane, Hook},
@@ -50,7 +50,7 @@ fn kernel_lookups_equal_a_plain_longest_prefix_match() {
     // Unmatched sources are dropped by default, so allow, deny and no
     // match all look different.
     let mut policy = base_policy();
-    policy.direction[direction::INGRESS as usize].default_action = [action::DROP; MAX_PORTS];
+    policy.direction[direction::INGRESS as usize].default_verdict = [verdict::DROP; MAX_PORTS];
     h.set_policy(&policy).unwrap();
 
     // Nested prefixes of every length in 10.0.0.0/10, a tenth of them allows.

@@ -3,8 +3,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use policy_common::{
-    acl_scope, action, direction, mode, profile, side, smtp_command,
+use policy_common::{verdict, 
+    acl_scope, direction, mode, profile, side, smtp_command,
     source::{source_key_v4, source_key_v6, source_set, SlotInfo, SourceSet, SourceSlot, Window},
     AclEntry, Counter, DirectionPolicy, PolicyConfig, MAX_PORTS, PORT_UNUSED,
 };
@@ -68,10 +68,10 @@ pub fn base_direction(dir: u8) -> DirectionPolicy {
         p.ports[i] = *port as u32;
     }
     p.profile = [profile::SMTP, profile::SMTPS, profile::SUBMISSION, profile::OTHER];
-    p.default_action =
-        if dir == direction::EGRESS { [action::DROP, action::PASS, action::PASS, action::PASS] } else { [action::PASS; MAX_PORTS] };
+    p.default_verdict =
+        if dir == direction::EGRESS { [verdict::DROP, verdict::PASS, verdict::PASS, verdict::PASS] } else { [verdict::PASS; MAX_PORTS] };
     p.mode = mode::ENFORCE;
-    p.malformed_action = action::DROP;
+    p.malformed_verdict = verdict::DROP;
     p.acl_sides = side::PEER_BIT | side::LOCAL_BIT;
     p.smtp_block = smtp_command::VRFY | smtp_command::EXPN;
     p.rate_interval_ns = 60 * NS_PER_S / RATE_PER_MINUTE;

@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 
 use policy_common::{
-    action, direction, event_kind, geo_index, mode, reason, side, smtp_command,
+    direction, event_kind, geo_index, mode, reason, side, smtp_command,
     smtp_flow::{self, SmtpFlowKey, SmtpFlowState},
     smtp_scan,
     source::{ban_origin, slot_flag, SlotInfo, SourceSlot},
@@ -545,7 +545,7 @@ fn pipeline_cases(v: &Variant) -> Vec<Case> {
         IN,
         first_frag(),
         Box::new(|_, p| {
-            dp_mut(p, IN).smtp_fragment_action = action::PASS;
+            dp_mut(p, IN).fragment_verdict = verdict::PASS;
             Ok(())
         }),
         counted(verdict::PASS, reason::DEFAULT_ALLOW, 0),
@@ -563,7 +563,7 @@ fn pipeline_cases(v: &Variant) -> Vec<Case> {
         None,
     );
     add("a first fragment's VRFY in sight is dropped as a command when fragments are allowed", IN, v.frame(IN, 25, ACK | PSH).payload(b"VRFY root\r\n").fragment(0, true).build(), Box::new(|_, p| {
-            dp_mut(p, IN).smtp_fragment_action = action::PASS;
+            dp_mut(p, IN).fragment_verdict = verdict::PASS;
             Ok(())
         }), counted(verdict::DROP, reason::SMTP_COMMAND, 0), None);
     add("a first fragment to 587 is not command-filtered", IN, v.frame(IN, 587, ACK | PSH).payload(b"VRFY root\r\n").fragment(0, true).build(), no_setup(), counted(verdict::PASS, reason::DEFAULT_ALLOW, 2), None);
@@ -579,7 +579,7 @@ fn pipeline_cases(v: &Variant) -> Vec<Case> {
     };
     let malformed_allowed = || -> Setup {
         Box::new(|_, p| {
-            dp_mut(p, EG).malformed_action = action::PASS;
+            dp_mut(p, EG).malformed_verdict = verdict::PASS;
             Ok(())
         })
     };
@@ -589,8 +589,8 @@ fn pipeline_cases(v: &Variant) -> Vec<Case> {
         IN,
         eight_byte_first(IN),
         Box::new(move |h, p| {
-            dp_mut(p, IN).malformed_action = action::PASS;
-            dp_mut(p, IN).smtp_fragment_action = action::PASS;
+            dp_mut(p, IN).malformed_verdict = verdict::PASS;
+            dp_mut(p, IN).fragment_verdict = verdict::PASS;
             h.add_acl(IN, side::PEER, ing.src, host_len, entry_all_ports(0, 22, 0)).map_err(Into::into)
         }),
         counted(verdict::DROP, reason::DENY_ACL, 0),
@@ -601,7 +601,7 @@ fn pipeline_cases(v: &Variant) -> Vec<Case> {
         IN,
         eight_byte_first(IN),
         Box::new(move |h, p| {
-            dp_mut(p, IN).smtp_fragment_action = action::PASS;
+            dp_mut(p, IN).fragment_verdict = verdict::PASS;
             rate_on(p);
             h.seed_source(ing.src, seed::bucket_empty(&p.direction[IN as usize])).map_err(Into::into)
         }),
@@ -636,7 +636,7 @@ fn pipeline_cases(v: &Variant) -> Vec<Case> {
         EG,
         bad_doff,
         Box::new(|_, p| {
-            dp_mut(p, EG).malformed_action = action::PASS;
+            dp_mut(p, EG).malformed_verdict = verdict::PASS;
             Ok(())
         }),
         counted(verdict::PASS, reason::MALFORMED, 0),
@@ -704,7 +704,7 @@ fn truncation_cases(v: &Variant) -> Vec<Case> {
         dir,
         frame: cut(&full, l4 + 10),
         setup: Box::new(|_, p| {
-            dp_mut(p, direction::EGRESS).malformed_action = action::PASS;
+            dp_mut(p, direction::EGRESS).malformed_verdict = verdict::PASS;
             Ok(())
         }),
         expect: counted(verdict::PASS, reason::MALFORMED, 0),
@@ -788,7 +788,7 @@ fn flow_cases(v: &Variant) -> Vec<Case> {
         "a first fragment makes no entry",
         v.frame(IN, 25, ACK | PSH).seq(S).payload(first).fragment(0, true).build(),
         Box::new(|_, p| {
-            dp_mut(p, IN).smtp_fragment_action = action::PASS;
+            dp_mut(p, IN).fragment_verdict = verdict::PASS;
             Ok(())
         }),
         pass(),

@@ -116,12 +116,6 @@ pub const fn reset_worthy(why: u8) -> bool {
     matches!(why, reason::BANNED | reason::DENY_ACL | reason::GEO | reason::DEFAULT_DENY)
 }
 
-/// What a policy statement asks for.
-pub mod action {
-    pub const PASS: u8 = 0;
-    pub const DROP: u8 = 1;
-}
-
 /// Enforcement mode of a direction.
 pub mod mode {
     pub const ENFORCE: u8 = 0;
@@ -365,14 +359,14 @@ pub fn port_filter(policy: &PolicyConfig) -> [u64; PORT_FILTER_WORDS] {
 pub struct DirectionPolicy {
     /// Guarded server ports in host byte order; [`PORT_UNUSED`] ends the list.
     pub ports: [u32; MAX_PORTS],
-    /// [`action`] when nothing else decided, per port slot.
-    pub default_action: [u8; MAX_PORTS],
+    /// [`verdict`] (`PASS` or `DROP`) when nothing else decided, per port slot.
+    pub default_verdict: [u8; MAX_PORTS],
     /// [`profile`] per port slot.
     pub profile: [u8; MAX_PORTS],
     /// [`mode`].
     pub mode: u8,
-    /// [`action`] for malformed packets.
-    pub malformed_action: u8,
+    /// [`verdict`] (`PASS` or `DROP`) for malformed packets.
+    pub malformed_verdict: u8,
     /// [`side`] bits: which ACL scopes have entries, so empty ones cost nothing.
     pub acl_sides: u8,
     /// [`smtp_command`] bits blocked on SMTP-profile ports.
@@ -381,9 +375,9 @@ pub struct DirectionPolicy {
     pub rate_enabled: u8,
     /// Non-zero when the geo-fence applies.
     pub geo_enabled: u8,
-    /// [`action`] for IP fragments of segments to an SMTP-profile port
+    /// [`verdict`] (`PASS` or `DROP`) for IP fragments of segments to an SMTP-profile port
     /// while `smtp_block` is set: the command filter cannot read them.
-    pub smtp_fragment_action: u8,
+    pub fragment_verdict: u8,
     /// Non-zero: a dropped segment of an open connection (a policy edit or
     /// a ban denied it mid-session) is answered with a TCP reset to its
     /// sender, so the client fails at once instead of stalling (see
@@ -410,15 +404,15 @@ impl DirectionPolicy {
     /// Guards nothing: every packet leaves as non-SMTP.
     pub const EMPTY: Self = Self {
         ports: [PORT_UNUSED; MAX_PORTS],
-        default_action: [action::PASS; MAX_PORTS],
+        default_verdict: [verdict::PASS; MAX_PORTS],
         profile: [profile::OTHER; MAX_PORTS],
         mode: mode::ENFORCE,
-        malformed_action: action::DROP,
+        malformed_verdict: verdict::DROP,
         acl_sides: 0,
         smtp_block: 0,
         rate_enabled: 0,
         geo_enabled: 0,
-        smtp_fragment_action: action::DROP,
+        fragment_verdict: verdict::DROP,
         established_reset: 0,
         rate_interval_ns: 0,
         rate_tolerance_ns: 0,

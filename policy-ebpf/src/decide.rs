@@ -8,7 +8,7 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use policy_common::{
-    action, event_kind, hook, mode, profile, reason, verdict, DirectionPolicy, PORT_SLOT_UNKNOWN,
+    event_kind, hook, mode, profile, reason, verdict, DirectionPolicy, PORT_SLOT_UNKNOWN,
 };
 
 use crate::{
@@ -22,7 +22,9 @@ use crate::{
     stats, trace,
 };
 
-pub enum Verdict {
+/// What the hook does with the frame (the counters say why, in
+/// `policy_common::verdict` and `reason`).
+pub enum Exit {
     Pass,
     Drop,
     /// Drop, and answer the sender with a reset (`reset::prepare` has
@@ -30,18 +32,19 @@ pub enum Verdict {
     Reset,
 }
 
-/// What the pipeline decided, before monitor mode.
-struct Outcome {
-    action: u8,
+/// What the pipeline decided, before monitor mode: a
+/// `policy_common::verdict` (`PASS` or `DROP`) and why.
+struct Decision {
+    verdict: u8,
     reason: u8,
     rule: u32,
     country: u32,
 }
 
-impl Outcome {
+impl Decision {
     #[inline(always)]
-    const fn new(action: u8, reason: u8) -> Self {
-        Self { action, reason, rule: 0, country: 0 }
+    const fn new(verdict: u8, reason: u8) -> Self {
+        Self { verdict, reason, rule: 0, country: 0 }
     }
 }
 
@@ -84,46 +87,46 @@ fn parse_plain<F: Frame>(frame: &F, port: u16, dp: &DirectionPolicy, flow: &mut 
 }
 
 #[inline(always)]
-pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
+pub fn judge<F: Frame>(frame: &F, hook: usize) -> Exit {
     // Non-TCP leaves before any map is touched, TCP to a port no policy
     // guards after one word of configuration; the common frame takes a
     // shortcut to both exits.
     let plain = parse::plain(frame);
     if plain == parse::plain::NOT_TCP {
-        return Verdict::Pass;
+        return Exit::Pass;
     }
     // Its own lookup, so nothing of it has to live on past this exit.
     if plain < parse::plain::NOT_TCP && !config::runtime().is_some_and(|r| r.may_guard(plain as u16)) {
-        return Verdict::Pass;
+        return Exit::Pass;
     }
-    let Some(runtime) = config::runtime() else { return Verdict::Pass };
+    let Some(runtime) = config::runtime() else { return Exit::Pass };
     let plain_port = plain < parse::plain::NOT_TCP;
     // A plain frame's port passed the filter above; its headers are read
     // once the port is known to be guarded.
     let ports = if plain_port { Ports { outcome: outcome::TCP, seg: Segment::NONE } } else { parse::ports(frame) };
     if ports.outcome == outcome::NOT_TCP {
-        return Verdict::Pass;
+        return Exit::Pass;
     }
     if !plain_port && ports.outcome == outcome::TCP && !runtime.may_guard(ports.seg.dport) {
-        return Verdict::Pass;
+        return Exit::Pass;
     }
     // Forwarded from a tenant interface: judged (and counted) there.
     if hook == hook::TC_EGRESS && config::judged_on_arrival(frame.arrived_on()) {
-        return Verdict::Pass;
+        return Exit::Pass;
     }
     // Read the generation once: every later step must use this value, or a
     // flip in between would judge the packet by two policies at once.
     let generation = runtime.active();
-    let Some(policy) = config::policy(generation) else { return Verdict::Pass };
+    let Some(policy) = config::policy(generation) else { return Exit::Pass };
     let dir = runtime.hook_direction(hook);
-    let Some(dp) = policy.direction.get(dir as usize) else { return Verdict::Pass };
+    let Some(dp) = policy.direction.get(dir as usize) else { return Exit::Pass };
 
     // Written by the parse only for TCP, and read only then.
     let mut flow = MaybeUninit::<Flow>::uninit();
     let parsed = if plain_port { parse_plain(frame, plain as u16, dp, &mut flow) } else { parse(frame, ports, dp, &mut flow) };
-    let Some(mut parsed) = parsed else { return Verdict::Pass };
+    let Some(mut parsed) = parsed else { return Exit::Pass };
     if parsed.outcome == outcome::SHORT && frame.pull(PULL_LEN) {
-        let Some(again) = parse(frame, parse::ports(frame), dp, &mut flow) else { return Verdict::Pass };
+        let Some(again) = parse(frame, parse::ports(frame), dp, &mut flow) else { return Exit::Pass };
         parsed = again;
     }
     let bytes = frame.wire_len();
@@ -132,41 +135,41 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Verdict {
         outcome::TCP => {
             // SAFETY: the TCP outcome is only returned after the flow was written.
             let flow = unsafe { flow.assume_init_ref() };
-            let outcome = pipeline(frame, runtime, generation, dp, dir, flow);
-            finish(runtime, dp, hook, dir, Some(flow), port_slot, bytes, outcome)
+            let decision = pipeline(frame, runtime, generation, dp, dir, flow);
+            finish(runtime, dp, hook, dir, Some(flow), port_slot, bytes, decision)
         }
         outcome::FRAGMENT => {
-            finish(runtime, dp, hook, dir, None, port_slot, bytes, Outcome::new(action::PASS, reason::FRAGMENT))
+            finish(runtime, dp, hook, dir, None, port_slot, bytes, Decision::new(verdict::PASS, reason::FRAGMENT))
         }
         // Malformed, or still short after a pull: the frame ends inside its headers.
-        _ => finish(runtime, dp, hook, dir, None, port_slot, bytes, Outcome::new(dp.malformed_action, reason::MALFORMED)),
+        _ => finish(runtime, dp, hook, dir, None, port_slot, bytes, Decision::new(dp.malformed_verdict, reason::MALFORMED)),
     }
 }
 
 #[inline(always)]
-fn pipeline<F: Frame>(frame: &F, runtime: RuntimeView, generation: u32, dp: &DirectionPolicy, dir: u8, flow: &Flow) -> Outcome {
+fn pipeline<F: Frame>(frame: &F, runtime: RuntimeView, generation: u32, dp: &DirectionPolicy, dir: u8, flow: &Flow) -> Decision {
     let acl = acl::lookup(flow, generation as u8, dir, dp.acl_sides);
     if acl.allow_rule != 0 {
-        return Outcome { rule: acl.allow_rule, ..Outcome::new(action::PASS, reason::ALLOW_ACL) };
+        return Decision { rule: acl.allow_rule, ..Decision::new(verdict::PASS, reason::ALLOW_ACL) };
     }
 
     let now_ns = now_ns();
     let mut source = sources::locate(flow, runtime.source_sets());
     if runtime.cidr_bans() && sources::network_banned(flow, now_ns) {
-        return Outcome::new(action::DROP, reason::BANNED);
+        return Decision::new(verdict::DROP, reason::BANNED);
     }
     match sources::check_ban(&source, now_ns) {
-        BanCheck::Banned => return Outcome::new(action::DROP, reason::BANNED),
+        BanCheck::Banned => return Decision::new(verdict::DROP, reason::BANNED),
         BanCheck::Expired => events::emit(&events::about(flow, event_kind::BAN_EXPIRED, now_ns, dir)),
         BanCheck::Clear => {}
     }
 
     if acl.deny_rule != 0 {
-        return Outcome { rule: acl.deny_rule, country: acl.country, ..Outcome::new(action::DROP, reason::DENY_ACL) };
+        return Decision { rule: acl.deny_rule, country: acl.country, ..Decision::new(verdict::DROP, reason::DENY_ACL) };
     }
 
     if dp.geo_enabled != 0 && dp.geo_drops(acl.country) {
-        return Outcome { country: acl.country, ..Outcome::new(action::DROP, reason::GEO) };
+        return Decision { country: acl.country, ..Decision::new(verdict::DROP, reason::GEO) };
     }
 
     if dp.rate_enabled != 0 && flow.syn {
@@ -179,7 +182,7 @@ fn pipeline<F: Frame>(frame: &F, runtime: RuntimeView, generation: u32, dp: &Dir
                     e.verdict = drop_verdict(dp);
                     events::emit(&e);
                 }
-                return Outcome::new(action::DROP, reason::RATE_LIMITED);
+                return Decision::new(verdict::DROP, reason::RATE_LIMITED);
             }
             SynOutcome::BanStarted { count, duration_s, strikes } => {
                 stats::record_ban(strikes > 1);
@@ -190,36 +193,36 @@ fn pipeline<F: Frame>(frame: &F, runtime: RuntimeView, generation: u32, dp: &Dir
                 e.duration_s = duration_s;
                 e.strikes = strikes;
                 events::emit(&e);
-                return Outcome::new(action::DROP, reason::RATE_BAN);
+                return Decision::new(verdict::DROP, reason::RATE_BAN);
             }
-            SynOutcome::Banned => return Outcome::new(action::DROP, reason::BANNED),
+            SynOutcome::Banned => return Decision::new(verdict::DROP, reason::BANNED),
         }
     }
 
     let slot_profile = *dp.profile.get(flow.port_slot).unwrap_or(&profile::OTHER);
-    let default_action = *dp.default_action.get(flow.port_slot).unwrap_or(&action::PASS);
+    let default_verdict = *dp.default_verdict.get(flow.port_slot).unwrap_or(&verdict::PASS);
     // The command filter cannot read a fragmented segment: its later
     // fragments carry no ports. Dropping the first keeps the host from
     // reassembling any of it. (Where the default drops, it says why.)
     if slot_profile == profile::SMTP
         && dp.smtp_block != 0
         && flow.seg.first_fragment
-        && dp.smtp_fragment_action == action::DROP
-        && default_action != action::DROP
+        && dp.fragment_verdict == verdict::DROP
+        && default_verdict != verdict::DROP
     {
-        return Outcome::new(action::DROP, reason::FRAGMENT);
+        return Decision::new(verdict::DROP, reason::FRAGMENT);
     }
     if slot_profile == profile::SMTP && dp.smtp_block != 0 {
         let why = smtp::judge(frame, flow, dp.smtp_block, dp.mode == mode::MONITOR);
         if why != smtp::CLEAN {
-            return Outcome::new(action::DROP, why as u8);
+            return Decision::new(verdict::DROP, why as u8);
         }
     }
 
-    if default_action == action::DROP {
-        Outcome::new(action::DROP, reason::DEFAULT_DENY)
+    if default_verdict == verdict::DROP {
+        Decision::new(verdict::DROP, reason::DEFAULT_DENY)
     } else {
-        Outcome::new(action::PASS, reason::DEFAULT_ALLOW)
+        Decision::new(verdict::PASS, reason::DEFAULT_ALLOW)
     }
 }
 
@@ -244,19 +247,19 @@ fn finish(
     flow: Option<&Flow>,
     port_slot: usize,
     bytes: u32,
-    outcome: Outcome,
-) -> Verdict {
-    let v = if outcome.action == action::DROP { drop_verdict(dp) } else { verdict::PASS };
-    let out = settle(runtime, dp, dir, flow, port_slot, bytes, &outcome, v);
+    decision: Decision,
+) -> Exit {
+    let v = if decision.verdict == verdict::DROP { drop_verdict(dp) } else { verdict::PASS };
+    let out = settle(runtime, dp, dir, flow, port_slot, bytes, &decision, v);
     if let Some(flow) = flow {
         let decision = trace::Decision {
             hook,
             direction: dir,
             verdict: v,
-            reason: outcome.reason,
-            rule: outcome.rule,
-            country: outcome.country,
-            reset: matches!(out, Verdict::Reset),
+            reason: decision.reason,
+            rule: decision.rule,
+            country: decision.country,
+            reset: matches!(out, Exit::Reset),
         };
         trace::offer(flow, &decision);
     }
@@ -274,15 +277,15 @@ fn settle(
     flow: Option<&Flow>,
     port_slot: usize,
     bytes: u32,
-    outcome: &Outcome,
+    decision: &Decision,
     v: u8,
-) -> Verdict {
-    stats::record(dir, v, outcome.reason, port_slot, bytes);
+) -> Exit {
+    stats::record(dir, v, decision.reason, port_slot, bytes);
     if v == verdict::PASS {
-        return Verdict::Pass;
+        return Exit::Pass;
     }
-    if outcome.reason == reason::GEO {
-        stats::record_geo_drop(dir, v, outcome.country);
+    if decision.reason == reason::GEO {
+        stats::record_geo_drop(dir, v, decision.country);
     }
     if let Some(flow) = flow {
         if runtime.drop_sample_one_in() != 0 {
@@ -290,22 +293,22 @@ fn settle(
             if events::sample_drop(runtime, now_ns) {
                 let mut e = events::about(flow, event_kind::DROP_SAMPLE, now_ns, dir);
                 e.verdict = v;
-                e.reason = outcome.reason;
-                e.rule = outcome.rule;
-                e.country = outcome.country;
+                e.reason = decision.reason;
+                e.rule = decision.rule;
+                e.country = decision.country;
                 events::emit(&e);
             }
         }
     }
     if v != verdict::DROP {
-        return Verdict::Pass;
+        return Exit::Pass;
     }
     // A segment of an open connection the policy now denies.
     if let Some(flow) = flow {
-        if !flow.syn && dp.established_reset != 0 && policy_common::reset_worthy(outcome.reason) {
+        if !flow.syn && dp.established_reset != 0 && policy_common::reset_worthy(decision.reason) {
             reset::prepare(flow, dir);
-            return Verdict::Reset;
+            return Exit::Reset;
         }
     }
-    Verdict::Drop
+    Exit::Drop
 }

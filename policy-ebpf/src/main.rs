@@ -33,16 +33,16 @@ use aya_ebpf::{
 use policy_common::hook;
 
 use crate::{
-    decide::Verdict,
+    decide::Exit,
     frame::{SkbFrame, XdpFrame},
 };
 
 #[xdp]
 pub fn xdp_ingress(ctx: XdpContext) -> u32 {
     match decide::judge(&XdpFrame(&ctx), hook::XDP_INGRESS) {
-        Verdict::Pass => xdp_action::XDP_PASS,
-        Verdict::Drop => xdp_action::XDP_DROP,
-        Verdict::Reset => reset::xdp(&ctx),
+        Exit::Pass => xdp_action::XDP_PASS,
+        Exit::Drop => xdp_action::XDP_DROP,
+        Exit::Reset => reset::xdp(&ctx),
     }
 }
 
@@ -50,7 +50,7 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
     match decide::judge(&SkbFrame(&ctx), hook::TC_INGRESS) {
-        Verdict::Reset => reset::tc(&ctx, false),
+        Exit::Reset => reset::tc(&ctx, false),
         other => tc_verdict(other),
     }
 }
@@ -60,17 +60,17 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tc_egress(ctx: TcContext) -> i32 {
     match decide::judge(&SkbFrame(&ctx), hook::TC_EGRESS) {
-        Verdict::Reset => reset::tc(&ctx, true),
+        Exit::Reset => reset::tc(&ctx, true),
         other => tc_verdict(other),
     }
 }
 
 /// Passing lets later clsact programs have their say (`TC_ACT_UNSPEC`).
 #[inline(always)]
-fn tc_verdict(verdict: Verdict) -> i32 {
-    match verdict {
-        Verdict::Pass => TC_ACT_UNSPEC,
-        Verdict::Drop | Verdict::Reset => TC_ACT_SHOT,
+fn tc_verdict(exit: Exit) -> i32 {
+    match exit {
+        Exit::Pass => TC_ACT_UNSPEC,
+        Exit::Drop | Exit::Reset => TC_ACT_SHOT,
     }
 }
 

@@ -5,7 +5,7 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use policy_common::{
-    action, direction, mode, profile, reason, side,
+    direction, mode, profile, reason, side,
     smtp_flow::{self, SmtpFlowKey, SmtpFlowState},
     verdict, AclEntry, DirectionPolicy,
 };
@@ -145,7 +145,7 @@ pub fn decide(c: &Compiled, acl: &AclIndex, p: &Packet, state: SourceState, flow
     let Some(slot) = dp.port_slot(p.dport) else { return d };
     d.port_slot = Some(slot);
     let finish = |mut d: Decision, act: u8, why: u8| {
-        let v = if act == action::DROP {
+        let v = if act == verdict::DROP {
             if dp.mode == mode::MONITOR {
                 verdict::WOULD_DROP
             } else {
@@ -177,44 +177,44 @@ pub fn decide(c: &Compiled, acl: &AclIndex, p: &Packet, state: SourceState, flow
     }
     if allow != 0 {
         d.rule = allow;
-        return finish(d, action::PASS, reason::ALLOW_ACL);
+        return finish(d, verdict::PASS, reason::ALLOW_ACL);
     }
     if state.banned {
-        return finish(d, action::DROP, reason::BANNED);
+        return finish(d, verdict::DROP, reason::BANNED);
     }
     if deny != 0 {
         d.rule = deny;
         d.country = country;
-        return finish(d, action::DROP, reason::DENY_ACL);
+        return finish(d, verdict::DROP, reason::DENY_ACL);
     }
     if dp.geo_enabled != 0 && dp.geo_drops(country) {
         d.country = country;
-        return finish(d, action::DROP, reason::GEO);
+        return finish(d, verdict::DROP, reason::GEO);
     }
     if dp.rate_enabled != 0 && p.syn {
         if dp.ban_threshold != 0 && state.over_ban_threshold {
-            return finish(d, action::DROP, reason::RATE_BAN);
+            return finish(d, verdict::DROP, reason::RATE_BAN);
         }
         if dp.rate_interval_ns != 0 && state.bucket_empty {
-            return finish(d, action::DROP, reason::RATE_LIMITED);
+            return finish(d, verdict::DROP, reason::RATE_LIMITED);
         }
     }
     let filtered = dp.profile[slot] == profile::SMTP && dp.smtp_block != 0;
     let first_fragment = p.fragment == Fragment::First;
-    if filtered && first_fragment && dp.smtp_fragment_action == action::DROP && dp.default_action[slot] != action::DROP {
-        return finish(d, action::DROP, reason::FRAGMENT);
+    if filtered && first_fragment && dp.fragment_verdict == verdict::DROP && dp.default_verdict[slot] != verdict::DROP {
+        return finish(d, verdict::DROP, reason::FRAGMENT);
     }
     if filtered {
         let monitor = dp.mode == mode::MONITOR;
         let (why, next) = smtp_flow::judge(flow, p.seq, &p.payload, dp.smtp_block, monitor, first_fragment);
         d.flow = next;
         if why != smtp_flow::CLEAN {
-            return finish(d, action::DROP, why as u8);
+            return finish(d, verdict::DROP, why as u8);
         }
     }
-    if dp.default_action[slot] == action::DROP {
-        finish(d, action::DROP, reason::DEFAULT_DENY)
+    if dp.default_verdict[slot] == verdict::DROP {
+        finish(d, verdict::DROP, reason::DEFAULT_DENY)
     } else {
-        finish(d, action::PASS, reason::DEFAULT_ALLOW)
+        finish(d, verdict::PASS, reason::DEFAULT_ALLOW)
     }
 }

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use policy_common::{action, direction, reason, verdict};
+use policy_common::{direction, reason, verdict};
 use serde::Serialize;
 use smtpguard::{
     reference::{decide, AclIndex, Packet, SourceState},
@@ -153,9 +153,9 @@ fn render(c: &Compiled) -> String {
             direction::NAMES[d as usize],
             p.ports.iter().filter(|p| **p != policy_common::PORT_UNUSED).collect::<Vec<_>>(),
             p.profile,
-            p.default_action,
+            p.default_verdict,
             p.mode,
-            p.malformed_action,
+            p.malformed_verdict,
             p.acl_sides,
             p.smtp_block,
             p.rate_enabled,
@@ -328,8 +328,8 @@ fn example_policies_are_valid_and_say_what_they_promise() {
         let ing = &c.config.direction[direction::INGRESS as usize];
         match name {
             "idc-default.yaml" | "monitor-rollout.yaml" => {
-                assert_eq!(eg.default_action[0], action::DROP, "{name}: egress 25 denied");
-                assert_eq!(&eg.default_action[1..], &[action::PASS; 3], "{name}: 465, 587, 2525 open");
+                assert_eq!(eg.default_verdict[0], verdict::DROP, "{name}: egress 25 denied");
+                assert_eq!(&eg.default_verdict[1..], &[verdict::PASS; 3], "{name}: 465, 587, 2525 open");
                 assert_eq!(ing.rate_enabled, 1);
                 assert_eq!(ing.rate_interval_ns, 1_000_000_000, "60 per minute");
                 assert_eq!(ing.ban_threshold, 100);

@@ -16,8 +16,8 @@ use std::{
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use policy_common::{
-    acl_scope, action, direction, side, smtp_command, AclEntry, DirectionPolicy, PolicyConfig, MAX_COUNTRIES, MAX_PORTS,
+use policy_common::{verdict, 
+    acl_scope, direction, side, smtp_command, AclEntry, DirectionPolicy, PolicyConfig, MAX_COUNTRIES, MAX_PORTS,
     PORT_UNUSED,
 };
 
@@ -252,13 +252,13 @@ pub fn compile_with(policy: &Policy, today: i64, tables: &GeoTables) -> Result<C
                     geo_drop[c as usize / 64] |= 1 << (c % 64);
                 }
             }
-            if g.unknown == action::DROP {
+            if g.unknown == verdict::DROP {
                 geo_drop[0] |= 1;
             }
             // A network matters when its packets are dropped (they count by
             // country) or when addresses of no country are dropped (it must
             // then be there to pass).
-            let unknown_drops = g.unknown == action::DROP;
+            let unknown_drops = g.unknown == verdict::DROP;
             let keep = |c: u32| drops(c) || unknown_drops;
             let scope = acl_scope(dir, side::PEER);
             let v4 = merge_siblings(
@@ -298,15 +298,15 @@ fn direction_config(policy: &Policy, d: &Direction, geo_drop: [u64; MAX_COUNTRIE
     for (slot, g) in policy.ports.iter().enumerate() {
         p.ports[slot] = g.port as u32;
         p.profile[slot] = g.profile;
-        p.default_action[slot] = d.defaults[slot];
+        p.default_verdict[slot] = d.defaults[slot];
     }
     for slot in policy.ports.len()..MAX_PORTS {
         p.ports[slot] = PORT_UNUSED;
     }
     p.mode = d.mode;
-    p.malformed_action = d.malformed;
+    p.malformed_verdict = d.malformed;
     p.smtp_block = d.smtp_block & (smtp_command::VRFY | smtp_command::EXPN);
-    p.smtp_fragment_action = d.smtp_fragments;
+    p.fragment_verdict = d.smtp_fragments;
     p.established_reset = d.established_reset as u8;
     if let Some(r) = &d.rate_limit {
         p.rate_enabled = 1;

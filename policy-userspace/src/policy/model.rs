@@ -7,7 +7,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use policy_common::{action, mode, profile, side};
+use policy_common::{verdict, mode, profile, side};
 
 use super::{geo::GeoTable, lists::List, yaml::Pos};
 
@@ -51,7 +51,7 @@ pub const PROFILES: [(&str, u8); 4] =
 pub struct Direction {
     /// [`mode`] value.
     pub mode: u8,
-    /// [`action`] per port, in slot order.
+    /// [`verdict`] (`PASS` or `DROP`) per port, in slot order.
     pub defaults: Vec<u8>,
     /// Rules written in the policy.
     pub rules: Vec<Rule>,
@@ -61,9 +61,9 @@ pub struct Direction {
     pub geo: Option<Geo>,
     /// `smtp_command` bits.
     pub smtp_block: u8,
-    /// [`action`] for IP fragments to an `smtp` port while commands are blocked.
+    /// [`verdict`] (`PASS` or `DROP`) for IP fragments to an `smtp` port while commands are blocked.
     pub smtp_fragments: u8,
-    /// [`action`] for malformed packets.
+    /// [`verdict`] (`PASS` or `DROP`) for malformed packets.
     pub malformed: u8,
     /// A dropped segment of an open connection gets a TCP reset (`established: reset`).
     pub established_reset: bool,
@@ -73,14 +73,14 @@ impl Direction {
     pub fn empty(ports: usize) -> Self {
         Self {
             mode: mode::ENFORCE,
-            defaults: vec![action::PASS; ports],
+            defaults: vec![verdict::PASS; ports],
             rules: Vec::new(),
             lists: Vec::new(),
             rate_limit: None,
             geo: None,
             smtp_block: 0,
-            smtp_fragments: action::DROP,
-            malformed: action::DROP,
+            smtp_fragments: verdict::DROP,
+            malformed: verdict::DROP,
             established_reset: true,
         }
     }
@@ -244,7 +244,7 @@ pub struct Geo {
     pub countries: Vec<String>,
     /// `true`: only `countries` pass; `false`: `countries` are dropped.
     pub allow_only: bool,
-    /// [`action`] for addresses the database has no country for.
+    /// [`verdict`] (`PASS` or `DROP`) for addresses the database has no country for.
     pub unknown: u8,
 }
 

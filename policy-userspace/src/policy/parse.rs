@@ -9,7 +9,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use policy_common::{action, mode, side, smtp_command, MAX_PORTS};
+use policy_common::{verdict, mode, side, smtp_command, MAX_PORTS};
 
 use super::{
     countries,
@@ -215,7 +215,7 @@ impl Walker<'_> {
     }
 
     fn action(&mut self, node: &Node, field: &str) -> Option<u8> {
-        self.one_of(node, field, &["allow", "deny"]).map(|i| if i == 0 { action::PASS } else { action::DROP })
+        self.one_of(node, field, &["allow", "deny"]).map(|i| if i == 0 { verdict::PASS } else { verdict::DROP })
     }
 
     fn mode(&mut self, node: &Node, field: &str) -> Option<u8> {
@@ -708,7 +708,7 @@ impl Walker<'_> {
         }
         let unknown = match get("unknown") {
             Some(n) => self.action(n, &join(field, "unknown")),
-            None => Some(if allow_only { action::DROP } else { action::PASS }),
+            None => Some(if allow_only { verdict::DROP } else { verdict::PASS }),
         };
         let (database, field_kind, unknown, table) = (database?, geo_field?, unknown?, table?);
         ok.then_some(Geo { database, field: field_kind, table, countries, allow_only, unknown })
