@@ -12,6 +12,7 @@ pub mod maps;
 pub mod smtp_flow;
 pub mod smtp_scan;
 pub mod source;
+pub mod tenant;
 pub mod trace;
 
 pub use maps::*;
@@ -395,10 +396,15 @@ pub struct DirectionPolicy {
     pub ban_factor: u32,
     /// ... up to this length.
     pub ban_max_s: u32,
+    /// Report a source behind a tenant interface whose blocked new
+    /// connections go over this many in `suspect_window_s` (0: never);
+    /// see [`tenant`].
+    pub suspect_blocked: u32,
+    pub suspect_window_s: u32,
     /// Bit per country index: drop when set.
     pub geo_drop: [u64; MAX_COUNTRIES / 64],
 }
-const _: () = assert!(core::mem::size_of::<DirectionPolicy>() == 96);
+const _: () = assert!(core::mem::size_of::<DirectionPolicy>() == 104);
 
 impl DirectionPolicy {
     /// Guards nothing: every packet leaves as non-SMTP.
@@ -420,6 +426,8 @@ impl DirectionPolicy {
         ban_base_s: 0,
         ban_factor: 1,
         ban_max_s: 0,
+        suspect_blocked: 0,
+        suspect_window_s: 0,
         geo_drop: [0; MAX_COUNTRIES / 64],
     };
 
@@ -439,7 +447,7 @@ pub struct PolicyConfig {
     pub generation: u64,
     pub direction: [DirectionPolicy; direction::COUNT],
 }
-const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 200);
+const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 216);
 
 impl PolicyConfig {
     pub const EMPTY: Self = Self { generation: 0, direction: [DirectionPolicy::EMPTY; 2] };
@@ -503,6 +511,9 @@ pub mod event_kind {
     pub const BAN_EXPIRED: u8 = 2;
     pub const RATE_TRIP: u8 = 3;
     pub const DROP_SAMPLE: u8 = 4;
+    /// A source behind a tenant interface went over the policy's blocked
+    /// connections in a window (`count`, `ifindex`).
+    pub const TENANT_SUSPECT: u8 = 5;
 }
 
 /// A record on the `EVENTS` ring buffer.
@@ -527,14 +538,19 @@ pub struct Event {
     pub count: u32,
     /// Ban length.
     pub duration_s: u32,
-    /// Bans of this source so far, this one included.
-    pub strikes: u32,
-    /// Country index of the peer, 0 if none.
-    pub country: u32,
+    /// Bans of this source so far, this one included (at most
+    /// `MAX_BAN_STRIKES`).
+    pub strikes: u16,
+    /// Country index of the peer, 0 if none (below `MAX_COUNTRIES`).
+    pub country: u16,
+    /// The tenant interface it came in on (`TENANT_SUSPECT`), else 0.
+    pub ifindex: u32,
     /// Address words holding network-order bytes; IPv4 uses the first word.
     pub src: [u32; 4],
     pub dst: [u32; 4],
 }
+// As small as it was before `ifindex`: events are built on the stack of
+// programs whose frame is near the verifier's 512 bytes with their callees.
 const _: () = assert!(core::mem::size_of::<Event>() == 72);
 
 impl Event {
@@ -572,6 +588,8 @@ mod pod {
     unsafe impl aya::Pod for maps::Counter {}
     unsafe impl aya::Pod for smtp_flow::SmtpFlowKey {}
     unsafe impl aya::Pod for smtp_flow::SmtpFlowState {}
+    unsafe impl aya::Pod for tenant::SourceKey {}
+    unsafe impl aya::Pod for tenant::SourceState {}
     unsafe impl aya::Pod for trace::TraceSelector {}
 }
 

@@ -52,11 +52,27 @@ pub const BAN_CIDR_CAPACITY: u32 = 65_536;
 /// verifier, keeping its state count small (`policy-ebpf/src/opaque.rs`).
 pub const SCRATCH: &str = "SCRATCH";
 
-/// `HashMap<u32, u32>`: ifindexes of tenant interfaces (value 1). A packet
-/// forwarded from one of them was judged there, so `tc_egress` on the
-/// uplink lets it go uncounted instead of judging it a second time.
+/// `HashMap<u32, u32>`: ifindex of a tenant interface -> its slot in
+/// `TENANT_STATS` (1..=capacity). Writer: controller, as interfaces come
+/// and go. A packet forwarded from one of them was judged there, so
+/// `tc_egress` on the uplink lets it go uncounted instead of judging it a
+/// second time; `tc_ingress` counts it at the slot.
 pub const TENANT_IFACES: &str = "TENANT_IFACES";
 pub const TENANT_IFACES_CAPACITY: u32 = 4096;
+/// `PerCpuArray<u64>`: packets judged on each tenant interface, at
+/// `tenant::cell(slot, verdict, reason)` (slot 0 unused). Writer:
+/// `tc_ingress`; the controller zeroes a slot before giving it again.
+/// Reader: controller, `smtpguard tenants`.
+pub const TENANT_STATS: &str = "TENANT_STATS";
+pub const TENANT_STATS_ENTRIES: u32 = (TENANT_IFACES_CAPACITY + 1) * crate::tenant::CELLS as u32;
+/// `LruHashMap<tenant::SourceKey, tenant::SourceState>`: blocked new
+/// connections per source behind a tenant interface, in windows. Writer:
+/// `tc_ingress`. Reader: controller (suspect gauges), `smtpguard tenants`.
+pub const TENANT_SOURCES: &str = "TENANT_SOURCES";
+pub const TENANT_SOURCES_CAPACITY: u32 = 65_536;
+/// `PerCpuArray<TenantJob>`, 1 entry: a judged packet handed to the
+/// tenant accounting.
+pub const TENANT_BUF: &str = "TENANT_BUF";
 
 /// `PerCpuArray<ScanJob>`, 1 entry: a segment's flow, place and payload
 /// bytes handed to the scanner.
@@ -90,7 +106,7 @@ pub const AYA_LOGS: &str = "AYA_LOGS";
 pub const AYA_LOGS_BYTES: u32 = 1 << 17;
 
 /// Every map of the object, for the ELF test and the controller.
-pub const ALL_MAPS: [&str; 22] = [
+pub const ALL_MAPS: [&str; 25] = [
     RUNTIME,
     POLICY,
     ACL4_ROOT,
@@ -107,6 +123,9 @@ pub const ALL_MAPS: [&str; 22] = [
     EVENT_BUDGET,
     SCRATCH,
     TENANT_IFACES,
+    TENANT_STATS,
+    TENANT_SOURCES,
+    TENANT_BUF,
     SCAN_BUF,
     SMTP_FLOWS,
     RESET_BUF,

@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap},
 };
-use policy_common::{port_filter_bit, runtime_word, PolicyConfig, Runtime, GENERATIONS, PORT_FILTER_WORDS, TENANT_IFACES_CAPACITY};
+use policy_common::{port_filter_bit, runtime_word, PolicyConfig, Runtime, GENERATIONS, PORT_FILTER_WORDS};
 
 use crate::atomic::Word;
 
@@ -91,15 +91,4 @@ pub fn runtime() -> Option<RuntimeView> {
 #[inline(always)]
 pub fn policy(generation: u32) -> Option<&'static PolicyConfig> {
     POLICY.get(generation)
-}
-
-/// Key: ifindex of a tenant interface. Writer: controller (at attach).
-#[map]
-static TENANT_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(TENANT_IFACES_CAPACITY, 0);
-
-/// Did a packet that arrived on `ifindex` pass a tenant hook already?
-#[inline(always)]
-pub fn judged_on_arrival(ifindex: u32) -> bool {
-    // SAFETY: the value is only tested for presence.
-    ifindex != 0 && unsafe { TENANT_IFACES.get(ifindex) }.is_some()
 }

@@ -18,6 +18,7 @@ use crate::{
     frame::Frame,
     parse::{self, outcome, Flow, Ports, Segment, PULL_LEN},
     reset, smtp,
+    tenants,
     sources::{self, BanCheck, SynOutcome},
     stats, trace,
 };
@@ -111,7 +112,7 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Exit {
         return Exit::Pass;
     }
     // Forwarded from a tenant interface: judged (and counted) there.
-    if hook == hook::TC_EGRESS && config::judged_on_arrival(frame.arrived_on()) {
+    if hook == hook::TC_EGRESS && tenants::judged_on_arrival(frame.arrived_on()) {
         return Exit::Pass;
     }
     // Read the generation once: every later step must use this value, or a
@@ -136,13 +137,13 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Exit {
             // SAFETY: the TCP outcome is only returned after the flow was written.
             let flow = unsafe { flow.assume_init_ref() };
             let decision = pipeline(frame, runtime, generation, dp, dir, flow);
-            finish(runtime, dp, hook, dir, Some(flow), port_slot, bytes, decision)
+            finish(frame, runtime, dp, hook, dir, Some(flow), port_slot, bytes, decision)
         }
         outcome::FRAGMENT => {
-            finish(runtime, dp, hook, dir, None, port_slot, bytes, Decision::new(verdict::PASS, reason::FRAGMENT))
+            finish(frame, runtime, dp, hook, dir, None, port_slot, bytes, Decision::new(verdict::PASS, reason::FRAGMENT))
         }
         // Malformed, or still short after a pull: the frame ends inside its headers.
-        _ => finish(runtime, dp, hook, dir, None, port_slot, bytes, Decision::new(dp.malformed_verdict, reason::MALFORMED)),
+        _ => finish(frame, runtime, dp, hook, dir, None, port_slot, bytes, Decision::new(dp.malformed_verdict, reason::MALFORMED)),
     }
 }
 
@@ -191,7 +192,7 @@ fn pipeline<F: Frame>(frame: &F, runtime: RuntimeView, generation: u32, dp: &Dir
                 e.verdict = drop_verdict(dp);
                 e.count = count;
                 e.duration_s = duration_s;
-                e.strikes = strikes;
+                e.strikes = strikes as u16;
                 events::emit(&e);
                 return Decision::new(verdict::DROP, reason::RATE_BAN);
             }
@@ -236,10 +237,12 @@ fn drop_verdict(dp: &DirectionPolicy) -> u8 {
 }
 
 /// The one exit for counted packets. A parsed segment's decision is
-/// offered to the flow trace (one word's load while tracing is off).
+/// offered to the flow trace (one word's load while tracing is off); on
+/// a tenant interface the packet is counted per interface.
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "inlined: the pipeline's state, passed as it is")]
-fn finish(
+fn finish<F: Frame>(
+    frame: &F,
     runtime: RuntimeView,
     dp: &DirectionPolicy,
     hook: usize,
@@ -251,6 +254,10 @@ fn finish(
 ) -> Exit {
     let v = if decision.verdict == verdict::DROP { drop_verdict(dp) } else { verdict::PASS };
     let out = settle(runtime, dp, dir, flow, port_slot, bytes, &decision, v);
+    // Only a tenant interface's hook counts per interface.
+    if hook == hook::TC_INGRESS {
+        tenants::record(frame.ifindex(), dir, v, decision.reason, flow, dp);
+    }
     if let Some(flow) = flow {
         let decision = trace::Decision {
             hook,
@@ -295,7 +302,7 @@ fn settle(
                 e.verdict = v;
                 e.reason = decision.reason;
                 e.rule = decision.rule;
-                e.country = decision.country;
+                e.country = decision.country as u16;
                 events::emit(&e);
             }
         }

@@ -42,6 +42,7 @@ pub fn about(flow: &Flow, kind: u8, now_ns: u64, direction: u8) -> Event {
         country: 0,
         src: flow.src,
         dst: flow.dst,
+        ifindex: 0,
     }
 }
 

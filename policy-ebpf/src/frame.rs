@@ -32,6 +32,8 @@ pub trait Frame {
     /// Ifindex the packet arrived on before being forwarded; 0 when it
     /// was generated on this host (or not known, as in XDP).
     fn arrived_on(&self) -> u32;
+    /// Ifindex of the interface the hook runs on.
+    fn ifindex(&self) -> u32;
 }
 
 /// Pointer to a `T` at `offset` into the frame, after the bounds check the
@@ -151,6 +153,12 @@ impl Frame for XdpFrame<'_> {
     fn arrived_on(&self) -> u32 {
         0
     }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { core::ptr::read_volatile(&(*self.0.ctx).ingress_ifindex) }
+    }
 }
 
 pub struct SkbFrame<'a>(pub &'a TcContext);
@@ -188,5 +196,11 @@ impl Frame for SkbFrame<'_> {
     fn arrived_on(&self) -> u32 {
         // SAFETY: the context pointer is valid for the program's run.
         unsafe { (*self.0.skb.skb).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { (*self.0.skb.skb).ifindex }
     }
 }

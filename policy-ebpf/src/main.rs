@@ -23,6 +23,7 @@ mod reset;
 mod smtp;
 mod sources;
 mod stats;
+mod tenants;
 mod trace;
 
 use aya_ebpf::{

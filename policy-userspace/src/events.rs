@@ -121,10 +121,10 @@ impl Event {
             reason: name(&reason::NAMES, e.reason),
             verdict: name(&verdict::NAMES, e.verdict),
             rule: compiled.rule(e.rule).map(|r| r.id.to_string()),
-            country: compiled.country(e.country).map(str::to_owned),
+            country: compiled.country(e.country as u32).map(str::to_owned),
         };
         match e.kind {
-            event_kind::BAN_ADDED => Event::BanAdded { packet, count: e.count, duration_s: e.duration_s, strikes: e.strikes },
+            event_kind::BAN_ADDED => Event::BanAdded { packet, count: e.count, duration_s: e.duration_s, strikes: e.strikes as u32 },
             event_kind::BAN_EXPIRED => {
                 packet.reason = Some("ban_expired".into());
                 Event::BanExpired { packet }
