@@ -909,7 +909,7 @@ fn check_ban(h: &mut Harness, addr: IpAddr, strikes: u16, duration_s: u32, origi
     let events = h.dp.drain_events()?;
     let ban = events.iter().find(|e| e.kind == event_kind::BAN_ADDED).ok_or_else(|| anyhow::anyhow!("no ban event in {events:?}"))?;
     anyhow::ensure!(
-        ban.count == fixtures::BAN_THRESHOLD + 1 && ban.duration_s == duration_s && ban.strikes == strikes as u32,
+        ban.count == fixtures::BAN_THRESHOLD + 1 && ban.duration_s == duration_s && ban.strikes == strikes,
         "ban event {ban:?}"
     );
     Ok(())
