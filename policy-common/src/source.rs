@@ -215,6 +215,9 @@ pub mod ban_origin {
     pub const AUTO: u8 = 1;
     pub const ESCALATED: u8 = 2;
     pub const MANUAL: u8 = 3;
+    /// A tenant suspect's quarantine (the controller, on `tenant_suspect`).
+    pub const QUARANTINE: u8 = 4;
+    pub const COUNT: usize = 5;
 }
 
 /// `SourceSlot::info`: strikes, ban origin, flags and last activity.

@@ -10,7 +10,6 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use aya::programs::XdpMode;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, Signal, SignalKind},
@@ -18,7 +17,8 @@ use tokio::{
 
 use crate::{
     clock,
-    dataplane::{Capacities, Dataplane, Hook},
+    dataplane::{bans::BanLock, Capacities, Dataplane},
+    interfaces::{netlink, Change, Interfaces, Selection},
     event_log::EventLog,
     events::{Event, ReloadResult},
     http,
@@ -47,15 +47,10 @@ pub struct RunOptions {
     pub capacities: Capacities,
 }
 
-/// The interface's index, 0 when there is none by that name.
-fn ifindex(name: &str) -> u32 {
-    let Ok(c) = std::ffi::CString::new(name) else { return 0 };
-    // SAFETY: a valid C string.
-    unsafe { libc::if_nametoindex(c.as_ptr()) }
-}
-
 fn iface_exists(name: &str) -> bool {
-    ifindex(name) != 0
+    let Ok(c) = std::ffi::CString::new(name) else { return false };
+    // SAFETY: a valid C string.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
 }
 
 /// Everything that can be refused before anything changes.
@@ -67,7 +62,10 @@ fn preflight(o: &RunOptions) -> Result<()> {
     if o.uplinks.is_empty() && o.tenants.is_empty() {
         bail!("name at least one --uplink or --tenant interface");
     }
-    for i in o.uplinks.iter().chain(&o.tenants) {
+    let selection = Selection::new(&o.uplinks, &o.tenants).context("nothing was changed")?;
+    // A named uplink must be there at start (a typo is refused); tenant
+    // interfaces come and go with VMs, and patterns match what appears.
+    for i in selection.named_uplinks() {
         if !iface_exists(i) {
             bail!("interface {i} does not exist (nothing was changed)");
         }
@@ -99,6 +97,7 @@ struct Controller {
     /// The day an expiry reload was last tried, so a rejected one is not
     /// retried every second.
     expiry_tried: Option<i64>,
+    interfaces: Interfaces,
 }
 
 fn mtime(p: &Path) -> Option<SystemTime> {
@@ -235,7 +234,9 @@ impl Controller {
             acl6_entries,
             acl4_used,
             acl4_room,
-            tenant_ifaces: self.o.tenants.len(),
+            interfaces: self.interfaces.view(),
+            missing_uplinks: self.interfaces.selection().named_uplinks().filter(|n| self.interfaces.view().iter().all(|v| v.name != *n)).map(str::to_owned).collect(),
+            suspect_window_s: self.compiled.config.direction[policy_common::direction::EGRESS as usize].suspect_window_s,
         });
     }
 
@@ -262,9 +263,83 @@ impl Controller {
         let Ok(evs) = self.dp.drain_events() else { return };
         let ports = self.ports();
         for e in evs {
+            if e.kind == policy_common::event_kind::TENANT_SUSPECT {
+                self.tenant_suspect(&e);
+                continue;
+            }
             let event = Event::from_datapath(&e, &self.compiled, &ports);
             self.emit(&event);
         }
+    }
+
+    /// A source behind a tenant interface went over the policy's blocked
+    /// connections: reported, and quarantined where the policy says so.
+    fn tenant_suspect(&mut self, e: &policy_common::Event) {
+        let interface = self.interfaces.name_of(e.ifindex).map(str::to_owned).unwrap_or_else(|| format!("ifindex {}", e.ifindex));
+        let packet = crate::events::Packet::from_datapath(e, &self.compiled, &self.ports());
+        let quarantine_s = self.compiled.quarantine_s;
+        tracing::warn!("tenant suspect: {} behind {interface} had {} new connections blocked within {} s", packet.src, e.count, e.duration_s);
+        if quarantine_s > 0 {
+            if let Err(err) = self.quarantine(packet.src, quarantine_s) {
+                tracing::error!("quarantining {} failed: {err:#}", packet.src);
+            }
+        }
+        self.state.metrics.tenant_suspects.with_label_values(&[&interface]).inc();
+        let event = Event::TenantSuspect { time: packet.time, interface, src: packet.src, blocked: e.count, window_s: e.duration_s, quarantine_s };
+        self.emit(&event);
+    }
+
+    fn quarantine(&mut self, addr: std::net::IpAddr, seconds: u32) -> Result<()> {
+        let lock = BanLock::take(&self.o.pins.ban_lock_dir())?;
+        self.dp.maps_mut().quarantine_source(&lock, addr, std::time::Duration::from_secs(seconds as u64))?;
+        self.state.metrics.quarantines.inc();
+        Ok(())
+    }
+
+    /// A link notification: attach what appeared, detach what went.
+    fn link_changed(&mut self, change: netlink::LinkChange) {
+        let result = if change.present {
+            self.interfaces.appeared(&mut self.dp, &change.name, change.ifindex)
+        } else {
+            self.interfaces.gone(&mut self.dp, &change.name, change.ifindex).map(|c| c.into_iter().collect())
+        };
+        match result {
+            Ok(changes) => {
+                let any = !changes.is_empty();
+                for c in changes {
+                    self.report(c);
+                }
+                if any {
+                    self.publish_view();
+                }
+            }
+            Err(e) => tracing::error!("interface {} ({}): {e:#}", change.name, if change.present { "appeared" } else { "went away" }),
+        }
+    }
+
+    /// Logs an interface change and sends its event.
+    fn report(&mut self, change: Change) {
+        let time = clock::now_rfc3339();
+        let event = match change {
+            Change::Attached { name, role, ifindex, adopted } => {
+                tracing::info!("{} {name} ({}, ifindex {ifindex})", if adopted { "adopted" } else { "attached to" }, role.name());
+                Event::InterfaceAttached { time, interface: name, role: role.name().into(), ifindex }
+            }
+            Change::Detached { name, role, why } => {
+                tracing::info!("detached from {name} ({}): {why}", role.name());
+                let _ = self.state.metrics.tenant_suspects.remove_label_values(&[&name]);
+                Event::InterfaceDetached { time, interface: name, role: role.name().into(), why: why.into() }
+            }
+            Change::UplinkMissing { name } => {
+                tracing::error!("uplink {name} is gone: nothing judges mail arriving on it until it comes back (it is attached again then)");
+                Event::UplinkMissing { time, interface: name }
+            }
+            Change::StalePin { pin, why } => {
+                tracing::warn!("removed the stale pin {pin}: {why}");
+                Event::StalePin { time, pin, why: why.into() }
+            }
+        };
+        self.emit(&event);
     }
 }
 
@@ -273,47 +348,6 @@ impl Controller {
 fn give_back_memory() {
     // SAFETY: malloc_trim has no preconditions.
     unsafe { libc::malloc_trim(0) };
-}
-
-fn attach_all(o: &RunOptions, dp: &mut Dataplane) -> Result<()> {
-    for iface in &o.uplinks {
-        let pin = o.pins.link("xdp", iface);
-        let adopt = pin.exists();
-        let modes: &[(XdpMode, &str)] = match o.xdp_mode {
-            XdpModeChoice::Native => &[(XdpMode::Driver, "native")],
-            XdpModeChoice::Generic => &[(XdpMode::Skb, "generic")],
-            XdpModeChoice::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
-        };
-        let mut done = false;
-        let mut last = None;
-        for (mode, name) in modes {
-            match dp.attach_xdp_pinned(iface, *mode, &pin) {
-                Ok(adopted) => {
-                    tracing::info!("xdp_ingress {} {iface} ({name} mode)", if adopted { "adopted on" } else { "attached to" });
-                    done = true;
-                    break;
-                }
-                Err(e) if !adopt && o.xdp_mode == XdpModeChoice::Auto && *mode == XdpMode::Driver => {
-                    tracing::warn!("native XDP on {iface} failed ({e}); falling back to generic XDP");
-                    last = Some(e);
-                }
-                Err(e) => return Err(e).with_context(|| format!("attaching XDP to {iface}")),
-            }
-        }
-        if !done {
-            bail!("attaching XDP to {iface}: {}", last.map(|e| e.to_string()).unwrap_or_default());
-        }
-        let tc = o.pins.link("tcegress", iface);
-        let adopted = dp.attach_tc_pinned(Hook::TcEgress, iface, &tc).with_context(|| format!("attaching tc_egress to {iface}"))?;
-        tracing::info!("tc_egress {} {iface}", if adopted { "adopted on" } else { "attached to" });
-    }
-    for iface in &o.tenants {
-        let tc = o.pins.link("tcingress", iface);
-        let adopted = dp.attach_tc_pinned(Hook::TcIngress, iface, &tc).with_context(|| format!("attaching tc_ingress to {iface}"))?;
-        tracing::info!("tc_ingress {} {iface}", if adopted { "adopted on" } else { "attached to" });
-    }
-    let tenants: Vec<u32> = o.tenants.iter().map(|i| ifindex(i)).collect();
-    dp.set_tenant_ifaces(&tenants).context("recording the tenant interfaces")
 }
 
 /// The signals the controller answers. Installed first thing, so a
@@ -356,7 +390,8 @@ pub fn run(o: RunOptions) -> Result<()> {
     let dp = Dataplane::load(o.capacities, Some(&o.pins.dir)).context("loading the datapath")?;
     let generation = if adopting { dp.maps().policy(dp.active_generation())?.generation } else { 0 };
     let watched = watch_list(&o.policy, &policy);
-    let mut c = Controller { o: o.clone(), dp, policy, compiled, generation, watched, state: state.clone(), events, last_seen: None, expiry_tried: None };
+    let interfaces = Interfaces::new(Selection::new(&o.uplinks, &o.tenants)?, o.pins.clone(), o.xdp_mode);
+    let mut c = Controller { o: o.clone(), dp, policy, compiled, generation, watched, state: state.clone(), events, last_seen: None, expiry_tried: None, interfaces };
     // Load the policy before attaching, so the first packet a new link
     // judges already has it; adopted links judge by the pinned one meanwhile.
     let (p, comp) = (c.policy.clone(), c.compiled.clone());
@@ -367,7 +402,13 @@ pub fn run(o: RunOptions) -> Result<()> {
     m.reloads.with_label_values(&["ok"]).inc();
     m.last_reload_ok.set(1);
     m.last_reload_time.set(clock::unix_now_s());
-    attach_all(&o, &mut c.dp)?;
+    // Subscribed before the interfaces are listed: one created in between
+    // is seen twice, never missed.
+    let (links, mut link_changes) = rt.block_on(netlink::watch()).context("watching network interfaces (rtnetlink)")?;
+    let changes = c.interfaces.start(&mut c.dp, &links)?;
+    for change in changes {
+        c.report(change);
+    }
     c.dp.programs().pin(&o.pins.dir)?;
     std::fs::write(o.pins.pid_file(), std::process::id().to_string())?;
     state.ready(c.dp.observer()?);
@@ -381,13 +422,14 @@ pub fn run(o: RunOptions) -> Result<()> {
     );
     let started = c.applied_event(if adopting { "restart" } else { "start" }, None);
     c.emit(&started);
-    let result = rt.block_on(control_loop(&mut c, &mut signals));
+    let result = rt.block_on(control_loop(&mut c, &mut signals, &mut link_changes));
     tracing::info!("stopping; enforcement continues from {} (smtpguard detach removes it)", o.pins.dir.display());
     let _ = std::fs::remove_file(o.pins.pid_file());
     result
 }
 
-async fn control_loop(c: &mut Controller, signals: &mut Signals) -> Result<()> {
+async fn control_loop(c: &mut Controller, signals: &mut Signals, links: &mut (impl futures_util::Stream<Item = netlink::LinkChange> + Unpin)) -> Result<()> {
+    use futures_util::StreamExt;
     let ring_fd = c.dp.events_fd()?;
     // SAFETY: the fd is ours (a dup) and stays open while registered.
     let ring = unsafe { AsyncFd::register(ring_fd) }.map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e:?}"))?;
@@ -412,6 +454,7 @@ async fn control_loop(c: &mut Controller, signals: &mut Signals) -> Result<()> {
                 }
                 c.drain_events();
             }
+            Some(change) = links.next() => c.link_changed(change),
             ready = ring.readable() => {
                 if let Ok(mut guard) = ready {
                     c.drain_events();

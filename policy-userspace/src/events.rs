@@ -49,6 +49,36 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none", default)]
         reason: Option<String>,
     },
+    /// A source behind a tenant interface had more new connections blocked
+    /// in a window than the policy's `tenant_suspect.blocked`: the classic
+    /// sign of a compromised VM. Once per episode.
+    TenantSuspect {
+        time: String,
+        /// The tenant interface it sends from.
+        interface: String,
+        src: IpAddr,
+        /// Blocked new connections in the window.
+        blocked: u32,
+        window_s: u32,
+        /// How long it is banned on every guarded port (0: reported only).
+        quarantine_s: u32,
+    },
+    /// smtpguard attached to an interface (at start, or as it appeared).
+    InterfaceAttached {
+        time: String,
+        interface: String,
+        /// `uplink` or `tenant`.
+        role: String,
+        ifindex: u32,
+    },
+    /// An interface went away (a VM stopped) or is no longer selected.
+    InterfaceDetached { time: String, interface: String, role: String, why: String },
+    /// A named uplink is gone: nothing judges mail arriving on it until it
+    /// comes back (it is attached again then).
+    UplinkMissing { time: String, interface: String },
+    /// A link pin of an earlier run was stale (its interface deleted or
+    /// recreated) and was replaced.
+    StalePin { time: String, pin: String, why: String },
     /// A policy was applied (start, restart, reload) or refused.
     PolicyReload {
         time: String,
@@ -109,20 +139,7 @@ impl Event {
     /// A datapath event, with rule ids, countries and ports named by the
     /// policy in force (`ports` by slot).
     pub fn from_datapath(e: &policy_common::Event, compiled: &Compiled, ports: &[u16]) -> Self {
-        let name = |names: &[&'static str], i: u8| names.get(i as usize).map(|s| (*s).to_owned());
-        let mut packet = Packet {
-            time: clock::rfc3339(clock::wall_time_of(e.ktime_ns)),
-            direction: name(&direction::NAMES, e.direction).unwrap_or_else(|| "unknown".into()),
-            src: addr(e.family, e.src_octets()),
-            dst: addr(e.family, e.dst_octets()),
-            sport: e.sport,
-            dport: e.dport,
-            port: ports.get(e.port_slot as usize).copied(),
-            reason: name(&reason::NAMES, e.reason),
-            verdict: name(&verdict::NAMES, e.verdict),
-            rule: compiled.rule(e.rule).map(|r| r.id.to_string()),
-            country: compiled.country(e.country as u32).map(str::to_owned),
-        };
+        let mut packet = Packet::from_datapath(e, compiled, ports);
         match e.kind {
             event_kind::BAN_ADDED => Event::BanAdded { packet, count: e.count, duration_s: e.duration_s, strikes: e.strikes as u32 },
             event_kind::BAN_EXPIRED => {
@@ -140,6 +157,26 @@ impl Event {
     /// One JSON line.
     pub fn to_line(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"event\":\"unserialisable\",\"error\":\"{e}\"}}"))
+    }
+}
+
+impl Packet {
+    /// What a datapath event says of its packet, named by the policy.
+    pub fn from_datapath(e: &policy_common::Event, compiled: &Compiled, ports: &[u16]) -> Self {
+        let name = |names: &[&'static str], i: u8| names.get(i as usize).map(|s| (*s).to_owned());
+        Packet {
+            time: clock::rfc3339(clock::wall_time_of(e.ktime_ns)),
+            direction: name(&direction::NAMES, e.direction).unwrap_or_else(|| "unknown".into()),
+            src: addr(e.family, e.src_octets()),
+            dst: addr(e.family, e.dst_octets()),
+            sport: e.sport,
+            dport: e.dport,
+            port: ports.get(e.port_slot as usize).copied(),
+            reason: name(&reason::NAMES, e.reason),
+            verdict: name(&verdict::NAMES, e.verdict),
+            rule: compiled.rule(e.rule).map(|r| r.id.to_string()),
+            country: compiled.country(e.country as u32).map(str::to_owned),
+        }
     }
 }
 

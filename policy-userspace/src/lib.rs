@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod event_log;
 pub mod events;
 pub mod http;
+pub mod interfaces;
 pub mod logging;
 pub mod metrics;
 pub mod pins;

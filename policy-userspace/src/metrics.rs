@@ -27,6 +27,9 @@ pub struct ControllerMetrics {
     pub last_reload_ok: IntGauge,
     pub last_reload_time: Gauge,
     pub event_write_failures: IntCounter,
+    /// Suspect episodes reported, by tenant interface (labels go with it).
+    pub tenant_suspects: IntCounterVec,
+    pub quarantines: IntCounter,
 }
 
 impl ControllerMetrics {
@@ -42,6 +45,12 @@ impl ControllerMetrics {
             last_reload_time: Gauge::new("smtpguard_last_reload_timestamp_seconds", "When the last reload was attempted (Unix time)").expect("valid"),
             event_write_failures: IntCounter::new("smtpguard_event_write_failures_total", "Events that could not be written to the event log (full disk, closed pipe)")
                 .expect("valid"),
+            tenant_suspects: IntCounterVec::new(
+                Opts::new("smtpguard_tenant_suspect_episodes_total", "Sources behind a tenant interface reported as suspects (tenant_suspect events), by interface"),
+                &["interface"],
+            )
+            .expect("valid"),
+            quarantines: IntCounter::new("smtpguard_quarantines_total", "Tenant suspects banned on every guarded port (policy tenant_suspect.quarantine)").expect("valid"),
         }
     }
 }
@@ -68,7 +77,12 @@ pub struct PolicyView {
     pub acl6_entries: usize,
     pub acl4_used: Capacity,
     pub acl4_room: Capacity,
-    pub tenant_ifaces: usize,
+    /// The interfaces attached now.
+    pub interfaces: Vec<crate::interfaces::InterfaceView>,
+    /// Named uplinks that are not there.
+    pub missing_uplinks: Vec<String>,
+    /// The egress policy's `tenant_suspect.window` (0: off), for the gauge.
+    pub suspect_window_s: u32,
 }
 
 impl PolicyView {
@@ -84,10 +98,14 @@ pub struct TableGauges {
     /// When the scan ran (Unix seconds); 0: not yet.
     pub scanned_at: f64,
     pub tracked_sources: u64,
-    /// Active bans by origin: auto, escalated, manual.
-    pub bans: [u64; 3],
+    /// Active bans by origin: auto, escalated, manual, quarantine.
+    pub bans: [u64; 4],
     pub network_bans_v4: u64,
     pub network_bans_v6: u64,
+    /// `TENANT_STATS`, summed over CPUs.
+    pub tenant_stats: Vec<u64>,
+    /// What `TENANT_SOURCES` holds.
+    pub tenant_sources: Vec<crate::dataplane::tenants::TenantSource>,
 }
 
 impl TableGauges {
@@ -96,13 +114,52 @@ impl TableGauges {
         let now = ktime_now_ns();
         let snapshot = observer.sources().snapshot(now);
         let mut g = TableGauges { tracked_sources: snapshot.tracked, ..TableGauges::default() };
-        for (i, origin) in [ban_origin::AUTO, ban_origin::ESCALATED, ban_origin::MANUAL].into_iter().enumerate() {
+        for (i, origin) in [ban_origin::AUTO, ban_origin::ESCALATED, ban_origin::MANUAL, ban_origin::QUARANTINE].into_iter().enumerate() {
             g.bans[i] = snapshot.banned[origin as usize];
         }
         (g.network_bans_v4, g.network_bans_v6) = observer.network_ban_counts()?;
+        g.tenant_stats = observer.tenant_stats()?;
+        g.tenant_sources = observer.tenant_sources()?;
         g.scanned_at = clock::unix_now_s();
         Ok(g)
     }
+}
+
+/// Attached interfaces (and named uplinks that are not there), what each
+/// tenant interface sent, and its current suspects: one series per
+/// interface that exists, none left for those gone.
+fn register_interfaces(r: &Registry, view: &PolicyView, tables: &TableGauges) {
+    let attached = IntGaugeVec::new(
+        Opts::new("smtpguard_interface_attached", "1 for each interface smtpguard judges on, by role; 0 for a named uplink that is not there (nothing judges it)"),
+        &["interface", "role"],
+    )
+    .expect("valid");
+    for i in &view.interfaces {
+        attached.with_label_values(&[i.name.as_str(), i.role.name()]).set(1);
+    }
+    for name in &view.missing_uplinks {
+        attached.with_label_values(&[name.as_str(), "uplink"]).set(0);
+    }
+    let packets = IntCounterVec::new(
+        Opts::new("smtpguard_tenant_packets_total", "Packets each tenant interface sent to guarded ports, by verdict and reason (from the last table scan)"),
+        &["interface", "verdict", "reason"],
+    )
+    .expect("valid");
+    let suspects = IntGaugeVec::new(
+        Opts::new("smtpguard_tenant_suspects", "Sources behind each tenant interface in a suspect episode now (from the last table scan)"),
+        &["interface"],
+    )
+    .expect("valid");
+    for i in view.interfaces.iter().filter(|i| i.slot != 0) {
+        for (v, why, n) in crate::dataplane::tenants::slot_cells(&tables.tenant_stats, i.slot) {
+            packets.with_label_values(&[i.name.as_str(), verdict::NAMES[v as usize], reason::NAMES[why as usize]]).inc_by(n);
+        }
+        let now = tables.tenant_sources.iter().filter(|s| s.ifindex == i.ifindex && s.suspect_now(view.suspect_window_s)).count();
+        suspects.with_label_values(&[i.name.as_str()]).set(now as i64);
+    }
+    register(r, attached);
+    register(r, packets);
+    register(r, suspects);
 }
 
 /// The source table's churn, from the summed `STATS` cells:
@@ -198,7 +255,7 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
         }
     }
     let bans = IntGaugeVec::new(Opts::new("smtpguard_active_bans", "Sources banned now, by origin (from the last table scan)"), &["origin"]).expect("valid");
-    for (origin, n) in ["auto", "escalated", "manual"].iter().zip(tables.bans) {
+    for (origin, n) in ["auto", "escalated", "manual", "quarantine"].iter().zip(tables.bans) {
         bans.with_label_values(&[origin]).set(n as i64);
     }
     let tracked = IntGauge::new("smtpguard_tracked_sources", "Sources in the rate and ban table (from the last table scan)").expect("valid");
@@ -219,7 +276,7 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     entries.with_label_values(&[policy_common::SOURCES]).set(tables.tracked_sources as i64);
     entries.with_label_values(&[policy_common::BAN_V4]).set(tables.network_bans_v4 as i64);
     entries.with_label_values(&[policy_common::BAN_V6]).set(tables.network_bans_v6 as i64);
-    entries.with_label_values(&[policy_common::TENANT_IFACES]).set(view.tenant_ifaces as i64);
+    entries.with_label_values(&[policy_common::TENANT_IFACES]).set(view.interfaces.iter().filter(|i| i.slot != 0).count() as i64);
     // Fixed-size arrays are always full: entries equal capacity.
     for (name, cap) in [
         (policy_common::RUNTIME, 1),
@@ -233,6 +290,8 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
         (policy_common::RESET_BUF, 1),
         (policy_common::TRACE, 1),
         (policy_common::TRACE_BUF, 1),
+        (policy_common::TENANT_STATS, policy_common::TENANT_STATS_ENTRIES as i64),
+        (policy_common::TENANT_BUF, 1),
     ] {
         entries.with_label_values(&[name]).set(cap);
         capacity.with_label_values(&[name]).set(cap);
@@ -246,9 +305,12 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
         (policy_common::EVENTS, policy_common::EVENTS_BYTES as i64),
         (policy_common::AYA_LOGS, policy_common::AYA_LOGS_BYTES as i64),
         (policy_common::TENANT_IFACES, policy_common::TENANT_IFACES_CAPACITY as i64),
+        (policy_common::TENANT_SOURCES, policy_common::TENANT_SOURCES_CAPACITY as i64),
     ] {
         capacity.with_label_values(&[name]).set(cap);
     }
+    entries.with_label_values(&[policy_common::TENANT_SOURCES]).set(tables.tenant_sources.len() as i64);
+    register_interfaces(&r, view, tables);
     let generation = IntGauge::new("smtpguard_policy_generation", "Generation number of the policy in force").expect("valid");
     generation.set(view.generation as i64);
     let build = IntGaugeVec::new(Opts::new("smtpguard_build_info", "Build information"), &["version"]).expect("valid");
@@ -269,6 +331,8 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     register(&r, m.last_reload_ok.clone());
     register(&r, m.last_reload_time.clone());
     register(&r, m.event_write_failures.clone());
+    register(&r, m.tenant_suspects.clone());
+    register(&r, m.quarantines.clone());
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out).map_err(|e| e.to_string())?;
     String::from_utf8(out).map_err(|e| e.to_string())

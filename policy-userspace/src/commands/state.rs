@@ -98,6 +98,7 @@ pub fn origin_name(origin: u8) -> &'static str {
         ban_origin::AUTO => "auto",
         ban_origin::ESCALATED => "escalated",
         ban_origin::MANUAL => "manual",
+        ban_origin::QUARANTINE => "quarantine",
         _ => "none",
     }
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::maps::lpm_trie::Key;
-use policy_common::source::{source_key_v4, source_key_v6};
+use policy_common::source::{ban_origin, source_key_v4, source_key_v6};
 
 #[cfg(doc)]
 use super::source_table::SourceTable;
@@ -107,11 +107,18 @@ impl Maps {
     /// the datapath's updates of the other ways of the set stand.
     pub fn ban_source(&mut self, _lock: &BanLock, addr: IpAddr, duration: Duration) -> Result<BanWay> {
         let until = until_from_now(duration)?;
-        let way = self.source_table().ban(source_key(addr), until, ktime_now_ns)?;
+        let way = self.source_table().ban(source_key(addr), until, ban_origin::MANUAL, ktime_now_ns)?;
         // Counted on the first CPU's cell; readers sum all CPUs. The
         // datapath never writes this cell, and bans hold the lock.
         self.count_on_first_cpu(policy_common::STATS_BANS_MANUAL)?;
         Ok(way)
+    }
+
+    /// Quarantines a tenant suspect: bans `addr` on every guarded port for
+    /// `duration`, origin quarantine (the controller, on `tenant_suspect`).
+    pub fn quarantine_source(&mut self, _lock: &BanLock, addr: IpAddr, duration: Duration) -> Result<BanWay> {
+        let until = until_from_now(duration)?;
+        Ok(self.source_table().ban(source_key(addr), until, ban_origin::QUARANTINE, ktime_now_ns)?)
     }
 
     /// Lifts a source's ban; returns whether there was one. Writes only

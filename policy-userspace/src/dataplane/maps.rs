@@ -140,7 +140,7 @@ impl Maps {
             cpus,
             fds: {
                 // Used only through their fds: kept alive by the duplicates.
-                for name in [pc::STATS, pc::GEO_DROPS] {
+                for name in [pc::STATS, pc::GEO_DROPS, pc::TENANT_STATS, pc::TENANT_SOURCES] {
                     source.take_kept(name, &mut fds)?;
                 }
                 fds
@@ -189,7 +189,7 @@ impl Maps {
         self.fds.iter().find(|(n, _)| *n == name).map_or(-1, |(_, fd)| fd.as_raw_fd())
     }
 
-    fn dup_fd(&self, name: &'static str) -> Result<OwnedFd> {
+    pub(super) fn dup_fd(&self, name: &'static str) -> Result<OwnedFd> {
         let fd = self.fds.iter().find(|(n, _)| *n == name).ok_or(DataplaneError::MissingMap(name))?;
         fd.1.try_clone().map_err(|e| DataplaneError::Pin { path: name.into(), message: e.to_string() })
     }
@@ -232,18 +232,13 @@ impl Maps {
         stats.set(cell, values, 0).map_err(map_error(name))
     }
 
-    /// Makes `ifindexes` the tenant interfaces, replacing any earlier set
-    /// (interfaces of a previous run may be gone, their numbers reused).
-    pub fn set_tenant_ifaces(&mut self, ifindexes: &[u32]) -> Result<()> {
-        let name = policy_common::TENANT_IFACES;
-        let old: Vec<u32> = self.tenant_ifaces.keys().filter_map(|k| k.ok()).filter(|k| !ifindexes.contains(k)).collect();
-        for k in old {
-            self.tenant_ifaces.remove(&k).map_err(map_error(name))?;
-        }
-        for &k in ifindexes {
-            self.tenant_ifaces.insert(k, 1, 0).map_err(map_error(name))?;
-        }
-        Ok(())
+    pub(super) fn tenant_ifaces(&mut self) -> &mut HashMap<MapData, u32, u32> {
+        &mut self.tenant_ifaces
+    }
+
+    /// The kernel's possible CPUs.
+    pub(super) fn cpus(&self) -> usize {
+        self.cpus
     }
 
     #[cfg(feature = "testing")]
@@ -283,6 +278,9 @@ impl Maps {
             sources: self.sources.clone(),
             ban_v4: self.dup_fd(pc::BAN_V4)?,
             ban_v6: self.dup_fd(pc::BAN_V6)?,
+            tenant_ifaces: self.dup_fd(pc::TENANT_IFACES)?,
+            tenant_stats: self.dup_fd(pc::TENANT_STATS)?,
+            tenant_sources: self.dup_fd(pc::TENANT_SOURCES)?,
             cpus: self.cpus,
             smtp_flow_capacity: self.smtp_flows.map().info().map_err(map_error(pc::SMTP_FLOWS))?.max_entries(),
         })

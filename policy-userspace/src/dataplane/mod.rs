@@ -25,6 +25,7 @@ pub mod programs;
 pub mod runtime_words;
 mod shared_words;
 pub mod source_table;
+pub mod tenants;
 pub mod trace;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -180,10 +181,6 @@ impl Dataplane {
 
     pub fn attach_tc_pinned(&mut self, hook: Hook, iface: &str, link_pin: &std::path::Path) -> Result<bool> {
         self.programs.attach_tc_pinned(hook, iface, link_pin)
-    }
-
-    pub fn set_tenant_ifaces(&mut self, ifindexes: &[u32]) -> Result<()> {
-        self.maps.set_tenant_ifaces(ifindexes)
     }
 
     /// Elements of the IPv4 ACL arrays both generations use, and their room.

@@ -5,7 +5,7 @@
 //! so it is `Send + Sync`.
 
 use std::{
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     sync::Arc,
 };
 
@@ -20,6 +20,9 @@ pub struct Observer {
     pub(super) sources: Arc<SourceTable>,
     pub(super) ban_v4: OwnedFd,
     pub(super) ban_v6: OwnedFd,
+    pub(super) tenant_ifaces: OwnedFd,
+    pub(super) tenant_stats: OwnedFd,
+    pub(super) tenant_sources: OwnedFd,
     /// The kernel's possible CPUs: per-CPU values come in this many.
     pub(super) cpus: usize,
     /// Client streams `SMTP_FLOWS` holds, as the map was made.
@@ -55,9 +58,27 @@ impl Observer {
             sources: self.sources.clone(),
             ban_v4: self.ban_v4.try_clone()?,
             ban_v6: self.ban_v6.try_clone()?,
+            tenant_ifaces: self.tenant_ifaces.try_clone()?,
+            tenant_stats: self.tenant_stats.try_clone()?,
+            tenant_sources: self.tenant_sources.try_clone()?,
             cpus: self.cpus,
             smtp_flow_capacity: self.smtp_flow_capacity,
         })
+    }
+
+    /// (ifindex, slot) of every tenant interface.
+    pub fn tenant_slots(&self) -> std::io::Result<Vec<(u32, u32)>> {
+        super::tenants::read_slots(self.tenant_ifaces.as_fd())
+    }
+
+    /// Every `TENANT_STATS` cell, summed over CPUs.
+    pub fn tenant_stats(&self) -> std::io::Result<Vec<u64>> {
+        super::tenants::read_stats(self.tenant_stats.as_fd(), self.cpus)
+    }
+
+    /// Every source behind a tenant interface the datapath tracks.
+    pub fn tenant_sources(&self) -> std::io::Result<Vec<super::tenants::TenantSource>> {
+        super::tenants::read_sources(self.tenant_sources.as_fd())
     }
 
     /// Client streams the command filter can follow.

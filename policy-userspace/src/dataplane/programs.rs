@@ -191,3 +191,34 @@ fn tc_attach_type(hook: Hook) -> Result<TcAttachType> {
         Hook::XdpIngress => Err(DataplaneError::MissingProgram("xdp is not a TC hook")),
     }
 }
+
+/// The interface a pinned XDP or TCX link is attached to: its ifindex,
+/// or 0 when the interface is gone (the kernel detached the link).
+pub fn pinned_link_ifindex(path: &Path) -> std::io::Result<u32> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let bpf = |cmd: libc::c_long, attr: &mut [u64; 4]| {
+        // SAFETY: `attr` is a zeroed bpf_attr prefix the command reads.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) }
+    };
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut attr = [0u64; 4];
+    attr[0] = c.as_ptr() as u64;
+    let fd = bpf(BPF_OBJ_GET, &mut attr);
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned) the
+    // union, whose xdp and tcx members start with the ifindex.
+    let mut info = [0u32; 16];
+    let mut attr = [0u64; 4];
+    attr[0] = std::os::fd::AsRawFd::as_raw_fd(&fd) as u64 | ((size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    if bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info[4])
+}

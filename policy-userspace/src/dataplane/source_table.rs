@@ -46,7 +46,7 @@ pub struct SourceSnapshot {
     /// Ways holding a source.
     pub tracked: u64,
     /// Sources banned now, by `ban_origin` (index 0, `NONE`, stays 0).
-    pub banned: [u64; 4],
+    pub banned: [u64; ban_origin::COUNT],
     /// Ways in the table.
     pub capacity: u64,
 }
@@ -127,7 +127,7 @@ impl SourceTable {
                 s.tracked += 1;
                 if self.word(set, way, BAN_UNTIL).load(Ordering::Relaxed) > now_ns {
                     let origin = SlotInfo::unpack(self.word(set, way, INFO).load(Ordering::Relaxed)).origin;
-                    s.banned[origin as usize % 4] += 1;
+                    s.banned[origin as usize % ban_origin::COUNT] += 1;
                 }
             }
         }
@@ -147,10 +147,10 @@ impl SourceTable {
         (0..WAYS).min_by_key(|&way| (score(way), way)).unwrap_or(0)
     }
 
-    /// Bans the source `key` until `until_ns` (a manual ban: origin
-    /// manual, one more strike), taking a way for it if it has none.
-    /// `now_ns` is the datapath's clock.
-    pub fn ban(&self, key: u64, until_ns: u64, now_ns: impl Fn() -> u64) -> Result<BanWay, Contended> {
+    /// Bans the source `key` until `until_ns` (a ban made in userspace:
+    /// `origin` manual or quarantine, one more strike), taking a way for it
+    /// if it has none. `now_ns` is the datapath's clock.
+    pub fn ban(&self, key: u64, until_ns: u64, origin: u8, now_ns: impl Fn() -> u64) -> Result<BanWay, Contended> {
         let set = source_set(key, self.sets);
         for _ in 0..TRIES {
             let now = now_ns();
@@ -173,7 +173,7 @@ impl SourceTable {
             ban.swap(until_ns, Ordering::AcqRel);
             let _ = self.word(set, way, INFO).fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
                 let info = SlotInfo::unpack(old);
-                Some(SlotInfo { strikes: info.strikes.saturating_add(1), origin: ban_origin::MANUAL, flags: info.flags, last_seen_s: now_s }.pack())
+                Some(SlotInfo { strikes: info.strikes.saturating_add(1), origin, flags: info.flags, last_seen_s: now_s }.pack())
             });
             if how == BanWay::Claimed {
                 // A datapath claim of this way that began before ours ends
@@ -261,19 +261,19 @@ mod tests {
         }
         t.write_set(0, &set);
         // A free way first.
-        assert_eq!(t.ban(key(100), now + 3600 * S, || now), Ok(BanWay::Claimed));
+        assert_eq!(t.ban(key(100), now + 3600 * S, ban_origin::MANUAL, || now), Ok(BanWay::Claimed));
         let after = t.read_set(0);
         assert_eq!(after.slots[7].key, key(100));
         assert_eq!(after.slots[7].ban_until_ns, now + 3600 * S);
         assert_eq!(SlotInfo::unpack(after.slots[7].info), SlotInfo { strikes: 1, origin: ban_origin::MANUAL, flags: 0, last_seen_s: 1_000 });
         assert_eq!(&after.slots[..7], &set.slots[..7], "the other ways are untouched");
         // Then the idlest unbanned source (way 4), never a ban.
-        assert_eq!(t.ban(key(101), now + 3600 * S, || now), Ok(BanWay::Claimed));
+        assert_eq!(t.ban(key(101), now + 3600 * S, ban_origin::MANUAL, || now), Ok(BanWay::Claimed));
         let after = t.read_set(0);
         assert_eq!(after.slots[4].key, key(101));
         assert_eq!((after.slots[4].admit_tat_ns, after.slots[4].window), (0, 0), "a claimed way starts afresh");
         // A tracked source (key 6, way 5) keeps its way, one more strike.
-        assert_eq!(t.ban(key(6), now + 60 * S, || now), Ok(BanWay::Tracked));
+        assert_eq!(t.ban(key(6), now + 60 * S, ban_origin::MANUAL, || now), Ok(BanWay::Tracked));
         let way5 = t.read_set(0).slots[5];
         assert_eq!((way5.key, way5.ban_until_ns, SlotInfo::unpack(way5.info).strikes), (key(6), now + 60 * S, 2));
         assert_eq!((way5.admit_tat_ns, way5.window), (7, 9), "a tracked source keeps its bucket and meter");
@@ -288,12 +288,12 @@ mod tests {
         let (_fd, t) = table(4);
         let now = 50 * S;
         assert_eq!(t.unban(key(1), || now), Ok(false), "untracked");
-        t.ban(key(1), now + 10 * S, || now).unwrap();
+        t.ban(key(1), now + 10 * S, ban_origin::MANUAL, || now).unwrap();
         assert_eq!(t.unban(key(1), || now + 11 * S), Ok(false), "already over");
         assert_eq!(t.unban(key(1), || now), Ok(true));
         assert_eq!(t.unban(key(1), || now), Ok(false), "lifted once");
         let slot = t.slots().into_iter().find(|s| s.key == key(1)).unwrap();
         assert_eq!(slot.ban_until_ns, 0);
-        assert_eq!(t.snapshot(now).banned, [0; 4]);
+        assert_eq!(t.snapshot(now).banned, [0; ban_origin::COUNT]);
     }
 }

@@ -58,6 +58,9 @@ pub struct Compiled {
     pub events: EventSettings,
     /// The first day an exemption in force ends after (a recompile is due then).
     pub next_expiry: Option<i64>,
+    /// How long a tenant suspect is quarantined (banned on every guarded
+    /// port); 0: reported only. The controller applies it.
+    pub quarantine_s: u32,
 }
 
 impl Compiled {
@@ -290,7 +293,8 @@ pub fn compile_with(policy: &Policy, today: i64, tables: &GeoTables) -> Result<C
             }
         }
     }
-    Ok(Compiled { config, v4, v6, rules, countries: codes, geo: geo_stats, events: policy.events, next_expiry })
+    let quarantine_s = policy.egress.tenant_suspect.map_or(0, |t| t.quarantine_s);
+    Ok(Compiled { config, v4, v6, rules, countries: codes, geo: geo_stats, events: policy.events, next_expiry, quarantine_s })
 }
 
 fn direction_config(policy: &Policy, d: &Direction, geo_drop: [u64; MAX_COUNTRIES / 64]) -> DirectionPolicy {
@@ -308,6 +312,10 @@ fn direction_config(policy: &Policy, d: &Direction, geo_drop: [u64; MAX_COUNTRIE
     p.smtp_block = d.smtp_block & (smtp_command::VRFY | smtp_command::EXPN);
     p.fragment_verdict = d.smtp_fragments;
     p.established_reset = d.established_reset as u8;
+    if let Some(t) = d.tenant_suspect {
+        p.suspect_blocked = t.blocked;
+        p.suspect_window_s = t.window_s;
+    }
     if let Some(r) = &d.rate_limit {
         p.rate_enabled = 1;
         p.rate_interval_ns = 60_000_000_000 / r.new_per_minute as u64;

@@ -67,6 +67,8 @@ pub struct Direction {
     pub malformed: u8,
     /// A dropped segment of an open connection gets a TCP reset (`established: reset`).
     pub established_reset: bool,
+    /// Sources behind tenant interfaces that keep hitting the deny (egress only).
+    pub tenant_suspect: Option<TenantSuspect>,
 }
 
 impl Direction {
@@ -82,6 +84,7 @@ impl Direction {
             smtp_fragments: verdict::DROP,
             malformed: verdict::DROP,
             established_reset: true,
+            tenant_suspect: None,
         }
     }
 
@@ -213,6 +216,17 @@ pub struct RateLimit {
     pub ban_s: u32,
     pub escalate_factor: u32,
     pub escalate_max_s: u32,
+}
+
+/// `tenant_suspect`: report a source behind a tenant interface whose
+/// blocked new connections go over `blocked` in `window_s`, and, when
+/// `quarantine_s` is set, ban it on every guarded port that long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TenantSuspect {
+    pub blocked: u32,
+    pub window_s: u32,
+    /// 0: report only.
+    pub quarantine_s: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -17,7 +17,7 @@ use super::{
     geo::{self, GeoTable},
     input::{self, InputKind, Limits},
     lists::ListReader,
-    model::{Direction, EventSettings, Geo, GeoField, GuardedPort, ListRules, Origin, Policy, RateLimit, Rule, RuleKind, PROFILES},
+    model::{Direction, EventSettings, Geo, GeoField, GuardedPort, ListRules, Origin, Policy, RateLimit, Rule, RuleKind, TenantSuspect, PROFILES},
     time,
     yaml::{self, is_null, Kind, Node, Pos},
 };
@@ -39,7 +39,9 @@ const DIRECTION_FIELDS: &[&str] = &[
     "smtp_commands",
     "malformed",
     "established",
+    "tenant_suspect",
 ];
+const SUSPECT_FIELDS: &[&str] = &["blocked", "window", "quarantine"];
 const RULE_FIELDS: &[&str] = &["id", "cidr", "side", "ports", "comment"];
 const EXEMPTION_FIELDS: &[&str] = &["id", "cidr", "side", "ports", "until", "comment"];
 const LIST_FIELDS: &[&str] = &["id", "file", "side", "ports", "comment"];
@@ -393,6 +395,13 @@ impl Walker<'_> {
                     }
                 }
                 "rate_limit" => d.rate_limit = self.rate_limit(value, &field),
+                "tenant_suspect" => {
+                    if name == "egress" {
+                        d.tenant_suspect = self.tenant_suspect(value, &field);
+                    } else {
+                        self.error(value.pos, &field, "only the egress policy judges what tenants send (tenant interfaces); move it under egress");
+                    }
+                }
                 "geo" => d.geo = self.geo(value, &field),
                 "smtp_commands" => self.smtp_commands(value, &field, d),
                 "established" => {
@@ -731,6 +740,24 @@ impl Walker<'_> {
                 None
             }
         }
+    }
+
+    fn tenant_suspect(&mut self, node: &Node, field: &str) -> Option<TenantSuspect> {
+        let fields = self.fields(node, field, SUSPECT_FIELDS);
+        let get = |name: &str| fields.iter().find(|(k, ..)| *k == name).map(|(_, _, n)| *n);
+        let blocked = match get("blocked") {
+            Some(n) => self.int(n, &join(field, "blocked"), 1, 1_000_000),
+            None => Some(50),
+        };
+        let window_s = match get("window") {
+            Some(n) => self.duration(n, &join(field, "window"), 10, 86_400),
+            None => Some(300),
+        };
+        let quarantine_s = match get("quarantine") {
+            Some(n) => self.duration(n, &join(field, "quarantine"), 1, 30 * 86_400),
+            None => Some(0),
+        };
+        Some(TenantSuspect { blocked: blocked? as u32, window_s: window_s?, quarantine_s: quarantine_s? })
     }
 
     fn smtp_commands(&mut self, node: &Node, field: &str, d: &mut Direction) {

@@ -93,6 +93,13 @@ fn direction() -> Value {
                 "fragments": action()
             }},
             "malformed": action(),
+            "tenant_suspect": {"type": "object", "additionalProperties": false,
+                "description": "egress only: report a source behind a tenant interface whose blocked new connections go over `blocked` in `window` (a tenant_suspect event and gauge), and with `quarantine` ban it on every guarded port that long",
+                "properties": {
+                    "blocked": {"type": "integer", "minimum": 1, "maximum": 1000000, "default": 50},
+                    "window": {"type": "string", "default": "5m"},
+                    "quarantine": {"type": "string"}
+                }},
             "established": {"type": "string", "enum": ["reset", "drop"], "default": "reset",
                             "description": "what a segment of an open connection the policy denies gets besides the drop: a TCP reset to its sender, or nothing"}
         }
