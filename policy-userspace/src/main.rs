@@ -108,10 +108,10 @@ enum Command {
         /// The policy file; reloaded on SIGHUP, on `smtpguard reload` and when it or a file it names changes.
         #[arg(long)]
         policy: PathBuf,
-        /// Host uplink: XDP judges arriving mail by the ingress policy, TC egress what leaves by the egress policy.
+        /// Host uplink (a name, or a glob pattern): XDP judges arriving mail by the ingress policy, TC egress what leaves by the egress policy. A named uplink must exist at start; if it goes, that is logged, sent as an event and shown by smtpguard_interface_attached 0 until it returns.
         #[arg(long)]
         uplink: Vec<String>,
-        /// Tenant-facing interface (host side of a tap/veth): TC ingress judges what the VM sends by the egress policy.
+        /// Tenant-facing interface (host side of a tap/veth), or a glob pattern such as 'tap*': TC ingress judges what the VM sends by the egress policy. Interfaces that match are attached as they appear and detached as they go.
         #[arg(long)]
         tenant: Vec<String>,
         #[arg(long, value_enum, default_value = "auto")]
@@ -135,6 +135,14 @@ enum Command {
         geo_database: Option<PathBuf>,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Tenant interfaces: what each sent to guarded ports, and its suspects (sources that keep hitting the deny).
+    Tenants {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         pins: PinArgs,
     },
@@ -268,6 +276,7 @@ fn main() -> ExitCode {
             commands::report(smtpguard::controller::run(options))
         }
         Command::Reload(p) => commands::report(commands::reload(&p.pins())),
+        Command::Tenants { json, pins } => commands::report(commands::tenants(&pins.pins(), json)),
         Command::Status(p) => commands::report(commands::status(&p.pins())),
         Command::Bans { json, pins } => commands::report(commands::bans(&pins.pins(), json)),
         Command::Ban { source, duration, force, reason, pins } => {

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 pub use self::{
     policy::{check, explain, schema, ExplainArgs},
-    state::{ban, bans, detach, reload, status, unban},
+    state::{ban, bans, detach, reload, status, tenants, unban},
 };
 
 /// Prints an error chain and turns it into the exit code.

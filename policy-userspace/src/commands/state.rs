@@ -12,6 +12,8 @@ use crate::{
     dataplane::{
         bans::{self, check_network_ban, BanLock},
         maps::Maps,
+        programs::pinned_link_ifindex,
+        tenants::slot_cells,
     },
     events::Event,
     pins::Pins,
@@ -46,7 +48,12 @@ pub fn status(pins: &Pins) -> anyhow::Result<()> {
     out += &format!("controller: {}\n", pins.controller_pid().map(|p| format!("running, pid {p}")).unwrap_or_else(|| "not running (enforcement continues from the pins)".into()));
     out += "attached:\n";
     for (kind, iface) in pins.links() {
-        out += &format!("  {kind:<10} {iface}\n");
+        let state = match pinned_link_ifindex(&pins.dir.join(format!("link_{kind}_{iface}"))) {
+            Ok(0) => "stale: its interface is gone (the next start of `smtpguard run` replaces it)".to_owned(),
+            Ok(ifindex) => format!("attached (ifindex {ifindex})"),
+            Err(e) => format!("unreadable ({e})"),
+        };
+        out += &format!("  {kind:<10} {iface:<16} {state}\n");
     }
     out += "counters (packets, bytes):\n";
     // Summed over port slots.
@@ -221,5 +228,95 @@ pub fn detach(pins: &Pins) -> anyhow::Result<()> {
     }
     let removed = pins.remove_all().with_context(|| format!("removing {}", pins.dir.display()))?;
     println!("removed {removed} pins from {}; smtpguard no longer judges any packet", pins.dir.display());
+    Ok(())
+}
+
+/// A tenant interface as `smtpguard tenants` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct TenantRow {
+    pub interface: String,
+    pub ifindex: u32,
+    /// Packets to guarded ports the policy passed.
+    pub passed: u64,
+    /// Packets dropped, or that would be in monitor mode.
+    pub blocked: u64,
+    /// Sources behind it in a suspect episode now.
+    pub suspects: Vec<SuspectRow>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SuspectRow {
+    pub source: IpAddr,
+    /// Blocked new connections in the current window.
+    pub blocked: u32,
+    /// Seconds since the last one.
+    pub last_s_ago: u32,
+}
+
+/// The name of a tenant interface: from its link pin (which names it,
+/// and whose link knows its ifindex), else as this network namespace
+/// names it.
+fn tenant_name(pins: &Pins, ifindex: u32) -> String {
+    pins.links()
+        .into_iter()
+        .filter(|(kind, _)| kind == "tcingress")
+        .find(|(kind, iface)| pinned_link_ifindex(&pins.dir.join(format!("link_{kind}_{iface}"))).is_ok_and(|i| i == ifindex))
+        .map(|(_, iface)| iface)
+        .unwrap_or_else(|| ifname(ifindex))
+}
+
+/// The name of an interface in this network namespace.
+fn ifname(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes, as the call requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return format!("ifindex {ifindex}");
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+}
+
+/// `smtpguard tenants`: what each tenant interface sent to guarded ports,
+/// and its suspects (sources over the policy's `tenant_suspect`).
+pub fn tenants(pins: &Pins, json: bool) -> anyhow::Result<()> {
+    let maps = open_maps(pins)?;
+    let policy = maps.policy(maps.runtime().active)?;
+    let window_s = policy.direction[direction::EGRESS as usize].suspect_window_s;
+    let stats = maps.tenant_stats()?;
+    let sources = maps.tenant_sources()?;
+    let now_s = (ktime_now_ns() / 1_000_000_000) as u32;
+    let mut rows: Vec<TenantRow> = maps
+        .tenant_slots()?
+        .into_iter()
+        .map(|(ifindex, slot)| {
+            let (mut passed, mut blocked) = (0, 0);
+            for (v, _, n) in slot_cells(&stats, slot) {
+                if v == verdict::PASS {
+                    passed += n;
+                } else {
+                    blocked += n;
+                }
+            }
+            let suspects = sources
+                .iter()
+                .filter(|s| s.ifindex == ifindex && window_s != 0 && s.suspect_now(window_s))
+                .map(|s| SuspectRow { source: s.addr, blocked: s.state.blocked, last_s_ago: now_s.wrapping_sub(s.state.last_s) })
+                .collect();
+            TenantRow { interface: tenant_name(pins, ifindex), ifindex, passed, blocked, suspects }
+        })
+        .collect();
+    rows.sort_by(|a, b| b.blocked.cmp(&a.blocked).then_with(|| a.interface.cmp(&b.interface)));
+    if json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    println!("{:<16} {:>8} {:>12} {:>12}  suspects", "interface", "ifindex", "passed", "blocked");
+    for r in &rows {
+        let suspects: Vec<String> = r.suspects.iter().map(|s| format!("{} ({} blocked, {} s ago)", s.source, s.blocked, s.last_s_ago)).collect();
+        println!("{:<16} {:>8} {:>12} {:>12}  {}", r.interface, r.ifindex, r.passed, r.blocked, if suspects.is_empty() { "-".to_owned() } else { suspects.join(", ") });
+    }
+    let n: usize = rows.iter().map(|r| r.suspects.len()).sum();
+    println!("{} tenant interface(s), {n} suspect(s){}", rows.len(), if window_s == 0 { " (the policy has no tenant_suspect)" } else { "" });
     Ok(())
 }
