@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap},
+    maps::Array,
 };
 use policy_common::{port_filter_bit, runtime_word, PolicyConfig, Runtime, GENERATIONS, PORT_FILTER_WORDS};
 
