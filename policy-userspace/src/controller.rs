@@ -27,8 +27,10 @@ use crate::{
     policy::{self, load_and_compile, load_for_reload, time, Compiled, Policy},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum XdpModeChoice {
+    /// Native (driver) XDP, falling back to generic with a warning.
     Auto,
     Native,
     Generic,
@@ -39,6 +41,8 @@ pub struct RunOptions {
     pub policy: PathBuf,
     pub uplinks: Vec<String>,
     pub tenants: Vec<String>,
+    /// Start without a named uplink; attach it when it appears.
+    pub wait_for_uplinks: bool,
     pub xdp_mode: XdpModeChoice,
     pub metrics_addr: SocketAddr,
     pub pins: Pins,
@@ -66,8 +70,8 @@ fn preflight(o: &RunOptions) -> Result<()> {
     // A named uplink must be there at start (a typo is refused); tenant
     // interfaces come and go with VMs, and patterns match what appears.
     for i in selection.named_uplinks() {
-        if !iface_exists(i) {
-            bail!("interface {i} does not exist (nothing was changed)");
+        if !iface_exists(i) && !o.wait_for_uplinks {
+            bail!("interface {i} does not exist (nothing was changed); --wait-for-uplinks starts without it");
         }
     }
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod pins;
 pub mod policy;
 pub mod reference;
+pub mod settings;
 
 /// The eBPF object built by `build.rs`, aligned for the ELF parser.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy-ebpf.o"));

@@ -1,7 +1,7 @@
 //! `smtpguard`: argument parsing only; the work is in the library.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     path::PathBuf,
     process::ExitCode,
 };
@@ -9,8 +9,7 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 use smtpguard::{
     commands::{self, ExplainArgs},
-    controller::{RunOptions, XdpModeChoice},
-    dataplane::Capacities,
+    settings::Settings,
     pins::{Pins, DEFAULT_PIN_DIR, DEFAULT_RUN_DIR},
     policy::{
         input::{self, Limits},
@@ -75,14 +74,6 @@ impl LimitArgs {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum XdpModeArg {
-    /// Native (driver) XDP, falling back to generic with a warning.
-    Auto,
-    Native,
-    Generic,
-}
-
 #[derive(clap::Args)]
 struct PinArgs {
     /// bpffs directory holding the pinned programs, links and maps.
@@ -103,40 +94,16 @@ impl PinArgs {
 enum Command {
     /// Enforce a policy: attach to the interfaces, serve metrics, stream events.
     ///
-    /// Example: smtpguard run --policy /etc/smtpguard/policy.yaml --uplink eth0 --tenant tap0 --tenant tap1
+    /// Example: smtpguard run --policy /etc/smtpguard/policy.yaml --uplink eth0 --tenant 'tap*'
+    ///
+    /// Example: smtpguard run --config /etc/smtpguard/smtpguard.toml
     Run {
-        /// The policy file; reloaded on SIGHUP, on `smtpguard reload` and when it or a file it names changes.
-        #[arg(long)]
-        policy: PathBuf,
-        /// Host uplink (a name, or a glob pattern): XDP judges arriving mail by the ingress policy, TC egress what leaves by the egress policy. A named uplink must exist at start; if it goes, that is logged, sent as an event and shown by smtpguard_interface_attached 0 until it returns.
-        #[arg(long)]
-        uplink: Vec<String>,
-        /// Tenant-facing interface (host side of a tap/veth), or a glob pattern such as 'tap*': TC ingress judges what the VM sends by the egress policy. Interfaces that match are attached as they appear and detached as they go.
-        #[arg(long)]
-        tenant: Vec<String>,
-        #[arg(long, value_enum, default_value = "auto")]
-        xdp_mode: XdpModeArg,
-        /// Where /metrics and /healthz are served.
-        #[arg(long, default_value = "127.0.0.1:9425")]
-        metrics_addr: SocketAddr,
-        /// Append events (JSON lines) to this file instead of stdout.
-        #[arg(long)]
-        events: Option<PathBuf>,
-        /// Sources the rate and ban table holds.
-        #[arg(long, default_value_t = policy_common::DEFAULT_SOURCE_CAPACITY)]
-        source_capacity: u32,
-        /// Client streams on plaintext 25 the command filter follows across segments (about 100 bytes each).
-        #[arg(long, default_value_t = policy_common::DEFAULT_SMTP_FLOWS_CAPACITY, value_parser = clap::value_parser!(u32).range(1..))]
-        smtp_flows: u32,
+        /// Settings from this TOML file (the same names as the flags, such as
+        /// `policy = "/etc/smtpguard/policy.yaml"` and `tenant = ["tap*"]`); flags override it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         #[command(flatten)]
-        acl4: Acl4Room,
-        /// Use this MaxMind database for every geo-fence instead of the paths in the file.
-        #[arg(long)]
-        geo_database: Option<PathBuf>,
-        #[command(flatten)]
-        limits: LimitArgs,
-        #[command(flatten)]
-        pins: PinArgs,
+        settings: Settings,
     },
     /// Tenant interfaces: what each sent to guarded ports, and its suspects (sources that keep hitting the deny).
     Tenants {
@@ -236,44 +203,15 @@ enum Command {
 
 /// Room per policy generation in the IPv4 ACL arrays, reserved at load
 /// time. The defaults hold the whole real geo database plus 100,000 CIDRs.
-#[derive(clap::Args)]
-struct Acl4Room {
-    /// Nodes (48 bytes each): one per /16 or /24 with more specific prefixes.
-    #[arg(long, default_value_t = policy_common::acl4::DEFAULT_NODES)]
-    acl4_nodes: u32,
-    /// Run slots (4 bytes each).
-    #[arg(long, default_value_t = policy_common::acl4::DEFAULT_SLOTS)]
-    acl4_slots: u32,
-    /// Distinct prefix meanings (40 bytes each).
-    #[arg(long, default_value_t = policy_common::acl4::DEFAULT_VALUES)]
-    acl4_values: u32,
-}
-
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { policy, uplink, tenant, xdp_mode, metrics_addr, events, source_capacity, smtp_flows, acl4, geo_database, limits, pins } => {
-            let xdp_mode = match xdp_mode {
-                XdpModeArg::Auto => XdpModeChoice::Auto,
-                XdpModeArg::Native => XdpModeChoice::Native,
-                XdpModeArg::Generic => XdpModeChoice::Generic,
+        Command::Run { config, settings } => {
+            let settings = match config.as_deref().map(Settings::load).transpose() {
+                Ok(file) => settings.over(file.unwrap_or_default()),
+                Err(e) => return commands::report(Err(e)),
             };
-            let options = RunOptions {
-                policy,
-                uplinks: uplink,
-                tenants: tenant,
-                xdp_mode,
-                metrics_addr,
-                pins: pins.pins(),
-                events,
-                policy_options: ReadOptions { geo_database, today: None, limits: limits.limits() },
-                capacities: Capacities {
-                    sources: source_capacity,
-                    acl4: policy_common::acl4::Capacity { nodes: acl4.acl4_nodes, slots: acl4.acl4_slots, values: acl4.acl4_values },
-                    smtp_flows,
-                },
-            };
-            smtpguard::logging::init();
-            commands::report(smtpguard::controller::run(options))
+            smtpguard::logging::init(&settings.logging());
+            commands::report(settings.resolve().and_then(smtpguard::controller::run))
         }
         Command::Reload(p) => commands::report(commands::reload(&p.pins())),
         Command::Tenants { json, pins } => commands::report(commands::tenants(&pins.pins(), json)),
