@@ -23,6 +23,7 @@ use crate::{
     events::{Event, ReloadResult},
     http,
     metrics::{ControllerMetrics, PolicyView},
+    privileges,
     pins::Pins,
     policy::{self, load_and_compile, load_for_reload, time, Compiled, Policy},
 };
@@ -59,9 +60,10 @@ fn iface_exists(name: &str) -> bool {
 
 /// Everything that can be refused before anything changes.
 fn preflight(o: &RunOptions) -> Result<()> {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("smtpguard run loads BPF programs and attaches them: run it as root (CAP_BPF, CAP_NET_ADMIN)");
+    let missing = privileges::missing().context("reading this process's capabilities")?;
+    if !missing.is_empty() {
+        let list: Vec<String> = missing.iter().map(|(name, why)| format!("{name} ({why})")).collect();
+        bail!("smtpguard run lacks {} (nothing was changed); run it as root, or with these capabilities (see deploy/systemd/smtpguard.service)", list.join(", "));
     }
     if o.uplinks.is_empty() && o.tenants.is_empty() {
         bail!("name at least one --uplink or --tenant interface");
@@ -92,24 +94,38 @@ struct Controller {
     policy: Policy,
     compiled: Compiled,
     generation: u64,
-    watched: Vec<(PathBuf, Option<SystemTime>)>,
+    watched: Vec<(PathBuf, Option<FileVersion>)>,
     /// What the metrics endpoint serves; it runs on a thread of its own.
     state: Arc<http::State>,
     events: EventLog,
     /// Modification times at the previous poll, for settling.
-    last_seen: Option<Vec<Option<SystemTime>>>,
+    last_seen: Option<Vec<Option<FileVersion>>>,
     /// The day an expiry reload was last tried, so a rejected one is not
     /// retried every second.
     expiry_tried: Option<i64>,
     interfaces: Interfaces,
 }
 
-fn mtime(p: &Path) -> Option<SystemTime> {
-    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+/// What tells one version of a file from another: its mtime, and which
+/// file it is (a path swapped to another file, as the kubelet swaps a
+/// ConfigMap's `..data` link, may keep the same mtime) and its length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileVersion {
+    modified: Option<SystemTime>,
+    dev: u64,
+    ino: u64,
+    len: u64,
+}
+
+/// The version of the file `p` names now (following links).
+fn mtime(p: &Path) -> Option<FileVersion> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).ok()?;
+    Some(FileVersion { modified: m.modified().ok(), dev: m.dev(), ino: m.ino(), len: m.len() })
 }
 
 /// The policy file and every file it reads.
-fn watch_list(path: &Path, p: &Policy) -> Vec<(PathBuf, Option<SystemTime>)> {
+fn watch_list(path: &Path, p: &Policy) -> Vec<(PathBuf, Option<FileVersion>)> {
     let mut files = vec![path.to_path_buf()];
     files.extend(p.input_files());
     files.sort();
@@ -178,6 +194,7 @@ impl Controller {
                 m.reloads.with_label_values(&["ok"]).inc();
                 m.last_reload_ok.set(1);
                 tracing::info!("policy generation {} in force ({why}, {:.1} ms)", self.generation, seconds * 1e3);
+                privileges::notify(&format!("STATUS=enforcing policy generation {}", self.generation));
                 let ev = self.applied_event(why, Some(seconds * 1e3));
                 self.emit(&ev);
             }
@@ -247,7 +264,7 @@ impl Controller {
     /// Whether a watched file changed and has since stayed unchanged for
     /// one poll: a file caught half-written is read on the next tick.
     fn changed(&mut self) -> bool {
-        let now: Vec<Option<SystemTime>> = self.watched.iter().map(|(p, _)| mtime(p)).collect();
+        let now: Vec<Option<FileVersion>> = self.watched.iter().map(|(p, _)| mtime(p)).collect();
         let differs = self.watched.iter().zip(&now).any(|((_, t), n)| t != n);
         let settled = self.last_seen.as_ref() == Some(&now);
         self.last_seen = Some(now);
@@ -426,6 +443,7 @@ pub fn run(o: RunOptions) -> Result<()> {
     );
     let started = c.applied_event(if adopting { "restart" } else { "start" }, None);
     c.emit(&started);
+    privileges::notify(&format!("READY=1\nSTATUS=enforcing policy generation {}", c.generation));
     let result = rt.block_on(control_loop(&mut c, &mut signals, &mut link_changes));
     tracing::info!("stopping; enforcement continues from {} (smtpguard detach removes it)", o.pins.dir.display());
     let _ = std::fs::remove_file(o.pins.pid_file());

@@ -14,6 +14,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pins;
 pub mod policy;
+pub mod privileges;
 pub mod reference;
 pub mod settings;
 

@@ -15,6 +15,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
+    ("setpriv", "util-linux"),
+    // The unit's checks (systemd-analyze verify and security).
+    ("systemd-analyze", "systemd"),
     ("bpftool", "bpftool"),
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
