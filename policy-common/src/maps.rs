@@ -140,6 +140,12 @@ pub const PROG_TC_INGRESS: &str = "tc_ingress";
 pub const PROG_TC_EGRESS: &str = "tc_egress";
 pub const ALL_PROGRAMS: [&str; 3] = [PROG_XDP_INGRESS, PROG_TC_INGRESS, PROG_TC_EGRESS];
 
+/// The layout of the pinned maps (their set, key and value layouts, and
+/// what their indices mean). Raise it with any change to one of them, and
+/// teach `policy-userspace/src/dataplane/upgrade.rs` what to carry over
+/// from the layout before; docs/upgrade.md lists every layout.
+pub const LAYOUT_VERSION: u32 = 2;
+
 /// Policy generations kept side by side for atomic swaps.
 pub const GENERATIONS: u32 = 2;
 /// IPv6 ACL trie capacity, shared by both generations. LPM tries

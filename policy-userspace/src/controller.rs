@@ -431,6 +431,16 @@ pub fn run(o: RunOptions) -> Result<()> {
         c.report(change);
     }
     c.dp.programs().pin(&o.pins.dir)?;
+    // The new programs are in every link now: what older pins held is
+    // carried over without a count lost.
+    if let Some(report) = c.dp.finish_upgrade().context("upgrading the pinned maps")? {
+        tracing::info!(
+            "upgraded the pinned maps from layout {} to {}: bans, buckets and network bans kept{}",
+            report.from,
+            policy_common::LAYOUT_VERSION,
+            report.carried.iter().map(|c| format!(", {c} carried over")).collect::<String>()
+        );
+    }
     std::fs::write(o.pins.pid_file(), std::process::id().to_string())?;
     state.ready(c.dp.observer()?);
     c.publish_view();

@@ -7,7 +7,7 @@ use std::path::Path;
 use aya::EbpfLoader;
 use policy_common::{source::sets_for, Runtime, DEFAULT_SMTP_FLOWS_CAPACITY, DEFAULT_SOURCE_CAPACITY};
 
-use super::{generations::Generations, maps::Maps, programs::Programs, Dataplane, Result, DEFAULT_HOOK_DIRECTION};
+use super::{generations::Generations, maps::Maps, programs::Programs, upgrade, Dataplane, Result, DEFAULT_HOOK_DIRECTION};
 use crate::EBPF_OBJECT;
 
 /// How large the maps sized at load time are made (maps adopted from pins
@@ -81,6 +81,8 @@ impl Dataplane {
             .map_max_entries(policy_common::ACL4_NODES, generations * room.nodes)
             .map_max_entries(policy_common::ACL4_SLOTS, room.slot_chunks())
             .map_max_entries(policy_common::ACL4_VALUES, generations * room.values);
+        // Pins of an older layout: the maps that changed move aside first.
+        let upgrade = pin_dir.map(upgrade::prepare).transpose()?.flatten();
         let adopted = pin_dir.is_some_and(|dir| policy_common::ALL_MAPS.iter().any(|m| dir.join(m).exists()));
         if let Some(dir) = pin_dir {
             if adopted {
@@ -100,8 +102,11 @@ impl Dataplane {
             Generations::adopt(&mut maps)?
         } else {
             maps.runtime_words().write_controller_words(&Runtime { source_sets, hook_direction: DEFAULT_HOOK_DIRECTION, ..Runtime::default() });
+            if let Some(dir) = pin_dir {
+                upgrade::mark_current(dir)?;
+            }
             Generations::empty()
         };
-        Ok(Self { programs, maps, generations })
+        Ok(Self { programs, maps, generations, upgrade })
     }
 }

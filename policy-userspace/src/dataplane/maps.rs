@@ -109,6 +109,17 @@ impl Maps {
     /// Opens the maps a running (or detached-but-pinned) datapath keeps
     /// under `dir`, refusing pins of another build.
     pub fn open_pinned(dir: &Path) -> Result<Self> {
+        match super::upgrade::pinned_layout(dir) {
+            Some(v) if v != policy_common::LAYOUT_VERSION => {
+                return Err(DataplaneError::Refused(format!(
+                    "the maps pinned in {} have layout {v}; this build reads layout {}. `smtpguard run` of this build \
+                     upgrades them (docs/upgrade.md)",
+                    dir.display(),
+                    policy_common::LAYOUT_VERSION
+                )))
+            }
+            _ => {}
+        }
         check_pinned_maps(dir)?;
         Self::from_source(Source::Pins(dir), None, None, Vec::new())
     }
@@ -218,6 +229,13 @@ impl Maps {
     pub fn geo_drops(&self) -> Result<Vec<u64>> {
         let name = policy_common::GEO_DROPS;
         batch::per_cpu_sums(self.fd(name), GEO_DROPS_ENTRIES, self.cpus).map_err(|source| DataplaneError::Batch { name, source })
+    }
+
+    /// `STATS` as a typed handle of its own (a duplicate fd).
+    pub(super) fn stats_map(&self) -> Result<aya::maps::PerCpuArray<MapData, Counter>> {
+        let name = policy_common::STATS;
+        let data = MapData::from_fd(self.dup_fd(name)?).map_err(map_error(name))?;
+        aya::maps::PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_error(name))
     }
 
     /// Adds one to CPU 0's share of a `STATS` cell the datapath never

@@ -27,6 +27,7 @@ mod shared_words;
 pub mod source_table;
 pub mod tenants;
 pub mod trace;
+pub mod upgrade;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -131,9 +132,18 @@ pub struct Dataplane {
     programs: Programs,
     maps: Maps,
     generations: Generations,
+    /// Pins of an older layout being upgraded (see [`upgrade`]).
+    upgrade: Option<upgrade::Upgrade>,
 }
 
 impl Dataplane {
+    /// Completes an upgrade of older pins, once the new programs are in
+    /// every link: carries over what the old maps held. `None`: there was
+    /// none.
+    pub fn finish_upgrade(&mut self) -> Result<Option<upgrade::UpgradeReport>> {
+        self.upgrade.take().map(|u| u.finish(&mut self.maps)).transpose()
+    }
+
     /// Makes `compiled` the policy in force (see [`Generations::swap`]);
     /// returns the generation slot now active.
     pub fn swap(&mut self, compiled: &Compiled, number: u64) -> Result<u32> {
