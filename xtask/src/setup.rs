@@ -32,6 +32,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     ("ipset", "ipset"),
     ("ethtool", "ethtool"),
+    // The fleet: etcd's v3 client crate builds its protocol with protoc;
+    // the fleet tests run a real etcd.
+    ("protoc", "protobuf-compiler"),
+    ("etcd", "etcd-server"),
+    ("etcdctl", "etcd-client"),
     // Fetching the real geo database where ../shared/data is not beside the clone.
     ("curl", "curl"),
     ("sha256sum", "coreutils"),
