@@ -118,7 +118,7 @@ pub fn http_get(ns: &Netns, port: u16, path: &str) -> Result<String> {
 }
 
 /// A Prometheus server in a namespace scraping `127.0.0.1:scrape_port`
-/// each second; killed, and its `dir` removed, on drop.
+/// each second (job `smtpguard`); killed, and its `dir` removed, on drop.
 pub struct Prometheus {
     child: Child,
     dir: PathBuf,
@@ -127,9 +127,21 @@ pub struct Prometheus {
 
 impl Prometheus {
     pub fn start(ns: &Netns, dir: &Path, scrape_port: u16, port: u16) -> Result<Self> {
+        Self::start_with_rules(ns, dir, scrape_port, port, &[])
+    }
+
+    /// [`Prometheus::start`] with these rule files loaded, evaluated each second.
+    pub fn start_with_rules(ns: &Netns, dir: &Path, scrape_port: u16, port: u16, rule_files: &[PathBuf]) -> Result<Self> {
         std::fs::create_dir_all(dir.join("data"))?;
         let config = dir.join("prometheus.yml");
-        std::fs::write(&config, format!("global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: smtpguard\n    static_configs: [{{targets: ['127.0.0.1:{scrape_port}']}}]\n"))?;
+        let rules: Vec<String> = rule_files.iter().map(|f| format!("'{}'", f.display())).collect();
+        std::fs::write(
+            &config,
+            format!(
+                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [{}]\nscrape_configs:\n  - job_name: smtpguard\n    static_configs: [{{targets: ['127.0.0.1:{scrape_port}']}}]\n",
+                rules.join(", ")
+            ),
+        )?;
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", ns.name()))
             .args(["--", "prometheus"])
@@ -146,15 +158,32 @@ impl Prometheus {
     /// An instant query's first value and its sample time, when there is
     /// one (none before the first scrape, some seconds after start).
     pub fn query(&self, ns: &Netns, promql: &str) -> Option<(f64, f64)> {
-        let q: String = promql
-            .bytes()
-            .map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
-            .collect();
-        let body = http_get(ns, self.port, &format!("/api/v1/query?query={q}")).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let v = self.api(ns, &format!("/api/v1/query?query={}", url_encode(promql))).ok()?;
         let value = &v["data"]["result"][0]["value"];
         Some((value[0].as_f64()?, value[1].as_str()?.parse().ok()?))
     }
+
+    /// A GET of the HTTP API (`/api/v1/...`), its JSON answer whatever
+    /// the status (errors say why in `error`). HTTP/1.0, so that large
+    /// answers come whole rather than chunked.
+    pub fn api(&self, ns: &Netns, path_and_query: &str) -> Result<serde_json::Value> {
+        let port = self.port;
+        let text = ns.enter(|| -> Result<String> {
+            let mut s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(1))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(s, "GET {path_and_query} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        })??;
+        let (head, body) = text.split_once("\r\n\r\n").context("no HTTP body")?;
+        serde_json::from_str(body).with_context(|| format!("{head}: not JSON: {body}"))
+    }
+}
+
+/// Percent-encodes everything but unreserved characters, for a query string.
+pub fn url_encode(s: &str) -> String {
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() || b"_.-~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
 }
 
 impl Drop for Prometheus {
