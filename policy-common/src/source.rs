@@ -217,7 +217,10 @@ pub mod ban_origin {
     pub const MANUAL: u8 = 3;
     /// A tenant suspect's quarantine (the controller, on `tenant_suspect`).
     pub const QUARANTINE: u8 = 4;
-    pub const COUNT: usize = 5;
+    /// Made on another host of the fleet and installed here (the
+    /// controller, from etcd).
+    pub const FLEET: u8 = 5;
+    pub const COUNT: usize = 6;
 }
 
 /// `SourceSlot::info`: strikes, ban origin, flags and last activity.

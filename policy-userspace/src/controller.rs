@@ -17,6 +17,7 @@ use tokio::{
 
 use crate::{
     clock,
+    fleet::{self, bundle::PolicyCache, hosts::HostPolicy, metrics::FleetMetrics, settings::FleetOptions, FleetLink, PolicyOffer},
     dataplane::{bans::BanLock, Capacities, Dataplane},
     interfaces::{netlink, Change, Interfaces, Selection},
     event_log::EventLog,
@@ -40,6 +41,10 @@ pub enum XdpModeChoice {
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub policy: PathBuf,
+    /// The fleet policy revision `policy` is (following the fleet).
+    pub start_revision: Option<i64>,
+    pub fleet: Option<crate::fleet::settings::FleetOptions>,
+    pub state_dir: PathBuf,
     pub uplinks: Vec<String>,
     pub tenants: Vec<String>,
     /// Start without a named uplink; attach it when it appears.
@@ -104,6 +109,12 @@ struct Controller {
     /// retried every second.
     expiry_tried: Option<i64>,
     interfaces: Interfaces,
+    /// The fleet's thread, when the host is in one.
+    fleet: Option<FleetLink>,
+    /// The fleet policy revision in force (following the fleet).
+    revision: Option<i64>,
+    /// Why the last reload was rejected, until one is applied.
+    last_error: Option<String>,
 }
 
 /// What tells one version of a file from another: its mtime, and which
@@ -140,6 +151,9 @@ fn watch_list(path: &Path, p: &Policy) -> Vec<(PathBuf, Option<FileVersion>)> {
 /// can take seconds, or block on a bad file).
 struct ReloadJob {
     why: &'static str,
+    /// The policy file read, and the fleet revision it is (if one).
+    path: PathBuf,
+    revision: Option<i64>,
     started: Instant,
     compiled: tokio::task::JoinHandle<(Option<(Policy, Compiled)>, policy::Diagnostics)>,
 }
@@ -169,21 +183,61 @@ impl Controller {
 
     /// Starts compiling the policy files on the blocking pool.
     fn start_reload(&mut self, why: &'static str) -> ReloadJob {
+        let (path, revision) = (self.o.policy.clone(), self.revision);
+        self.start_reload_of(why, path, revision)
+    }
+
+    /// The same, of another policy file (a fleet revision).
+    fn start_reload_of(&mut self, why: &'static str, path: PathBuf, revision: Option<i64>) -> ReloadJob {
         self.state.reload_started();
         self.state.metrics.last_reload_time.set(clock::unix_now_s());
-        let (path, options) = (self.o.policy.clone(), self.o.policy_options.clone());
-        ReloadJob { why, started: Instant::now(), compiled: tokio::task::spawn_blocking(move || load_for_reload(&path, &options)) }
+        let (file, options) = (path.clone(), self.o.policy_options.clone());
+        ReloadJob { why, path, revision, started: Instant::now(), compiled: tokio::task::spawn_blocking(move || load_for_reload(&file, &options)) }
+    }
+
+    /// What is in force, for the fleet's host record.
+    fn host_policy(&self) -> HostPolicy {
+        use policy_common::{direction, mode};
+        let modes: Vec<String> = [("ingress", direction::INGRESS), ("egress", direction::EGRESS)]
+            .iter()
+            .map(|(name, d)| format!("{name} {}", if self.compiled.config.direction[*d as usize].mode == mode::MONITOR { "monitor" } else { "enforce" }))
+            .collect();
+        HostPolicy {
+            source: if self.revision.is_some() { "fleet" } else { "file" }.into(),
+            revision: self.revision,
+            file: self.o.policy.display().to_string(),
+            sha256: std::fs::read(&self.o.policy).map(|b| sha256_hex(&b)).unwrap_or_default(),
+            generation: self.generation,
+            mode: modes.join(", "),
+            last_error: self.last_error.clone(),
+        }
+    }
+
+    /// Tells the fleet's thread what is in force now.
+    fn tell_fleet(&self) {
+        if let Some(f) = &self.fleet {
+            let _ = f.policy.send(self.host_policy());
+        }
     }
 
     /// Applies a compiled reload into the inactive generation and flips to
     /// it. An invalid policy changes nothing.
     fn finish_reload(&mut self, job: ReloadJob, outcome: Result<(Option<(Policy, Compiled)>, policy::Diagnostics), tokio::task::JoinError>) {
         let why = job.why;
+        let (path, revision) = (job.path.clone(), job.revision);
         let result = match outcome {
             Err(e) => Err((vec![format!("compiling the policy failed: {e}")], 0)),
             // Diagnostics keep the first errors of each kind and count the rest.
             Ok((None, diags)) => Err((diags.errors().map(|d| d.to_string()).collect::<Vec<_>>(), diags.suppressed_errors())),
-            Ok((Some((policy, compiled)), _)) => self.apply(policy, compiled).map_err(|e| (vec![e.to_string()], 0)),
+            Ok((Some((policy, compiled)), _)) => {
+                // The policy in force is the file this reload read from now on.
+                let before = std::mem::replace(&mut self.o.policy, path.clone());
+                let applied = self.apply(policy, compiled).map_err(|e| (vec![e.to_string()], 0));
+                if applied.is_err() {
+                    self.o.policy = before;
+                }
+                applied
+            }
         };
         let seconds = job.started.elapsed().as_secs_f64();
         let applied = result.is_ok();
@@ -194,6 +248,16 @@ impl Controller {
                 m.reloads.with_label_values(&["ok"]).inc();
                 m.last_reload_ok.set(1);
                 tracing::info!("policy generation {} in force ({why}, {:.1} ms)", self.generation, seconds * 1e3);
+                self.last_error = None;
+                if revision.is_some() {
+                    self.revision = revision;
+                }
+                if let (Some(f), Some(rev)) = (&self.fleet, revision) {
+                    f.metrics.policy_revision.set(rev);
+                    if let Err(e) = f.cache.mark_applied(rev, &path) {
+                        tracing::error!("fleet: recording revision {rev} as applied: {e:#}");
+                    }
+                }
                 privileges::notify(&format!("STATUS=enforcing policy generation {}", self.generation));
                 let ev = self.applied_event(why, Some(seconds * 1e3));
                 self.emit(&ev);
@@ -208,6 +272,16 @@ impl Controller {
                     tracing::error!("... and {more} more error(s)");
                 }
                 tracing::error!("reload rejected ({why}); generation {} stays in force", self.generation);
+                let first = errors.first().cloned().unwrap_or_default();
+                self.last_error = Some(match revision {
+                    Some(rev) if revision != self.revision => format!("revision {rev}: {first}"),
+                    _ => first,
+                });
+                if let Some(f) = &self.fleet {
+                    if revision.is_some() && revision != self.revision {
+                        f.metrics.policy_rejected.inc();
+                    }
+                }
                 let ev = Event::PolicyReload {
                     time: clock::now_rfc3339(),
                     result: ReloadResult::Rejected,
@@ -231,6 +305,7 @@ impl Controller {
             }
         }
         self.state.reload_ended();
+        self.tell_fleet();
         give_back_memory();
     }
 
@@ -284,6 +359,11 @@ impl Controller {
         let Ok(evs) = self.dp.drain_events() else { return };
         let ports = self.ports();
         for e in evs {
+            if e.kind == policy_common::event_kind::BAN_ADDED {
+                if let Some(f) = &self.fleet {
+                    f.ban_started.notify_one();
+                }
+            }
             if e.kind == policy_common::event_kind::TENANT_SUSPECT {
                 self.tenant_suspect(&e);
                 continue;
@@ -412,7 +492,22 @@ pub fn run(o: RunOptions) -> Result<()> {
     let generation = if adopting { dp.maps().policy(dp.active_generation())?.generation } else { 0 };
     let watched = watch_list(&o.policy, &policy);
     let interfaces = Interfaces::new(Selection::new(&o.uplinks, &o.tenants)?, o.pins.clone(), o.xdp_mode);
-    let mut c = Controller { o: o.clone(), dp, policy, compiled, generation, watched, state: state.clone(), events, last_seen: None, expiry_tried: None, interfaces };
+    let mut c = Controller {
+        o: o.clone(),
+        dp,
+        policy,
+        compiled,
+        generation,
+        watched,
+        state: state.clone(),
+        events,
+        last_seen: None,
+        expiry_tried: None,
+        interfaces,
+        fleet: None,
+        revision: o.start_revision,
+        last_error: None,
+    };
     // Load the policy before attaching, so the first packet a new link
     // judges already has it; adopted links judge by the pinned one meanwhile.
     let (p, comp) = (c.policy.clone(), c.compiled.clone());
@@ -454,21 +549,58 @@ pub fn run(o: RunOptions) -> Result<()> {
     let started = c.applied_event(if adopting { "restart" } else { "start" }, None);
     c.emit(&started);
     privileges::notify(&format!("READY=1\nSTATUS=enforcing policy generation {}", c.generation));
-    let result = rt.block_on(control_loop(&mut c, &mut signals, &mut link_changes));
+    // The fleet comes after enforcement: etcd away never delays it.
+    let mut offers = match &o.fleet {
+        Some(f) => Some(join_fleet(&mut c, f)?),
+        None => None,
+    };
+    let result = rt.block_on(control_loop(&mut c, &mut signals, &mut link_changes, &mut offers));
     tracing::info!("stopping; enforcement continues from {} (smtpguard detach removes it)", o.pins.dir.display());
     let _ = std::fs::remove_file(o.pins.pid_file());
     result
 }
 
-async fn control_loop(c: &mut Controller, signals: &mut Signals, links: &mut (impl futures_util::Stream<Item = netlink::LinkChange> + Unpin)) -> Result<()> {
+/// Starts the fleet's thread; returns where its policy revisions arrive.
+fn join_fleet(c: &mut Controller, f: &FleetOptions) -> Result<tokio::sync::mpsc::UnboundedReceiver<PolicyOffer>> {
+    f.connection.record(&c.o.pins.run_dir, &f.host_id)?;
+    let metrics = Arc::new(FleetMetrics::new());
+    let _ = c.state.metrics.fleet.set(metrics.clone());
+    metrics.policy_revision.set(c.revision.unwrap_or(0));
+    let (link, offers) = fleet::start(f.clone(), c.o.pins.clone(), PolicyCache::new(&c.o.state_dir), metrics, c.host_policy())?;
+    c.fleet = Some(link);
+    tracing::info!("fleet: host {} joins the fleet at {} (prefix {}){}", f.host_id, f.connection.endpoints.join(","), f.connection.prefix, if f.follow_policy { ", following its policy" } else { "" });
+    Ok(offers)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The next fleet policy revision, or never outside a fleet.
+async fn next_offer(offers: &mut Option<tokio::sync::mpsc::UnboundedReceiver<PolicyOffer>>) -> Option<PolicyOffer> {
+    match offers {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn control_loop(
+    c: &mut Controller,
+    signals: &mut Signals,
+    links: &mut (impl futures_util::Stream<Item = netlink::LinkChange> + Unpin),
+    offers: &mut Option<tokio::sync::mpsc::UnboundedReceiver<PolicyOffer>>,
+) -> Result<()> {
     use futures_util::StreamExt;
     let ring_fd = c.dp.events_fd()?;
     // SAFETY: the fd is ours (a dup) and stays open while registered.
     let ring = unsafe { AsyncFd::register(ring_fd) }.map_err(|e| anyhow::anyhow!("watching the event ring buffer: {e:?}"))?;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut job: Option<ReloadJob> = None;
-    // A reload asked for while one compiles runs after it, once.
+    // A reload asked for while one compiles runs after it, once; a fleet
+    // revision likewise (the latest).
     let mut queued: Option<&'static str> = None;
+    let mut queued_offer: Option<PolicyOffer> = None;
     loop {
         c.state.beat();
         let mut wanted = None;
@@ -487,6 +619,7 @@ async fn control_loop(c: &mut Controller, signals: &mut Signals, links: &mut (im
                 c.drain_events();
             }
             Some(change) = links.next() => c.link_changed(change),
+            Some(offer) = next_offer(offers) => queued_offer = Some(offer),
             ready = ring.readable() => {
                 if let Ok(mut guard) = ready {
                     c.drain_events();
@@ -497,6 +630,12 @@ async fn control_loop(c: &mut Controller, signals: &mut Signals, links: &mut (im
                 let done = job.take().expect("guarded by the condition");
                 c.finish_reload(done, outcome);
                 wanted = queued.take();
+            }
+        }
+        if job.is_none() {
+            if let Some(offer) = queued_offer.take() {
+                tracing::info!("applying fleet policy revision {} ({})", offer.revision, offer.policy_file.display());
+                job = Some(c.start_reload_of("fleet policy", offer.policy_file, Some(offer.revision)));
             }
         }
         if let Some(why) = wanted {

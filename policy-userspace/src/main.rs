@@ -9,6 +9,7 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 use smtpguard::{
     commands::{self, ExplainArgs},
+    fleet::settings::FleetSettings,
     settings::Settings,
     pins::{Pins, DEFAULT_PIN_DIR, DEFAULT_RUN_DIR},
     policy::{
@@ -44,7 +45,7 @@ struct PolicyArgs {
 
 impl PolicyArgs {
     fn options(&self) -> ReadOptions {
-        ReadOptions { geo_database: self.geo_database.clone(), today: None, limits: self.limits.limits() }
+        ReadOptions { geo_database: self.geo_database.clone(), today: None, limits: self.limits.limits(), files_dir: None }
     }
 }
 
@@ -165,6 +166,11 @@ enum Command {
         #[command(flatten)]
         pins: PinArgs,
     },
+    /// The fleet (etcd): push the policy every host follows, see which host runs which.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Validate a policy: exit 0 when valid (warnings printed), 1 with every error listed.
     ///
     /// Example: smtpguard check /etc/smtpguard/policy.yaml
@@ -201,6 +207,70 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Validate a policy as `check` does, then make it the fleet's: every host run with --fleet-policy applies it.
+    ///
+    /// Example: smtpguard fleet push /etc/smtpguard/policy.yaml --fleet-etcd http://etcd1:2379 --comment "allow 587"
+    Push {
+        /// The policy file (YAML); the list files it names go with it, geo databases stay each host's own.
+        policy: PathBuf,
+        /// Read the list files the policy names from this directory (default: the policy file's).
+        #[arg(long, value_name = "DIR")]
+        lists: Option<PathBuf>,
+        /// Validate geo-fences against this MaxMind database instead of the paths in the file.
+        #[arg(long)]
+        geo_database: Option<PathBuf>,
+        /// Push only if the fleet's policy is still this revision (the one you reviewed).
+        #[arg(long, value_name = "REVISION")]
+        expect_revision: Option<i64>,
+        /// A note kept with the revision (shown by `fleet status`).
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
+    /// The hosts of the fleet: the policy revision each runs, its mode and bans, and which failed to apply it.
+    Status {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
+}
+
+/// Where the fleet is: flags, over a config file's `[fleet]`.
+#[derive(clap::Args)]
+struct FleetArgs {
+    /// Read the `[fleet]` settings from this config file (flags override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: FleetSettings,
+}
+
+impl FleetArgs {
+    fn connection(self) -> anyhow::Result<smtpguard::fleet::settings::Connection> {
+        let file = self.config.as_deref().map(Settings::load).transpose()?.map(|s| s.fleet).unwrap_or_default();
+        self.settings.over(file).connection()
+    }
+}
+
+/// Exit 0 when `ok`, 1 when not, 2 with the error printed.
+fn verdict(r: anyhow::Result<bool>) -> ExitCode {
+    match r {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("smtpguard: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// Room per policy generation in the IPv4 ACL arrays, reserved at load
 /// time. The defaults hold the whole real geo database plus 100,000 CIDRs.
 fn main() -> ExitCode {
@@ -224,6 +294,13 @@ fn main() -> ExitCode {
         Command::Detach(p) => commands::report(commands::detach(&p.pins())),
         Command::Trace { addr, port, duration, pins } => commands::report(smtpguard::commands::trace::run(&pins.pins(), addr, port, duration)),
         Command::Check(p) => commands::check(&p.file, &p.options()),
+        Command::Fleet { command: FleetCommand::Push { policy, lists, geo_database, expect_revision, comment, limits, fleet } } => {
+            let options = ReadOptions { geo_database, today: None, limits: limits.limits(), files_dir: lists };
+            verdict(fleet.connection().and_then(|c| smtpguard::fleet::commands::push(&c, &policy, &options, expect_revision, comment)))
+        }
+        Command::Fleet { command: FleetCommand::Status { json, fleet } } => {
+            verdict(fleet.connection().and_then(|c| smtpguard::fleet::commands::status(&c, json)))
+        }
         Command::Schema { events } => commands::schema(events),
         Command::Explain { policy, direction, src, dst, dport, syn, payload, json } => {
             let direction = match direction {

@@ -30,6 +30,8 @@ pub struct ControllerMetrics {
     /// Suspect episodes reported, by tenant interface (labels go with it).
     pub tenant_suspects: IntCounterVec,
     pub quarantines: IntCounter,
+    /// The fleet's families, once the host joined one.
+    pub fleet: std::sync::OnceLock<std::sync::Arc<crate::fleet::metrics::FleetMetrics>>,
 }
 
 impl ControllerMetrics {
@@ -51,6 +53,7 @@ impl ControllerMetrics {
             )
             .expect("valid"),
             quarantines: IntCounter::new("smtpguard_quarantines_total", "Tenant suspects banned on every guarded port (policy tenant_suspect.quarantine)").expect("valid"),
+            fleet: std::sync::OnceLock::new(),
         }
     }
 }
@@ -98,8 +101,8 @@ pub struct TableGauges {
     /// When the scan ran (Unix seconds); 0: not yet.
     pub scanned_at: f64,
     pub tracked_sources: u64,
-    /// Active bans by origin: auto, escalated, manual, quarantine.
-    pub bans: [u64; 4],
+    /// Active bans by origin: auto, escalated, manual, quarantine, fleet.
+    pub bans: [u64; 5],
     pub network_bans_v4: u64,
     pub network_bans_v6: u64,
     /// `TENANT_STATS`, summed over CPUs.
@@ -114,7 +117,7 @@ impl TableGauges {
         let now = ktime_now_ns();
         let snapshot = observer.sources().snapshot(now);
         let mut g = TableGauges { tracked_sources: snapshot.tracked, ..TableGauges::default() };
-        for (i, origin) in [ban_origin::AUTO, ban_origin::ESCALATED, ban_origin::MANUAL, ban_origin::QUARANTINE].into_iter().enumerate() {
+        for (i, origin) in [ban_origin::AUTO, ban_origin::ESCALATED, ban_origin::MANUAL, ban_origin::QUARANTINE, ban_origin::FLEET].into_iter().enumerate() {
             g.bans[i] = snapshot.banned[origin as usize];
         }
         (g.network_bans_v4, g.network_bans_v6) = observer.network_ban_counts()?;
@@ -255,7 +258,7 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
         }
     }
     let bans = IntGaugeVec::new(Opts::new("smtpguard_active_bans", "Sources banned now, by origin (from the last table scan)"), &["origin"]).expect("valid");
-    for (origin, n) in ["auto", "escalated", "manual", "quarantine"].iter().zip(tables.bans) {
+    for (origin, n) in ["auto", "escalated", "manual", "quarantine", "fleet"].iter().zip(tables.bans) {
         bans.with_label_values(&[origin]).set(n as i64);
     }
     let tracked = IntGauge::new("smtpguard_tracked_sources", "Sources in the rate and ban table (from the last table scan)").expect("valid");
@@ -333,6 +336,9 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     register(&r, m.event_write_failures.clone());
     register(&r, m.tenant_suspects.clone());
     register(&r, m.quarantines.clone());
+    if let Some(fleet) = m.fleet.get() {
+        fleet.register(&r);
+    }
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out).map_err(|e| e.to_string())?;
     String::from_utf8(out).map_err(|e| e.to_string())

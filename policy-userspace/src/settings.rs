@@ -15,6 +15,7 @@ use crate::{
     controller::{RunOptions, XdpModeChoice},
     dataplane::Capacities,
     logging::{LogFormat, LogSettings},
+    fleet::{bundle::PolicyCache, settings::FleetSettings},
     pins::{Pins, DEFAULT_PIN_DIR, DEFAULT_RUN_DIR},
     policy::{input, ReadOptions},
 };
@@ -94,7 +95,17 @@ pub struct Settings {
     /// Log lines as plain text (default; for a terminal or the journal) or one JSON object each.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Directory for state kept across restarts (the fleet policy revisions fetched, the one applied last).
+    /// Default /var/lib/smtpguard.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// The fleet (the `[fleet]` table in the config file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub fleet: FleetSettings,
 }
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/smtpguard";
 
 /// A size in the config file: a number of bytes, or a string such as "64MiB".
 fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -120,7 +131,14 @@ impl Settings {
         // Paths in the file are relative to the file.
         let dir = path.parent().unwrap_or(Path::new("."));
         let rel = |p: Option<PathBuf>| p.map(|p| if p.is_relative() { dir.join(p) } else { p });
-        Ok(Settings { policy: rel(file.policy.clone()), events: rel(file.events.clone()), geo_database: rel(file.geo_database.clone()), ..file })
+        Ok(Settings {
+            policy: rel(file.policy.clone()),
+            events: rel(file.events.clone()),
+            geo_database: rel(file.geo_database.clone()),
+            state_dir: rel(file.state_dir.clone()),
+            fleet: file.fleet.clone().relative_to(dir),
+            ..file
+        })
     }
 
     /// These settings where set, `base` where not (lists: these when any).
@@ -147,6 +165,8 @@ impl Settings {
             run_dir: self.run_dir.or(base.run_dir),
             log_level: self.log_level.or(base.log_level),
             log_format: self.log_format.or(base.log_format),
+            state_dir: self.state_dir.or(base.state_dir),
+            fleet: self.fleet.over(base.fleet),
         }
     }
 
@@ -157,7 +177,20 @@ impl Settings {
 
     /// What `run` does, with the defaults filled in.
     pub fn resolve(self) -> Result<RunOptions> {
-        let Some(policy) = self.policy else { bail!("no policy: give --policy FILE, or `policy = \"...\"` in the config file") };
+        let fleet = self.fleet.resolve()?;
+        let state_dir = self.state_dir.clone().unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        // Following the fleet, a host starts with what it applied last.
+        let applied = fleet.as_ref().filter(|f| f.follow_policy).and_then(|_| PolicyCache::new(&state_dir).applied());
+        let start_revision = applied.as_ref().map(|(rev, _)| *rev);
+        let Some(policy) = applied.map(|(_, file)| file).or(self.policy) else {
+            if fleet.as_ref().is_some_and(|f| f.follow_policy) {
+                bail!(
+                    "no fleet policy was applied on this host yet ({} holds none) and no --policy to enforce until one is",
+                    state_dir.display()
+                );
+            }
+            bail!("no policy: give --policy FILE, or `policy = \"...\"` in the config file")
+        };
         if self.smtp_flows == Some(0) {
             bail!("smtp_flows: at least 1");
         }
@@ -165,6 +198,9 @@ impl Settings {
         let room = policy_common::acl4::Capacity::DEFAULT;
         Ok(RunOptions {
             policy,
+            start_revision,
+            fleet,
+            state_dir,
             uplinks: self.uplink,
             tenants: self.tenant,
             wait_for_uplinks: self.wait_for_uplinks.unwrap_or(false),
@@ -180,6 +216,7 @@ impl Settings {
                     geo_database_bytes: self.max_geo_bytes.unwrap_or(d.geo_database_bytes),
                     geo_networks: self.max_geo_networks.unwrap_or(d.geo_networks),
                 },
+                files_dir: None,
             },
             capacities: Capacities {
                 sources: self.source_capacity.unwrap_or(policy_common::DEFAULT_SOURCE_CAPACITY),

@@ -16,6 +16,7 @@ use crate::{
         tenants::slot_cells,
     },
     events::Event,
+    fleet::{self, settings::Connection},
     pins::Pins,
     policy::time,
 };
@@ -97,6 +98,9 @@ pub struct Ban {
     pub remaining_s: u64,
     pub strikes: u16,
     pub origin: &'static str,
+    /// In a fleet: the host that made it, and how (auto, escalated, manual).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 pub fn origin_name(origin: u8) -> &'static str {
@@ -106,6 +110,7 @@ pub fn origin_name(origin: u8) -> &'static str {
         ban_origin::ESCALATED => "escalated",
         ban_origin::MANUAL => "manual",
         ban_origin::QUARANTINE => "quarantine",
+        ban_origin::FLEET => "fleet",
         _ => "none",
     }
 }
@@ -121,7 +126,13 @@ fn active_bans(maps: &Maps) -> anyhow::Result<Vec<Ban>> {
         .map(|s| {
             let (addr, len) = bans::key_addr(s.key);
             let info = SlotInfo::unpack(s.info);
-            Ban { source: format!("{addr}/{len}"), remaining_s: (s.ban_until_ns - now) / 1_000_000_000, strikes: info.strikes, origin: origin_name(info.origin) }
+            Ban {
+                source: format!("{addr}/{len}"),
+                remaining_s: (s.ban_until_ns - now) / 1_000_000_000,
+                strikes: info.strikes,
+                origin: origin_name(info.origin),
+                from: None,
+            }
         })
         .collect();
     out.sort_by_key(|b| std::cmp::Reverse(b.remaining_s));
@@ -130,18 +141,39 @@ fn active_bans(maps: &Maps) -> anyhow::Result<Vec<Ban>> {
         remaining_s: until.saturating_sub(now) / 1_000_000_000,
         strikes: 1,
         origin: "manual",
+        from: None,
     }));
     Ok(out)
 }
 
+/// In a fleet, says where each ban came from (the fleet's own record of it).
+fn annotate(pins: &Pins, bans: &mut [Ban]) {
+    let Some((c, host)) = Connection::recorded(&pins.run_dir) else { return };
+    match fleet::commands::fleet_bans(&c) {
+        Ok(records) => {
+            for b in bans.iter_mut() {
+                let Ok(net) = b.source.parse::<ipnet::IpNet>() else { continue };
+                if let Some(r) = records.get(&net) {
+                    b.from = Some(format!("{} ({})", r.origin_host, r.origin));
+                    if r.origin_host != host && !crate::fleet::record::is_source(net) {
+                        b.origin = "fleet";
+                    }
+                }
+            }
+        }
+        Err(e) => eprintln!("(the fleet's etcd cannot be read, so where fleet bans came from is not shown: {e:#})"),
+    }
+}
+
 pub fn bans(pins: &Pins, json: bool) -> anyhow::Result<()> {
-    let bans = active_bans(&open_maps(pins)?)?;
+    let mut bans = active_bans(&open_maps(pins)?)?;
+    annotate(pins, &mut bans);
     if json {
         println!("{}", serde_json::to_string(&bans)?);
     } else {
-        println!("{:<45} {:>10} {:>8} {:<10}", "source", "remaining", "strikes", "origin");
+        println!("{:<45} {:>10} {:>8} {:<10} {}", "source", "remaining", "strikes", "origin", "from");
         for b in &bans {
-            println!("{:<45} {:>9}s {:>8} {:<10}", b.source, b.remaining_s, b.strikes, b.origin);
+            println!("{:<45} {:>9}s {:>8} {:<10} {}", b.source, b.remaining_s, b.strikes, b.origin, b.from.as_deref().unwrap_or("-"));
         }
         println!("{} active", bans.len());
     }
@@ -180,16 +212,26 @@ pub fn ban(pins: &Pins, source: &str, duration: Duration, force: bool, reason: O
     }
     let mut maps = open_maps(pins)?;
     let lock = BanLock::take(&pins.ban_lock_dir())?;
-    let source = match target {
+    let (source, net) = match target {
         BanTarget::Source(addr) => {
             maps.ban_source(&lock, addr, duration)?;
-            addr.to_string()
+            (addr.to_string(), crate::fleet::record::source_net(addr))
         }
         BanTarget::Network(net) => {
             maps.ban_network(&lock, net, duration)?;
-            net.to_string()
+            (net.to_string(), net)
         }
     };
+    drop(lock);
+    // In a fleet, every host drops it too; the controller would send it
+    // within a second anyway, without the reason.
+    if let Some((c, host)) = Connection::recorded(&pins.run_dir) {
+        let until_ms = (time_now_ms() + duration.as_millis() as u64).min(u64::MAX / 2);
+        match fleet::commands::publish_manual(&c, &host, net, until_ms, reason) {
+            Ok(()) => eprintln!("{net}: banned fleet-wide"),
+            Err(e) => eprintln!("{net}: banned here; the fleet gets it once its etcd answers ({e:#})"),
+        }
+    }
     let event = Event::ManualBan { time: clock::now_rfc3339(), source, duration_s: duration.as_secs(), reason: reason.map(str::to_owned) };
     println!("{}", event.to_line());
     Ok(())
@@ -199,15 +241,43 @@ pub fn unban(pins: &Pins, source: &str) -> anyhow::Result<()> {
     let target = ban_target(source)?;
     let mut maps = open_maps(pins)?;
     let lock = BanLock::take(&pins.ban_lock_dir())?;
+    let (net, local_until_ms) = match target {
+        BanTarget::Source(addr) => {
+            let key = bans::source_key(addr);
+            let until = maps.source_table().slots().into_iter().find(|s| s.key == key).map(|s| s.ban_until_ns).filter(|u| *u > ktime_now_ns());
+            (crate::fleet::record::source_net(addr), until)
+        }
+        BanTarget::Network(net) => (net, maps.network_bans()?.into_iter().find(|(n, _)| *n == net).map(|(_, u)| u)),
+    };
     let lifted = match target {
         BanTarget::Source(addr) => maps.unban_source(&lock, addr)?,
         BanTarget::Network(net) => maps.unban_network(&lock, net)?,
     };
-    if !lifted {
-        bail!("{source} is not banned");
+    drop(lock);
+    let Some((c, host)) = Connection::recorded(&pins.run_dir) else {
+        if !lifted {
+            bail!("{source} is not banned");
+        }
+        println!("{source}: ban lifted");
+        return Ok(());
+    };
+    // In a fleet: lifted on every host, and on those away now when they return.
+    let local_until_ms = local_until_ms.map(|u| time_now_ms() + u.saturating_sub(ktime_now_ns()) / 1_000_000);
+    match fleet::commands::unban(&c, &host, net, local_until_ms) {
+        Ok(held) if lifted || held => {
+            println!("{source}: ban lifted here and fleet-wide");
+            Ok(())
+        }
+        Ok(_) => bail!("{source} is not banned, here or in the fleet (a tombstone was left anyway)"),
+        Err(e) => bail!(
+            "{source}: {}; the fleet's etcd did not take the unban ({e:#}), so other hosts keep it: run this again once etcd answers",
+            if lifted { "ban lifted here" } else { "not banned here" }
+        ),
     }
-    println!("{source}: ban lifted");
-    Ok(())
+}
+
+fn time_now_ms() -> u64 {
+    (::time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64
 }
 
 pub fn detach(pins: &Pins) -> anyhow::Result<()> {

@@ -134,6 +134,30 @@ impl Maps {
         self.update_network_ban_flag()
     }
 
+    /// Installs a network ban made elsewhere (the fleet's): until
+    /// `until_ns`, or longer where a longer one is in force.
+    pub fn install_network_ban(&mut self, _lock: &BanLock, net: ipnet::IpNet, until_ns: u64) -> Result<()> {
+        if self.network_ban_until(net)?.is_some_and(|u| u >= until_ns) {
+            return Ok(());
+        }
+        self.network_trie_op(net, Some(until_ns))?;
+        self.update_network_ban_flag()
+    }
+
+    /// Lifts a network ban if it ends by `until_ns` (lifted elsewhere: a
+    /// longer one made here since stands); returns whether it did.
+    pub fn unban_network_ending_by(&mut self, lock: &BanLock, net: ipnet::IpNet, until_ns: u64) -> Result<bool> {
+        match self.network_ban_until(net)? {
+            Some(u) if u <= until_ns => self.unban_network(lock, net),
+            _ => Ok(false),
+        }
+    }
+
+    /// The end of the ban of exactly `net`, if one is in the trie.
+    fn network_ban_until(&self, net: ipnet::IpNet) -> Result<Option<u64>> {
+        Ok(self.network_bans_all()?.into_iter().find(|(n, _)| *n == net).map(|(_, u)| u))
+    }
+
     /// Lifts a network ban; returns whether there was one.
     pub fn unban_network(&mut self, _lock: &BanLock, net: ipnet::IpNet) -> Result<bool> {
         let removed = self.network_trie_op(net, None)?;
@@ -175,21 +199,36 @@ impl Maps {
     /// Network bans in force: (network, until ns).
     pub fn network_bans(&self) -> Result<Vec<(ipnet::IpNet, u64)>> {
         let now = ktime_now_ns();
+        Ok(self.network_bans_all()?.into_iter().filter(|(_, until)| *until > now).collect())
+    }
+
+    /// Removes network bans that ended (the datapath ignores them, but
+    /// they hold room in the tries); returns how many.
+    pub fn prune_network_bans(&mut self, _lock: &BanLock) -> Result<usize> {
+        let now = ktime_now_ns();
+        let ended: Vec<_> = self.network_bans_all()?.into_iter().filter(|(_, u)| *u <= now).collect();
+        for (net, _) in &ended {
+            self.network_trie_op(*net, None)?;
+        }
+        if !ended.is_empty() {
+            self.update_network_ban_flag()?;
+        }
+        Ok(ended.len())
+    }
+
+    /// Every network ban in the tries, ended or not.
+    fn network_bans_all(&self) -> Result<Vec<(ipnet::IpNet, u64)>> {
         let mut out = Vec::new();
         for item in self.ban_v4.iter() {
             let (k, until) = item.map_err(map_error(policy_common::BAN_V4))?;
             let net = ipnet::Ipv4Net::new(Ipv4Addr::from(k.data()[0].to_ne_bytes()), k.prefix_len() as u8).map_err(|e| DataplaneError::Refused(e.to_string()))?;
-            if until > now {
-                out.push((ipnet::IpNet::V4(net), until));
-            }
+            out.push((ipnet::IpNet::V4(net), until));
         }
         for item in self.ban_v6.iter() {
             let (k, until) = item.map_err(map_error(policy_common::BAN_V6))?;
             let addr = Ipv6Addr::from(policy_common::words_to_octets(&k.data()));
             let net = ipnet::Ipv6Net::new(addr, k.prefix_len() as u8).map_err(|e| DataplaneError::Refused(e.to_string()))?;
-            if until > now {
-                out.push((ipnet::IpNet::V6(net), until));
-            }
+            out.push((ipnet::IpNet::V6(net), until));
         }
         Ok(out)
     }

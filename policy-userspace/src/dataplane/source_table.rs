@@ -62,6 +62,21 @@ pub enum BanWay {
     Claimed,
 }
 
+/// A ban made elsewhere, to install: see [`SourceTable::install`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Install {
+    pub key: u64,
+    pub until_ns: u64,
+    /// The source's strikes fleet-wide: its next ban here escalates from them.
+    pub strikes: u16,
+}
+
+#[derive(Clone, Copy)]
+enum Strikes {
+    OneMore,
+    AtLeast(u16),
+}
+
 pub struct SourceTable {
     words: SharedWords,
     sets: u32,
@@ -134,6 +149,25 @@ impl SourceTable {
         s
     }
 
+    /// The bans in force at `now_ns`: (key, until, info), reading only
+    /// the ban word of ways not banned (the fleet's scan, every second).
+    pub fn bans_in_force(&self, now_ns: u64) -> Vec<(u64, u64, SlotInfo)> {
+        let mut out = Vec::new();
+        for set in 0..self.sets {
+            for way in 0..WAYS {
+                let until = self.word(set, way, BAN_UNTIL).load(Ordering::Relaxed);
+                if until <= now_ns {
+                    continue;
+                }
+                let key = self.word(set, way, KEY).load(Ordering::Acquire);
+                if key != 0 {
+                    out.push((key, until, SlotInfo::unpack(self.word(set, way, INFO).load(Ordering::Relaxed))));
+                }
+            }
+        }
+        out
+    }
+
     fn find(&self, set: u32, key: u64) -> Option<usize> {
         (0..WAYS).find(|&way| self.word(set, way, KEY).load(Ordering::Acquire) == key)
     }
@@ -151,6 +185,10 @@ impl SourceTable {
     /// `origin` manual or quarantine, one more strike), taking a way for it
     /// if it has none. `now_ns` is the datapath's clock.
     pub fn ban(&self, key: u64, until_ns: u64, origin: u8, now_ns: impl Fn() -> u64) -> Result<BanWay, Contended> {
+        self.ban_with(key, until_ns, origin, Strikes::OneMore, &now_ns)
+    }
+
+    fn ban_with(&self, key: u64, until_ns: u64, origin: u8, strikes: Strikes, now_ns: &impl Fn() -> u64) -> Result<BanWay, Contended> {
         let set = source_set(key, self.sets);
         for _ in 0..TRIES {
             let now = now_ns();
@@ -173,7 +211,11 @@ impl SourceTable {
             ban.swap(until_ns, Ordering::AcqRel);
             let _ = self.word(set, way, INFO).fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
                 let info = SlotInfo::unpack(old);
-                Some(SlotInfo { strikes: info.strikes.saturating_add(1), origin, flags: info.flags, last_seen_s: now_s }.pack())
+                let strikes = match strikes {
+                    Strikes::OneMore => info.strikes.saturating_add(1),
+                    Strikes::AtLeast(n) => info.strikes.max(n),
+                };
+                Some(SlotInfo { strikes, origin, flags: info.flags, last_seen_s: now_s }.pack())
             });
             if how == BanWay::Claimed {
                 // A datapath claim of this way that began before ours ends
@@ -189,15 +231,97 @@ impl SourceTable {
         Err(Contended)
     }
 
+    /// Installs bans made elsewhere (the fleet's), many at once: each
+    /// source is banned until at least its `until_ns` (a longer ban in
+    /// force stands) with at least its strikes, origin fleet where the
+    /// fleet's ban is the one in force. The ways claimed share one RCU
+    /// grace period, so a batch of 10,000 costs one, not 10,000. Returns
+    /// how many of `bans` are in force afterwards.
+    pub fn install(&self, bans: &[Install], now_ns: impl Fn() -> u64) -> usize {
+        let mut claimed = Vec::new();
+        let mut installed = 0;
+        for b in bans {
+            match self.install_one(b, now_ns()) {
+                Some((way, BanWay::Claimed)) => claimed.push((b, way)),
+                Some(_) => installed += 1,
+                None => {}
+            }
+        }
+        if claimed.is_empty() {
+            return installed;
+        }
+        rcu_grace_period();
+        for (b, way) in claimed {
+            let set = source_set(b.key, self.sets);
+            if self.word(set, way, KEY).load(Ordering::Acquire) == b.key {
+                installed += 1;
+                continue;
+            }
+            // The way changed hands under the claim: take the ban back and
+            // go the careful way, one grace period per try.
+            let _ = self.word(set, way, BAN_UNTIL).compare_exchange(b.until_ns, 0, Ordering::AcqRel, Ordering::Acquire);
+            if self.ban_with(b.key, b.until_ns, ban_origin::FLEET, Strikes::AtLeast(b.strikes), &now_ns).is_ok() {
+                installed += 1;
+            }
+        }
+        installed
+    }
+
+    /// One install without waiting for a grace period: the way and how it
+    /// was found, or `None` when the set kept changing.
+    fn install_one(&self, b: &Install, now: u64) -> Option<(usize, BanWay)> {
+        let set = source_set(b.key, self.sets);
+        let now_s = (now / 1_000_000_000) as u32;
+        for _ in 0..TRIES {
+            let (way, how) = match self.find(set, b.key) {
+                Some(way) => (way, BanWay::Tracked),
+                None => {
+                    let way = self.victim(set, now);
+                    let seen = self.word(set, way, KEY).load(Ordering::Acquire);
+                    if self.word(set, way, KEY).compare_exchange(seen, b.key, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                        continue;
+                    }
+                    self.word(set, way, TAT).store(0, Ordering::Release);
+                    self.word(set, way, WINDOW).store(0, Ordering::Release);
+                    self.word(set, way, BAN_UNTIL).store(0, Ordering::Release);
+                    self.word(set, way, INFO).store(SlotInfo { last_seen_s: now_s, ..SlotInfo::default() }.pack(), Ordering::Release);
+                    (way, BanWay::Claimed)
+                }
+            };
+            let ban = self.word(set, way, BAN_UNTIL);
+            let before = ban.fetch_max(b.until_ns, Ordering::AcqRel);
+            let ours = before < b.until_ns;
+            let _ = self.word(set, way, INFO).fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                let info = SlotInfo::unpack(old);
+                let origin = if ours { ban_origin::FLEET } else { info.origin };
+                Some(SlotInfo { strikes: info.strikes.max(b.strikes), origin, ..info }.pack())
+            });
+            if how == BanWay::Tracked && self.word(set, way, KEY).load(Ordering::Acquire) != b.key {
+                if ours {
+                    let _ = ban.compare_exchange(b.until_ns, before, Ordering::AcqRel, Ordering::Acquire);
+                }
+                continue;
+            }
+            return Some((way, how));
+        }
+        None
+    }
+
     /// Lifts the ban of the source `key`; false when it is not banned at
     /// `now_ns` (the datapath's clock).
     pub fn unban(&self, key: u64, now_ns: impl Fn() -> u64) -> Result<bool, Contended> {
+        self.unban_ending_by(key, u64::MAX, now_ns)
+    }
+
+    /// Lifts the ban of the source `key` if it ends by `until_ns` (a ban
+    /// lifted elsewhere: a longer one made here since stands).
+    pub fn unban_ending_by(&self, key: u64, until_ns: u64, now_ns: impl Fn() -> u64) -> Result<bool, Contended> {
         let set = source_set(key, self.sets);
         for _ in 0..TRIES {
             let Some(way) = self.find(set, key) else { return Ok(false) };
             let ban = self.word(set, way, BAN_UNTIL);
             let until = ban.load(Ordering::Acquire);
-            if until <= now_ns() {
+            if until <= now_ns() || until > until_ns {
                 return Ok(false);
             }
             if ban.compare_exchange(until, 0, Ordering::AcqRel, Ordering::Acquire).is_err() {
@@ -281,6 +405,26 @@ mod tests {
         let snap = t.snapshot(now);
         assert_eq!((snap.tracked, snap.capacity), (8, 8));
         assert_eq!((snap.banned[ban_origin::AUTO as usize], snap.banned[ban_origin::MANUAL as usize]), (5, 3));
+    }
+
+    #[test]
+    fn fleet_installs_keep_the_longer_ban_and_the_higher_strikes() {
+        let (_fd, t) = table(64);
+        let now = 100 * S;
+        // A source banned here for longer, with 3 strikes; one unknown here.
+        t.ban(key(1), now + 900 * S, ban_origin::MANUAL, || now).unwrap();
+        t.ban(key(1), now + 900 * S, ban_origin::MANUAL, || now).unwrap();
+        t.ban(key(1), now + 900 * S, ban_origin::MANUAL, || now).unwrap();
+        let bans = [Install { key: key(1), until_ns: now + 60 * S, strikes: 1 }, Install { key: key(2), until_ns: now + 60 * S, strikes: 2 }];
+        assert_eq!(t.install(&bans, || now), 2);
+        let slot = |k| t.slots().into_iter().find(|s| s.key == k).unwrap();
+        let (a, b) = (slot(key(1)), slot(key(2)));
+        assert_eq!((a.ban_until_ns, SlotInfo::unpack(a.info).strikes, SlotInfo::unpack(a.info).origin), (now + 900 * S, 3, ban_origin::MANUAL), "the local ban stands");
+        assert_eq!((b.ban_until_ns, SlotInfo::unpack(b.info).strikes, SlotInfo::unpack(b.info).origin), (now + 60 * S, 2, ban_origin::FLEET));
+        // A longer fleet ban of the first takes over, strikes kept.
+        assert_eq!(t.install(&[Install { key: key(1), until_ns: now + 3600 * S, strikes: 1 }], || now), 1);
+        let a = slot(key(1));
+        assert_eq!((a.ban_until_ns, SlotInfo::unpack(a.info).strikes, SlotInfo::unpack(a.info).origin), (now + 3600 * S, 3, ban_origin::FLEET));
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub struct ReadOptions {
     /// How much is read from list files and geo databases: the defaults,
     /// or what the command line says. A policy's `limits` overrides these.
     pub limits: Limits,
+    /// Relative file paths in the policy (lists) are read from here
+    /// instead of the policy file's directory (`fleet push --lists DIR`).
+    pub files_dir: Option<PathBuf>,
 }
 
 struct Walker<'a> {
@@ -115,7 +118,7 @@ pub fn load_str(path: &Path, text: &str, options: &ReadOptions, diags: &mut Diag
             return None;
         }
     };
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let dir = options.files_dir.clone().unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
     let mut w = Walker {
         file: path,
         shared_file: Arc::from(path),
