@@ -6,7 +6,7 @@ use std::{
     process::ExitCode,
 };
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use smtpguard::{
     commands::{self, ExplainArgs},
     fleet::settings::FleetSettings,
@@ -19,8 +19,14 @@ use smtpguard::{
 };
 
 /// Port-25 firewall policy engine for hypervisor hosts.
+///
+/// An eBPF datapath (XDP on the uplink, TC on the uplink's egress and on tenant interfaces) drops or
+/// rate-limits SMTP as a YAML policy says: CIDR allow and deny lists, per-source new-connection rates with
+/// automatic bans, manual bans, geo-fences, and VRFY/EXPN on plaintext port 25. `smtpguard run` enforces
+/// a policy; the other commands check a policy or work on the pinned state. Enforcement lives in pins
+/// under /sys/fs/bpf/smtpguard and outlasts the controller until `smtpguard detach`.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "smtpguard", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -205,6 +211,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the man pages and shell completions generated from these definitions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Where: DIR/man/*.1 and DIR/completions/.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -309,5 +321,10 @@ fn main() -> ExitCode {
             };
             commands::explain(&policy.file, &policy.options(), ExplainArgs { direction, src, dst, dport, syn, payload, json })
         }
+        Command::GenerateAssets { dir } => commands::report(commands::assets::generate(Cli::command(), &dir).map(|written| {
+            for path in written {
+                println!("{}", path.display());
+            }
+        })),
     }
 }

@@ -52,6 +52,34 @@ fn schema_is_json_and_explain_answers_in_json() {
     assert_eq!(v["rule_origin"], "policies/lists/drop.txt:4");
 }
 
+#[test]
+fn generate_assets_writes_a_page_per_command_and_completions_and_stays_hidden() {
+    let dir = TempDir::new("assets");
+    let (code, out, err) = smtpguard(&["generate-assets", dir.0.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let (_, help, _) = smtpguard(&["--help"]);
+    assert!(!help.contains("generate-assets"), "{help}");
+    // One page per command in --help (but `help`) and the main one; three shells.
+    let commands = help.split("Commands:\n").nth(1).unwrap().lines().take_while(|l| !l.trim().is_empty()).filter(|l| !l.trim_start().starts_with("help ")).count();
+    assert_eq!(out.lines().filter(|l| l.ends_with(".1")).count(), commands + 1, "{out}");
+    assert_eq!(out.lines().filter(|l| l.contains("/completions/")).count(), 3, "{out}");
+    let main_page = std::fs::read_to_string(dir.0.join("man/smtpguard.1")).unwrap();
+    assert!(main_page.contains("\n.TH smtpguard 1 ") && main_page.matches(".ds Aq").count() == 2, "one title, one preamble: {main_page}");
+    for section in [".SH SUBCOMMANDS", ".SH FILES", ".SH \"SEE ALSO\""] {
+        assert!(main_page.contains(section), "{section}");
+    }
+    for command in ["run", "tenants", "reload", "status", "bans", "ban", "unban", "detach", "trace", "check", "schema", "explain"] {
+        assert!(dir.0.join(format!("man/smtpguard-{command}.1")).is_file(), "{command}");
+        assert!(main_page.contains(&format!("smtpguard\\-{command}(1)")), "{command} in the main page");
+    }
+    let run_page = std::fs::read_to_string(dir.0.join("man/smtpguard-run.1")).unwrap();
+    assert!(run_page.contains("wait\\-for\\-uplinks"), "{run_page}");
+    for file in ["completions/smtpguard.bash", "completions/_smtpguard", "completions/smtpguard.fish"] {
+        let text = std::fs::read_to_string(dir.0.join(file)).unwrap();
+        assert!(text.contains("detach") && text.contains("wait-for-uplinks") && !text.contains("generate-assets"), "{file}");
+    }
+}
+
 /// A temporary directory, removed when the test ends (passed or not).
 struct TempDir(PathBuf);
 

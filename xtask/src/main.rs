@@ -1,5 +1,6 @@
-//! `cargo xtask`: the demo, tool setup, the test suite, benchmarks.
+//! `cargo xtask`: the demo, tool setup, the test suite, benchmarks, the Debian package.
 mod bench;
+mod package;
 mod setup;
 
 use anyhow::Result;
@@ -26,6 +27,8 @@ enum Task {
     },
     /// Clippy over the userspace crates and, for its own target, the eBPF crate.
     Clippy,
+    /// Build the Debian package (target/debian/smtpguard_*.deb): binary, unit, config, man pages, completions, docs.
+    Package,
     /// Run a benchmark; prints ratios measured side by side in one run.
     Bench {
         #[command(subcommand)]
@@ -48,6 +51,11 @@ fn main() -> Result<()> {
         Task::Clippy => {
             setup::run()?;
             setup::clippy()
+        }
+        Task::Package => {
+            let deb = package::build()?;
+            println!("{}", deb.display());
+            Ok(())
         }
         Task::Bench { which } => {
             setup::run()?;

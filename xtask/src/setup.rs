@@ -1,5 +1,5 @@
 //! Idempotent set-up: rust-src, bpf-linker built against the toolchain's
-//! own LLVM, the Debian packages the tests use, a mounted bpffs.
+//! own LLVM, cargo-deb, the Debian packages the tests use, a mounted bpffs.
 
 use std::{
     env,
@@ -10,6 +10,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// What `cargo xtask package` builds the .deb with (installed beside bpf-linker).
+const CARGO_DEB_VERSION: &str = "3.8.0";
 /// Debian packages the test suite runs (binary -> package).
 /// (what proves it is installed: a command, or an absolute path; package).
 const PACKAGES: &[(&str, &str)] = &[
@@ -62,12 +64,12 @@ fn cache_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache/smtpguard"))
 }
 
-/// Where bpf-linker is installed; policy-userspace's build script looks here.
+/// Where bpf-linker and cargo-deb are installed; policy-userspace's build script looks here.
 pub fn tools_bin() -> Result<PathBuf> {
     Ok(cache_dir()?.join("tools/bin"))
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+pub fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -75,7 +77,7 @@ fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn status(cmd: &mut Command) -> Result<()> {
+pub fn status(cmd: &mut Command) -> Result<()> {
     let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !st.success() {
         bail!("{cmd:?} failed ({st})");
@@ -83,17 +85,41 @@ fn status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     output(Command::new("id").arg("-u")).map(|u| u == "0").unwrap_or(false)
 }
 
 pub fn run() -> Result<()> {
-    rust_src()?;
-    bpf_linker()?;
+    build_tools()?;
+    cargo_deb()?;
     packages()?;
     bpffs()?;
     geo_database()?;
     Ok(())
+}
+
+/// What building the binary needs: rust-src and bpf-linker for the eBPF object.
+pub fn build_tools() -> Result<()> {
+    rust_src()?;
+    bpf_linker()
+}
+
+/// cargo-deb, pinned, in the tools directory; its path.
+pub fn cargo_deb() -> Result<PathBuf> {
+    let bin = tools_bin()?.join("cargo-deb");
+    if output(Command::new(&bin).arg("--version")).is_ok_and(|v| v.split_whitespace().last() == Some(CARGO_DEB_VERSION)) {
+        return Ok(bin);
+    }
+    eprintln!("setup: building cargo-deb {CARGO_DEB_VERSION} (about a minute)");
+    status(
+        Command::new("cargo")
+            .args(["install", "cargo-deb", "--locked", "--version", CARGO_DEB_VERSION, "--root"])
+            .arg(cache_dir()?.join("tools"))
+            // Its own build directory, not the workspace's.
+            .env_remove("CARGO_TARGET_DIR"),
+    )
+    .context("building cargo-deb failed; see the output above")?;
+    Ok(bin)
 }
 
 /// Where the real geo database is: `$SMTPGUARD_GEO_DATABASE`, else
@@ -225,6 +251,8 @@ pub fn test(args: &[String]) -> Result<()> {
     remove_stale_test_state();
     // The controller tests run the smtpguard binary: build it first.
     status(Command::new("cargo").args(["build", "--bins"]))?;
+    // tests/package.rs installs the .deb: build it (a release build).
+    let deb = crate::package::build()?;
     status(
         Command::new("cargo")
             .args(["test", "--workspace"])
@@ -232,6 +260,7 @@ pub fn test(args: &[String]) -> Result<()> {
             // Privileged tests are ignored by a plain `cargo test`.
             .args(["--", "--include-ignored", "--test-threads=1"])
             .env("SMTPGUARD_PRIVILEGED", "1")
+            .env("SMTPGUARD_DEB", deb)
             .env("SMTPGUARD_GEO_DATABASE", geo_database()?),
     )
     .context("tests failed")

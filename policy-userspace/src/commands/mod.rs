@@ -1,8 +1,10 @@
 //! What the `smtpguard` subcommands do; `main.rs` only parses arguments.
 //! [`policy`]: the commands about a policy file; [`state`]: the commands
 //! about the pinned state of a running (or detached-but-pinned) datapath;
-//! [`trace`]: following one address's packets through the datapath.
+//! [`trace`]: following one address's packets through the datapath;
+//! [`assets`]: the man pages and completions a package installs.
 
+pub mod assets;
 pub mod policy;
 pub mod state;
 pub mod trace;
