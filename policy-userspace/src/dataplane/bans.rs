@@ -154,7 +154,7 @@ impl Maps {
     }
 
     /// The end of the ban of exactly `net`, if one is in the trie.
-    fn network_ban_until(&self, net: ipnet::IpNet) -> Result<Option<u64>> {
+    pub fn network_ban_until(&self, net: ipnet::IpNet) -> Result<Option<u64>> {
         Ok(self.network_bans_all()?.into_iter().find(|(n, _)| *n == net).map(|(_, u)| u))
     }
 

@@ -149,6 +149,13 @@ impl SourceTable {
         s
     }
 
+    /// When the source `key`'s ban ends, if it is banned at `now_ns`.
+    pub fn banned_until(&self, key: u64, now_ns: u64) -> Option<u64> {
+        let set = source_set(key, self.sets);
+        let way = self.find(set, key)?;
+        Some(self.word(set, way, BAN_UNTIL).load(Ordering::Acquire)).filter(|u| *u > now_ns)
+    }
+
     /// The bans in force at `now_ns`: (key, until, info), reading only
     /// the ban word of ways not banned (the fleet's scan, every second).
     pub fn bans_in_force(&self, now_ns: u64) -> Vec<(u64, u64, SlotInfo)> {

@@ -406,7 +406,19 @@ impl Agent {
 
     /// Installs fleet bans: sources in one batch (one grace period),
     /// networks one by one. `live`: just made, so its delay is measured.
-    fn install(&mut self, incoming: Vec<Incoming>, live: bool) {
+    fn install(&mut self, mut incoming: Vec<Incoming>, live: bool) {
+        // This host's own bans come back as they were sent: installed
+        // again only where they are gone here (pins removed meanwhile).
+        let now = ktime_now_ns();
+        self.m.received.with_label_values(&["own"]).inc_by(incoming.iter().filter(|i| i.own).count() as u64);
+        incoming.retain(|i| {
+            !i.own
+                || if record::is_source(i.net) {
+                    self.maps.source_table().banned_until(source_key(i.net.addr()), now).is_none()
+                } else {
+                    self.maps.network_ban_until(i.net).ok().flatten().is_none_or(|u| u <= now)
+                }
+        });
         if incoming.is_empty() {
             return;
         }
@@ -432,7 +444,6 @@ impl Agent {
         let now = wall_ms();
         for i in &incoming {
             if i.own {
-                self.m.received.with_label_values(&["own"]).inc();
                 continue;
             }
             self.installed.insert(i.net);
