@@ -1,6 +1,8 @@
 //! Fixtures for smtpguard's privileged tests and benchmarks: crafted
 //! frames, a seeded datapath, and network namespaces that clean up.
+pub mod etcd;
 pub mod fixtures;
+pub mod fleetlab;
 pub mod hvlab;
 pub mod peers;
 pub mod livegen;

@@ -35,10 +35,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ipset", "ipset"),
     ("ethtool", "ethtool"),
     // The fleet: etcd's v3 client crate builds its protocol with protoc;
-    // the fleet tests run a real etcd.
+    // the fleet tests run a real etcd, over TLS with certificates made by openssl.
     ("protoc", "protobuf-compiler"),
     ("etcd", "etcd-server"),
     ("etcdctl", "etcd-client"),
+    ("openssl", "openssl"),
     // Fetching the real geo database where ../shared/data is not beside the clone.
     ("curl", "curl"),
     ("sha256sum", "coreutils"),
@@ -304,9 +305,11 @@ pub fn clippy() -> Result<()> {
 }
 
 /// What an earlier, killed test run left behind: its namespaces
-/// (`sg-<tag>-<pid>-<n>`) and pin directories (`/sys/fs/bpf/sgtest_*_<pid>`,
-/// `sglab_*_<pid>`) whose pid is gone. Tests clean up after themselves on
-/// failure; only SIGKILL gets past that. A run still going keeps its state.
+/// (`sg-<tag>-<pid>-<n>`), pin directories (`/sys/fs/bpf/sgtest_*_<pid>`,
+/// `sglab_*_<pid>`) and etcd data (`sg-etcd-<pid>-<n>` in /dev/shm or the
+/// temp dir; its etcd processes died with it) whose pid is gone. Tests
+/// clean up after themselves on failure; only SIGKILL gets past that. A
+/// run still going keeps its state.
 fn remove_stale_test_state() {
     let gone = |pid: Option<&str>| pid.and_then(|p| p.parse::<u32>().ok()).is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists());
     if let Ok(out) = output(Command::new("ip").args(["netns", "list"])) {
@@ -322,6 +325,15 @@ fn remove_stale_test_state() {
             let name = e.file_name().to_string_lossy().into_owned();
             if (name.starts_with("sgtest_") || name.starts_with("sglab_")) && gone(name.rsplit('_').next()) {
                 eprintln!("setup: removing pins {} left by an earlier run", e.path().display());
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    for dir in [PathBuf::from("/dev/shm"), env::temp_dir()] {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("sg-etcd-") && gone(name.rsplit('-').nth(1)) {
+                eprintln!("setup: removing etcd data {} left by an earlier run", e.path().display());
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
