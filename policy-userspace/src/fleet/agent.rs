@@ -101,6 +101,7 @@ pub fn start(
         offered: None,
         policy_error: None,
         record_due: true,
+        member: 0,
     };
     std::thread::Builder::new().name("fleet".into()).spawn(move || agent.run(io)).context("starting the fleet thread")?;
     Ok((FleetLink { ban_started, policy: policy_tx, metrics, cache }, offers))
@@ -135,6 +136,8 @@ struct Agent {
     /// Why the fleet policy revision could not even be offered.
     policy_error: Option<String>,
     record_due: bool,
+    /// The etcd member (index in the endpoints) the next session tries first.
+    member: usize,
 }
 
 /// How a session ended.
@@ -242,7 +245,10 @@ impl Agent {
     }
 
     async fn session(&mut self, io: &mut Io) -> Result<End> {
-        let mut client = self.o.connection.connect().await?;
+        let (mut client, member) = self.o.connection.connect_from(self.member).await?;
+        // The next session tries the next member first: this one may be
+        // what ended this session.
+        self.member = member + 1;
         self.leases.clear();
         let host_lease = client.lease_grant(HOST_TTL_S, None).await.context("granting the host's lease")?.id();
         let (mut keeper, mut kept) = client.lease_keep_alive(host_lease).await.context("keeping the host's lease")?;
@@ -257,7 +263,7 @@ impl Agent {
         }
         self.m.sessions.inc();
         self.m.connected.set(1);
-        tracing::info!("fleet: connected to etcd at {} as host {} ({} fleet bans, revision {revision})", self.o.connection.endpoints.join(","), self.o.host_id, self.fleet.len());
+        tracing::info!("fleet: connected to etcd at {} as host {} ({} fleet bans, revision {revision})", self.o.connection.endpoints[member], self.o.host_id, self.fleet.len());
         self.publish(&mut client).await?;
         self.put_record(&mut client, host_lease, &io.policy.borrow().clone()).await?;
         let mut keep_alive = tokio::time::interval(Duration::from_secs(HOST_TTL_S as u64 / 3));

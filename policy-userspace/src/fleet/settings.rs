@@ -210,11 +210,41 @@ pub struct Connection {
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Connection {
-    /// A client of the endpoints. Requests go to a member that has a
-    /// leader (a member cut off from its quorum refuses rather than
-    /// serving stale data), each bounded by [`REQUEST_TIMEOUT`]; dead
-    /// connections are noticed by HTTP/2 pings within 4 s.
+    /// A client of the first endpoint, from `start` on, whose member
+    /// answers a read that needs a leader; returns it and the endpoint's
+    /// index. One member at a time, so a dead or cut-off member is passed
+    /// over at once rather than chosen again by a balancer. Requests need
+    /// a leader (a member cut off from its quorum refuses rather than
+    /// serving stale data) and are each bounded by [`REQUEST_TIMEOUT`];
+    /// dead connections are noticed by HTTP/2 pings within 4 s.
+    pub async fn connect_from(&self, start: usize) -> Result<(Client, usize)> {
+        let mut errors = Vec::new();
+        for k in 0..self.endpoints.len() {
+            let i = (start + k) % self.endpoints.len();
+            let endpoint = &self.endpoints[i];
+            match self.probe(endpoint).await {
+                Ok(client) => return Ok((client, i)),
+                Err(e) => errors.push(format!("{endpoint}: {e:#}")),
+            }
+        }
+        bail!("no etcd member answered: {}", errors.join("; "))
+    }
+
+    /// A client of the first member that answers, in the order given.
     pub async fn connect(&self) -> Result<Client> {
+        Ok(self.connect_from(0).await?.0)
+    }
+
+    async fn probe(&self, endpoint: &str) -> Result<Client> {
+        let mut client = self.client_of(endpoint).await?;
+        let probe = etcd_client::GetOptions::new().with_keys_only().with_limit(1);
+        tokio::time::timeout(REQUEST_TIMEOUT, client.get(self.prefix.clone(), Some(probe)))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer in {} s", REQUEST_TIMEOUT.as_secs()))??;
+        Ok(client)
+    }
+
+    async fn client_of(&self, endpoint: &str) -> Result<Client> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(REQUEST_TIMEOUT)
@@ -235,7 +265,7 @@ impl Connection {
             }
             options = options.with_tls(tls);
         }
-        Client::connect(&self.endpoints, Some(options)).await.with_context(|| format!("connecting to etcd at {}", self.endpoints.join(",")))
+        Ok(Client::connect([endpoint], Some(options)).await?)
     }
 
     /// Where `run` records it for the host's other commands.
