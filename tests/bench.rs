@@ -9,6 +9,7 @@
 //! `deny_acl` with a trace on (`smtpguard trace`).
 
 mod endpoint;
+mod interfaces;
 mod report;
 mod scale;
 mod throughput;
@@ -721,6 +722,108 @@ the hostile reload took {:.0} ms to be rejected; the old policy stayed", f.reloa
     Ok(())
 }
 
+/// `interfaces`: how soon a new tenant interface is enforced (200 taps
+/// created and deleted one after another) and what 500 of them cost the
+/// controller beside 1 (issue 14).
+fn interfaces(json: bool) -> Result<()> {
+    let started = std::time::Instant::now();
+    eprintln!("interfaces: {} taps created and deleted under the controller, then its cost with 1 and {} taps", interfaces::TAPS, interfaces::MANY);
+    let a = interfaces::attach()?;
+    let costs = [interfaces::cost(1)?, interfaces::cost(interfaces::MANY)?];
+    let (one, many) = (&costs[0], &costs[1]);
+    let seconds = started.elapsed().as_secs_f64();
+    // The issue's "enforced within a second" of the interface's creation.
+    let attach_ok = a.judged.p99 < interfaces::ATTACH_P99_MS && a.unjudged == 0;
+    let startup_ok = many.startup_s < interfaces::START_UP_S;
+    let rss_ok = many.rss_bytes < interfaces::RSS_BYTES;
+    let pins_ok = a.pins_left == 0;
+    let ratio = |f: fn(&interfaces::Cost) -> f64| f(many) / f(one);
+    let mb = |b: u64| b as f64 / 1e6;
+    if json {
+        let cost = |c: &interfaces::Cost| {
+            serde_json::json!({"startup_s": round3(c.startup_s), "uplink_attached_s": round3(c.uplink_attached_s), "last_tap_attached_s": round3(c.last_tap_attached_s),
+                "rss_bytes": c.rss_bytes, "rss_maps_bytes": c.rss_maps_bytes, "rss_anon_bytes": c.rss_anon_bytes, "peak_bytes": c.peak_bytes, "reload_ms": round2(c.reload_ms),
+                "reload_event_ms": round2(c.reload_event_ms), "metrics_ms": round2(c.metrics_ms), "metrics_bytes": c.metrics_bytes,
+                "tenant_maps_bytes": c.tenant_maps_bytes, "all_maps_bytes": c.all_maps_bytes})
+        };
+        println!(
+            "{}",
+            serde_json::json!({
+                "attach": {"taps": a.taps, "probe_timeout_ms": interfaces::PROBE_TIMEOUT.as_millis() as u64, "created": a.created.json(), "ready": a.ready.json(), "ready_alone": a.ready_alone.json(),
+                    "attached": a.attached.json(), "judged": a.judged.json(), "deleted": a.deleted.json(), "pin_gone": a.pin_gone.json(), "tcx_attach": a.tcx_attach.json(),
+                    "slowest_attach": {"tap": a.slowest_attach.0, "ms": round2(a.slowest_attach.1)}, "unjudged": a.unjudged,
+                    "taps_answered": a.taps_answered, "answered": a.answered, "resolution_ms": a.resolution_ms.map(round3), "lost": a.lost,
+                    "taps_lost": a.taps_lost, "pins_left": a.pins_left, "seconds": round2(a.seconds)},
+                "cost": {"1": cost(one), interfaces::MANY.to_string(): cost(many)},
+                "ms_per_tap_at_start": round2((many.last_tap_attached_s - many.uplink_attached_s) / f64::from(interfaces::MANY) * 1e3),
+                "ratios": {"startup": round2(ratio(|c| c.startup_s)), "rss": round2(ratio(|c| c.rss_bytes as f64)), "reload": round2(ratio(|c| c.reload_ms)),
+                    "metrics_ms": round2(ratio(|c| c.metrics_ms))},
+                "seconds": round2(seconds)
+            })
+        );
+    } else {
+        println!("smtpguard run --uplink b0 --tenant 'tap*' (release) on a hypervisor in namespaces: each tap a veth pair,");
+        println!("tapN on the hypervisor, vmN in a namespace of VMs; the policy denies port 25 to tenants.\n");
+        println!("attach: {} taps created and deleted one after another; ms from t0, just before `ip link add`", a.taps);
+        println!("{:<64} {:>8} {:>8} {:>8} {:>5}", "", "p50", "p99", "max", "n");
+        for (what, l) in [
+            ("veth pair created (ip link add returned)", a.created),
+            ("both ends addressed and up (2 more ip runs): path ready", a.ready),
+            ("controller attached (its \"attached to tapN\" log line)", a.attached),
+            ("first judged packet (first dropped probe)", a.judged),
+            ("deleted (ip link del returned), from the deletion", a.deleted),
+            ("link pin gone, from the deletion", a.pin_gone),
+        ] {
+            println!("{what:<64} {:>8.2} {:>8.2} {:>8.2} {:>5}", l.p50, l.p99, l.max, l.count);
+        }
+        for (what, l) in [("the same set-up with no controller running (before it starts)", a.ready_alone), ("kernel's part: tc_ingress attached (TCX) + pinned, in-process", a.tcx_attach)] {
+            println!("{what:<64} {:>8.2} {:>8.2} {:>8.2} {:>5}", l.p50, l.p99, l.max, l.count);
+        }
+        println!("slowest attach: tap{} at {:.2} ms", a.slowest_attach.0, a.slowest_attach.1);
+        println!("\nprobes: TCP connects from vmN to tapN:25, each given {} ms; an answered one was not judged.", interfaces::PROBE_TIMEOUT.as_millis());
+        match a.resolution_ms {
+            Some(r) => println!("{} probe(s) answered before the first judged one, on {} tap(s); resolution (longest such probe) {r:.3} ms", a.answered, a.taps_answered),
+            None => println!("no probe was answered: on every tap the first packet that could cross was judged (the attach beat the set-up)"),
+        }
+        println!("a probe is judged when it times out and TENANT_STATS counts a drop on its tap; {} more after each confirm it.", interfaces::CONFIRMATIONS);
+        println!("{} probe(s) on {} tap(s) timed out uncounted (lost by the kernel as the link came up); {} tap(s) never judged within {} s",
+            a.lost, a.taps_lost, a.unjudged, interfaces::JUDGED_WITHIN.as_secs());
+        println!("\ncontroller cost, started with 1 and with {} taps present", interfaces::MANY);
+        println!("{:<58} {:>10} {:>10} {:>7}", "", "1 tap", format!("{} taps", interfaces::MANY), "ratio");
+        let row = |what: &str, f: fn(&interfaces::Cost) -> f64, prec: usize| {
+            println!("{what:<58} {:>10.prec$} {:>10.prec$} {:>6.2}x", f(one), f(many), f(many) / f(one));
+        };
+        row("start-up s (spawn to /healthz 200, all attached)", |c| c.startup_s, 3);
+        row("  spawn to the uplink attached (load, verify, policy) s", |c| c.uplink_attached_s, 3);
+        row("  spawn to the last tap attached s", |c| c.last_tap_attached_s, 3);
+        row("VmRSS after start MB", |c| c.rss_bytes as f64 / 1e6, 1);
+        row("  of which mmapped BPF maps MB (kernel memory)", |c| c.rss_maps_bytes as f64 / 1e6, 1);
+        row("  of which RssAnon MB (heap)", |c| c.rss_anon_bytes as f64 / 1e6, 1);
+        row("VmHWM at the end MB", |c| c.peak_bytes as f64 / 1e6, 1);
+        row("reload ms (SIGHUP to the next generation on /healthz)", |c| c.reload_ms, 2);
+        row("reload ms (the controller's policy_reload event)", |c| c.reload_event_ms, 2);
+        row("/metrics GET ms", |c| c.metrics_ms, 2);
+        row("/metrics bytes", |c| c.metrics_bytes as f64, 0);
+        let per_tap = (many.last_tap_attached_s - many.uplink_attached_s) / f64::from(interfaces::MANY) * 1e3;
+        println!("{} taps attached in {:.3} s after the uplink: {per_tap:.1} ms a tap", interfaces::MANY, many.last_tap_attached_s - many.uplink_attached_s);
+        println!("\nkernel memory (memlock), reserved at load whatever the taps: tenant maps {:.1} MB, all maps {:.1} MB",
+            mb(many.tenant_maps_bytes), mb(many.all_maps_bytes));
+        println!("run time {seconds:.0} s (attach part {:.0} s)\n", a.seconds);
+        println!("target first judged packet p99 < {} ms, every tap judged: {} ({:.2} ms)", interfaces::ATTACH_P99_MS, if attach_ok { "met" } else { "MISSED" }, a.judged.p99);
+        println!("target {} taps start-up < {} s: {} ({:.2} s)", interfaces::MANY, interfaces::START_UP_S, if startup_ok { "met" } else { "MISSED" }, many.startup_s);
+        println!("target {} taps VmRSS < {} MB: {} ({:.1} MB)", interfaces::MANY, interfaces::RSS_BYTES / 1_000_000, if rss_ok { "met" } else { "MISSED" }, mb(many.rss_bytes));
+        println!("check every deleted tap's link pin gone within {} s: {}", interfaces::PIN_GONE_WITHIN.as_secs(), if pins_ok { "met" } else { "MISSED" });
+    }
+    if !(attach_ok && startup_ok && rss_ok && pins_ok) {
+        bail!("an interfaces target was missed");
+    }
+    Ok(())
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let json = args.iter().any(|a| a == "--json");
@@ -731,10 +834,11 @@ fn main() -> Result<()> {
         Some("scale") => scale(json),
         Some("reload") => reload(json),
         Some("metrics") => metrics(json),
+        Some("interfaces") => interfaces(json),
         Some("render") => match (args.get(1), args.get(2)) {
             (Some(json_dir), Some(docs)) => report::render(std::path::Path::new(json_dir), std::path::Path::new(docs)),
             _ => bail!("usage: smtpguard-bench render JSON_DIR DOCS_DIR"),
         },
-        other => bail!("usage: smtpguard-bench datapath|compile|throughput|scale|reload|metrics [--json] (got {other:?})"),
+        other => bail!("usage: smtpguard-bench datapath|compile|throughput|scale|reload|metrics|interfaces [--json] (got {other:?})"),
     }
 }

@@ -43,7 +43,7 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(mut ms: Vec<f64>) -> Self {
+    pub fn of(mut ms: Vec<f64>) -> Self {
         ms.sort_by(f64::total_cmp);
         let at = |q: f64| ms[((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len()) - 1];
         Self { p50: at(0.5), p99: at(0.99), max: *ms.last().unwrap_or(&0.0), count: ms.len() }

@@ -38,11 +38,16 @@ pub enum Which {
         #[arg(long)]
         json: bool,
     },
+    /// Tenant interfaces: attach latency of 200 taps created and deleted under the controller; its cost with 1 and 500.
+    Interfaces {
+        #[arg(long)]
+        json: bool,
+    },
     /// Run every benchmark and rewrite docs/benchmarks.md and its charts from their JSON.
     Report,
 }
 
-const ALL: [&str; 6] = ["datapath", "compile", "throughput", "scale", "reload", "metrics"];
+const ALL: [&str; 7] = ["datapath", "compile", "throughput", "scale", "reload", "metrics", "interfaces"];
 
 pub fn run(which: Which) -> Result<()> {
     let (name, json) = match which {
@@ -53,6 +58,7 @@ pub fn run(which: Which) -> Result<()> {
         Which::Scale { json } => ("scale", json),
         Which::Reload { json } => ("reload", json),
         Which::Metrics { json } => ("metrics", json),
+        Which::Interfaces { json } => ("interfaces", json),
     };
     build()?;
     let mut cmd = Command::new(bench_bin()?);
