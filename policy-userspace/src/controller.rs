@@ -537,8 +537,9 @@ pub fn run(o: RunOptions) -> Result<()> {
         );
     }
     std::fs::write(o.pins.pid_file(), std::process::id().to_string())?;
-    state.ready(c.dp.observer()?);
+    // The view first: once /healthz answers, /metrics lists every interface.
     c.publish_view();
+    state.ready(c.dp.observer()?);
     tracing::info!(
         "{} policy generation {} from {}; pins in {}",
         if adopting { "adopted pinned state;" } else { "enforcing" },

@@ -171,7 +171,7 @@ pub fn bans(pins: &Pins, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string(&bans)?);
     } else {
-        println!("{:<45} {:>10} {:>8} {:<10} {}", "source", "remaining", "strikes", "origin", "from");
+        println!("{:<45} {:>10} {:>8} {:<10} from", "source", "remaining", "strikes", "origin");
         for b in &bans {
             println!("{:<45} {:>9}s {:>8} {:<10} {}", b.source, b.remaining_s, b.strikes, b.origin, b.from.as_deref().unwrap_or("-"));
         }

@@ -218,6 +218,10 @@ impl Agent {
                 match self.session(&mut io).await {
                     Ok(End::Stop) => return,
                     Err(e) => {
+                        // A session that got going ends a quiet spell: its loss is news.
+                        if self.m.connected.get() == 1 {
+                            failing = false;
+                        }
                         self.m.connected.set(0);
                         if !failing {
                             tracing::warn!(
@@ -237,9 +241,6 @@ impl Agent {
                     changed = io.policy.changed() => if changed.is_err() { return },
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(4));
-                if failing && self.m.connected.get() == 1 {
-                    failing = false;
-                }
             }
         });
     }

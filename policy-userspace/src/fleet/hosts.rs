@@ -80,7 +80,7 @@ pub async fn status(c: &Connection, json: bool) -> Result<bool> {
         ),
         None => println!("fleet {} at {}: no fleet policy pushed", c.prefix, c.endpoints.join(",")),
     }
-    println!("{:<20} {:<14} {:>5} {:<28} {:>7} {:>7} {:>8}  {}", "host", "policy", "gen", "mode", "bans", "fleet", "refused", "last error");
+    println!("{:<20} {:<14} {:>5} {:<28} {:>7} {:>7} {:>8}  last error", "host", "policy", "gen", "mode", "bans", "fleet", "refused");
     for h in &hosts {
         let policy = match (h.policy.source.as_str(), h.policy.revision) {
             ("fleet", Some(r)) => format!("rev {r}{}", if behind(h) { " (behind)" } else { "" }),
