@@ -238,17 +238,17 @@ impl SourceTable {
         Err(Contended)
     }
 
-    /// Installs bans made elsewhere (the fleet's), many at once: each
-    /// source is banned until at least its `until_ns` (a longer ban in
-    /// force stands) with at least its strikes, origin fleet where the
-    /// fleet's ban is the one in force. The ways claimed share one RCU
-    /// grace period, so a batch of 10,000 costs one, not 10,000. Returns
-    /// how many of `bans` are in force afterwards.
-    pub fn install(&self, bans: &[Install], now_ns: impl Fn() -> u64) -> usize {
+    /// Installs bans made elsewhere (the fleet's: `origin` fleet), many at
+    /// once: each source is banned until at least its `until_ns` (a longer
+    /// ban in force stands) with at least its strikes, `origin` where this
+    /// ban is the one in force. The ways claimed share one RCU grace
+    /// period, so a batch of 10,000 costs one, not 10,000. Returns how
+    /// many of `bans` are in force afterwards.
+    pub fn install(&self, bans: &[Install], origin: u8, now_ns: impl Fn() -> u64) -> usize {
         let mut claimed = Vec::new();
         let mut installed = 0;
         for b in bans {
-            match self.install_one(b, now_ns()) {
+            match self.install_one(b, origin, now_ns()) {
                 Some((way, BanWay::Claimed)) => claimed.push((b, way)),
                 Some(_) => installed += 1,
                 None => {}
@@ -267,7 +267,7 @@ impl SourceTable {
             // The way changed hands under the claim: take the ban back and
             // go the careful way, one grace period per try.
             let _ = self.word(set, way, BAN_UNTIL).compare_exchange(b.until_ns, 0, Ordering::AcqRel, Ordering::Acquire);
-            if self.ban_with(b.key, b.until_ns, ban_origin::FLEET, Strikes::AtLeast(b.strikes), &now_ns).is_ok() {
+            if self.ban_with(b.key, b.until_ns, origin, Strikes::AtLeast(b.strikes), &now_ns).is_ok() {
                 installed += 1;
             }
         }
@@ -276,7 +276,7 @@ impl SourceTable {
 
     /// One install without waiting for a grace period: the way and how it
     /// was found, or `None` when the set kept changing.
-    fn install_one(&self, b: &Install, now: u64) -> Option<(usize, BanWay)> {
+    fn install_one(&self, b: &Install, origin: u8, now: u64) -> Option<(usize, BanWay)> {
         let set = source_set(b.key, self.sets);
         let now_s = (now / 1_000_000_000) as u32;
         for _ in 0..TRIES {
@@ -300,7 +300,7 @@ impl SourceTable {
             let ours = before < b.until_ns;
             let _ = self.word(set, way, INFO).fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
                 let info = SlotInfo::unpack(old);
-                let origin = if ours { ban_origin::FLEET } else { info.origin };
+                let origin = if ours { origin } else { info.origin };
                 Some(SlotInfo { strikes: info.strikes.max(b.strikes), origin, ..info }.pack())
             });
             if how == BanWay::Tracked && self.word(set, way, KEY).load(Ordering::Acquire) != b.key {
@@ -423,13 +423,13 @@ mod tests {
         t.ban(key(1), now + 900 * S, ban_origin::MANUAL, || now).unwrap();
         t.ban(key(1), now + 900 * S, ban_origin::MANUAL, || now).unwrap();
         let bans = [Install { key: key(1), until_ns: now + 60 * S, strikes: 1 }, Install { key: key(2), until_ns: now + 60 * S, strikes: 2 }];
-        assert_eq!(t.install(&bans, || now), 2);
+        assert_eq!(t.install(&bans, ban_origin::FLEET, || now), 2);
         let slot = |k| t.slots().into_iter().find(|s| s.key == k).unwrap();
         let (a, b) = (slot(key(1)), slot(key(2)));
         assert_eq!((a.ban_until_ns, SlotInfo::unpack(a.info).strikes, SlotInfo::unpack(a.info).origin), (now + 900 * S, 3, ban_origin::MANUAL), "the local ban stands");
         assert_eq!((b.ban_until_ns, SlotInfo::unpack(b.info).strikes, SlotInfo::unpack(b.info).origin), (now + 60 * S, 2, ban_origin::FLEET));
         // A longer fleet ban of the first takes over, strikes kept.
-        assert_eq!(t.install(&[Install { key: key(1), until_ns: now + 3600 * S, strikes: 1 }], || now), 1);
+        assert_eq!(t.install(&[Install { key: key(1), until_ns: now + 3600 * S, strikes: 1 }], ban_origin::FLEET, || now), 1);
         let a = slot(key(1));
         assert_eq!((a.ban_until_ns, SlotInfo::unpack(a.info).strikes, SlotInfo::unpack(a.info).origin), (now + 3600 * S, 3, ban_origin::FLEET));
     }

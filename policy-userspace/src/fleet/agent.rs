@@ -434,7 +434,7 @@ impl Agent {
             .filter(|i| record::is_source(i.net))
             .map(|i| Install { key: source_key(i.net.addr()), until_ns: ktime_at(i.record.until_ms), strikes: i.record.strikes })
             .collect();
-        self.maps.source_table().install(&sources, ktime_now_ns);
+        self.maps.source_table().install(&sources, ban_origin::FLEET, ktime_now_ns);
         let networks: Vec<&Incoming> = incoming.iter().filter(|i| !record::is_source(i.net)).collect();
         if !networks.is_empty() {
             match BanLock::take(&self.pins.ban_lock_dir()) {
