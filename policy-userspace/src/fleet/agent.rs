@@ -119,8 +119,9 @@ struct Agent {
     cache: PolicyCache,
     m: Arc<FleetMetrics>,
     offers: mpsc::UnboundedSender<PolicyOffer>,
-    /// The fleet's bans as etcd holds them (this session's read, then its watch).
-    fleet: HashMap<IpNet, BanRecord>,
+    /// When each of the fleet's bans ends (Unix ms), as etcd holds them
+    /// (this session's read, then its watch): 40 bytes a ban.
+    fleet: HashMap<IpNet, u64>,
     tombstones: HashMap<IpNet, Tombstone>,
     /// Fleet bans of other hosts installed here.
     installed: HashSet<IpNet>,
@@ -396,11 +397,16 @@ impl Agent {
             self.refuse(key, kv.mod_revision(), Refusal::OverCap { cap: self.o.trust.max_bans });
             return None;
         }
-        self.fleet.insert(net, record.clone());
+        self.fleet.insert(net, record.until_ms);
         Some(Incoming { net, record, own })
     }
 
     fn refuse(&mut self, key: String, revision: i64, why: Refusal) {
+        // A flood of bad keys must not grow this without bound: forgetting
+        // means counting some again after the next full read.
+        if self.refused_seen.len() >= 100_000 {
+            self.refused_seen.clear();
+        }
         if !self.refused_seen.insert((key.clone(), revision)) {
             return;
         }
@@ -487,10 +493,13 @@ impl Agent {
                 EventType::Delete => {
                     let Ok(net) = record::parse_key_net(kv.key_str().unwrap_or(""), &record::bans_prefix(self.prefix())) else { continue };
                     self.installed.remove(&net);
-                    // Ended (its lease) or lifted (`unban`): either way it
+                    // Lifted (`unban`, or by hand) well before its end: it
                     // ends here too, unless a longer ban was made here since.
-                    if let Some(r) = self.fleet.remove(&net) {
-                        self.lift(net, r.until_ms);
+                    // At its end (its lease) it ends here by itself.
+                    if let Some(until_ms) = self.fleet.remove(&net) {
+                        if until_ms > wall_ms() + SLACK_MS {
+                            self.lift(net, until_ms);
+                        }
                     }
                 }
             }
@@ -537,7 +546,7 @@ impl Agent {
         let mut lift = Vec::new();
         for (net, until, origin, strikes) in candidates {
             let until_ms = now_ms + (until.saturating_sub(now_k)) / 1_000_000;
-            if until_ms < now_ms + SLACK_MS || self.fleet.get(&net).is_some_and(|r| r.until_ms + SLACK_MS >= until_ms) {
+            if until_ms < now_ms + SLACK_MS || self.fleet.get(&net).is_some_and(|u| u + SLACK_MS >= until_ms) {
                 continue;
             }
             if let Some(t) = self.tombstones.get(&net).filter(|t| until_ms <= t.until_ms + SLACK_MS) {
@@ -576,7 +585,7 @@ impl Agent {
             }
             self.m.published.with_label_values(&["ok"]).inc_by(chunk.len() as u64);
             for (net, record) in chunk {
-                self.fleet.insert(*net, record.clone());
+                self.fleet.insert(*net, record.until_ms);
             }
         }
         Ok(())
