@@ -8,13 +8,14 @@
 //!
 //! Dropping the lab drops the hosts (namespaces, pins), then the cluster.
 
-use std::process::Command;
+use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context, Result};
 
 use crate::{
     etcd::{ns_command, output_text, tls_flags, EtcdCluster, MgmtLink, TlsFiles, MGMT_IF},
-    pairlab::{PairLab, TestPins},
+    pairlab::{PairLab, RunningController, TestPins},
+    smtpguard_bin,
 };
 
 /// One smtpguard host of the fleet.
@@ -62,6 +63,33 @@ impl FleetHost {
         }
         full.extend(args.iter().map(|a| a.to_string()));
         output(ns_command(self.lab.server.name(), "etcdctl", &full))
+    }
+
+    /// Starts `smtpguard run` on this host's uplink `b0`, in the fleet as
+    /// host [`Self::name`] (its state directory beside its policies), with
+    /// `extra` arguments; ready (answering /healthz on `port`).
+    pub fn start(&self, policy: &Path, port: u16, extra: &[&str]) -> Result<RunningController> {
+        let state = self.pins.policy_dir().join("state").display().to_string();
+        let mut args = vec!["--uplink", "b0", "--fleet-etcd", self.endpoints(), "--host-id", &self.name, "--state-dir", &state];
+        args.extend_from_slice(extra);
+        RunningController::start_on(&self.lab, &self.pins, policy, port, &args).with_context(|| format!("host {}", self.name))
+    }
+
+    /// `smtpguard ARGS` (an operator command: ban, unban, bans...) in this
+    /// host's server namespace, with its pins; exit code and output.
+    pub fn smtpguard(&self, args: &[&str]) -> (i32, String) {
+        let bin = smtpguard_bin().display().to_string();
+        let pins = self.pins.args();
+        let full: Vec<&str> = std::iter::once(bin.as_str()).chain(args.iter().copied()).chain(pins.iter().map(String::as_str)).collect();
+        self.exec(&full)
+    }
+
+    /// `smtpguard fleet ARGS --fleet-etcd ENDPOINTS` in this host's server
+    /// namespace; exit code and output.
+    pub fn fleet(&self, args: &[&str]) -> (i32, String) {
+        let bin = smtpguard_bin().display().to_string();
+        let full: Vec<&str> = [bin.as_str(), "fleet"].into_iter().chain(args.iter().copied()).chain(["--fleet-etcd", self.endpoints()]).collect();
+        self.exec(&full)
     }
 
     /// Cuts (`false`) or restores (`true`) this host's link to etcd, as a

@@ -6,8 +6,11 @@
 //! severity, what to do and a runbook section that exists; the dashboard is
 //! Grafana 10 JSON with a data source variable and targets on every panel;
 //! every panel's PromQL parses (promtool, as recording rules); every metric
-//! name the dashboard and the rules use is one `metrics.rs` exports, and
-//! every metric it exports is on the dashboard.
+//! name the dashboard and the rules use is one the controller exports (the
+//! literals of `metrics.rs` and of the fleet's `fleet/metrics.rs`), and
+//! every metric it exports is on the dashboard; the fleet's metrics, which
+//! only a host run with `--fleet-etcd` exports, are exactly those of the
+//! dashboard's "Fleet" row.
 //!
 //! Privileged: the hypervisor lab (tests/hvlab.rs) running a policy that
 //! gives every panel something to show (deny list, geo-fence, rate limit
@@ -17,7 +20,14 @@
 //! panel's query, with the dashboard's variables resolved by the real
 //! server, must return data; every metric name must be in the real
 //! exposition; every rule must load healthy; and exactly the alerts the lab
-//! provokes go active.
+//! provokes go active. That lab is no fleet: the "Fleet" row is left out.
+//!
+//! Privileged, the fleet: two hosts and a real etcd (tests/fleetlab.rs), a
+//! real Prometheus in etcd's namespace scraping both over their management
+//! links. Bans made, propagated and lifted, bad records refused, a revision
+//! one host cannot apply, a reconnect: every query of the "Fleet" row
+//! returns data that moved, the rules load healthy and the fleet's alerts
+//! go active; etcd killed, Prometheus sees both hosts disconnected.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -28,11 +38,16 @@ use std::{
 };
 
 use serde_json::Value;
+use smtpguard::{
+    clock::ktime_now_ns,
+    dataplane::{bans::source_key, maps::Maps},
+};
 use smtpguard_tests::{
+    fleetlab::{FleetHost, FleetLab},
     hvlab::{lab_policy, repo_root, swaks, Family, Lab, Role, SmtpSession, METRICS_PORT},
     netns::Netns,
-    pairlab::metric,
-    peers::{url_encode, Prometheus},
+    pairlab::{http_get, metric, write_policy, RunningController, CLIENT_DENIED, CLIENT_OK, SERVER},
+    peers::{connect_within, url_encode, Prometheus},
     require_root, smtpguard_bin,
 };
 use socket2::{Domain, Socket, Type};
@@ -41,7 +56,14 @@ use yaml_rust2::{Yaml, YamlLoader};
 const DASHBOARD: &str = "deploy/grafana/smtpguard.json";
 const RULES: &str = "deploy/prometheus/smtpguard-alerts.yml";
 const RULE_TESTS: &str = "deploy/prometheus/smtpguard-alerts.test.yml";
-const METRICS_RS: &str = "policy-userspace/src/metrics.rs";
+/// The files whose `"smtpguard_..."` literals name every metric the
+/// controller exports: its own, and the fleet's.
+const METRICS_FILES: [&str; 2] = ["policy-userspace/src/metrics.rs", FLEET_METRICS_RS];
+/// The fleet's metrics, registered only by a host run with `--fleet-etcd`:
+/// exported only in a fleet.
+const FLEET_METRICS_RS: &str = "policy-userspace/src/fleet/metrics.rs";
+/// The dashboard row of the panels over those metrics, and only those.
+const FLEET_ROW: &str = "Fleet";
 const OPERATIONS_MD: &str = "docs/operations.md";
 
 /// Metrics a healthy lab leaves at zero: nothing was lost, no source was
@@ -162,6 +184,8 @@ fn every_alert_says_what_to_do_and_its_unit_tests_see_it_fire_and_stay_quiet() {
 // ---- The dashboard
 
 struct Target {
+    /// The title of the row the panel is in ("" above the first row).
+    row: String,
     panel: String,
     ref_id: String,
     expr: String,
@@ -171,21 +195,32 @@ fn dashboard() -> Value {
     serde_json::from_str(&read(DASHBOARD)).expect("the dashboard is JSON")
 }
 
-/// Every panel, those inside rows included.
-fn panels(d: &Value) -> Vec<&Value> {
+/// Every panel, those inside rows included, with the title of its row: a
+/// collapsed row holds its panels, an open one is followed by them.
+fn panels_by_row(d: &Value) -> Vec<(&str, &Value)> {
     let mut out = Vec::new();
+    let mut row = "";
     for p in d["panels"].as_array().expect("panels") {
-        out.push(p);
-        out.extend(p["panels"].as_array().into_iter().flatten());
+        if p["type"] == "row" {
+            row = p["title"].as_str().unwrap_or("?");
+        }
+        out.push((row, p));
+        out.extend(p["panels"].as_array().into_iter().flatten().map(|inner| (row, inner)));
     }
     out
 }
 
+/// Every panel, those inside rows included.
+fn panels(d: &Value) -> Vec<&Value> {
+    panels_by_row(d).into_iter().map(|(_, p)| p).collect()
+}
+
 fn targets(d: &Value) -> Vec<Target> {
-    panels(d)
+    panels_by_row(d)
         .into_iter()
-        .flat_map(|p| {
+        .flat_map(|(row, p)| {
             p["targets"].as_array().into_iter().flatten().map(move |t| Target {
+                row: row.to_owned(),
                 panel: p["title"].as_str().unwrap_or("?").to_owned(),
                 ref_id: t["refId"].as_str().unwrap_or("?").to_owned(),
                 expr: t["expr"].as_str().unwrap_or_default().to_owned(),
@@ -244,14 +279,18 @@ fn metric_names(promql: &str) -> BTreeSet<String> {
     out
 }
 
-/// The sample names `metrics.rs` exports: its `"smtpguard_..."` literals,
-/// and for histograms their `_bucket`, `_sum` and `_count`.
-fn exported_by_metrics_rs() -> (BTreeSet<String>, BTreeSet<String>) {
-    let src = read(METRICS_RS);
-    let literal = |at: usize| -> String { src[at + 1..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect() };
-    let families: BTreeSet<String> = src.match_indices("\"smtpguard_").map(|(i, _)| literal(i)).collect();
-    let histograms: BTreeSet<String> = src.match_indices("HistogramOpts::new(\"").map(|(i, m)| literal(i + m.len() - 1)).collect();
-    assert!(!histograms.is_empty(), "no histogram found in {METRICS_RS}");
+/// The families and sample names `files` export: their `"smtpguard_..."`
+/// literals, and for histograms their `_bucket`, `_sum` and `_count`.
+fn exported_by(files: &[&str]) -> (BTreeSet<String>, BTreeSet<String>) {
+    let (mut families, mut histograms) = (BTreeSet::new(), BTreeSet::new());
+    for rel in files {
+        let src = read(rel);
+        let literal = |at: usize| -> String { src[at + 1..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect() };
+        let found: BTreeSet<String> = src.match_indices("\"smtpguard_").map(|(i, _)| literal(i)).collect();
+        assert!(!found.is_empty(), "no \"smtpguard_...\" literal in {rel}");
+        families.extend(found);
+        histograms.extend(src.match_indices("HistogramOpts::new(\"").map(|(i, m)| literal(i + m.len() - 1)));
+    }
     let mut samples: BTreeSet<String> = families.iter().filter(|f| !histograms.contains(*f)).cloned().collect();
     for h in &histograms {
         for suffix in ["_bucket", "_sum", "_count"] {
@@ -259,6 +298,25 @@ fn exported_by_metrics_rs() -> (BTreeSet<String>, BTreeSet<String>) {
         }
     }
     (families, samples)
+}
+
+/// Everything the controller can export, in a fleet or not.
+fn exported() -> (BTreeSet<String>, BTreeSet<String>) {
+    let (families, samples) = exported_by(&METRICS_FILES);
+    assert!(samples.iter().any(|s| s.ends_with("_bucket")), "no histogram found in {METRICS_FILES:?}");
+    (families, samples)
+}
+
+/// The sample names exported only in a fleet: those of the fleet's metrics
+/// file. A host outside a fleet has none of them.
+fn exported_only_in_a_fleet() -> BTreeSet<String> {
+    exported_by(&[FLEET_METRICS_RS]).1
+}
+
+/// Whether a query names a metric only a fleet exports (it has no data
+/// outside one).
+fn needs_a_fleet(expr: &str, fleet_only: &BTreeSet<String>) -> bool {
+    metric_names(expr).iter().any(|n| fleet_only.contains(n))
 }
 
 /// A histogram's sample name's family.
@@ -340,16 +398,38 @@ fn every_dashboard_query_parses_and_uses_only_exported_metrics_and_every_metric_
     let _ = std::fs::remove_dir_all(&dir);
     assert_success(&out, &format!("the dashboard's queries as recording rules:\n{rules}"));
 
-    let (families, samples) = exported_by_metrics_rs();
+    let (families, samples) = exported();
     let used_by_dashboard: BTreeSet<String> = targets(&d).iter().flat_map(|t| metric_names(&t.expr)).collect();
     let used_by_rules: BTreeSet<String> = alert_rules().iter().flat_map(|(_, e, _)| metric_names(e)).collect();
     for (who, used) in [("the dashboard", &used_by_dashboard), ("the alert rules", &used_by_rules)] {
         let unknown: Vec<&String> = used.iter().filter(|n| !samples.contains(*n)).collect();
-        assert!(unknown.is_empty(), "{who} uses metrics {METRICS_RS} does not export: {unknown:?}");
+        assert!(unknown.is_empty(), "{who} uses metrics {METRICS_FILES:?} do not export: {unknown:?}");
     }
     let shown: BTreeSet<&str> = used_by_dashboard.iter().map(|n| family_of(n)).collect();
     let missing: Vec<&String> = families.iter().filter(|f| !shown.contains(f.as_str())).collect();
     assert!(missing.is_empty(), "exported but on no panel: {missing:?}");
+}
+
+#[test]
+fn the_fleet_row_holds_exactly_the_panels_over_metrics_only_a_fleet_exports() {
+    let fleet_only = exported_only_in_a_fleet();
+    let (everywhere, _) = exported_by(&METRICS_FILES[..1]);
+    let (fleet_families, _) = exported_by(&[FLEET_METRICS_RS]);
+    let both: Vec<&String> = fleet_families.intersection(&everywhere).collect();
+    assert!(both.is_empty(), "{both:?}: in {FLEET_METRICS_RS} and {}: exported only in a fleet, or everywhere?", METRICS_FILES[0]);
+    let mut problems = Vec::new();
+    let mut in_row = 0;
+    for t in targets(&dashboard()) {
+        let what = format!("{} [{}] {}", t.panel, t.ref_id, t.expr);
+        match (t.row == FLEET_ROW, needs_a_fleet(&t.expr, &fleet_only)) {
+            (true, true) => in_row += 1,
+            (true, false) => problems.push(format!("{what}: in the {FLEET_ROW} row, over no metric only a fleet exports")),
+            (false, true) => problems.push(format!("{what}: a fleet's metric outside the {FLEET_ROW} row (no data on a host outside a fleet)")),
+            (false, false) => {}
+        }
+    }
+    assert!(in_row > 0, "no {FLEET_ROW} row with targets");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 // ---- The lab
@@ -530,9 +610,9 @@ struct Answer {
     max: f64,
 }
 
-/// Every target once: its answer, or why it has none.
-fn run_targets(prom: &Prometheus, ns: &Netns, d: &Value, vars: &BTreeMap<String, String>) -> Vec<(String, Result<Answer, String>)> {
-    targets(d)
+/// Each of `targets` once: its answer, or why it has none.
+fn run_targets(prom: &Prometheus, ns: &Netns, targets: &[&Target], vars: &BTreeMap<String, String>) -> Vec<(String, Result<Answer, String>)> {
+    targets
         .iter()
         .map(|t| {
             let expr = substitute(&t.expr, vars);
@@ -546,6 +626,78 @@ fn run_targets(prom: &Prometheus, ns: &Netns, d: &Value, vars: &BTreeMap<String,
             (format!("{} [{}] {expr}", t.panel, t.ref_id), answer)
         })
         .collect()
+}
+
+/// Runs `targets` until all answer, for at most `limit`; prints the report
+/// and fails naming those that did not.
+fn assert_targets_answer(prom: &Prometheus, ns: &Netns, targets: &[&Target], vars: &BTreeMap<String, String>, limit: Duration, skipped: &[&Target]) {
+    let mut answers = Vec::new();
+    within(limit, || {
+        answers = run_targets(prom, ns, targets, vars);
+        answers.iter().all(|(_, a)| a.is_ok()).then_some(())
+    });
+    let report: Vec<String> = answers
+        .iter()
+        .map(|(what, a)| match a {
+            Ok(a) => format!("ok    {:>2} series, max {:>10.3}  {what}", a.series, a.max),
+            Err(e) => format!("FAIL  {e}  {what}"),
+        })
+        .chain(skipped.iter().map(|t| format!("skip  only a fleet exports it  {} [{}]", t.panel, t.ref_id)))
+        .collect();
+    eprintln!("{}", report.join("\n"));
+    let failed: Vec<&String> = report.iter().filter(|l| l.starts_with("FAIL")).collect();
+    assert!(failed.is_empty(), "panels without data, or not showing the lab's traffic:\n{}", failed.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"));
+}
+
+/// The dashboard's query variables as Grafana resolves them from the real
+/// server, in order: each variable's values, and the one chosen: the
+/// first, or with `all` the "All" value of a variable that has one.
+fn resolve_variables(prom: &Prometheus, ns: &Netns, d: &Value, all: bool) -> Vec<(String, Vec<String>, String)> {
+    let mut out: Vec<(String, Vec<String>, String)> = Vec::new();
+    for var in d["templating"]["list"].as_array().unwrap().iter().filter(|v| v["type"] == "query") {
+        let name = var["name"].as_str().unwrap().to_owned();
+        let (selector, label) = label_values_query(var);
+        let bound: Vec<(&str, &str)> = out.iter().map(|(k, _, v)| (k.as_str(), v.as_str())).collect();
+        let selector = substitute(&selector, &variables(&bound));
+        let answer = prom.api(ns, &format!("/api/v1/label/{label}/values?match[]={}", url_encode(&selector))).unwrap();
+        let values: Vec<String> = answer["data"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_owned)).collect();
+        let first = values.first().unwrap_or_else(|| panic!("${name}: {selector} has no {label}: {answer}")).clone();
+        let chosen = match var["allValue"].as_str() {
+            Some(every) if all && var["includeAll"] == true => every.to_owned(),
+            _ => first,
+        };
+        out.push((name, values, chosen));
+    }
+    out
+}
+
+/// The `smtpguard_*` names `expr`s use.
+fn names_in<'e>(exprs: impl IntoIterator<Item = &'e str>) -> BTreeSet<String> {
+    exprs.into_iter().flat_map(metric_names).collect()
+}
+
+/// The largest value of each sample name in an exposition.
+fn max_by_name(exposition: &str) -> BTreeMap<String, f64> {
+    let mut max: BTreeMap<String, f64> = BTreeMap::new();
+    for line in exposition.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let name = line.split(['{', ' ']).next().unwrap();
+        let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap_or(f64::NAN);
+        let m = max.entry(name.to_owned()).or_insert(f64::MIN);
+        *m = m.max(value);
+    }
+    max
+}
+
+/// The rules Prometheus loaded: each has the name of an alert the file
+/// defines, all of them are there, and every one is healthy.
+fn assert_rules_load_healthy(prom: &Prometheus, ns: &Netns) {
+    let rules = prom.api(ns, "/api/v1/rules").unwrap();
+    let loaded: Vec<&Value> = rules["data"]["groups"].as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
+    let names: BTreeSet<&str> = loaded.iter().filter_map(|r| r["name"].as_str()).collect();
+    let defined = alert_rules();
+    assert_eq!(names, defined.iter().map(|(n, _, _)| n.as_str()).collect(), "rules loaded");
+    let unhealthy: Vec<String> = loaded.iter().filter(|r| r["health"] != "ok").map(|r| format!("{} {} {}", r["name"], r["health"], r["lastError"])).collect();
+    assert!(unhealthy.is_empty(), "{unhealthy:?}");
 }
 
 #[test]
@@ -587,61 +739,33 @@ fn every_dashboard_panel_has_data_and_the_alerts_load_and_fire_in_a_real_prometh
 
     // The dashboard's variables as Grafana resolves them, from the real server.
     let d = dashboard();
-    let mut values: Vec<(String, String)> = Vec::new();
-    for var in d["templating"]["list"].as_array().unwrap().iter().filter(|v| v["type"] == "query") {
-        let name = var["name"].as_str().unwrap().to_owned();
-        let (selector, label) = label_values_query(var);
-        let bound: Vec<(&str, &str)> = values.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let selector = substitute(&selector, &variables(&bound));
-        let answer = prom.api(&lab.hv, &format!("/api/v1/label/{label}/values?match[]={}", url_encode(&selector))).unwrap();
-        let first = answer["data"][0].as_str().unwrap_or_else(|| panic!("${name}: {selector} has no {label}: {answer}")).to_owned();
-        values.push((name, first));
-    }
-    let bound: Vec<(&str, &str)> = values.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let values = resolve_variables(&prom, &lab.hv, &d, false);
+    let bound: Vec<(&str, &str)> = values.iter().map(|(k, _, v)| (k.as_str(), v.as_str())).collect();
     let vars = variables(&bound);
+    eprintln!("variables: {bound:?}");
 
-    // Every target answers (bounded: the table scan runs every 5 s, then a scrape).
-    let mut answers = Vec::new();
-    within(Duration::from_secs(20), || {
-        answers = run_targets(&prom, &lab.hv, &d, &vars);
-        answers.iter().all(|(_, a)| a.is_ok()).then_some(())
-    });
-    let report: Vec<String> = answers
-        .iter()
-        .map(|(what, a)| match a {
-            Ok(a) => format!("ok    {:>2} series, max {:>10.3}  {what}", a.series, a.max),
-            Err(e) => format!("FAIL  {e}  {what}"),
-        })
-        .collect();
-    eprintln!("variables: {values:?}\n{}", report.join("\n"));
-    let failed: Vec<&String> = report.iter().filter(|l| l.starts_with("FAIL")).collect();
-    assert!(failed.is_empty(), "panels without data, or not showing the lab's traffic:\n{}", failed.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"));
+    // Every target answers (bounded: the table scan runs every 5 s, then a
+    // scrape), except those over metrics only a fleet exports: this lab is
+    // no fleet (the fleet test below runs them).
+    let fleet_only = exported_only_in_a_fleet();
+    let all = targets(&d);
+    let (fleet, here): (Vec<&Target>, Vec<&Target>) = all.iter().partition(|t| needs_a_fleet(&t.expr, &fleet_only));
+    assert_targets_answer(&prom, &lab.hv, &here, &vars, Duration::from_secs(20), &fleet);
 
     // Every metric name the dashboard and the rules use is in the real
-    // exposition, and moved, except what a healthy lab leaves at zero.
-    let exposition = scrape(&lab);
-    let mut max: BTreeMap<&str, f64> = BTreeMap::new();
-    for line in exposition.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-        let name = line.split(['{', ' ']).next().unwrap();
-        let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap_or(f64::NAN);
-        let m = max.entry(name).or_insert(f64::MIN);
-        *m = m.max(value);
-    }
-    let used: BTreeSet<String> = targets(&d).iter().flat_map(|t| metric_names(&t.expr)).chain(alert_rules().iter().flat_map(|(_, e, _)| metric_names(e))).collect();
-    let absent: Vec<&String> = used.iter().filter(|n| !max.contains_key(n.as_str())).collect();
+    // exposition, and moved, except what a healthy lab leaves at zero and
+    // what only a fleet exports (on panels all the same: see above).
+    let max = max_by_name(&scrape(&lab));
+    let used = names_in(all.iter().map(|t| t.expr.as_str()).chain(alert_rules().iter().map(|(_, e, _)| e.as_str())));
+    let used: BTreeSet<&String> = used.iter().filter(|n| !fleet_only.contains(*n)).collect();
+    let absent: Vec<&&String> = used.iter().filter(|n| !max.contains_key(n.as_str())).collect();
     assert!(absent.is_empty(), "not in the controller's exposition: {absent:?}");
-    let idle: Vec<&String> = used.iter().filter(|n| max[n.as_str()] <= 0.0 && !ZERO_IN_A_HEALTHY_LAB.contains(&family_of(n))).collect();
+    let idle: Vec<&&String> = used.iter().filter(|n| max[n.as_str()] <= 0.0 && !ZERO_IN_A_HEALTHY_LAB.contains(&family_of(n))).collect();
     assert!(idle.is_empty(), "the lab left these at zero: {idle:?}");
 
     // The rules load healthy, and exactly the alert the lab provokes stays
     // active: the quarantined tenant (the rejected reload's alert cleared).
-    let rules = prom.api(&lab.hv, "/api/v1/rules").unwrap();
-    let loaded: Vec<&Value> = rules["data"]["groups"].as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
-    let names: BTreeSet<&str> = loaded.iter().filter_map(|r| r["name"].as_str()).collect();
-    let defined = alert_rules();
-    assert_eq!(names, defined.iter().map(|(n, _, _)| n.as_str()).collect(), "rules loaded");
-    let unhealthy: Vec<String> = loaded.iter().filter(|r| r["health"] != "ok").map(|r| format!("{} {} {}", r["name"], r["health"], r["lastError"])).collect();
-    assert!(unhealthy.is_empty(), "{unhealthy:?}");
+    assert_rules_load_healthy(&prom, &lab.hv);
     let mut active = Vec::new();
     within(Duration::from_secs(10), || {
         active = active_alerts(&prom, &lab.hv);
@@ -650,4 +774,281 @@ fn every_dashboard_panel_has_data_and_the_alerts_load_and_fire_in_a_real_prometh
     assert_eq!(active.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["SmtpguardTenantSuspect"], "active alerts: {active:?}");
     assert_eq!(active[0].1["interface"], "tap-t", "{active:?}");
     eprintln!("Prometheus scraping after {:.1} s; whole test {:.1} s", ready.as_secs_f64(), started.elapsed().as_secs_f64());
+}
+
+// ---- The fleet
+
+/// Where each fleet host serves its metrics, and Prometheus' port in the
+/// etcd namespace.
+const FLEET_METRICS_PORT: u16 = 19650;
+const FLEET_PROMETHEUS_PORT: u16 = 19096;
+/// A ban or an unban reaching the other host (what docs/fleet.md promises).
+const FLEET_PROPAGATION: Duration = Duration::from_secs(2);
+/// etcd back: the hosts' next session begins within their reconnect
+/// backoff (at most 4 s) plus a start.
+const FLEET_RECOVERY: Duration = Duration::from_secs(15);
+/// The sources a host's datapath bans, one each round.
+const FLEET_SOURCES: [&str; 2] = [CLIENT_DENIED, CLIENT_OK];
+/// Bans one burst away (more than 10 new connections in a minute).
+const FLEET_POLICY: &str = "version: 1\ningress:\n  default: {25: allow}\n  rate_limit: {new_per_minute: 6000, burst: 1000, ban_above_per_minute: 10, ban: 15m}\n";
+
+/// The metric on a host's own /metrics (read in its namespace).
+fn fleet_metric(h: &FleetHost, name: &str, labels: &[&str]) -> Option<f64> {
+    metric(&http_get(&h.lab, FLEET_METRICS_PORT, "/metrics").ok()?, name, labels)
+}
+
+/// Polls `cond` every 100 ms until it holds, for at most `limit`.
+fn fleet_within(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    assert!(within(limit, || cond().then_some(())).is_some(), "{what}: not within {limit:?}");
+}
+
+/// Whether the host's datapath has `addr` banned now (read from its pins).
+fn fleet_banned(h: &FleetHost, addr: &str) -> bool {
+    let maps = Maps::open_pinned(&h.pins.pin_dir).expect("the host's pins");
+    maps.source_table().banned_until(source_key(addr.parse::<IpAddr>().unwrap()), ktime_now_ns()).is_some()
+}
+
+/// New connections from `src` until the host's datapath bans it (bounded):
+/// a ban the host's controller publishes (`smtpguard ban` publishes its
+/// own, which the published counter does not see).
+fn flood_until_banned(h: &FleetHost, src: &str) {
+    for _ in 0..200 {
+        let _ = connect_within(&h.lab.client, src, SERVER, 25, Duration::from_millis(200));
+        if fleet_banned(h, src) {
+            return;
+        }
+    }
+    panic!("host {}: 200 connections from {src} did not ban it", h.name);
+}
+
+/// `smtpguard fleet push` from `h`: the revision pushed.
+fn fleet_push(h: &FleetHost, policy: &Path, extra: &[&str]) -> f64 {
+    let mut args = vec!["push", policy.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (code, said) = h.fleet(&args);
+    assert_eq!(code, 0, "{said}");
+    said.split_whitespace().nth(2).and_then(|r| r.parse().ok()).unwrap_or_else(|| panic!("no revision in {said:?}"))
+}
+
+/// An etcd put from `h`'s namespace.
+fn etcd_put(h: &FleetHost, key: &str, value: &str) {
+    let (code, said) = h.etcdctl(&["put", key, value]);
+    assert_eq!(code, 0, "{said}");
+}
+
+/// A geo database of one network, for the host that has one.
+fn write_geo(path: &Path) {
+    #[derive(serde::Serialize)]
+    struct Record {
+        country_code: &'static str,
+    }
+    let mut w = mmdb_writer::Writer::new("country");
+    w.insert("203.0.113.0/24".parse::<ipnet::IpNet>().unwrap(), &Record { country_code: "KP" }).unwrap();
+    std::fs::write(path, w.to_bytes().unwrap()).unwrap();
+}
+
+/// The value of a one-number PromQL answer (a `count(...)`), if any.
+fn prom_number(prom: &Prometheus, ns: &Netns, promql: &str) -> Option<f64> {
+    instant(prom, ns, promql).ok()?.first().map(|(_, v)| *v)
+}
+
+/// An instant query's value per instance.
+fn by_instance(prom: &Prometheus, ns: &Netns, promql: &str) -> BTreeMap<String, f64> {
+    instant(prom, ns, promql).unwrap_or_else(|e| panic!("{promql}: {e}")).into_iter().map(|(l, v)| (l["instance"].as_str().unwrap_or_default().to_owned(), v)).collect()
+}
+
+/// Polls an instant query until its value per instance is `want`, for at
+/// most `limit`.
+fn wait_by_instance(prom: &Prometheus, ns: &Netns, promql: &str, want: &[(String, f64)], limit: Duration) {
+    let want: BTreeMap<String, f64> = want.iter().cloned().collect();
+    let mut seen = BTreeMap::new();
+    within(limit, || {
+        seen = by_instance(prom, ns, promql);
+        (seen == want).then_some(())
+    });
+    assert_eq!(seen, want, "{promql} per instance in Prometheus, not within {limit:?}");
+}
+
+/// The alerts Prometheus holds active: name, state and labels.
+fn alert_states(prom: &Prometheus, ns: &Netns) -> Vec<(String, String, Value)> {
+    let v = prom.api(ns, "/api/v1/alerts").expect("/api/v1/alerts");
+    v["data"]["alerts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| (a["labels"]["alertname"].as_str().unwrap_or_default().to_owned(), a["state"].as_str().unwrap_or_default().to_owned(), a["labels"].clone()))
+        .collect()
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF, namespaces and etcd; cargo xtask test runs it"]
+fn every_fleet_panel_has_data_in_a_real_prometheus_scraping_two_hosts_and_etcd_lost_shows() {
+    require_root();
+    let started = Instant::now();
+    let mut lab = FleetLab::new(2, 1).expect("fleet lab");
+    // The hosts, and etcd apart: killed and restarted while they run.
+    let FleetLab { hosts, etcd } = &mut lab;
+    let (a, b) = (&hosts[0], &hosts[1]);
+    let dir = a.pins.policy_dir();
+    let policy = write_policy(&dir, "local.yaml", FLEET_POLICY);
+    let geo = dir.join("geo.mmdb");
+    write_geo(&geo);
+    let geo_arg = geo.display().to_string();
+    // Metrics on every address of the host's server namespace: loopback
+    // for the checks, the management link for Prometheus. Only a has the
+    // geo database revision 2 names.
+    let metrics_addr = format!("0.0.0.0:{FLEET_METRICS_PORT}");
+    let _controllers: Vec<RunningController> = [(a, vec!["--geo-database", &geo_arg]), (b, vec![])]
+        .into_iter()
+        .map(|(h, extra)| {
+            let mut args = vec!["--fleet-policy", "--metrics-addr", &metrics_addr];
+            args.extend(extra);
+            h.start(&policy, FLEET_METRICS_PORT, &args).unwrap_or_else(|e| panic!("{e:#}"))
+        })
+        .collect();
+    let instance = |h: &FleetHost| format!("{}:{FLEET_METRICS_PORT}", h.link.host_addr);
+    let prom = Prometheus::start_scraping(
+        etcd.netns(),
+        &std::env::temp_dir().join(format!("sgtest-fleet-prometheus-{}", std::process::id())),
+        &[instance(a), instance(b)],
+        FLEET_PROMETHEUS_PORT,
+        &[repo_root().join(RULES)],
+    )
+    .expect("prometheus");
+    let both_up = within(Duration::from_secs(20), || (prom_number(&prom, etcd.netns(), "count(up{job=\"smtpguard\"} == 1)") == Some(2.0)).then_some(()));
+    assert!(both_up.is_some(), "Prometheus did not scrape both hosts over their management links within 20 s");
+    let connected = within(Duration::from_secs(10), || (prom_number(&prom, etcd.netns(), "count(smtpguard_fleet_connected == 1)") == Some(2.0)).then_some(()));
+    assert!(connected.is_some(), "Prometheus did not see both hosts connected to etcd");
+    let ready = started.elapsed();
+
+    // Round 1 makes the labelled series (a series' first appearance is no
+    // increase to rate()): revision 1 everywhere, a ban a's datapath makes
+    // reaching b, a record nobody can parse. Prometheus then holds each of
+    // them above 0 on the hosts that have it.
+    let p1 = write_policy(&dir, "fleet.yaml", FLEET_POLICY);
+    let rev1 = fleet_push(a, &p1, &["--comment", "revision 1"]);
+    for h in [a, b] {
+        fleet_within(Duration::from_secs(5), &format!("revision {rev1} on {}", h.name), || fleet_metric(h, "smtpguard_fleet_policy_revision", &[]) == Some(rev1));
+    }
+    flood_until_banned(a, FLEET_SOURCES[0]);
+    fleet_within(FLEET_PROPAGATION, "a's first ban reaching b", || fleet_banned(b, FLEET_SOURCES[0]));
+    etcd_put(a, "/smtpguard/bans/junk-1", "not json");
+    for h in [a, b] {
+        fleet_within(Duration::from_secs(5), &format!("{} refusing the first bad record", h.name), || {
+            fleet_metric(h, "smtpguard_fleet_bans_received_total", &["result=\"unparsable\""]) == Some(1.0)
+        });
+    }
+    let series = [
+        ("smtpguard_fleet_bans_received_total{result=\"installed\"}", 1.0),
+        ("smtpguard_fleet_bans_received_total{result=\"own\"}", 1.0),
+        ("smtpguard_fleet_bans_received_total{result=\"unparsable\"}", 2.0),
+        ("smtpguard_fleet_bans_published_total{result=\"ok\"}", 1.0),
+    ];
+    for (selector, n) in series {
+        let seen = within(Duration::from_secs(10), || (prom_number(&prom, etcd.netns(), &format!("count({selector} > 0)")) == Some(n)).then_some(()));
+        assert!(seen.is_some(), "Prometheus never saw {selector} above 0 on {n} host(s)");
+    }
+
+    // Round 2 moves every series within the dashboard's rate window: etcd
+    // killed and back (a reconnect on each host), a second ban, the first
+    // lifted from b, a second bad record, and revision 2, which needs a geo
+    // database only a has.
+    let round_2 = Instant::now();
+    etcd.kill9_all();
+    for h in [a, b] {
+        fleet_within(Duration::from_secs(10), &format!("{} noticing etcd is gone", h.name), || fleet_metric(h, "smtpguard_fleet_connected", &[]) == Some(0.0));
+    }
+    etcd.restart_all().expect("etcd restarted");
+    etcd.wait_healthy().expect("etcd healthy");
+    for h in [a, b] {
+        fleet_within(FLEET_RECOVERY, &format!("{}'s second session", h.name), || {
+            fleet_metric(h, "smtpguard_fleet_connected", &[]) == Some(1.0) && fleet_metric(h, "smtpguard_fleet_sessions_total", &[]) >= Some(2.0)
+        });
+    }
+    flood_until_banned(a, FLEET_SOURCES[1]);
+    fleet_within(FLEET_PROPAGATION, "a's second ban reaching b", || fleet_banned(b, FLEET_SOURCES[1]));
+    let (code, said) = b.smtpguard(&["unban", FLEET_SOURCES[0]]);
+    assert_eq!(code, 0, "{said}");
+    fleet_within(FLEET_PROPAGATION, "b's unban lifting a's first ban on a", || {
+        !fleet_banned(a, FLEET_SOURCES[0]) && fleet_metric(a, "smtpguard_fleet_bans_lifted_total", &[]) == Some(1.0)
+    });
+    etcd_put(a, "/smtpguard/bans/junk-2", "{}");
+    for h in [a, b] {
+        fleet_within(Duration::from_secs(5), &format!("{} refusing the second bad record", h.name), || {
+            fleet_metric(h, "smtpguard_fleet_bans_received_total", &["result=\"unparsable\""]) == Some(2.0)
+        });
+    }
+    let p2 = write_policy(&dir, "geo.yaml", "version: 1\ningress:\n  default: {25: allow}\n  geo: {database: /nonexistent/fleet-geo.mmdb, field: country_code, block: [KP], unknown: allow}\n");
+    let rev2 = fleet_push(a, &p2, &["--geo-database", &geo_arg, "--comment", "revision 2, a geo-fence"]);
+    fleet_within(Duration::from_secs(5), &format!("revision {rev2} on a"), || fleet_metric(a, "smtpguard_fleet_policy_revision", &[]) == Some(rev2));
+    fleet_within(Duration::from_secs(5), "b rejecting revision 2", || fleet_metric(b, "smtpguard_fleet_policy_rejected_total", &[]) == Some(1.0));
+    assert_eq!(fleet_metric(b, "smtpguard_fleet_policy_revision", &[]), Some(rev1), "b keeps revision 1");
+    let round_2 = round_2.elapsed();
+
+    // The dashboard as a fleet's operator sees it: every instance ("All").
+    let d = dashboard();
+    let values = resolve_variables(&prom, etcd.netns(), &d, true);
+    let instances = values.iter().find(|(name, _, _)| name == "instance").map(|(_, v, _)| v.clone()).unwrap_or_default();
+    assert_eq!(instances, [instance(a), instance(b)], "the $instance variable lists both hosts");
+    let bound: Vec<(&str, &str)> = values.iter().map(|(k, _, v)| (k.as_str(), v.as_str())).collect();
+    let vars = variables(&bound);
+    eprintln!("variables: {bound:?}; round 2 took {:.1} s", round_2.as_secs_f64());
+    let all = targets(&d);
+    let fleet_row: Vec<&Target> = all.iter().filter(|t| t.row == FLEET_ROW).collect();
+    assert_targets_answer(&prom, etcd.netns(), &fleet_row, &vars, Duration::from_secs(20), &[]);
+    // Per host where the panel is per host: both hosts connected, b behind
+    // (bounded: the last scrape may predate a's revision 2).
+    wait_by_instance(&prom, etcd.netns(), "smtpguard_fleet_connected", &[(instance(a), 1.0), (instance(b), 1.0)], Duration::from_secs(5));
+    wait_by_instance(&prom, etcd.netns(), "smtpguard_fleet_policy_revision", &[(instance(a), rev2), (instance(b), rev1)], Duration::from_secs(5));
+
+    // Every fleet metric the dashboard and the rules use is in the hosts'
+    // real expositions.
+    let fleet_only = exported_only_in_a_fleet();
+    let mut max = max_by_name(&http_get(&a.lab, FLEET_METRICS_PORT, "/metrics").unwrap());
+    max.extend(max_by_name(&http_get(&b.lab, FLEET_METRICS_PORT, "/metrics").unwrap()));
+    let used = names_in(all.iter().map(|t| t.expr.as_str()).chain(alert_rules().iter().map(|(_, e, _)| e.as_str())));
+    let absent: Vec<&String> = used.iter().filter(|n| fleet_only.contains(*n) && !max.contains_key(n.as_str())).collect();
+    assert!(absent.is_empty(), "not in the fleet hosts' expositions: {absent:?}");
+
+    // The rules load healthy, and the alerts this fleet provokes go active:
+    // the refused records (one alert for the fleet), b's rejected revision
+    // (and b's rejected reload, the same revision refused by its reload).
+    assert_rules_load_healthy(&prom, etcd.netns());
+    let want = BTreeSet::from([
+        ("SmtpguardFleetBansRefused".to_owned(), String::new(), "unparsable".to_owned()),
+        ("SmtpguardFleetPolicyRejected".to_owned(), instance(b), String::new()),
+        ("SmtpguardReloadRejected".to_owned(), instance(b), String::new()),
+    ]);
+    let mut active = BTreeSet::new();
+    within(Duration::from_secs(10), || {
+        active = alert_states(&prom, etcd.netns())
+            .into_iter()
+            .map(|(n, _, l)| (n, l["instance"].as_str().unwrap_or_default().to_owned(), l["result"].as_str().unwrap_or_default().to_owned()))
+            .collect();
+        (active == want).then_some(())
+    });
+    assert_eq!(active, want, "active alerts (name, instance, result)");
+
+    // etcd lost: Prometheus sees both hosts disconnected, and the alert
+    // pending for each (its 5 minutes are the unit tests' to cover).
+    etcd.kill9_all();
+    let lost = Instant::now();
+    wait_by_instance(&prom, etcd.netns(), "smtpguard_fleet_connected", &[(instance(a), 0.0), (instance(b), 0.0)], Duration::from_secs(15));
+    let noticed = lost.elapsed();
+    let mut pending = BTreeSet::new();
+    within(Duration::from_secs(10), || {
+        pending = alert_states(&prom, etcd.netns())
+            .into_iter()
+            .filter(|(n, state, _)| n == "SmtpguardFleetDisconnected" && state == "pending")
+            .map(|(_, _, l)| l["instance"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        (pending.len() == 2).then_some(())
+    });
+    assert_eq!(pending, BTreeSet::from([instance(a), instance(b)]), "SmtpguardFleetDisconnected pending");
+    eprintln!(
+        "Prometheus scraping both hosts after {:.1} s; etcd's loss in Prometheus after {:.1} s; whole test {:.1} s",
+        ready.as_secs_f64(),
+        noticed.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
 }

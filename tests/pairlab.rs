@@ -105,8 +105,12 @@ impl RunningController {
         Ok(c)
     }
 
-    /// Started, not yet ready; stderr goes to `stderr`.
+    /// Started, not yet ready; stderr goes to `stderr`. Metrics are served
+    /// on `127.0.0.1:port`, unless `args` has a `--metrics-addr` of its own
+    /// (for a scraper in another namespace): it must serve `port` on
+    /// loopback too (`0.0.0.0:port`), where /healthz and /metrics are read.
     pub fn spawn(lab: &PairLab, state: &TestPins, policy: &Path, port: u16, args: &[&str], stderr: impl Into<Stdio>) -> Result<Self> {
+        let loopback = format!("127.0.0.1:{port}");
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", lab.server.name()))
             .arg("--")
@@ -114,7 +118,7 @@ impl RunningController {
             .args(["run", "--policy"])
             .arg(policy)
             .args(args)
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(if args.contains(&"--metrics-addr") { vec![] } else { vec!["--metrics-addr", &loopback] })
             .args(if args.contains(&"--events") { vec![] } else { vec!["--events".into(), state.events_file()] })
             .args(state.args())
             .stdout(Stdio::null())

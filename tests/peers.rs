@@ -118,7 +118,8 @@ pub fn http_get(ns: &Netns, port: u16, path: &str) -> Result<String> {
 }
 
 /// A Prometheus server in a namespace scraping `127.0.0.1:scrape_port`
-/// each second (job `smtpguard`); killed, and its `dir` removed, on drop.
+/// (or the targets given) each second, job `smtpguard`; killed, and its
+/// `dir` removed, on drop.
 pub struct Prometheus {
     child: Child,
     dir: PathBuf,
@@ -132,14 +133,22 @@ impl Prometheus {
 
     /// [`Prometheus::start`] with these rule files loaded, evaluated each second.
     pub fn start_with_rules(ns: &Netns, dir: &Path, scrape_port: u16, port: u16, rule_files: &[PathBuf]) -> Result<Self> {
+        Self::start_scraping(ns, dir, &[format!("127.0.0.1:{scrape_port}")], port, rule_files)
+    }
+
+    /// [`Prometheus::start_with_rules`] scraping each of `targets`
+    /// (`address:port`, as `ns` reaches it; one instance each, job `smtpguard`).
+    pub fn start_scraping(ns: &Netns, dir: &Path, targets: &[String], port: u16, rule_files: &[PathBuf]) -> Result<Self> {
         std::fs::create_dir_all(dir.join("data"))?;
         let config = dir.join("prometheus.yml");
         let rules: Vec<String> = rule_files.iter().map(|f| format!("'{}'", f.display())).collect();
+        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
         std::fs::write(
             &config,
             format!(
-                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [{}]\nscrape_configs:\n  - job_name: smtpguard\n    static_configs: [{{targets: ['127.0.0.1:{scrape_port}']}}]\n",
-                rules.join(", ")
+                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [{}]\nscrape_configs:\n  - job_name: smtpguard\n    static_configs: [{{targets: [{}]}}]\n",
+                rules.join(", "),
+                targets.join(", ")
             ),
         )?;
         let child = Command::new("nsenter")
