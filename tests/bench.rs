@@ -9,6 +9,7 @@
 //! `deny_acl` with a trace on (`smtpguard trace`).
 
 mod endpoint;
+mod fleetbench;
 mod interfaces;
 mod report;
 mod scale;
@@ -820,6 +821,105 @@ fn interfaces(json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `fleet`: bans shared through etcd (issue 16): propagation of datapath
+/// bans across three hosts, the rate a host publishes its bans at, and
+/// 100,000 fleet bans installed into one host at start and by its watch.
+fn fleet(json: bool) -> Result<()> {
+    use fleetbench::{INSTALLED, INSTALL_S, PROPAGATION_AIM_MS, PROPAGATION_P99_MS, PUBLISHED, SOURCES};
+    eprintln!("fleet: 3 hosts and etcd (3 members, then 1) in namespaces; {SOURCES} datapath bans, {PUBLISHED} published at once, 2 x {INSTALLED} installed");
+    let f = fleetbench::run()?;
+    let (p, publ, restart, watch) = (&f.propagation, &f.publish, &f.restart, &f.watch);
+    let propagated_ok = fleetbench::propagated(p) && fleetbench::propagated(&f.propagation_3);
+    let published_ok = fleetbench::published(&f);
+    let restart_ok = fleetbench::installed(restart);
+    let watch_ok = fleetbench::installed(watch);
+    let p3 = &f.propagation_3;
+    let aim = p.samples.p99 < PROPAGATION_AIM_MS && p3.samples.p99 < PROPAGATION_AIM_MS;
+    let opt = |x: Option<f64>| x.map(round3);
+    let install = |i: &fleetbench::InstallRun| {
+        serde_json::json!({"bans": i.bans, "write_s": round3(i.write_s), "healthz_s": opt(i.healthz_s), "session_s": opt(i.session_s), "first_s": round3(i.first_s),
+            "all_s": opt(i.all_s), "missing": i.missing, "rate_per_s": i.rate().round(), "histogram_mean_ms": i.histogram_mean_ms.map(round2)})
+    };
+    if json {
+        let hosts: serde_json::Map<String, serde_json::Value> = p.hosts.iter()
+            .map(|h| (h.host.clone(), serde_json::json!({"count": h.count, "mean_ms": round2(h.mean_ms), "within_200ms": round3(h.within_200ms)})))
+            .collect();
+        let etcd = |e: &fleetbench::EtcdCost| serde_json::json!({"keys": e.keys, "rss_bytes": e.rss_bytes, "db_bytes": e.db_bytes, "db_in_use_bytes": e.db_in_use_bytes});
+        println!(
+            "{}",
+            serde_json::json!({
+                "hosts": 3, "etcd_members": 1,
+                "propagation": {"bans": p.bans, "samples": p.samples.json(), "to_etcd": p.to_etcd.json(), "from_etcd": p.from_etcd.json(), "flood": p.flood.json(),
+                    "missing": p.missing, "connects": p.connects, "host_histograms": hosts, "seconds": round2(p.seconds)},
+                "propagation_3_members": {"bans": p3.bans, "samples": p3.samples.json(), "to_etcd": p3.to_etcd.json(), "from_etcd": p3.from_etcd.json(),
+                    "flood": p3.flood.json(), "missing": p3.missing, "connects": p3.connects, "seconds": round2(p3.seconds)},
+                "publish": {"bans": publ.bans, "local_ms": round2(publ.local_ms), "etcd_first_ms": round2(publ.etcd_first_ms), "etcd_all_ms": publ.etcd_all_ms.map(round2),
+                    "etcd_rate_per_s": publ.etcd_rate().round(), "peer_first_ms": round2(publ.peer_first_ms), "peer_all_ms": publ.peer_all_ms.map(round2),
+                    "peer_rate_per_s": publ.peer_rate().round(), "peer_gauge_ms": publ.peer_gauge_ms.map(round2), "published_ok": publ.published_ok, "peer_gauge": publ.peer_gauge},
+                "costs": {"scan_ms": round3(f.costs.scan_ms), "ways": f.costs.ways, "grace_ms": round3(f.costs.grace_ms)},
+                "install": {"at_start": install(restart), "watch": install(watch)},
+                "etcd": {"after_propagation": etcd(&f.etcd[0]), "after_publish": etcd(&f.etcd[1]), "end": etcd(&f.etcd[2])},
+                "seconds": round2(f.seconds)
+            })
+        );
+    } else {
+        println!("3 hosts (release smtpguard run, each in namespaces of its own with its own pins) and etcd 3.4 on tmpfs.\n");
+        println!("propagation: {} sources, each flooded with new connections until its host's datapath banned it,", p.bans);
+        println!("round-robin over the 3 hosts; ms from the ban seen on its origin (source tables read every ms)");
+        println!("{:<56} {:>24} {:>24}", "", "1 etcd member", "3 etcd members");
+        println!("{:<56} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>5}", "", "p50", "p99", "max", "p50", "p99", "max", "n");
+        for (what, l, l3) in [
+            ("banned on another host (2 samples a ban)", p.samples, p3.samples),
+            ("  of which: the key in etcd (origin's event, scan, put)", p.to_etcd, p3.to_etcd),
+            ("  of which: from etcd to banned there (watch, install)", p.from_etcd, p3.from_etcd),
+            ("the flood: first connection to the origin's ban", p.flood, p3.flood),
+        ] {
+            println!("{what:<56} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>5}", l.p50, l.p99, l.max, l3.p50, l3.p99, l3.max, l.count);
+        }
+        println!("samples missing (not banned on a host within {} s): {} and {} of {}; connections {} and {}", fleetbench::PROPAGATED_WITHIN.as_secs(), p.missing, p3.missing, 2 * p.bans, p.connects, p3.connects);
+        for h in &p.hosts {
+            println!("host {}'s smtpguard_fleet_ban_propagation_seconds (origin's scan to install here; 1 member): {} installs, mean {:.2} ms, {:.1}% within 0.2 s",
+                h.host, h.count, h.mean_ms, h.within_200ms * 1e2);
+        }
+        println!("\npublish: {} bans put at once into host a's source table as its datapath would ({:.1} ms), ms from then:", publ.bans, publ.local_ms);
+        let all = |x: Option<f64>| x.map(|v| format!("{v:.1}")).unwrap_or_else(|| "never".into());
+        println!("{:<40} {:>10} {:>10} {:>12}", "", "first", "all", "bans/s");
+        println!("{:<40} {:>10.1} {:>10} {:>12.0}", "in etcd (a published them)", publ.etcd_first_ms, all(publ.etcd_all_ms), publ.etcd_rate());
+        println!("{:<40} {:>10.1} {:>10} {:>12.0}", "in host b's table (b installed them)", publ.peer_first_ms, all(publ.peer_all_ms), publ.peer_rate());
+        println!("{:<40} {:>10} {:>10}", "on b's smtpguard_fleet_bans gauge", "", all(publ.peer_gauge_ms));
+        println!("a's published_total{{ok}} grew by {}; b's smtpguard_fleet_bans gauge by {}", publ.published_ok, publ.peer_gauge);
+        println!("the fleet thread's costs (host a's pins, in-process, median of 5): a scan of the whole source table ({} ways) {:.2} ms;", f.costs.ways, f.costs.scan_ms);
+        println!("an RCU grace period (membarrier, once per batch of installs that claims ways) {:.2} ms", f.costs.grace_ms);
+        println!("\ninstall: {INSTALLED} fleet bans into host c (hosts a and b stopped); s", );
+        println!("{:<48} {:>8} {:>9} {:>9} {:>9} {:>10} {:>8}", "", "write", "healthz", "first", "all", "bans/s", "missing");
+        let s = |x: Option<f64>| x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
+        println!("{:<48} {:>8.3} {:>9} {:>9.3} {:>9} {:>10.0} {:>8}", "at start (written, then c spawned; from spawn)", restart.write_s, s(restart.healthz_s), restart.first_s, s(restart.all_s), restart.rate(), restart.missing);
+        println!("{:<48} {:>8.3} {:>9} {:>9.3} {:>9} {:>10.0} {:>8}", "watch (written while c runs; from first put)", watch.write_s, "-", watch.first_s, s(watch.all_s), watch.rate(), watch.missing);
+        if let Some(sess) = restart.session_s {
+            println!("c's fleet session logged \"connected\" (after its full read and install) {sess:.3} s after the spawn");
+        }
+        if let Some(m) = watch.histogram_mean_ms {
+            println!("c's propagation histogram over the watched installs: mean {m:.1} ms from each transaction's write");
+        }
+        println!("\netcd member: {:>12} {:>12} {:>12}", "keys", "VmRSS MB", "db MB (in use)");
+        for (what, e) in [("after propagation", f.etcd[0]), ("after publish", f.etcd[1]), ("end", f.etcd[2])] {
+            println!("{what:<18} {:>12} {:>12.1} {:>7.1} ({:.1})", e.keys, e.rss_bytes as f64 / 1e6, e.db_bytes as f64 / 1e6, e.db_in_use_bytes as f64 / 1e6);
+        }
+        println!("run time {:.0} s\n", f.seconds);
+        let m = |ok: bool| if ok { "met" } else { "MISSED" };
+        println!("target propagation p99 < {PROPAGATION_P99_MS:.0} ms, every ban on every host: {} ({:.1} ms and {:.1} ms with 3 members, {} missing)",
+            m(propagated_ok), p.samples.p99, p3.samples.p99, p.missing + p3.missing);
+        println!("aim propagation p99 < {PROPAGATION_AIM_MS:.0} ms: {} ({:.1} ms, {:.1} ms)", if aim { "met" } else { "not met" }, p.samples.p99, p3.samples.p99);
+        println!("check all {PUBLISHED} published bans in etcd and on b within 30 s: {}", m(published_ok));
+        println!("target {INSTALLED} fleet bans installed at start < {INSTALL_S:.0} s: {} ({})", m(restart_ok), s(restart.all_s));
+        println!("target {INSTALLED} fleet bans installed by the watch < {INSTALL_S:.0} s: {} ({})", m(watch_ok), s(watch.all_s));
+    }
+    if !(propagated_ok && published_ok && restart_ok && watch_ok) {
+        bail!("a fleet target was missed");
+    }
+    Ok(())
+}
+
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
@@ -835,10 +935,11 @@ fn main() -> Result<()> {
         Some("reload") => reload(json),
         Some("metrics") => metrics(json),
         Some("interfaces") => interfaces(json),
+        Some("fleet") => fleet(json),
         Some("render") => match (args.get(1), args.get(2)) {
             (Some(json_dir), Some(docs)) => report::render(std::path::Path::new(json_dir), std::path::Path::new(docs)),
             _ => bail!("usage: smtpguard-bench render JSON_DIR DOCS_DIR"),
         },
-        other => bail!("usage: smtpguard-bench datapath|compile|throughput|scale|reload|metrics|interfaces [--json] (got {other:?})"),
+        other => bail!("usage: smtpguard-bench datapath|compile|throughput|scale|reload|metrics|interfaces|fleet [--json] (got {other:?})"),
     }
 }

@@ -43,11 +43,16 @@ pub enum Which {
         #[arg(long)]
         json: bool,
     },
+    /// The fleet through a real etcd: ban propagation across 3 hosts, a host's publish rate, 100,000 fleet bans installed into one host.
+    Fleet {
+        #[arg(long)]
+        json: bool,
+    },
     /// Run every benchmark and rewrite docs/benchmarks.md and its charts from their JSON.
     Report,
 }
 
-const ALL: [&str; 7] = ["datapath", "compile", "throughput", "scale", "reload", "metrics", "interfaces"];
+const ALL: [&str; 8] = ["datapath", "compile", "throughput", "scale", "reload", "metrics", "interfaces", "fleet"];
 
 pub fn run(which: Which) -> Result<()> {
     let (name, json) = match which {
@@ -59,6 +64,7 @@ pub fn run(which: Which) -> Result<()> {
         Which::Reload { json } => ("reload", json),
         Which::Metrics { json } => ("metrics", json),
         Which::Interfaces { json } => ("interfaces", json),
+        Which::Fleet { json } => ("fleet", json),
     };
     build()?;
     let mut cmd = Command::new(bench_bin()?);

@@ -20,6 +20,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use etcd_client::{Client, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions, WatchResponse};
+use futures_util::FutureExt;
 use ipnet::IpNet;
 use policy_common::source::ban_origin;
 use tokio::sync::{mpsc, watch, Notify};
@@ -50,6 +51,9 @@ const PAGE: i64 = 5_000;
 const TXN_PUTS: usize = 64;
 /// Clocks of two hosts, and the ms a ban spends in flight, differ by less.
 const SLACK_MS: u64 = 2_000;
+/// Watch responses of bans taken at once, at most (each is a transaction
+/// of up to 128 bans, or etcd's batch for a watcher behind).
+const DRAIN_RESPONSES: usize = 1_024;
 
 /// A fleet policy revision, stored in the state directory, for the
 /// controller to apply.
@@ -274,8 +278,18 @@ impl Agent {
         loop {
             tokio::select! {
                 m = bans.message() => {
-                    let r = watched(m)?;
-                    self.on_bans(r.events());
+                    // The responses that arrived meanwhile go with this one:
+                    // installed together, they wait for one RCU grace period
+                    // (8-16 ms measured) rather than one each, and a burst of bans
+                    // (a response a transaction) cannot queue up behind them.
+                    let mut responses = vec![watched(m)?];
+                    while responses.len() < DRAIN_RESPONSES {
+                        match bans.message().now_or_never() {
+                            Some(m) => responses.push(watched(m)?),
+                            None => break,
+                        }
+                    }
+                    self.on_bans(responses.iter().flat_map(|r| r.events()));
                 }
                 m = unbans.message() => {
                     let r = watched(m)?;
@@ -484,7 +498,7 @@ impl Agent {
         }
     }
 
-    fn on_bans(&mut self, events: &[etcd_client::Event]) {
+    fn on_bans<'e>(&mut self, events: impl IntoIterator<Item = &'e etcd_client::Event>) {
         let mut incoming = Vec::new();
         for ev in events {
             let Some(kv) = ev.kv() else { continue };
