@@ -132,6 +132,11 @@ fn pins_of_an_older_build_are_refused_with_a_detach_hint() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("another smtpguard build") && err.contains("RUNTIME") && err.contains("smtpguard detach"), "{err}");
+    // Refused before anything moved: the pins are as they were found.
+    let mut left: Vec<String> =
+        std::fs::read_dir(&state.pins.dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    assert_eq!(left, [policy_common::RUNTIME], "the refused load changed the pins");
     let (code, out) = state.cmd(&["status"]);
     assert_ne!(code, 0);
     assert!(out.contains("another smtpguard build") && out.contains("smtpguard detach"), "{out}");

@@ -37,6 +37,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // The fleet: etcd's v3 client crate builds its protocol with protoc;
     // the fleet tests run a real etcd, over TLS with certificates made by openssl.
     ("protoc", "protobuf-compiler"),
+    // The well-known types etcd's protocol imports (protoc alone lacks them).
+    ("/usr/include/google/protobuf/descriptor.proto", "libprotobuf-dev"),
     ("etcd", "etcd-server"),
     ("etcdctl", "etcd-client"),
     ("openssl", "openssl"),

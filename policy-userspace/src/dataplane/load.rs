@@ -43,13 +43,15 @@ pub struct IncompatiblePins {
 /// object (key or value size, or flags such as `BPF_F_MMAPABLE`): the
 /// kernel would load the programs against them, and the mismatch would
 /// show later as a cryptic verifier or mmap error. Maps not pinned there
-/// are fine; sizes set at load time (max entries) may differ.
-pub fn check_pinned_maps(dir: &Path) -> Result<(), IncompatiblePins> {
+/// are fine; sizes set at load time (max entries) may differ. Maps named
+/// in `changed` (those an upgrade from the pinned layout makes afresh) are
+/// not compared.
+pub fn check_pinned_maps(dir: &Path, changed: &[&str]) -> Result<(), IncompatiblePins> {
     let incompatible = |what: String| IncompatiblePins { dir: dir.display().to_string(), what };
     let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| incompatible(format!("this build's object does not parse ({e})")))?;
     for name in policy_common::ALL_MAPS {
         let path = dir.join(name);
-        if !path.exists() {
+        if !path.exists() || changed.contains(&name) {
             continue;
         }
         let Some(want) = object.maps.get(name) else { continue };
@@ -86,7 +88,7 @@ impl Dataplane {
         let adopted = pin_dir.is_some_and(|dir| policy_common::ALL_MAPS.iter().any(|m| dir.join(m).exists()));
         if let Some(dir) = pin_dir {
             if adopted {
-                check_pinned_maps(dir)?;
+                check_pinned_maps(dir, &[])?;
             }
             for name in policy_common::ALL_MAPS {
                 loader.map_pin_path(name, dir.join(name));

@@ -111,6 +111,11 @@ impl Maps {
     pub fn open_pinned(dir: &Path) -> Result<Self> {
         match super::upgrade::pinned_layout(dir) {
             Some(v) if v != policy_common::LAYOUT_VERSION => {
+                // An older layout whose unchanged maps are not as this build
+                // wants them: another build's, not an upgrade it can make.
+                if v < policy_common::LAYOUT_VERSION {
+                    check_pinned_maps(dir, super::upgrade::changed_since(v))?;
+                }
                 return Err(DataplaneError::Refused(format!(
                     "the maps pinned in {} have layout {v}; this build reads layout {}. `smtpguard run` of this build \
                      upgrades them (docs/upgrade.md)",
@@ -120,7 +125,7 @@ impl Maps {
             }
             _ => {}
         }
-        check_pinned_maps(dir)?;
+        check_pinned_maps(dir, &[])?;
         Self::from_source(Source::Pins(dir), None, None, Vec::new())
     }
 

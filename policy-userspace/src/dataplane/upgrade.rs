@@ -63,6 +63,15 @@ fn pin_error(path: &Path, e: impl std::fmt::Display) -> DataplaneError {
 /// controller registers the tenant interfaces again).
 const CHANGED_IN_2: [&str; 4] = [policy_common::POLICY, policy_common::STATS, policy_common::SCAN_BUF, policy_common::TENANT_IFACES];
 
+/// The maps an upgrade from layout `from` makes afresh; every other map
+/// pinned there must already have this build's shape.
+pub fn changed_since(from: u32) -> &'static [&'static str] {
+    match from {
+        1 => &CHANGED_IN_2,
+        _ => &[],
+    }
+}
+
 /// An upgrade under way: the old maps moved aside, to be carried over.
 pub struct Upgrade {
     dir: PathBuf,
@@ -93,6 +102,8 @@ pub fn prepare(dir: &Path) -> Result<Option<Upgrade>> {
             if from > LAYOUT_VERSION { " (they are newer)" } else { " and cannot upgrade that one" }
         )));
     }
+    // Checked before anything moves, so a refusal leaves the pins as found.
+    super::check_pinned_maps(dir, changed_since(from))?;
     let mut moved = Vec::new();
     for name in CHANGED_IN_2 {
         let (old, aside) = (dir.join(name), dir.join(format!("v{from}_{name}")));
