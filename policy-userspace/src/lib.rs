@@ -13,6 +13,7 @@ pub mod http;
 pub mod interfaces;
 pub mod logging;
 pub mod metrics;
+pub mod nft;
 pub mod pins;
 pub mod policy;
 pub mod privileges;

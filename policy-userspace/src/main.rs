@@ -9,6 +9,7 @@ use std::{
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use smtpguard::{
     commands::{self, ExplainArgs},
+    nft::Backend,
     fleet::settings::FleetSettings,
     settings::Settings,
     pins::{Pins, DEFAULT_PIN_DIR, DEFAULT_RUN_DIR},
@@ -180,7 +181,32 @@ enum Command {
     /// Validate a policy: exit 0 when valid (warnings printed), 1 with every error listed.
     ///
     /// Example: smtpguard check /etc/smtpguard/policy.yaml
-    Check(PolicyArgs),
+    Check {
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Also name, as warnings at their fields, what this backend enforces only approximately.
+        #[arg(long, value_enum, default_value = "ebpf")]
+        backend: Backend,
+    },
+    /// Print the ruleset a policy becomes in a backend, for review (nftables only).
+    ///
+    /// Example: smtpguard render --backend nftables policy.yaml --uplink eth0 --tenant tap0
+    Render {
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[arg(long, value_enum)]
+        backend: Backend,
+        /// The uplink whose base chains are shown.
+        #[arg(long)]
+        uplink: Option<String>,
+        /// A tenant interface whose base chain is shown (repeat for more).
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+        /// `nft`: the ruleset as `nft list` prints it (parsed by nft in a
+        /// private network namespace); `json`: the nftables JSON commands loaded.
+        #[arg(long, value_enum, default_value = "nft")]
+        format: RenderFormat,
+    },
     /// Print the JSON Schema of the policy language, for editors (or, with --events, of event lines).
     Schema {
         /// The schema of the event stream's JSON lines instead.
@@ -283,8 +309,12 @@ fn verdict(r: anyhow::Result<bool>) -> ExitCode {
     }
 }
 
-/// Room per policy generation in the IPv4 ACL arrays, reserved at load
-/// time. The defaults hold the whole real geo database plus 100,000 CIDRs.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RenderFormat {
+    Nft,
+    Json,
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run { config, settings } => {
@@ -305,7 +335,11 @@ fn main() -> ExitCode {
         Command::Unban { source, pins } => commands::report(commands::unban(&pins.pins(), &source)),
         Command::Detach(p) => commands::report(commands::detach(&p.pins())),
         Command::Trace { addr, port, duration, pins } => commands::report(smtpguard::commands::trace::run(&pins.pins(), addr, port, duration)),
-        Command::Check(p) => commands::check(&p.file, &p.options()),
+        Command::Check { policy, backend } => commands::check(&policy.file, &policy.options(), backend),
+        Command::Render { policy, backend, uplink, tenants, format } => {
+            let devices = smtpguard::nft::Devices { uplink, tenants };
+            commands::policy::render(&policy.file, &policy.options(), backend, &devices, format == RenderFormat::Json)
+        }
         Command::Fleet { command: FleetCommand::Push { policy, lists, geo_database, expect_revision, comment, limits, fleet } } => {
             let options = ReadOptions { geo_database, today: None, limits: limits.limits(), files_dir: lists };
             verdict(fleet.connection().and_then(|c| smtpguard::fleet::commands::push(&c, &policy, &options, expect_revision, comment)))

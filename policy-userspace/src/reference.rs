@@ -106,14 +106,18 @@ fn masked(addr: u128, len: u8) -> u128 {
 
 impl AclIndex {
     pub fn new(c: &Compiled) -> Self {
+        Self::of_entries(&c.v4, &c.v6)
+    }
+
+    pub fn of_entries(v4: &[(u8, ipnet::Ipv4Net, AclEntry)], v6: &[(u8, ipnet::Ipv6Net, AclEntry)]) -> Self {
         let mut entries = HashMap::new();
         let mut lengths: HashMap<(u8, bool), Vec<u8>> = HashMap::new();
-        for (scope, net, e) in &c.v4 {
+        for (scope, net, e) in v4 {
             let a = (u32::from(net.network()) as u128) << 96;
             entries.insert((*scope, false, net.prefix_len(), a), *e);
             lengths.entry((*scope, false)).or_default().push(net.prefix_len());
         }
-        for (scope, net, e) in &c.v6 {
+        for (scope, net, e) in v6 {
             entries.insert((*scope, true, net.prefix_len(), u128::from(net.network())), *e);
             lengths.entry((*scope, true)).or_default().push(net.prefix_len());
         }

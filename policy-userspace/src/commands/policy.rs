@@ -5,6 +5,7 @@ use std::{io::Write, net::IpAddr, path::Path, process::ExitCode};
 use policy_common::{direction, reason, verdict};
 
 use crate::{
+    nft::{self, Backend},
     policy::{self, load_and_compile, Diagnostics, ReadOptions},
     reference::{self, AclIndex, Packet, SourceState},
 };
@@ -22,8 +23,13 @@ fn print_diagnostics(diags: &Diagnostics) {
     }
 }
 
-pub fn check(path: &Path, options: &ReadOptions) -> ExitCode {
-    let (compiled, diags) = load_and_compile(path, options);
+pub fn check(path: &Path, options: &ReadOptions, backend: Backend) -> ExitCode {
+    let (compiled, mut diags) = load_and_compile(path, options);
+    if let (Some((policy, _)), Backend::Nftables) = (&compiled, backend) {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            nft::differences::check(policy, &text, path, &mut diags);
+        }
+    }
     print_diagnostics(&diags);
     let Some((policy, c)) = compiled else {
         eprintln!("{}: {} error(s); the policy is not valid", path.display(), diags.error_count());
@@ -45,6 +51,37 @@ pub fn check(path: &Path, options: &ReadOptions) -> ExitCode {
         }
     );
     ExitCode::SUCCESS
+}
+
+/// The ruleset `backend` would load for the policy at `path`.
+pub fn render(path: &Path, options: &ReadOptions, backend: Backend, devices: &nft::Devices, json: bool) -> ExitCode {
+    if backend != Backend::Nftables {
+        eprintln!("smtpguard: render shows the nftables backend's ruleset; the eBPF backend's maps are shown by `explain` and `status`");
+        return ExitCode::FAILURE;
+    }
+    let (compiled, diags) = policy::load_for_reload(path, options);
+    print_diagnostics(&diags);
+    let Some((_, c)) = compiled else {
+        eprintln!("{}: {} error(s); the policy is not valid", path.display(), diags.error_count());
+        return ExitCode::FAILURE;
+    };
+    let sizes = nft::Sizes { sources: policy_common::DEFAULT_SOURCE_CAPACITY };
+    let state = nft::ruleset::state_sets(sizes, &Default::default()).unwrap_or_default();
+    let document = nft::ruleset::document(&nft::ruleset::render(&c, devices));
+    if json {
+        println!("{document}");
+        return ExitCode::SUCCESS;
+    }
+    match nft::print_in_scratch_namespace(&state, &document) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("smtpguard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The JSON Schema of policies, or of event lines.

@@ -1,0 +1,661 @@
+//! The compiled policy as one nftables table (`netdev smtpguard`), built
+//! with the `nftables` crate's types and loaded as one transaction.
+//!
+//! Layout (docs/nftables.md): a base chain per device and hook jumps to
+//! the direction's chain, which dispatches on the guarded port to one chain
+//! per port slot; there the steps of `reference::decide` follow in order,
+//! each ending in a named counter per (direction, verdict, reason, slot)
+//! and a verdict. Policy sets (allow, deny, geo) are flushed and refilled
+//! by a reload; ban sets, rate meters and counters are only ever added to,
+//! so a reload or a restart keeps them.
+
+use std::{borrow::Cow, collections::HashSet};
+
+use nftables::{
+    expr::{self, BinaryOperation, Expression, NamedExpression, Payload, PayloadBase, PayloadField, PayloadRaw, SetItem, Verdict},
+    schema::{self, Chain, NfCmd, NfListObject, Rule, SetFlag, SetType, SetTypeValue, Table},
+    types::{NfChainType, NfFamily, NfHook},
+    stmt::{self, JumpTarget, Match, Operator, Statement},
+
+};
+use policy_common::{direction, mode, profile, reason, reset_worthy, side, smtp_command, verdict, DirectionPolicy, MAX_PORTS};
+use serde_json::Value;
+
+use super::ranges::{self, Range};
+use crate::policy::Compiled;
+
+pub const TABLE: &str = "smtpguard";
+const FAMILY: NfFamily = NfFamily::NetDev;
+/// Before any other netdev chain of the host: the earliest netfilter hook.
+const PRIORITY: i32 = -500;
+
+/// Where the base chains attach.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Devices {
+    /// Arriving mail is judged at its ingress (ingress policy), the host's
+    /// own at its egress (egress policy).
+    pub uplink: Option<String>,
+    /// What tenants send is judged at their interface's ingress (egress policy).
+    pub tenants: Vec<String>,
+}
+
+/// Sizes of the sets the datapath fills, set explicitly (nftables caps a
+/// set it grows itself at 65,535 elements unless told otherwise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    /// Banned sources per family, and sources followed by each rate meter.
+    pub sources: u32,
+}
+
+/// The family-specific names of a rule.
+#[derive(Clone, Copy)]
+struct Fam {
+    proto: &'static str,
+    suffix: &'static str,
+    addr: SetType,
+}
+
+const FAMILIES: [Fam; 2] = [Fam { proto: "ip", suffix: "4", addr: SetType::Ipv4Addr }, Fam { proto: "ip6", suffix: "6", addr: SetType::Ipv6Addr }];
+
+pub fn direction_name(dir: u8) -> &'static str {
+    if dir == direction::INGRESS {
+        "ingress"
+    } else {
+        "egress"
+    }
+}
+
+/// The named counter of (direction, verdict, reason, slot); `None` slot:
+/// no port in sight (a later fragment).
+pub fn counter_name(dir: u8, v: u8, why: u8, slot: Option<usize>) -> String {
+    let slot = slot.map_or("any".to_owned(), |s| format!("s{s}"));
+    format!("{}_{}_{}_{slot}", direction_name(dir), verdict::NAMES[v as usize], reason::NAMES[why as usize])
+}
+
+/// What a named counter counts: direction, verdict, reason, port slot.
+pub type CounterKey = (u8, u8, u8, Option<usize>);
+
+/// Every counter name, with what it counts.
+pub fn counter_names() -> Vec<(String, CounterKey)> {
+    let mut out = Vec::new();
+    for dir in [direction::INGRESS, direction::EGRESS] {
+        for v in 0..verdict::COUNT as u8 {
+            for why in 0..reason::COUNT as u8 {
+                for slot in (0..MAX_PORTS).map(Some).chain([None]) {
+                    out.push((counter_name(dir, v, why, slot), (dir, v, why, slot)));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Counts resets sent, per direction.
+pub fn resets_counter(dir: u8) -> String {
+    format!("{}_resets", direction_name(dir))
+}
+
+fn set_name(dir: u8, slot: usize, kind: &str, f: Fam) -> String {
+    format!("{}_s{slot}_{kind}{}", direction_name(dir), f.suffix)
+}
+
+fn geo_set(dir: u8, f: Fam) -> String {
+    format!("{}_geo{}", direction_name(dir), f.suffix)
+}
+
+pub fn ban_set(f4: bool) -> &'static str {
+    if f4 {
+        "ban4"
+    } else {
+        "ban6"
+    }
+}
+
+pub fn network_ban_set(f4: bool) -> &'static str {
+    if f4 {
+        "netban4"
+    } else {
+        "netban6"
+    }
+}
+
+fn meter_set(dir: u8, kind: &str, f: Fam) -> String {
+    format!("{}_{kind}{}", direction_name(dir), f.suffix)
+}
+
+/// Every policy set: (name, family), refilled by each reload.
+fn policy_sets() -> Vec<(String, Fam)> {
+    let mut out = Vec::new();
+    for dir in [direction::INGRESS, direction::EGRESS] {
+        for f in FAMILIES {
+            for slot in 0..MAX_PORTS {
+                for kind in ["allow_peer", "allow_local", "deny_peer", "deny_local"] {
+                    out.push((set_name(dir, slot, kind, f), f));
+                }
+            }
+            out.push((geo_set(dir, f), f));
+        }
+    }
+    out
+}
+
+fn s(v: &str) -> Expression<'static> {
+    Expression::String(Cow::Owned(v.to_owned()))
+}
+
+fn field(protocol: &str, name: &str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField { protocol: protocol.to_owned().into(), field: name.to_owned().into() })))
+}
+
+fn raw_payload(base: PayloadBase, offset: u32, len: u32) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadRaw(PayloadRaw { base, offset, len })))
+}
+
+fn matches(left: Expression<'static>, op: Operator, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+fn masked(left: Expression<'static>, mask: Expression<'static>) -> Expression<'static> {
+    Expression::BinaryOperation(Box::new(BinaryOperation::AND(left, mask)))
+}
+
+fn in_set(left: Expression<'static>, set: &str) -> Statement<'static> {
+    matches(left, Operator::EQ, s(&format!("@{set}")))
+}
+
+fn counter(name: &str) -> Statement<'static> {
+    Statement::Counter(stmt::Counter::Named(Cow::Owned(name.to_owned())))
+}
+
+fn tcp_flags(mask: &[&str], value: &str) -> Statement<'static> {
+    let mask = Expression::List(mask.iter().map(|f| s(f)).collect());
+    matches(masked(field("tcp", "flags"), mask), Operator::EQ, s(value))
+}
+
+/// A new connection: SYN without ACK.
+fn syn() -> Statement<'static> {
+    tcp_flags(&["syn", "ack"], "syn")
+}
+
+fn ip_elem(f: Fam, a: u128) -> Expression<'static> {
+    if f.suffix == "4" {
+        s(&std::net::Ipv4Addr::from(a as u32).to_string())
+    } else {
+        s(&std::net::Ipv6Addr::from(a).to_string())
+    }
+}
+
+/// A range as the smallest element nftables takes: an address, a prefix or a range.
+fn range_elem(f: Fam, r: Range) -> Expression<'static> {
+    if r.first == r.last {
+        return ip_elem(f, r.first);
+    }
+    let size = r.last - r.first;
+    if size.checked_add(1).is_some_and(|n| n.is_power_of_two() && r.first.is_multiple_of(n)) || (r.first == 0 && size == f_max(f)) {
+        let bits = if f.suffix == "4" { 32 } else { 128 };
+        let len = bits - (size.count_ones());
+        return Expression::Named(NamedExpression::Prefix(expr::Prefix { addr: Box::new(ip_elem(f, r.first)), len }));
+    }
+    Expression::Range(Box::new(expr::Range { range: [ip_elem(f, r.first), ip_elem(f, r.last)] }))
+}
+
+fn f_max(f: Fam) -> u128 {
+    if f.suffix == "4" {
+        u32::MAX as u128
+    } else {
+        u128::MAX
+    }
+}
+
+/// One nftables command, as JSON (see [`update_with_limit`] for why not
+/// the crate's command type all the way).
+pub type Command = Value;
+
+fn cmd(c: NfCmd<'static>) -> Command {
+    serde_json::to_value(c).expect("nftables commands serialize")
+}
+
+fn add(o: NfListObject<'static>) -> Command {
+    cmd(NfCmd::Add(o))
+}
+
+/// `update @set { key limit rate over N/minute burst B packets }`: the
+/// crate's set statement has no statement list, so the rule is built with
+/// its types and the list added to its JSON.
+fn update_with_limit(key: Expression<'static>, set: &str, per_minute: u32, burst: u32) -> (Statement<'static>, Value) {
+    let placeholder = Statement::Set(stmt::Set { op: stmt::SetOp::Update, elem: key, set: format!("@{set}").into() });
+    let limit = Statement::Limit(stmt::Limit {
+        rate: per_minute,
+        rate_unit: None,
+        per: Some("minute".into()),
+        burst: Some(burst),
+        burst_unit: None,
+        inv: Some(true),
+    });
+    (placeholder, serde_json::to_value(limit).expect("statements serialize"))
+}
+
+struct RuleBuf {
+    chain: String,
+    stmts: Vec<Statement<'static>>,
+    /// Statement lists to add to the set statements, by index.
+    limits: Vec<(usize, Value)>,
+}
+
+impl RuleBuf {
+    fn new(chain: &str) -> Self {
+        Self { chain: chain.to_owned(), stmts: Vec::new(), limits: Vec::new() }
+    }
+
+    fn push(mut self, s: Statement<'static>) -> Self {
+        self.stmts.push(s);
+        self
+    }
+
+    fn update(mut self, (s, limit): (Statement<'static>, Value)) -> Self {
+        self.limits.push((self.stmts.len(), limit));
+        self.stmts.push(s);
+        self
+    }
+
+    fn into_command(self) -> Command {
+        let rule = Rule { family: FAMILY, table: TABLE.into(), chain: self.chain.into(), expr: self.stmts.into(), ..Rule::default() };
+        let mut v = add(NfListObject::Rule(rule));
+        for (i, limit) in self.limits {
+            v["add"]["rule"]["expr"][i]["set"]["stmt"] = Value::Array(vec![limit]);
+        }
+        v
+    }
+}
+
+fn set_def(name: &str, f: Fam, flags: &[SetFlag]) -> NfListObject<'static> {
+    NfListObject::Set(Box::new(schema::Set {
+        family: FAMILY,
+        table: TABLE.into(),
+        name: name.to_owned().into(),
+        set_type: SetTypeValue::Single(f.addr),
+        flags: (!flags.is_empty()).then(|| flags.iter().copied().collect()),
+        ..schema::Set::default()
+    }))
+}
+
+fn chain_def(name: &str) -> NfListObject<'static> {
+    NfListObject::Chain(Chain { family: FAMILY, table: TABLE.into(), name: name.to_owned().into(), ..Chain::default() })
+}
+
+fn base_chain_def(name: &str, hook: NfHook, device: &str) -> NfListObject<'static> {
+    NfListObject::Chain(Chain {
+        family: FAMILY,
+        table: TABLE.into(),
+        name: name.to_owned().into(),
+        _type: Some(NfChainType::Filter),
+        hook: Some(hook),
+        prio: Some(PRIORITY),
+        dev: Some(device.to_owned().into()),
+        ..Chain::default()
+    })
+}
+
+/// The base chain of a device and hook: `ingress_<dev>` or `egress_<dev>`.
+pub fn base_chain_name(hook_egress: bool, device: &str) -> String {
+    format!("{}_{device}", if hook_egress { "hook_egress" } else { "hook_ingress" })
+}
+
+/// The sets the datapath fills (bans, rate meters) that are not `present`
+/// yet, as nft's own syntax: they must be made `dynamic`, a flag nft 1.0's
+/// JSON does not take (it adds it only to a set made in the same
+/// transaction as a rule that fills it, so a later policy that starts
+/// rate limiting would be refused). Made once, before the first policy;
+/// never changed by a reload.
+pub fn state_sets(sizes: Sizes, present: &HashSet<String>) -> Option<String> {
+    let mut text = String::new();
+    let mut define = |name: &str, f: Fam, flags: &str, timeout: &str| {
+        if !present.contains(name) {
+            let ty = if f.suffix == "4" { "ipv4_addr" } else { "ipv6_addr" };
+            text += &format!("add set netdev {TABLE} {name} {{ type {ty}; size {}; flags {flags};{timeout} }}\n", sizes.sources);
+        }
+    };
+    for f in FAMILIES {
+        let v4 = f.suffix == "4";
+        define(ban_set(v4), f, "dynamic,timeout", "");
+        define(network_ban_set(v4), f, "interval,timeout", "");
+        for dir in [direction::INGRESS, direction::EGRESS] {
+            // Elements outlive their bucket's refill (a minute at most), then go.
+            for kind in ["rate", "banmeter"] {
+                define(&meter_set(dir, kind, f), f, "dynamic,timeout", " timeout 2m;");
+            }
+        }
+    }
+    (!text.is_empty()).then(|| format!("add table netdev {TABLE}\n{text}"))
+}
+
+/// The table, its counters, policy sets and chains, and the base chains:
+/// `add` only, so loading it again changes nothing that holds.
+pub fn skeleton(devices: &Devices) -> Vec<Command> {
+    let mut out = vec![add(NfListObject::Table(Table { family: FAMILY, name: TABLE.into(), handle: None }))];
+    for (name, _) in counter_names() {
+        out.push(add(NfListObject::Counter(schema::Counter { family: FAMILY, table: TABLE.into(), name: name.into(), ..schema::Counter::default() })));
+    }
+    for dir in [direction::INGRESS, direction::EGRESS] {
+        out.push(add(NfListObject::Counter(schema::Counter { family: FAMILY, table: TABLE.into(), name: resets_counter(dir).into(), ..schema::Counter::default() })));
+    }
+    for (name, f) in policy_sets() {
+        out.push(add(set_def(&name, f, &[SetFlag::Interval])));
+    }
+    for dir in [direction::INGRESS, direction::EGRESS] {
+        for chain in direction_chains(dir) {
+            out.push(add(chain_def(&chain)));
+        }
+    }
+    out.extend(base_chains(devices));
+    out
+}
+
+/// The base chains of `devices` and their one rule each.
+pub fn base_chains(devices: &Devices) -> Vec<Command> {
+    let mut out = Vec::new();
+    let mut hook = |dev: &str, egress: bool, target: String| {
+        let name = base_chain_name(egress, dev);
+        out.push(add(base_chain_def(&name, if egress { NfHook::Egress } else { NfHook::Ingress }, dev)));
+        out.push(cmd(NfCmd::Flush(schema::FlushObject::Chain(Chain { family: FAMILY, table: TABLE.into(), name: name.clone().into(), ..Chain::default() }))));
+        out.push(RuleBuf::new(&name).push(Statement::Jump(JumpTarget { target: target.into() })).into_command());
+    };
+    if let Some(up) = &devices.uplink {
+        hook(up, false, direction_name(direction::INGRESS).to_owned());
+        // No `reject` in an egress hook: the host's own segments are dropped, not reset.
+        hook(up, true, local_chain(direction::EGRESS));
+    }
+    for t in &devices.tenants {
+        hook(t, false, direction_name(direction::EGRESS).to_owned());
+    }
+    out
+}
+
+/// The chains of a direction: its entry, its no-reset twin (for an egress
+/// hook) and one per port slot of each.
+fn direction_chains(dir: u8) -> Vec<String> {
+    let mut out = vec![direction_name(dir).to_owned(), local_chain(dir)];
+    for slot in 0..MAX_PORTS {
+        out.push(slot_chain(dir, slot, true));
+        out.push(slot_chain(dir, slot, false));
+    }
+    out
+}
+
+fn local_chain(dir: u8) -> String {
+    format!("{}_local", direction_name(dir))
+}
+
+fn slot_chain(dir: u8, slot: usize, resets: bool) -> String {
+    format!("{}_s{slot}{}", direction_name(dir), if resets { "" } else { "_local" })
+}
+
+/// The whole policy: the skeleton, then every policy set refilled and
+/// every direction chain rewritten, in one transaction.
+/// (The state sets come first, from [`state_sets`].)
+pub fn render(c: &Compiled, devices: &Devices) -> Vec<Command> {
+    let mut out = skeleton(devices);
+    for (name, _) in policy_sets() {
+        out.push(cmd(NfCmd::Flush(schema::FlushObject::Set(Box::new(schema::Set { family: FAMILY, table: TABLE.into(), name: name.into(), ..schema::Set::default() })))));
+    }
+    for dir in [direction::INGRESS, direction::EGRESS] {
+        for chain in direction_chains(dir) {
+            out.push(cmd(NfCmd::Flush(schema::FlushObject::Chain(Chain { family: FAMILY, table: TABLE.into(), name: chain.into(), ..Chain::default() }))));
+        }
+    }
+    for dir in [direction::INGRESS, direction::EGRESS] {
+        let dp = &c.config.direction[dir as usize];
+        out.extend(policy_elements(c, dir, dp));
+        out.extend(direction_rules(dir, dp));
+    }
+    out
+}
+
+fn element_cmd(set: String, elems: Vec<Expression<'static>>) -> Command {
+    add(NfListObject::Element(schema::Element { family: FAMILY, table: TABLE.into(), name: set.into(), elem: elems.into() }))
+}
+
+/// The allow, deny and geo sets of a direction.
+fn policy_elements(c: &Compiled, dir: u8, dp: &DirectionPolicy) -> Vec<Command> {
+    let mut out = Vec::new();
+    let peer_scope = policy_common::acl_scope(dir, side::PEER);
+    let local_scope = policy_common::acl_scope(dir, side::LOCAL);
+    for f in FAMILIES {
+        let split = |scope| if f.suffix == "4" { ranges::v4(&c.v4, scope) } else { ranges::v6(&c.v6, scope) };
+        let (peer, local) = (split(peer_scope), split(local_scope));
+        let mut fill = |name: String, rs: Vec<Range>| {
+            if !rs.is_empty() {
+                out.push(element_cmd(name, rs.into_iter().map(|r| range_elem(f, r)).collect()));
+            }
+        };
+        for slot in 0..MAX_PORTS {
+            if dp.ports[slot] == policy_common::PORT_UNUSED {
+                continue;
+            }
+            if dp.acl_sides & side::PEER_BIT != 0 {
+                fill(set_name(dir, slot, "allow_peer", f), ranges::select(&peer, |e| e.is_some_and(|e| e.allow_rule[slot] != 0)));
+                fill(set_name(dir, slot, "deny_peer", f), ranges::select(&peer, |e| e.is_some_and(|e| e.deny_rule[slot] != 0)));
+            }
+            if dp.acl_sides & side::LOCAL_BIT != 0 {
+                fill(set_name(dir, slot, "allow_local", f), ranges::select(&local, |e| e.is_some_and(|e| e.allow_rule[slot] != 0)));
+                fill(set_name(dir, slot, "deny_local", f), ranges::select(&local, |e| e.is_some_and(|e| e.deny_rule[slot] != 0)));
+            }
+        }
+        if dp.geo_enabled != 0 {
+            let country = |e: Option<&policy_common::AclEntry>| e.map_or(0, |e| e.country);
+            let dropped = if dp.acl_sides & side::PEER_BIT != 0 {
+                ranges::select(&peer, |e| dp.geo_drops(country(e)))
+            } else if dp.geo_drops(0) {
+                vec![Range { first: 0, last: f_max(f) }]
+            } else {
+                Vec::new()
+            };
+            fill(geo_set(dir, f), dropped);
+        }
+    }
+    out
+}
+
+/// What a step does with the packets it decides.
+struct Step {
+    dir: u8,
+    slot: usize,
+    monitor: bool,
+    /// Answer a dropped segment of an open connection with a reset.
+    resets: bool,
+}
+
+impl Step {
+    /// The rules ending a step: `conditions`, then the counter and the verdict.
+    /// `family`: the one the conditions already name, if any.
+    fn decide(&self, chain: &str, conditions: Vec<Statement<'static>>, family: Option<Fam>, act: u8, why: u8) -> Vec<RuleBuf> {
+        let rule = |extra: Vec<Statement<'static>>| {
+            let mut r = RuleBuf::new(chain);
+            for c in conditions.iter().cloned().chain(extra) {
+                r = r.push(c);
+            }
+            r
+        };
+        self.finish(rule, family, act, why)
+    }
+
+    fn finish(&self, rule: impl Fn(Vec<Statement<'static>>) -> RuleBuf, family: Option<Fam>, act: u8, why: u8) -> Vec<RuleBuf> {
+        let name = |v| counter_name(self.dir, v, why, Some(self.slot));
+        if act == verdict::PASS {
+            return vec![rule(vec![counter(&name(verdict::PASS)), Statement::Accept(None)])];
+        }
+        if self.monitor {
+            return vec![rule(vec![counter(&name(verdict::WOULD_DROP)), Statement::Accept(None)])];
+        }
+        let mut out = Vec::new();
+        if self.resets && reset_worthy(why) {
+            // Plain headers only, as the eBPF programs: no IPv6 extension
+            // header (a fragment's included) between the address and TCP.
+            for f in FAMILIES.into_iter().filter(|f| family.is_none_or(|g| g.suffix == f.suffix)) {
+                let plain = if f.suffix == "4" {
+                    matches(Expression::Named(NamedExpression::Meta(expr::Meta { key: expr::MetaKey::Protocol })), Operator::EQ, s("ip"))
+                } else {
+                    matches(field("ip6", "nexthdr"), Operator::EQ, s("tcp"))
+                };
+                out.push(rule(vec![
+                    plain,
+                    tcp_flags(&["syn", "rst", "ack"], "ack"),
+                    counter(&name(verdict::DROP)),
+                    counter(&resets_counter(self.dir)),
+                    Statement::Reject(Some(stmt::Reject::new(Some(stmt::RejectType::TCPReset), None))),
+                ]));
+            }
+        }
+        out.push(rule(vec![counter(&name(verdict::DROP)), Statement::Drop(None)]));
+        out
+    }
+}
+
+/// A direction's entry chains (with and without resets) and slot chains.
+fn direction_rules(dir: u8, dp: &DirectionPolicy) -> Vec<Command> {
+    let mut out = Vec::new();
+    let name = direction_name(dir);
+    for resets in [true, false] {
+        let entry = if resets { name.to_owned() } else { local_chain(dir) };
+        // A later fragment has no ports: counted, passed for the host to
+        // reassemble (its first fragment was judged).
+        let later = counter_name(dir, verdict::PASS, reason::FRAGMENT, None);
+        for fragment in [
+            masked(field("ip", "frag-off"), Expression::Number(0x1fff)),
+            Expression::Named(NamedExpression::Exthdr(expr::Exthdr { name: "frag".into(), field: Some("frag-off".into()), offset: None })),
+        ] {
+            out.push(
+                RuleBuf::new(&entry)
+                    .push(matches(fragment, Operator::NEQ, Expression::Number(0)))
+                    .push(matches(Expression::Named(NamedExpression::Meta(expr::Meta { key: expr::MetaKey::L4proto })), Operator::EQ, s("tcp")))
+                    .push(counter(&later))
+                    .push(Statement::Accept(None))
+                    .into_command(),
+            );
+        }
+        let targets: Vec<SetItem<'static>> = (0..MAX_PORTS)
+            .filter(|&slot| dp.ports[slot] != policy_common::PORT_UNUSED)
+            .map(|slot| {
+                SetItem::Mapping(
+                    Expression::Number(dp.ports[slot]),
+                    Expression::Verdict(Verdict::Goto(JumpTarget { target: slot_chain(dir, slot, resets).into() })),
+                )
+            })
+            .collect();
+        if !targets.is_empty() {
+            out.push(
+                RuleBuf::new(&entry)
+                    .push(Statement::VerdictMap(stmt::VerdictMap {
+                        key: field("tcp", "dport"),
+                        data: Expression::Named(NamedExpression::Set(targets)),
+                    }))
+                    .into_command(),
+            );
+        }
+        for slot in (0..MAX_PORTS).filter(|&slot| dp.ports[slot] != policy_common::PORT_UNUSED) {
+            let chain = slot_chain(dir, slot, resets);
+            let step = Step { dir, slot, monitor: dp.mode == mode::MONITOR, resets: resets && dp.established_reset != 0 };
+            out.extend(slot_rules(&chain, dp, &step).into_iter().map(RuleBuf::into_command));
+        }
+    }
+    out
+}
+
+fn slot_rules(chain: &str, dp: &DirectionPolicy, step: &Step) -> Vec<RuleBuf> {
+    let (dir, slot) = (step.dir, step.slot);
+    let (peer, local) = if dir == direction::INGRESS { ("saddr", "daddr") } else { ("daddr", "saddr") };
+    let mut rules = Vec::new();
+    let acl = |kind: &str, act: u8, why: u8, rules: &mut Vec<RuleBuf>| {
+        for (bit, side_name, addr) in [(side::PEER_BIT, "peer", peer), (side::LOCAL_BIT, "local", local)] {
+            if dp.acl_sides & bit == 0 {
+                continue;
+            }
+            for f in FAMILIES {
+                let set = set_name(dir, slot, &format!("{kind}_{side_name}"), f);
+                rules.extend(step.decide(chain, vec![in_set(field(f.proto, addr), &set)], Some(f), act, why));
+            }
+        }
+    };
+    acl("allow", verdict::PASS, reason::ALLOW_ACL, &mut rules);
+    for f in FAMILIES {
+        let v4 = f.suffix == "4";
+        for set in [network_ban_set(v4), ban_set(v4)] {
+            rules.extend(step.decide(chain, vec![in_set(field(f.proto, "saddr"), set)], Some(f), verdict::DROP, reason::BANNED));
+        }
+    }
+    acl("deny", verdict::DROP, reason::DENY_ACL, &mut rules);
+    if dp.geo_enabled != 0 {
+        for f in FAMILIES {
+            rules.extend(step.decide(chain, vec![in_set(field(f.proto, peer), &geo_set(dir, f))], Some(f), verdict::DROP, reason::GEO));
+        }
+    }
+    if dp.rate_enabled != 0 {
+        for f in FAMILIES {
+            let v4 = f.suffix == "4";
+            let key = || field(f.proto, "saddr");
+            if dp.ban_threshold != 0 {
+                let ban = Statement::Set(stmt::Set {
+                    op: stmt::SetOp::Add,
+                    elem: Expression::Named(NamedExpression::Elem(expr::Elem { val: Box::new(key()), timeout: Some(dp.ban_base_s.max(1)), ..expr::Elem::default() })),
+                    set: format!("@{}", ban_set(v4)).into(),
+                });
+                let rule = |extra: Vec<Statement<'static>>| {
+                    let mut r = RuleBuf::new(chain).push(syn()).update(update_with_limit(key(), &meter_set(dir, "banmeter", f), dp.ban_threshold, dp.ban_threshold)).push(ban.clone());
+                    for e in extra {
+                        r = r.push(e);
+                    }
+                    r
+                };
+                rules.extend(step.finish(rule, Some(f), verdict::DROP, reason::RATE_BAN));
+            }
+            if let Some(per_minute) = 60_000_000_000u64.checked_div(dp.rate_interval_ns) {
+                let per_minute = per_minute.max(1) as u32;
+                let burst = (dp.rate_tolerance_ns / dp.rate_interval_ns + 1) as u32;
+                let rule = |extra: Vec<Statement<'static>>| {
+                    let mut r = RuleBuf::new(chain).push(syn()).update(update_with_limit(key(), &meter_set(dir, "rate", f), per_minute, burst));
+                    for e in extra {
+                        r = r.push(e);
+                    }
+                    r
+                };
+                rules.extend(step.finish(rule, Some(f), verdict::DROP, reason::RATE_LIMITED));
+            }
+        }
+    }
+    let filtered = dp.profile[slot] == profile::SMTP && dp.smtp_block != 0;
+    if filtered && dp.fragment_verdict == verdict::DROP && dp.default_verdict[slot] != verdict::DROP {
+        // A first fragment: offset 0, more to come.
+        let v4 = matches(masked(field("ip", "frag-off"), Expression::Number(0x3fff)), Operator::EQ, Expression::Number(0x2000));
+        rules.extend(step.decide(chain, vec![v4], Some(FAMILIES[0]), verdict::DROP, reason::FRAGMENT));
+        let frag = |f: &'static str| Expression::Named(NamedExpression::Exthdr(expr::Exthdr { name: "frag".into(), field: Some(f.into()), offset: None }));
+        let v6 = vec![matches(frag("frag-off"), Operator::EQ, Expression::Number(0)), matches(frag("more-fragments"), Operator::EQ, Expression::Number(1))];
+        rules.extend(step.decide(chain, v6, Some(FAMILIES[1]), verdict::DROP, reason::FRAGMENT));
+    }
+    if filtered {
+        for (bit, verb) in [(smtp_command::VRFY, *b"VRFY"), (smtp_command::EXPN, *b"EXPN")] {
+            if dp.smtp_block & bit == 0 {
+                continue;
+            }
+            // The verb at the payload's start, any case, then a byte that
+            // is not a letter or digit.
+            let word = matches(masked(raw_payload(PayloadBase::IH, 0, 32), Expression::Number(0xdfdf_dfdf)), Operator::EQ, Expression::Number(u32::from_be_bytes(verb)));
+            let alnum = [(0x30, 0x39), (0x41, 0x5a), (0x61, 0x7a)]
+                .into_iter()
+                .map(|(a, b)| SetItem::Element(Expression::Range(Box::new(expr::Range { range: [Expression::Number(a), Expression::Number(b)] }))))
+                .collect();
+            let ends = matches(raw_payload(PayloadBase::IH, 32, 8), Operator::NEQ, Expression::Named(NamedExpression::Set(alnum)));
+            rules.extend(step.decide(chain, vec![word, ends], None, verdict::DROP, reason::SMTP_COMMAND));
+        }
+    }
+    if dp.default_verdict[slot] == verdict::DROP {
+        rules.extend(step.decide(chain, vec![], None, verdict::DROP, reason::DEFAULT_DENY));
+    } else {
+        rules.extend(step.decide(chain, vec![], None, verdict::PASS, reason::DEFAULT_ALLOW));
+    }
+    rules
+}
+
+/// The commands as one nftables JSON document.
+pub fn document(commands: &[Command]) -> String {
+    serde_json::json!({ "nftables": commands }).to_string()
+}
