@@ -121,3 +121,134 @@ fn nftables_and_model_agree_on_random_policies_and_packets() {
     }
     assert!(failures.is_empty(), "{}", failures.iter().take(3).cloned().collect::<Vec<_>>().join("\n\n"));
 }
+
+const PROVIDER_TABLES: &str = "table inet provider {
+	set blocklist {
+		type ipv4_addr
+		elements = { 198.51.100.77 }
+	}
+
+	chain input {
+		type filter hook input priority filter; policy accept;
+		ip saddr @blocklist drop
+		tcp dport 22 accept
+	}
+}
+table netdev provider_edge {
+	chain in_up0 {
+		type filter hook ingress device \"up0\" priority filter; policy accept;
+		udp dport 4789 accept
+	}
+}
+";
+
+fn provider_tables(lab: &NftLab) -> String {
+    lab.nft(&["list", "table", "inet", "provider"]).unwrap() + &lab.nft(&["list", "table", "netdev", "provider_edge"]).unwrap()
+}
+
+fn syn_from(src: &str, dport: u16) -> Vec<u8> {
+    TcpFrame::new(src.parse().unwrap(), "192.0.2.10".parse().unwrap(), dport, 0x02).build()
+}
+
+fn lab_policy(extra_deny: &str) -> String {
+    format!(
+        "version: 1
+ports: {{25: smtp, 587: submission}}
+ingress:
+  default: {{25: allow, 587: allow}}
+  deny:
+    - {{cidr: 203.0.113.9/32}}{extra_deny}
+  rate_limit: {{new_per_minute: 600, burst: 50, ban_above_per_minute: 10}}
+egress:
+  default: {{25: deny, 587: allow}}
+"
+    )
+}
+
+/// Polls `f` every 50 ms for up to 10 s.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "{what} did not happen within 10 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The operator's whole life with the backend on a host whose nftables
+/// already holds the provider's own tables: they are kept byte for byte
+/// across run, reload, kill -9, restart and detach, while smtpguard's
+/// table enforces (denies, manual and automatic bans that survive reloads
+/// and restarts, enforcement with no controller) and `detach` deletes its
+/// table and nothing else.
+#[test]
+#[ignore = "privileged: needs root and namespaces; cargo xtask test runs it"]
+fn the_backend_runs_reloads_survives_and_detaches_leaving_other_tables_as_they_were() {
+    require_root();
+    let mut lab = NftLab::new("nftrun").expect("the lab");
+    let file = lab.dir.join("provider.nft");
+    std::fs::write(&file, PROVIDER_TABLES).unwrap();
+    lab.host.exec(&["nft", "-f", file.to_str().unwrap()]).expect("the provider's tables load");
+    let before = provider_tables(&lab);
+    assert!(before.contains("198.51.100.77") && before.contains("4789"), "{before}");
+
+    let policy = lab.dir.join("policy.yaml");
+    std::fs::write(&policy, lab_policy("")).unwrap();
+    lab.start_controller(&policy).expect("smtpguard run --backend nftables");
+    assert_eq!(provider_tables(&lab), before, "run changed the provider's tables");
+    let deny = ruleset::counter_name(0, verdict::DROP, reason::DENY_ACL, Some(0));
+    let moved = lab.judge(0, &syn_from("203.0.113.9", 25)).unwrap();
+    assert_eq!(moved.get(&deny), Some(&1), "{moved:?}");
+    let metrics = lab.http_get("/metrics").unwrap();
+    assert!(
+        metrics.contains(r#"smtpguard_packets_total{backend="nftables",direction="ingress",port="25",reason="deny_acl",verdict="drop"} 1"#),
+        "{metrics}"
+    );
+
+    // A manual ban, then a reload that adds a deny: the ban stays.
+    lab.smtpguard(&["ban", "198.51.100.5", "--for", "1h", "--reason", "test"]).unwrap();
+    std::fs::write(&policy, lab_policy("\n    - {cidr: 203.0.113.10/32}")).unwrap();
+    lab.smtpguard(&["reload"]).unwrap();
+    eventually("generation 2", || lab.http_get("/healthz").is_ok_and(|h| h.contains("generation 2")));
+    assert_eq!(provider_tables(&lab), before, "the reload changed the provider's tables");
+    let moved = lab.judge(0, &syn_from("203.0.113.10", 25)).unwrap();
+    assert_eq!(moved.get(&deny), Some(&1), "the reloaded deny: {moved:?}");
+    let banned = ruleset::counter_name(0, verdict::DROP, reason::BANNED, Some(0));
+    let moved = lab.judge(0, &syn_from("198.51.100.5", 25)).unwrap();
+    assert_eq!(moved.get(&banned), Some(&1), "the manual ban across the reload: {moved:?}");
+
+    // Over the ban threshold: the meter bans, the controller records it.
+    let rate_ban = ruleset::counter_name(0, verdict::DROP, reason::RATE_BAN, Some(0));
+    let mut rate_banned = 0;
+    for _ in 0..14 {
+        rate_banned += lab.judge(0, &syn_from("203.0.113.50", 25)).unwrap().get(&rate_ban).copied().unwrap_or(0);
+    }
+    assert_eq!(rate_banned, 1, "one SYN over the threshold starts the ban; the rest find it");
+    let mut last = String::new();
+    eventually("the automatic ban recorded", || {
+        last = lab.smtpguard(&["bans", "--json"]).unwrap_or_else(|e| e.to_string());
+        last.contains(r#""origin":"auto","remaining_s""#) && last.contains("203.0.113.50/32")
+    });
+    eventually("the ban_added event", || lab.events().contains(r#""event":"ban_added""#));
+    assert!(lab.smtpguard(&["bans", "--json"]).unwrap().contains(r#""strikes":1"#), "{}", lab.controller_log());
+
+    // kill -9: the table keeps judging.
+    lab.kill_controller();
+    assert_eq!(provider_tables(&lab), before, "kill -9 changed the provider's tables");
+    let moved = lab.judge(0, &syn_from("203.0.113.50", 25)).unwrap();
+    assert_eq!(moved.get(&banned), Some(&1), "no controller, still enforced: {moved:?}");
+
+    // A restart takes the table over with its bans.
+    lab.start_controller(&policy).expect("restart");
+    assert_eq!(provider_tables(&lab), before, "the restart changed the provider's tables");
+    let bans = lab.smtpguard(&["bans"]).unwrap();
+    assert!(bans.contains("198.51.100.5/32") && bans.contains("203.0.113.50/32") && bans.contains("manual"), "{bans}");
+    let status = lab.smtpguard(&["status"]).unwrap();
+    assert!(status.contains("backend: nftables") && status.contains("hook_ingress_up0") && status.contains("hook_ingress_tap0"), "{status}");
+
+    // Detach: the table goes, the provider's stay, the controller stops.
+    lab.smtpguard(&["detach"]).unwrap();
+    let status = lab.wait_controller().unwrap();
+    assert!(status.success(), "the controller exits cleanly on detach: {status}");
+    assert!(lab.nft(&["list", "tables"]).is_ok_and(|t| !t.contains("smtpguard")), "the table is gone");
+    assert_eq!(provider_tables(&lab), before, "detach changed the provider's tables");
+}

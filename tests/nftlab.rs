@@ -28,6 +28,18 @@ pub struct NftLab {
     sockets: [OwnedFd; 2],
     /// The counters after the last frame judged.
     last: Option<HashMap<String, u64>>,
+    /// The controller's run, state and log files.
+    pub dir: std::path::PathBuf,
+    controller: Option<std::process::Child>,
+}
+
+pub const METRICS_PORT: u16 = 9425;
+
+impl Drop for NftLab {
+    fn drop(&mut self) {
+        self.kill_controller();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 fn packet_socket(ns: &Netns, ifname: &str) -> Result<OwnedFd> {
@@ -92,11 +104,13 @@ impl NftLab {
             ns.ip(&["link", "set", ifname, "mtu", "9000"])?;
         }
         let sockets = [packet_socket(&outside, "wire0")?, packet_socket(&outside, "vm0")?];
-        Ok(Self { host, outside, sockets, last: None })
+        let dir = std::env::temp_dir().join(format!("smtpguard-{}-{}", host.name(), std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self { host, outside, sockets, last: None, dir, controller: None })
     }
 
     pub fn devices() -> nft::Devices {
-        nft::Devices { uplink: Some("up0".into()), tenants: vec!["tap0".into()] }
+        nft::Devices { uplinks: vec!["up0".into()], tenants: vec!["tap0".into()] }
     }
 
     /// Loads `commands` into the host's nftables as one transaction.
@@ -108,6 +122,103 @@ impl NftLab {
     pub fn load(&mut self, c: &smtpguard::policy::Compiled, sizes: nft::Sizes) -> Result<()> {
         self.last = None;
         Ok(self.host.enter(|| nft::load(c, sizes, &Self::devices()))??)
+    }
+
+    fn state_args(&self) -> Vec<String> {
+        let d = |n: &str| self.dir.join(n).display().to_string();
+        vec!["--pin-dir".into(), d("pins"), "--run-dir".into(), d("run")]
+    }
+
+    /// `smtpguard run --backend nftables` in the host namespace, with up0
+    /// as uplink and tap* as tenants; returns once /healthz answers.
+    pub fn start_controller(&mut self, policy: &std::path::Path) -> Result<()> {
+        let child = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.host.name()))
+            .arg("--")
+            .arg(crate::smtpguard_bin())
+            .args(["run", "--backend", "nftables", "--policy"])
+            .arg(policy)
+            .args(["--uplink", "up0", "--tenant", "tap*", "--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}"), "--events"])
+            .arg(self.dir.join("events.jsonl"))
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .args(self.state_args())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("controller.log"))?)
+            .spawn()
+            .context("starting smtpguard run")?;
+        self.controller = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(Ok(Some(status))) = self.controller.as_mut().map(|c| c.try_wait()) {
+                bail!("smtpguard run exited ({status}): {}", self.controller_log());
+            }
+            if self.http_get("/healthz").is_ok() {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("smtpguard run did not answer /healthz in 20 s: {}", self.controller_log());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    pub fn controller_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("controller.log")).unwrap_or_default()
+    }
+
+    pub fn events(&self) -> String {
+        std::fs::read_to_string(self.dir.join("events.jsonl")).unwrap_or_default()
+    }
+
+    /// kill -9: no chance to clean up, as in a crash.
+    pub fn kill_controller(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The controller's pid, while it runs.
+    pub fn controller_pid(&self) -> Option<u32> {
+        self.controller.as_ref().map(|c| c.id())
+    }
+
+    /// Waits (bounded) for the controller to exit by itself, as after
+    /// `smtpguard detach`.
+    pub fn wait_controller(&mut self) -> Result<std::process::ExitStatus> {
+        let mut c = self.controller.take().context("no controller")?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                bail!("the controller did not stop within 10 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// An operator command in the host namespace (`smtpguard ARGS --pin-dir ... --run-dir ...`).
+    pub fn smtpguard(&self, args: &[&str]) -> Result<String> {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.host.name()))
+            .arg("--")
+            .arg(crate::smtpguard_bin())
+            .args(args)
+            .args(self.state_args())
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            bail!("smtpguard {args:?}: {text}");
+        }
+        Ok(text)
+    }
+
+    pub fn http_get(&self, path: &str) -> Result<String> {
+        crate::peers::http_get(&self.host, METRICS_PORT, path)
     }
 
     pub fn counters(&self) -> Result<HashMap<String, u64>> {

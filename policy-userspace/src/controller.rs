@@ -50,6 +50,7 @@ pub struct RunOptions {
     /// Start without a named uplink; attach it when it appears.
     pub wait_for_uplinks: bool,
     pub xdp_mode: XdpModeChoice,
+    pub backend: crate::nft::Backend,
     pub metrics_addr: SocketAddr,
     pub pins: Pins,
     pub events: Option<PathBuf>,
@@ -121,7 +122,7 @@ struct Controller {
 /// file it is (a path swapped to another file, as the kubelet swaps a
 /// ConfigMap's `..data` link, may keep the same mtime) and its length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FileVersion {
+pub(crate) struct FileVersion {
     modified: Option<SystemTime>,
     dev: u64,
     ino: u64,
@@ -129,14 +130,14 @@ struct FileVersion {
 }
 
 /// The version of the file `p` names now (following links).
-fn mtime(p: &Path) -> Option<FileVersion> {
+pub(crate) fn mtime(p: &Path) -> Option<FileVersion> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(p).ok()?;
     Some(FileVersion { modified: m.modified().ok(), dev: m.dev(), ino: m.ino(), len: m.len() })
 }
 
 /// The policy file and every file it reads.
-fn watch_list(path: &Path, p: &Policy) -> Vec<(PathBuf, Option<FileVersion>)> {
+pub(crate) fn watch_list(path: &Path, p: &Policy) -> Vec<(PathBuf, Option<FileVersion>)> {
     let mut files = vec![path.to_path_buf()];
     files.extend(p.input_files());
     files.sort();
@@ -446,7 +447,7 @@ impl Controller {
 
 /// Hands freed heap back to the kernel: a rejected policy of a million
 /// lines should not leave the controller that much larger.
-fn give_back_memory() {
+pub(crate) fn give_back_memory() {
     // SAFETY: malloc_trim has no preconditions.
     unsafe { libc::malloc_trim(0) };
 }
@@ -454,21 +455,24 @@ fn give_back_memory() {
 /// The signals the controller answers. Installed first thing, so a
 /// SIGHUP during start-up is a reload once started, never the default
 /// disposition's exit.
-struct Signals {
-    hup: Signal,
-    term: Signal,
-    int: Signal,
-    usr1: Signal,
+pub(crate) struct Signals {
+    pub hup: Signal,
+    pub term: Signal,
+    pub int: Signal,
+    pub usr1: Signal,
 }
 
 impl Signals {
-    fn install() -> Result<Self> {
+    pub fn install() -> Result<Self> {
         let on = |kind: SignalKind| signal(kind).context("installing signal handlers");
         Ok(Self { hup: on(SignalKind::hangup())?, term: on(SignalKind::terminate())?, int: on(SignalKind::interrupt())?, usr1: on(SignalKind::user_defined1())? })
     }
 }
 
 pub fn run(o: RunOptions) -> Result<()> {
+    if o.backend == crate::nft::Backend::Nftables {
+        return crate::nft::controller::run(o);
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let _entered = rt.enter();
     let mut signals = Signals::install()?;

@@ -40,7 +40,7 @@ pub const STALL_AFTER: Duration = Duration::from_secs(10);
 /// What the control loop tells the endpoint.
 pub struct State {
     pub metrics: ControllerMetrics,
-    observer: OnceLock<Observer>,
+    source: OnceLock<Source>,
     view: Mutex<PolicyView>,
     tables: Mutex<TableGauges>,
     /// Unix ms of the control loop's last turn.
@@ -56,6 +56,13 @@ pub struct State {
 
 type Rendered = Result<Bytes, String>;
 
+/// What the metrics are read from.
+enum Source {
+    Ebpf(Observer),
+    /// The nftables table (its sets sized so).
+    Nftables(crate::nft::Sizes),
+}
+
 fn now_ms() -> u64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64
 }
@@ -64,7 +71,7 @@ impl State {
     pub fn new(metrics: ControllerMetrics) -> Arc<Self> {
         Arc::new(Self {
             metrics,
-            observer: OnceLock::new(),
+            source: OnceLock::new(),
             view: Mutex::new(PolicyView::default()),
             tables: Mutex::new(TableGauges::default()),
             heartbeat_ms: AtomicU64::new(now_ms()),
@@ -76,8 +83,13 @@ impl State {
 
     /// The datapath is loaded and enforcing: metrics can be read.
     pub fn ready(&self, observer: Observer) {
-        let _ = self.observer.set(observer);
+        let _ = self.source.set(Source::Ebpf(observer));
         self.scan_tables();
+    }
+
+    /// Ready, with the nftables table as what the metrics read.
+    pub fn ready_nftables(&self, sizes: crate::nft::Sizes) {
+        let _ = self.source.set(Source::Nftables(sizes));
     }
 
     pub fn set_view(&self, view: PolicyView) {
@@ -98,7 +110,7 @@ impl State {
     }
 
     fn health(&self) -> (StatusCode, String) {
-        if self.observer.get().is_none() {
+        if self.source.get().is_none() {
             return (StatusCode::SERVICE_UNAVAILABLE, "starting\n".into());
         }
         let now = now_ms();
@@ -116,10 +128,15 @@ impl State {
 
     fn render(&self) -> Result<String, String> {
         self.last_scrape_ms.store(now_ms(), Ordering::Relaxed);
-        let Some(observer) = self.observer.get() else { return Err("starting: the datapath is not loaded yet".into()) };
+        let Some(source) = self.source.get() else { return Err("starting: the datapath is not loaded yet".into()) };
         let view = self.view.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        metrics::render(observer, &view, &tables, &self.metrics)
+        match source {
+            Source::Ebpf(observer) => {
+                let tables = self.tables.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                metrics::render(observer, &view, &tables, &self.metrics)
+            }
+            Source::Nftables(sizes) => crate::nft::metrics::render(&view, *sizes, &self.metrics),
+        }
     }
 
     /// An exposition whose rendering began after `arrived`: never older
@@ -142,7 +159,7 @@ impl State {
     /// Rescans the source table if it is due: never scanned, or scraped
     /// lately.
     fn scan_tables(&self) {
-        let Some(observer) = self.observer.get() else { return };
+        let Some(Source::Ebpf(observer)) = self.source.get() else { return };
         let never = self.tables.lock().unwrap_or_else(|p| p.into_inner()).scanned_at == 0.0;
         let scraped = now_ms().saturating_sub(self.last_scrape_ms.load(Ordering::Relaxed)) < SCRAPE_IDLE.as_millis() as u64;
         if !never && !scraped {

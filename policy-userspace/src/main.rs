@@ -196,9 +196,9 @@ enum Command {
         policy: PolicyArgs,
         #[arg(long, value_enum)]
         backend: Backend,
-        /// The uplink whose base chains are shown.
-        #[arg(long)]
-        uplink: Option<String>,
+        /// An uplink whose base chains are shown (repeat for more).
+        #[arg(long = "uplink")]
+        uplinks: Vec<String>,
         /// A tenant interface whose base chain is shown (repeat for more).
         #[arg(long = "tenant")]
         tenants: Vec<String>,
@@ -336,8 +336,8 @@ fn main() -> ExitCode {
         Command::Detach(p) => commands::report(commands::detach(&p.pins())),
         Command::Trace { addr, port, duration, pins } => commands::report(smtpguard::commands::trace::run(&pins.pins(), addr, port, duration)),
         Command::Check { policy, backend } => commands::check(&policy.file, &policy.options(), backend),
-        Command::Render { policy, backend, uplink, tenants, format } => {
-            let devices = smtpguard::nft::Devices { uplink, tenants };
+        Command::Render { policy, backend, uplinks, tenants, format } => {
+            let devices = smtpguard::nft::Devices { uplinks, tenants };
             commands::policy::render(&policy.file, &policy.options(), backend, &devices, format == RenderFormat::Json)
         }
         Command::Fleet { command: FleetCommand::Push { policy, lists, geo_database, expect_revision, comment, limits, fleet } } => {

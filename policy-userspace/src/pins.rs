@@ -61,18 +61,7 @@ impl Pins {
     /// dies, even by SIGKILL). A second controller on the same pins is
     /// refused before it changes anything.
     pub fn lock(&self) -> Result<PinLock, LockError> {
-        let io = |source| LockError::Io { dir: self.dir.display().to_string(), source };
-        let dir = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(&self.dir).map_err(io)?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(io(e));
-            }
-            let meta = dir.metadata().map_err(io)?;
-            return Err(LockError::Held { dir: self.dir.display().to_string(), pid: flock_holder(meta.dev(), meta.ino()) });
-        }
-        Ok(PinLock { _dir: dir })
+        lock_dir(&self.dir)
     }
 
     pub fn exists(&self) -> bool {
@@ -124,6 +113,24 @@ impl Pins {
         let _ = std::fs::remove_dir(&self.run_dir);
         Ok(removed)
     }
+}
+
+
+/// The same lock on any directory (the nftables backend, which has no
+/// pins, locks its run directory).
+pub fn lock_dir(dir_path: &std::path::Path) -> Result<PinLock, LockError> {
+    let io = |source| LockError::Io { dir: dir_path.display().to_string(), source };
+    let dir = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(dir_path).map_err(io)?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(io(e));
+        }
+        let meta = dir.metadata().map_err(io)?;
+        return Err(LockError::Held { dir: dir_path.display().to_string(), pid: flock_holder(meta.dev(), meta.ino()) });
+    }
+    Ok(PinLock { _dir: dir })
 }
 
 /// The pin directory is ours while this lives.

@@ -32,6 +32,12 @@ pub fn missing() -> std::io::Result<Vec<(&'static str, &'static str)>> {
     Ok(NEEDED.iter().filter(|(bit, ..)| have & (1 << bit) == 0).map(|(_, name, why)| (*name, *why)).collect())
 }
 
+/// Whether this process may change nftables (CAP_NET_ADMIN), all the
+/// nftables backend needs.
+pub fn has_net_admin() -> std::io::Result<bool> {
+    Ok(effective()? & (1 << 12) != 0)
+}
+
 /// Readiness for systemd (`Type=notify`): `READY=1` once the policy is
 /// enforced, `STATUS=` lines after. Nothing without `NOTIFY_SOCKET`.
 pub fn notify(state: &str) {

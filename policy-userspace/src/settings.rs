@@ -47,6 +47,10 @@ pub struct Settings {
     /// XDP mode: auto (native, falling back to generic with a warning), native or generic. Default auto.
     #[arg(long, value_enum)]
     pub xdp_mode: Option<XdpModeChoice>,
+    /// What enforces the policy: ebpf (XDP and TC programs) or nftables (one table of netdev chains,
+    /// for hosts that cannot attach eBPF; docs/nftables.md). Default ebpf.
+    #[arg(long, value_enum)]
+    pub backend: Option<crate::nft::Backend>,
     /// Where /metrics and /healthz are served. Default 127.0.0.1:9425.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
@@ -150,6 +154,7 @@ impl Settings {
             tenant: list(self.tenant, base.tenant),
             wait_for_uplinks: self.wait_for_uplinks.or(base.wait_for_uplinks),
             xdp_mode: self.xdp_mode.or(base.xdp_mode),
+            backend: self.backend.or(base.backend),
             metrics_addr: self.metrics_addr.or(base.metrics_addr),
             events: self.events.or(base.events),
             source_capacity: self.source_capacity.or(base.source_capacity),
@@ -205,6 +210,7 @@ impl Settings {
             tenants: self.tenant,
             wait_for_uplinks: self.wait_for_uplinks.unwrap_or(false),
             xdp_mode: self.xdp_mode.unwrap_or(XdpModeChoice::Auto),
+            backend: self.backend.unwrap_or_default(),
             metrics_addr: self.metrics_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9425))),
             pins: Pins::new(self.pin_dir.unwrap_or_else(|| DEFAULT_PIN_DIR.into()), self.run_dir.unwrap_or_else(|| DEFAULT_RUN_DIR.into())),
             events: self.events,

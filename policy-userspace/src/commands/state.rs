@@ -17,6 +17,7 @@ use crate::{
     },
     events::Event,
     fleet::{self, settings::Connection},
+    nft,
     pins::Pins,
     policy::time,
 };
@@ -27,6 +28,21 @@ fn open_maps(pins: &Pins) -> anyhow::Result<Maps> {
         bail!("nothing is attached: no smtpguard state pinned at {} (start `smtpguard run` first)", pins.dir.display());
     }
     Ok(Maps::open_pinned(&pins.dir)?)
+}
+
+/// Stops a running controller (SIGTERM), waiting a bounded time for it to go.
+pub fn stop_controller(pins: &Pins) {
+    if let Some(pid) = pins.controller_pid() {
+        // SAFETY: sending a signal to a pid we read.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        for _ in 0..100 {
+            // SAFETY: signal 0 probes the process.
+            if unsafe { libc::kill(pid, 0) } != 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 pub fn reload(pins: &Pins) -> anyhow::Result<()> {
@@ -41,6 +57,9 @@ pub fn reload(pins: &Pins) -> anyhow::Result<()> {
 
 /// `smtpguard status`.
 pub fn status(pins: &Pins) -> anyhow::Result<()> {
+    if nft::commands::enforces(pins) {
+        return nft::commands::status(pins);
+    }
     let maps = open_maps(pins)?;
     let rt = maps.runtime();
     let policy = maps.policy(rt.active)?;
@@ -166,6 +185,9 @@ fn annotate(pins: &Pins, bans: &mut [Ban]) {
 }
 
 pub fn bans(pins: &Pins, json: bool) -> anyhow::Result<()> {
+    if nft::commands::enforces(pins) {
+        return nft::commands::bans(json);
+    }
     let mut bans = active_bans(&open_maps(pins)?)?;
     annotate(pins, &mut bans);
     if json {
@@ -210,6 +232,16 @@ pub fn ban(pins: &Pins, source: &str, duration: Duration, force: bool, reason: O
     if let BanTarget::Network(net) = target {
         check_network_ban(net, force)?;
     }
+    if nft::commands::enforces(pins) {
+        let (shown, net) = match target {
+            BanTarget::Source(addr) => (addr.to_string(), nft::commands::source_net(addr)),
+            BanTarget::Network(net) => (net.to_string(), net),
+        };
+        nft::commands::ban(net, duration, reason)?;
+        let event = Event::ManualBan { time: clock::now_rfc3339(), source: shown, duration_s: duration.as_secs(), reason: reason.map(str::to_owned) };
+        println!("{}", event.to_line());
+        return Ok(());
+    }
     let mut maps = open_maps(pins)?;
     let lock = BanLock::take(&pins.ban_lock_dir())?;
     let (source, net) = match target {
@@ -239,6 +271,13 @@ pub fn ban(pins: &Pins, source: &str, duration: Duration, force: bool, reason: O
 
 pub fn unban(pins: &Pins, source: &str) -> anyhow::Result<()> {
     let target = ban_target(source)?;
+    if nft::commands::enforces(pins) {
+        let net = match target {
+            BanTarget::Source(addr) => nft::commands::source_net(addr),
+            BanTarget::Network(net) => net,
+        };
+        return nft::commands::unban(net, source);
+    }
     let mut maps = open_maps(pins)?;
     let lock = BanLock::take(&pins.ban_lock_dir())?;
     let (net, local_until_ms) = match target {
@@ -281,18 +320,11 @@ fn time_now_ms() -> u64 {
 }
 
 pub fn detach(pins: &Pins) -> anyhow::Result<()> {
-    if let Some(pid) = pins.controller_pid() {
-        // SAFETY: sending a signal to a pid we read.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        // Its links close with it; wait for it to go (bounded).
-        for _ in 0..100 {
-            // SAFETY: signal 0 probes the process.
-            if unsafe { libc::kill(pid, 0) } != 0 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    if nft::commands::enforces(pins) {
+        return nft::commands::detach(pins);
     }
+    // Its links close with it.
+    stop_controller(pins);
     if !pins.dir.exists() {
         bail!("nothing is attached: {} does not exist", pins.dir.display());
     }

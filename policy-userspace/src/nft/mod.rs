@@ -6,7 +6,11 @@
 //! - [`differences`]: what a policy asks that nftables does only approximately;
 //! - this module: loading a ruleset and reading its counters through `nft`.
 
+pub mod bans;
+pub mod commands;
+pub mod controller;
 pub mod differences;
+pub mod metrics;
 pub mod ranges;
 pub mod ruleset;
 
@@ -91,6 +95,47 @@ pub fn present_sets() -> Result<std::collections::HashSet<String>, NftError> {
     }
     let objects = list(&["list", "sets", "table", "netdev", ruleset::TABLE])?;
     Ok(objects.iter().filter_map(|o| Some(o.get("set")?["name"].as_str()?.to_owned())).collect())
+}
+
+/// The table's base chains (`hook_*`), by name.
+pub fn base_chains() -> Result<Vec<String>, NftError> {
+    let objects = list(&["list", "chains", "netdev"])?;
+    Ok(objects
+        .iter()
+        .filter_map(|o| {
+            let c = o.get("chain")?;
+            (c["table"].as_str()? == ruleset::TABLE).then(|| c["name"].as_str().map(str::to_owned))?
+        })
+        .filter(|n| n.starts_with("hook_"))
+        .collect())
+}
+
+/// Deletes chains of the table (flushed first: a chain with rules cannot go).
+pub fn delete_chains(names: &[String]) -> Result<(), NftError> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let commands: Vec<ruleset::Command> = names
+        .iter()
+        .flat_map(|n| {
+            let chain = serde_json::json!({ "family": "netdev", "table": ruleset::TABLE, "name": n });
+            [serde_json::json!({ "flush": { "chain": chain.clone() } }), serde_json::json!({ "delete": { "chain": chain } })]
+        })
+        .collect();
+    apply(&commands)
+}
+
+/// Elements in each set the datapath fills (bans and meters).
+pub fn set_sizes() -> Result<Vec<(String, usize)>, NftError> {
+    let mut out = Vec::new();
+    for name in ruleset::state_set_names() {
+        let n = list(&["list", "set", "netdev", ruleset::TABLE, &name])?
+            .iter()
+            .filter_map(|o| o.get("set").map(|s| s["elem"].as_array().map_or(0, Vec::len)))
+            .sum();
+        out.push((name, n));
+    }
+    Ok(out)
 }
 
 /// Packets counted by each named counter of the table.

@@ -32,9 +32,9 @@ const PRIORITY: i32 = -500;
 /// Where the base chains attach.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Devices {
-    /// Arriving mail is judged at its ingress (ingress policy), the host's
-    /// own at its egress (egress policy).
-    pub uplink: Option<String>,
+    /// Arriving mail is judged at their ingress (ingress policy), the
+    /// host's own at their egress (egress policy).
+    pub uplinks: Vec<String>,
     /// What tenants send is judged at their interface's ingress (egress policy).
     pub tenants: Vec<String>,
 }
@@ -329,6 +329,22 @@ pub fn state_sets(sizes: Sizes, present: &HashSet<String>) -> Option<String> {
     (!text.is_empty()).then(|| format!("add table netdev {TABLE}\n{text}"))
 }
 
+/// The names of the sets the datapath fills.
+pub fn state_set_names() -> Vec<String> {
+    let mut out = Vec::new();
+    for f in FAMILIES {
+        let v4 = f.suffix == "4";
+        out.push(ban_set(v4).to_owned());
+        out.push(network_ban_set(v4).to_owned());
+        for dir in [direction::INGRESS, direction::EGRESS] {
+            for kind in ["rate", "banmeter"] {
+                out.push(meter_set(dir, kind, f));
+            }
+        }
+    }
+    out
+}
+
 /// The table, its counters, policy sets and chains, and the base chains:
 /// `add` only, so loading it again changes nothing that holds.
 pub fn skeleton(devices: &Devices) -> Vec<Command> {
@@ -360,7 +376,7 @@ pub fn base_chains(devices: &Devices) -> Vec<Command> {
         out.push(cmd(NfCmd::Flush(schema::FlushObject::Chain(Chain { family: FAMILY, table: TABLE.into(), name: name.clone().into(), ..Chain::default() }))));
         out.push(RuleBuf::new(&name).push(Statement::Jump(JumpTarget { target: target.into() })).into_command());
     };
-    if let Some(up) = &devices.uplink {
+    for up in &devices.uplinks {
         hook(up, false, direction_name(direction::INGRESS).to_owned());
         // No `reject` in an egress hook: the host's own segments are dropped, not reset.
         hook(up, true, local_chain(direction::EGRESS));
