@@ -25,7 +25,8 @@ pub struct NftLab {
     pub host: Netns,
     /// Where frames come from.
     pub outside: Netns,
-    sockets: [OwnedFd; 2],
+    /// Frames into up0, into tap0, and out of up0 (from the host).
+    sockets: [OwnedFd; 3],
     /// The counters after the last frame judged.
     last: Option<HashMap<String, u64>>,
     /// The controller's run, state and log files.
@@ -103,7 +104,7 @@ impl NftLab {
         for (ns, ifname) in [(&outside, "wire0"), (&host, "up0"), (&outside, "vm0"), (&host, "tap0")] {
             ns.ip(&["link", "set", ifname, "mtu", "9000"])?;
         }
-        let sockets = [packet_socket(&outside, "wire0")?, packet_socket(&outside, "vm0")?];
+        let sockets = [packet_socket(&outside, "wire0")?, packet_socket(&outside, "vm0")?, packet_socket(&host, "up0")?];
         let dir = std::env::temp_dir().join(format!("smtpguard-{}-{}", host.name(), std::process::id()));
         std::fs::create_dir_all(&dir)?;
         Ok(Self { host, outside, sockets, last: None, dir, controller: None })
@@ -232,11 +233,15 @@ impl NftLab {
         Ok(String::from_utf8(self.host.exec(&full)?.stdout)?)
     }
 
-    fn send_raw(&self, dir: u8, frame: &[u8]) -> Result<()> {
+    fn send_raw(&self, socket: usize, frame: &[u8]) -> Result<()> {
         // SAFETY: frame lives across the call.
-        let n = unsafe { libc::send(self.sockets[side(dir)].as_raw_fd(), frame.as_ptr() as *const libc::c_void, frame.len(), 0) };
+        let n = unsafe { libc::send(self.sockets[socket].as_raw_fd(), frame.as_ptr() as *const libc::c_void, frame.len(), 0) };
         if n != frame.len() as isize {
-            bail!("sending a frame: {}", std::io::Error::last_os_error());
+            let e = std::io::Error::last_os_error();
+            // Sent from the host: a drop at the egress hook is this error.
+            if !(socket == 2 && e.raw_os_error() == Some(libc::ENOBUFS)) {
+                bail!("sending a frame: {e}");
+            }
         }
         Ok(())
     }
@@ -244,15 +249,25 @@ impl NftLab {
     /// Sends `frame` to be judged by `dir`'s policy and returns the
     /// counters that moved because of it, by name.
     pub fn judge(&mut self, dir: u8, frame: &[u8]) -> Result<HashMap<String, u64>> {
+        self.judge_via(side(dir), dir, frame)
+    }
+
+    /// Sends `frame` out of the host's uplink, as the host's own traffic
+    /// (judged by the egress policy at the uplink's egress hook).
+    pub fn judge_host_out(&mut self, frame: &[u8]) -> Result<HashMap<String, u64>> {
+        self.judge_via(2, direction::EGRESS, frame)
+    }
+
+    fn judge_via(&mut self, socket: usize, dir: u8, frame: &[u8]) -> Result<HashMap<String, u64>> {
         let before = match self.last.take() {
             Some(c) => c,
             None => self.counters()?,
         };
-        self.send_raw(dir, frame)?;
+        self.send_raw(socket, frame)?;
         let sentinel = TcpFrame::new("192.0.2.250".parse::<IpAddr>()?, "192.0.2.251".parse::<IpAddr>()?, 9, 0x10)
             .fragment(100, false)
             .build();
-        self.send_raw(dir, &sentinel)?;
+        self.send_raw(socket, &sentinel)?;
         let sentinel_counter = ruleset::counter_name(dir, verdict::PASS, reason::FRAGMENT, None);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {

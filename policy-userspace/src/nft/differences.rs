@@ -59,7 +59,7 @@ fn direction(name: &str, d: &Direction, say: &mut impl FnMut(&[&str], &str)) {
             );
             if r.escalate_factor > 1 {
                 say(
-                    &[name, "rate_limit", "escalate_factor"],
+                    &[name, "rate_limit", "escalate"],
                     "a repeat offender's ban starts at the first length and is lengthened by the controller when it sees it (within a second)",
                 );
             }
