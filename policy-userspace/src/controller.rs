@@ -74,6 +74,9 @@ fn preflight(o: &RunOptions) -> Result<()> {
     if o.uplinks.is_empty() && o.tenants.is_empty() {
         bail!("name at least one --uplink or --tenant interface");
     }
+    if crate::nft::table_exists() {
+        bail!("smtpguard's nftables table enforces on this host: run `smtpguard detach` before switching it to eBPF (nothing was changed)");
+    }
     let selection = Selection::new(&o.uplinks, &o.tenants).context("nothing was changed")?;
     // A named uplink must be there at start (a typo is refused); tenant
     // interfaces come and go with VMs, and patterns match what appears.
@@ -541,6 +544,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         );
     }
     std::fs::write(o.pins.pid_file(), std::process::id().to_string())?;
+    std::fs::write(o.pins.run_dir.join(crate::nft::controller::BACKEND_FILE), "ebpf\n")?;
     // The view first: once /healthz answers, /metrics lists every interface.
     c.publish_view();
     state.ready(c.dp.observer()?);

@@ -188,18 +188,21 @@ pub fn register_source_claims(r: &Registry, stats: &[policy_common::Counter]) {
     register(r, evictions);
 }
 
+/// The `backend` label of the families both backends export.
+const BACKEND: &str = "ebpf";
+
 /// Renders the whole exposition: kernel counters read now, the rest from
 /// what the controller and the last table scan recorded.
 pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &ControllerMetrics) -> Result<String, String> {
     let r = Registry::new();
     let packets = IntCounterVec::new(
         Opts::new("smtpguard_packets_total", "Packets on guarded ports by direction, verdict, reason and port"),
-        &["direction", "verdict", "reason", "port"],
+        &["backend", "direction", "verdict", "reason", "port"],
     )
     .expect("valid");
     let bytes = IntCounterVec::new(
         Opts::new("smtpguard_bytes_total", "Bytes on guarded ports by direction, verdict, reason and port"),
-        &["direction", "verdict", "reason", "port"],
+        &["backend", "direction", "verdict", "reason", "port"],
     )
     .expect("valid");
     let stats = observer.stats().map_err(|e| e.to_string())?;
@@ -209,7 +212,7 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
             continue;
         }
         let port = view.ports.get(cell.port_slot).map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
-        let labels = [direction::NAMES[cell.direction as usize], verdict::NAMES[cell.verdict as usize], reason::NAMES[cell.reason as usize], port.as_str()];
+        let labels = [BACKEND, direction::NAMES[cell.direction as usize], verdict::NAMES[cell.verdict as usize], reason::NAMES[cell.reason as usize], port.as_str()];
         packets.with_label_values(&labels).inc_by(c.packets);
         bytes.with_label_values(&labels).inc_by(c.bytes);
     }
@@ -241,11 +244,11 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     smtp_flows.with_label_values(&[] as &[&str]).inc_by(stats[policy_common::STATS_SMTP_FLOW_MISSES as usize].packets);
     let resets = IntCounterVec::new(
         Opts::new("smtpguard_resets_total", "TCP resets sent to the senders of dropped segments of open connections the policy denies (`established: reset`)"),
-        &["direction"],
+        &["backend", "direction"],
     )
     .expect("valid");
     for d in [direction::INGRESS, direction::EGRESS] {
-        resets.with_label_values(&[direction::NAMES[d as usize]]).inc_by(stats[policy_common::STATS_RESETS as usize + d as usize].packets);
+        resets.with_label_values(&[BACKEND, direction::NAMES[d as usize]]).inc_by(stats[policy_common::STATS_RESETS as usize + d as usize].packets);
     }
     let geo = IntCounterVec::new(Opts::new("smtpguard_geo_drops_total", "Drops and would-drops (monitor mode) by the geo-fence, by country"), &["direction", "verdict", "country"]).expect("valid");
     let geo_cells = observer.geo_drops().map_err(|e| e.to_string())?;

@@ -382,6 +382,9 @@ fn ifname(ifindex: u32) -> String {
 /// `smtpguard tenants`: what each tenant interface sent to guarded ports,
 /// and its suspects (sources over the policy's `tenant_suspect`).
 pub fn tenants(pins: &Pins, json: bool) -> anyhow::Result<()> {
+    if nft::commands::enforces(pins) {
+        bail!("per-tenant counters and suspects come from the eBPF backend; this host enforces through nftables (docs/nftables.md)");
+    }
     let maps = open_maps(pins)?;
     let policy = maps.policy(maps.runtime().active)?;
     let window_s = policy.direction[direction::EGRESS as usize].suspect_window_s;

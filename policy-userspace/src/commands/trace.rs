@@ -154,6 +154,9 @@ impl TraceLock {
 
 /// `smtpguard trace ADDR [--port N] [--for DURATION]`.
 pub fn run(pins: &Pins, addr: IpAddr, port: Option<u16>, duration: Duration) -> anyhow::Result<()> {
+    if crate::nft::commands::enforces(pins) {
+        anyhow::bail!("trace follows the eBPF datapath; this host enforces through nftables (use `nft monitor trace` with a meta nftrace rule; docs/nftables.md)");
+    }
     // An IPv4-mapped IPv6 address means the IPv4 address: that is how its flows look.
     let addr = addr.to_canonical();
     let programs = pinned_program_ids(pins)?;

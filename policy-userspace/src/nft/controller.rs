@@ -60,6 +60,15 @@ fn preflight(o: &RunOptions) -> Result<()> {
     if o.uplinks.is_empty() && o.tenants.is_empty() {
         bail!("name at least one --uplink or --tenant interface");
     }
+    if o.pins.exists() {
+        bail!(
+            "the eBPF datapath is pinned in {} and enforcing: run `smtpguard detach` before switching this host to nftables (nothing was changed)",
+            o.pins.dir.display()
+        );
+    }
+    if o.fleet.is_some() {
+        bail!("the fleet (--fleet-etcd) works with the eBPF backend only (docs/nftables.md); nothing was changed");
+    }
     if let Err(e) = std::process::Command::new("nft").arg("--version").output() {
         bail!("running nft: {e} (install nftables; nothing was changed)");
     }
