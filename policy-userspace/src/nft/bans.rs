@@ -58,24 +58,38 @@ impl Origin {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ban {
-    /// A single source as a /32 or /128.
+    /// A source as an IPv4 /32 or an IPv6 /64; or a network.
     pub net: IpNet,
     /// Seconds left.
     pub expires_s: u64,
     pub origin: Origin,
 }
 
+/// A source's prefix length in the ban sets: IPv4 /32, IPv6 /64.
+fn source_len(v4: bool) -> u8 {
+    if v4 {
+        32
+    } else {
+        64
+    }
+}
+
+fn is_source(net: &IpNet) -> bool {
+    net.prefix_len() == source_len(net.addr().is_ipv4())
+}
+
 fn set_of(net: &IpNet) -> &'static str {
-    let single = net.prefix_len() == net.max_prefix_len();
-    match (single, net.addr().is_ipv4()) {
-        (true, v4) => ruleset::ban_set(v4),
-        (false, v4) => ruleset::network_ban_set(v4),
+    let v4 = net.addr().is_ipv4();
+    if is_source(net) {
+        ruleset::ban_set(v4)
+    } else {
+        ruleset::network_ban_set(v4)
     }
 }
 
 fn value(net: &IpNet) -> Expression<'static> {
-    if net.prefix_len() == net.max_prefix_len() {
-        Expression::String(net.addr().to_string().into())
+    if is_source(net) {
+        Expression::String(net.network().to_string().into())
     } else {
         Expression::Named(NamedExpression::Prefix(expr::Prefix {
             addr: Box::new(Expression::String(net.network().to_string().into())),
@@ -108,7 +122,7 @@ fn replace_commands(net: &IpNet, seconds: u64, origin: &Origin, present: bool) -
 fn parse_net(v: &serde_json::Value) -> Option<IpNet> {
     if let Some(a) = v.as_str() {
         let addr: IpAddr = a.parse().ok()?;
-        return Some(IpNet::from(addr));
+        return IpNet::new(addr, source_len(addr.is_ipv4())).ok();
     }
     let p = v.get("prefix")?;
     let addr: IpAddr = p["addr"].as_str()?.parse().ok()?;

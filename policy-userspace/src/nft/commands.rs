@@ -88,9 +88,10 @@ pub fn unban(net: ipnet::IpNet, shown: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A source as the nftables ban sets hold it.
+/// A source as the ban sets hold it: an IPv4 /32, an IPv6 /64.
 pub fn source_net(addr: IpAddr) -> ipnet::IpNet {
-    ipnet::IpNet::from(addr)
+    let len = if addr.is_ipv4() { 32 } else { 64 };
+    ipnet::IpNet::new(addr, len).expect("a valid length").trunc()
 }
 
 /// Stops the controller and deletes the table: nothing else in nftables

@@ -155,6 +155,16 @@ fn matches(left: Expression<'static>, op: Operator, right: Expression<'static>) 
     Statement::Match(Match { left, right, op })
 }
 
+/// A source as the ban sets and meters key it: an IPv4 address, or an
+/// IPv6 /64 (one host's addresses, as the eBPF source table keys them).
+fn source_key(f: Fam) -> Expression<'static> {
+    if f.suffix == "4" {
+        field(f.proto, "saddr")
+    } else {
+        masked(field(f.proto, "saddr"), s("ffff:ffff:ffff:ffff::"))
+    }
+}
+
 fn masked(left: Expression<'static>, mask: Expression<'static>) -> Expression<'static> {
     Expression::BinaryOperation(Box::new(BinaryOperation::AND(left, mask)))
 }
@@ -595,9 +605,8 @@ fn slot_rules(chain: &str, dp: &DirectionPolicy, step: &Step) -> Vec<RuleBuf> {
     acl("allow", verdict::PASS, reason::ALLOW_ACL, &mut rules);
     for f in FAMILIES {
         let v4 = f.suffix == "4";
-        for set in [network_ban_set(v4), ban_set(v4)] {
-            rules.extend(step.decide(chain, vec![in_set(field(f.proto, "saddr"), set)], Some(f), verdict::DROP, reason::BANNED));
-        }
+        rules.extend(step.decide(chain, vec![in_set(field(f.proto, "saddr"), network_ban_set(v4))], Some(f), verdict::DROP, reason::BANNED));
+        rules.extend(step.decide(chain, vec![in_set(source_key(f), ban_set(v4))], Some(f), verdict::DROP, reason::BANNED));
     }
     acl("deny", verdict::DROP, reason::DENY_ACL, &mut rules);
     if dp.geo_enabled != 0 {
@@ -608,7 +617,7 @@ fn slot_rules(chain: &str, dp: &DirectionPolicy, step: &Step) -> Vec<RuleBuf> {
     if dp.rate_enabled != 0 {
         for f in FAMILIES {
             let v4 = f.suffix == "4";
-            let key = || field(f.proto, "saddr");
+            let key = || source_key(f);
             if dp.ban_threshold != 0 {
                 let ban = Statement::Set(stmt::Set {
                     op: stmt::SetOp::Add,
