@@ -197,6 +197,8 @@ pub struct Lab {
     sinks: Vec<((Role, Family, u16), Sink)>,
     controller: Option<Child>,
     teardown: Arc<Mutex<Teardown>>,
+    /// `ebpf` (the default) or `nftables`: what `smtpguard run` enforces with.
+    pub backend: &'static str,
 }
 
 impl Lab {
@@ -234,6 +236,7 @@ impl Lab {
             sinks: Vec::new(),
             controller: None,
             teardown,
+            backend: "ebpf",
         };
         lab.wire()?;
         lab.start_sinks()?;
@@ -337,7 +340,7 @@ impl Lab {
             .arg(&self.smtpguard)
             .args(["run", "--policy"])
             .arg(policy)
-            .args(["--uplink", "up0", "--tenant", "tap-t", "--tenant", "tap-x", "--xdp-mode", xdp_mode])
+            .args(["--uplink", "up0", "--tenant", "tap-t", "--tenant", "tap-x", "--xdp-mode", xdp_mode, "--backend", self.backend])
             .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}"), "--events"])
             .arg(&self.events)
             .args(self.state_args())
@@ -380,7 +383,12 @@ impl Lab {
 
     /// Runs an operator command (`smtpguard ARGS --pin-dir ... --run-dir ...`).
     pub fn smtpguard(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.smtpguard).args(args).args(self.state_args()).output()?;
+        // nftables is per network namespace: its commands run in the hypervisor's.
+        let out = if self.backend == "nftables" {
+            Command::new("nsenter").arg(format!("--net=/run/netns/{}", self.hv.name())).arg("--").arg(&self.smtpguard).args(args).args(self.state_args()).output()?
+        } else {
+            Command::new(&self.smtpguard).args(args).args(self.state_args()).output()?
+        };
         let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
             bail!("smtpguard {args:?}: {text}");
@@ -395,6 +403,15 @@ impl Lab {
 
     /// The datapath's own counters, read from the pinned map.
     pub fn counters(&self) -> Result<Counters> {
+        if self.backend == "nftables" {
+            let named = self.hv.enter(smtpguard::nft::counters)??;
+            let mut cells = vec![Counter::default(); policy_common::STATS_ENTRIES as usize];
+            for (name, (dir, v, r, slot)) in smtpguard::nft::ruleset::counter_names() {
+                let packets = named.get(&name).copied().unwrap_or(0);
+                cells[stats_index(dir, v, r, slot.unwrap_or(policy_common::PORT_SLOT_UNKNOWN)) as usize].packets = packets;
+            }
+            return Ok(Counters(cells));
+        }
         Ok(Counters(smtpguard::dataplane::maps::Maps::open_pinned(&self.pin_dir)?.stats()?))
     }
 

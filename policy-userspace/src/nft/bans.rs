@@ -149,6 +149,21 @@ pub fn list_bans() -> Result<Vec<Ban>, NftError> {
     Ok(out)
 }
 
+/// The IPv6 addresses the ban meter banned in the last minute.
+pub fn recently_banned_v6() -> Result<Vec<std::net::Ipv6Addr>, NftError> {
+    let mut out = Vec::new();
+    for o in list(&["list", "set", "netdev", ruleset::TABLE, ruleset::banned_addresses_set(false)])? {
+        let Some(elems) = o.get("set").and_then(|s| s["elem"].as_array()) else { continue };
+        for e in elems {
+            let v = e.get("elem").map_or(e, |el| &el["val"]);
+            if let Some(a) = v.as_str().and_then(|a| a.parse().ok()) {
+                out.push(a);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Bans `net` for `seconds` (a manual or escalated ban), replacing any ban it has.
 pub fn ban(net: IpNet, seconds: u64, origin: &Origin) -> Result<(), NftError> {
     let present = list_bans()?.iter().any(|b| b.net == net);

@@ -182,8 +182,11 @@ impl Controller {
         let now = clock::unix_now_s() as u64;
         self.strikes.retain(|_, (_, last)| now.saturating_sub(*last) < STRIKES_KEPT_S);
         let mut rewrites = Vec::new();
+        let recent_v6 = if fresh.iter().any(|b| b.net.addr().is_ipv6()) { bans::recently_banned_v6()? } else { Vec::new() };
         for b in fresh {
+            // Strikes go by the ban's key (an IPv6 /64); the event names the address.
             let addr = b.net.addr();
+            let shown = recent_v6.iter().find(|a| b.net.contains(&IpAddr::V6(**a))).map_or(addr, |a| IpAddr::V6(*a));
             // The ban sets are shared: lengths come from the direction that bans.
             let dirs = &self.compiled.config.direction;
             let dir = dirs.iter().find(|d| d.ban_threshold != 0).unwrap_or(&dirs[0]);
@@ -196,8 +199,9 @@ impl Controller {
             let packet = Packet {
                 time: clock::now_rfc3339(),
                 direction: "unknown".into(),
-                src: addr,
-                dst: addr,
+                src: shown,
+                // Not known: the ban outlived the packet.
+                dst: if shown.is_ipv4() { IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) } else { IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) },
                 sport: 0,
                 dport: 0,
                 port: None,

@@ -111,6 +111,16 @@ pub fn ban_set(f4: bool) -> &'static str {
     }
 }
 
+/// The addresses the ban meter banned lately (IPv6 only: the ban set
+/// holds the /64), so a ban's event names the address.
+pub fn banned_addresses_set(f4: bool) -> &'static str {
+    if f4 {
+        "banned_addresses4"
+    } else {
+        "banned_addresses6"
+    }
+}
+
 pub fn network_ban_set(f4: bool) -> &'static str {
     if f4 {
         "netban4"
@@ -329,6 +339,9 @@ pub fn state_sets(sizes: Sizes, present: &HashSet<String>) -> Option<String> {
         let v4 = f.suffix == "4";
         define(ban_set(v4), f, "dynamic,timeout", "");
         define(network_ban_set(v4), f, "interval,timeout", "");
+        if !v4 {
+            define(banned_addresses_set(v4), f, "dynamic,timeout", " timeout 1m;");
+        }
         for dir in [direction::INGRESS, direction::EGRESS] {
             // Elements outlive their bucket's refill (a minute at most), then go.
             for kind in ["rate", "banmeter"] {
@@ -346,6 +359,9 @@ pub fn state_set_names() -> Vec<String> {
         let v4 = f.suffix == "4";
         out.push(ban_set(v4).to_owned());
         out.push(network_ban_set(v4).to_owned());
+        if !v4 {
+            out.push(banned_addresses_set(v4).to_owned());
+        }
         for dir in [direction::INGRESS, direction::EGRESS] {
             for kind in ["rate", "banmeter"] {
                 out.push(meter_set(dir, kind, f));
@@ -624,8 +640,17 @@ fn slot_rules(chain: &str, dp: &DirectionPolicy, step: &Step) -> Vec<RuleBuf> {
                     elem: Expression::Named(NamedExpression::Elem(expr::Elem { val: Box::new(key()), timeout: Some(dp.ban_base_s.max(1)), ..expr::Elem::default() })),
                     set: format!("@{}", ban_set(v4)).into(),
                 });
+                // The address itself, for the ban's event: the ban set keeps an IPv6 source's /64.
+                let seen = Statement::Set(stmt::Set {
+                    op: stmt::SetOp::Add,
+                    elem: field(f.proto, "saddr"),
+                    set: format!("@{}", banned_addresses_set(v4)).into(),
+                });
                 let rule = |extra: Vec<Statement<'static>>| {
                     let mut r = RuleBuf::new(chain).push(syn()).update(update_with_limit(key(), &meter_set(dir, "banmeter", f), dp.ban_threshold, dp.ban_threshold)).push(ban.clone());
+                    if !v4 {
+                        r = r.push(seen.clone());
+                    }
                     for e in extra {
                         r = r.push(e);
                     }
