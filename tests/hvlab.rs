@@ -343,6 +343,8 @@ impl Lab {
             .args(["--uplink", "up0", "--tenant", "tap-t", "--tenant", "tap-x", "--xdp-mode", xdp_mode, "--backend", self.backend])
             .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}"), "--events"])
             .arg(&self.events)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
             .args(self.state_args())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join("controller.log"))?)

@@ -66,6 +66,19 @@ impl<'a> Scenario<'a> {
         }
     }
 
+    /// Where the backend judged a flow of direction `d`.
+    fn path(&self, d: u8, from_host: bool) -> &'static str {
+        let nft = self.lab.backend == "nftables";
+        match (d, from_host, nft) {
+            (direction::INGRESS, _, false) => "XDP up0",
+            (direction::INGRESS, _, true) => "nft up0 in",
+            (_, true, false) => "TC up0",
+            (_, true, true) => "nft up0 out",
+            (_, false, false) => "TC tap",
+            (_, false, true) => "nft tap in",
+        }
+    }
+
     /// The verdict a blocked flow gets in this mode.
     fn blocked(&self) -> u8 {
         if self.monitor {
@@ -88,11 +101,7 @@ impl<'a> Scenario<'a> {
         let (d, v, r) = cell;
         let counted = moved.iter().any(|m| (m.0, m.1, m.2) == (d, v, r));
         let ok = accepted == delivered && got == usize::from(delivered) && counted;
-        let path = match (d, from) {
-            (direction::INGRESS, _) => "XDP up0",
-            (_, Role::Host) => "TC up0",
-            _ => "TC tap",
-        };
+        let path = self.path(d, from == Role::Host);
         self.rows.push(Row {
             step: format!("{step} [{}]", family.label()),
             path,
@@ -137,7 +146,7 @@ impl<'a> Scenario<'a> {
         let ok = banner.starts_with("220") && ehlo.starts_with("250") && answered == self.monitor && counted;
         self.rows.push(Row {
             step: format!("VRFY probe [{}]", family.label()),
-            path: "XDP up0",
+            path: self.path(direction::INGRESS, false),
             expected: if self.monitor { "answered (would_drop smtp_command)".into() } else { "no answer (drop smtp_command)".into() },
             observed: match answer {
                 Some(a) => format!("EHLO ok, VRFY answered {a:?}"),
@@ -177,7 +186,7 @@ impl<'a> Scenario<'a> {
             };
         self.rows.push(Row {
             step: format!("spammer at {FLOOD_PER_MINUTE}/min [{}]", family.label()),
-            path: "XDP up0",
+            path: self.path(direction::INGRESS, false),
             expected: if self.monitor {
                 "all delivered; would-drops counted; ban recorded".into()
             } else {

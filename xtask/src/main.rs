@@ -16,7 +16,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Set up, build, and run smtpguard on a hypervisor lab with the default policy (as root).
-    Demo,
+    Demo {
+        /// What enforces: ebpf (XDP and TC programs) or nftables (docs/nftables.md).
+        #[arg(long, default_value = "ebpf", value_parser = ["ebpf", "nftables"])]
+        backend: String,
+    },
     /// Install what building and testing need (idempotent, fast when done).
     Setup,
     /// Run setup and clippy, then every test: unit, policy, kernel verdict, attach (as root).
@@ -38,9 +42,9 @@ enum Task {
 
 fn main() -> Result<()> {
     match Cli::parse().task {
-        Task::Demo => {
+        Task::Demo { backend } => {
             setup::run()?;
-            setup::demo()
+            setup::demo(&backend)
         }
         Task::Setup => setup::run(),
         Task::Test { args } => {

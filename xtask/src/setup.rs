@@ -270,13 +270,14 @@ pub fn test(args: &[String]) -> Result<()> {
 }
 
 /// The release build of smtpguard and the lab, then the scripted demo.
-pub fn demo() -> Result<()> {
+pub fn demo(backend: &str) -> Result<()> {
     if !is_root() {
         bail!("the demo creates network namespaces and loads BPF programs: run it as root");
     }
     remove_stale_test_state();
     status(Command::new("cargo").args(["build", "--release", "--quiet", "--bin", "smtpguard", "--bin", "smtpguard-demo"]))?;
-    status(Command::new(target_dir().join("release/smtpguard-demo")).env("SMTPGUARD_GEO_DATABASE", geo_database()?)).context("the demo found a step that did not behave as described")
+    status(Command::new(target_dir().join("release/smtpguard-demo")).args(["--backend", backend]).env("SMTPGUARD_GEO_DATABASE", geo_database()?))
+        .context("the demo found a step that did not behave as described")
 }
 
 pub fn workspace_root() -> PathBuf {

@@ -103,6 +103,7 @@ pub fn detach(pins: &Pins) -> anyhow::Result<()> {
     }
     super::delete_table().context("deleting the table")?;
     let _ = std::fs::remove_file(pins.run_dir.join(BACKEND_FILE));
+    let _ = std::fs::remove_file(super::controller::strikes_file(&pins.run_dir));
     let _ = std::fs::remove_file(pins.pid_file());
     println!("deleted table netdev {}; smtpguard no longer judges any packet", ruleset::TABLE);
     Ok(())

@@ -31,8 +31,9 @@ use crate::{
 /// backend enforces.
 pub const BACKEND_FILE: &str = "backend";
 
-/// Bans a source had, kept in the state directory so a restart still
-/// escalates: strikes, and when the last ban started (Unix seconds).
+/// Bans a source had, kept in the run directory (as long as the table:
+/// both go at reboot and `detach`) so a restart still escalates: strikes,
+/// and when the last ban started (Unix seconds).
 type Strikes = HashMap<IpAddr, (u32, u64)>;
 
 /// A source's strikes are forgotten a day after its last ban, as the eBPF
@@ -77,7 +78,7 @@ fn preflight(o: &RunOptions) -> Result<()> {
 
 impl Controller {
     fn strikes_file(&self) -> PathBuf {
-        self.o.state_dir.join("nftables-strikes.json")
+        strikes_file(&self.o.pins.run_dir)
     }
 
     fn view(&self) -> PolicyView {
@@ -252,6 +253,10 @@ impl Controller {
     }
 }
 
+pub fn strikes_file(run_dir: &Path) -> PathBuf {
+    run_dir.join("nftables-strikes.json")
+}
+
 fn read_strikes(path: &Path) -> Strikes {
     let Ok(text) = std::fs::read_to_string(path) else { return Strikes::new() };
     let parsed: HashMap<String, (u32, u64)> = serde_json::from_str(&text).unwrap_or_default();
@@ -273,7 +278,6 @@ pub fn run(o: RunOptions) -> Result<()> {
     }
     let Some((policy, compiled)) = compiled else { bail!("{}: the policy is not valid; nothing was changed", o.policy.display()) };
     std::fs::create_dir_all(&o.pins.run_dir).with_context(|| format!("creating {}", o.pins.run_dir.display()))?;
-    std::fs::create_dir_all(&o.state_dir).with_context(|| format!("creating {}", o.state_dir.display()))?;
     let _lock = crate::pins::lock_dir(&o.pins.run_dir)?;
     std::fs::write(o.pins.run_dir.join(BACKEND_FILE), "nftables\n")?;
     let events = EventLog::open(o.events.as_deref(), state.metrics.event_write_failures.clone())
@@ -298,7 +302,7 @@ pub fn run(o: RunOptions) -> Result<()> {
     }
     let sizes = Sizes { sources: o.capacities.sources };
     let mut c = Controller {
-        strikes: read_strikes(&o.state_dir.join("nftables-strikes.json")),
+        strikes: read_strikes(&strikes_file(&o.pins.run_dir)),
         watched: watch_list(&o.policy, &policy),
         o: o.clone(),
         policy,
