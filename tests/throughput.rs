@@ -190,6 +190,16 @@ fn nft_counted(bed: &Bed) -> Result<u64> {
     Ok(text.split("counter packets ").skip(1).filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok()).sum())
 }
 
+/// Drops smtpguard's nftables table counted on the ingress side.
+fn smtpguard_nft_drops(bed: &Bed) -> Result<u64> {
+    let counters = bed.dut.enter(smtpguard::nft::counters)??;
+    Ok(smtpguard::nft::ruleset::counter_names()
+        .into_iter()
+        .filter(|(_, (dir, v, ..))| *dir == direction::INGRESS && *v == verdict::DROP)
+        .map(|(name, _)| counters.get(&name).copied().unwrap_or(0))
+        .sum())
+}
+
 /// The nftables equivalent: `cidrs` as an interval set dropped on port 25
 /// and, with `rate`, a dynamic set limiting each source's SYNs to 60 a
 /// minute (burst 20); in netdev ingress on d0 or inet prerouting.
@@ -300,6 +310,13 @@ pub fn run_all(work: &Path, only: Option<&str>) -> Result<Vec<Mode>> {
         std::fs::write(&file, nft_ruleset(family, &cidrs, true))?;
         bed.dut.exec(&["nft", "-f", &file.display().to_string()])?;
         push(name, what, bed.flood(&acl_frame, nft_counted)?);
+    }
+    if wanted("smtpguard_nftables") {
+        let bed = Bed::new(true)?;
+        let devices = smtpguard::nft::Devices { uplinks: vec!["d0".into()], tenants: Vec::new() };
+        bed.dut.enter(|| smtpguard::nft::load(&compiled, smtpguard::nft::Sizes { sources: 65_536 }, &devices))??;
+        let what = "smtpguard --backend nftables: the whole realistic policy, netdev ingress";
+        push("smtpguard_nftables", what, bed.flood(&acl_frame, smtpguard_nft_drops)?);
     }
     if wanted("iptables_raw") {
         let bed = Bed::new(true)?;

@@ -95,14 +95,6 @@ pub fn resets_counter(dir: u8) -> String {
     format!("{}_resets", direction_name(dir))
 }
 
-fn set_name(dir: u8, slot: usize, kind: &str, f: Fam) -> String {
-    format!("{}_s{slot}_{kind}{}", direction_name(dir), f.suffix)
-}
-
-fn geo_set(dir: u8, f: Fam) -> String {
-    format!("{}_geo{}", direction_name(dir), f.suffix)
-}
-
 pub fn ban_set(f4: bool) -> &'static str {
     if f4 {
         "ban4"
@@ -134,21 +126,6 @@ fn meter_set(dir: u8, kind: &str, f: Fam) -> String {
 }
 
 /// Every policy set: (name, family), refilled by each reload.
-fn policy_sets() -> Vec<(String, Fam)> {
-    let mut out = Vec::new();
-    for dir in [direction::INGRESS, direction::EGRESS] {
-        for f in FAMILIES {
-            for slot in 0..MAX_PORTS {
-                for kind in ["allow_peer", "allow_local", "deny_peer", "deny_local"] {
-                    out.push((set_name(dir, slot, kind, f), f));
-                }
-            }
-            out.push((geo_set(dir, f), f));
-        }
-    }
-    out
-}
-
 fn s(v: &str) -> Expression<'static> {
     Expression::String(Cow::Owned(v.to_owned()))
 }
@@ -371,8 +348,111 @@ pub fn state_set_names() -> Vec<String> {
     out
 }
 
-/// The table, its counters, policy sets and chains, and the base chains:
-/// `add` only, so loading it again changes nothing that holds.
+/// One way a direction is judged: its hook may reject (answer a denied
+/// open connection with a reset) or not (an egress hook).
+#[derive(Clone, Copy)]
+struct Path {
+    dir: u8,
+    resets: bool,
+}
+
+/// The uplink's ingress and tenants' ingress judge with resets; the
+/// uplink's egress (the host's own traffic) without.
+const PATHS: [Path; 3] = [
+    Path { dir: direction::INGRESS, resets: true },
+    Path { dir: direction::EGRESS, resets: true },
+    Path { dir: direction::EGRESS, resets: false },
+];
+
+impl Path {
+    fn prefix(self) -> String {
+        format!("{}{}", direction_name(self.dir), if self.resets { "" } else { "_noreset" })
+    }
+
+    fn family_chain(self, f: Fam) -> String {
+        format!("{}_v{}", self.prefix(), f.suffix)
+    }
+
+    fn slot_chain(self, f: Fam, slot: usize) -> String {
+        format!("{}_s{slot}", self.family_chain(f))
+    }
+
+    /// Where the peer map sends a source the deny list names, and one the
+    /// geo-fence drops: the bans are checked first (a ban outranks both).
+    fn after_deny(self, f: Fam, slot: usize) -> String {
+        format!("{}_deny", self.slot_chain(f, slot))
+    }
+
+    fn after_geo(self, f: Fam, slot: usize) -> String {
+        format!("{}_geo", self.slot_chain(f, slot))
+    }
+
+    /// The chain that counts and applies `why`'s verdict.
+    fn verdict_chain(self, f: Fam, slot: usize, why: u8) -> String {
+        format!("{}_v_{}", self.slot_chain(f, slot), reason::NAMES[why as usize])
+    }
+
+    /// The peer map: address ranges to the chain that decides them.
+    fn peer_map(self, f: Fam, slot: usize) -> String {
+        format!("{}_peer", self.slot_chain(f, slot))
+    }
+
+    fn chains(self) -> Vec<String> {
+        let mut out = vec![self.prefix()];
+        for f in FAMILIES {
+            out.push(self.family_chain(f));
+            for slot in 0..MAX_PORTS {
+                out.extend([self.slot_chain(f, slot), self.after_deny(f, slot), self.after_geo(f, slot)]);
+                out.extend(GOTO_REASONS.iter().map(|why| self.verdict_chain(f, slot, *why)));
+            }
+        }
+        out
+    }
+}
+
+/// The reasons decided in a chain of their own (reached from a set or map).
+const GOTO_REASONS: [u8; 4] = [reason::ALLOW_ACL, reason::BANNED, reason::DENY_ACL, reason::GEO];
+
+/// The local side's sets of a direction (no verdicts in them: shared by its paths).
+fn local_set(dir: u8, f: Fam, slot: usize, allow: bool) -> String {
+    format!("{}_v{}_s{slot}_local_{}", direction_name(dir), f.suffix, if allow { "allow" } else { "deny" })
+}
+
+/// Every policy set and map, refilled by each reload: (name, family, is a map).
+fn policy_sets() -> Vec<(String, Fam, bool)> {
+    let mut out = Vec::new();
+    for f in FAMILIES {
+        for slot in 0..MAX_PORTS {
+            for dir in [direction::INGRESS, direction::EGRESS] {
+                for allow in [true, false] {
+                    out.push((local_set(dir, f, slot, allow), f, false));
+                }
+            }
+            for p in PATHS {
+                out.push((p.peer_map(f, slot), f, true));
+            }
+        }
+    }
+    out
+}
+
+/// An interval map from addresses to verdicts. The crate's `Map` has no
+/// verdict data type, so this one object is written as nft's JSON names it.
+fn verdict_map_def(name: &str, f: Fam) -> Command {
+    let ty = if f.suffix == "4" { "ipv4_addr" } else { "ipv6_addr" };
+    serde_json::json!({ "add": { "map": { "family": "netdev", "table": TABLE, "name": name, "type": ty, "map": "verdict", "flags": ["interval"] } } })
+}
+
+fn flush_chain(name: &str) -> Command {
+    cmd(NfCmd::Flush(schema::FlushObject::Chain(Chain { family: FAMILY, table: TABLE.into(), name: name.to_owned().into(), ..Chain::default() })))
+}
+
+fn goto(target: &str) -> Statement<'static> {
+    Statement::Goto(JumpTarget { target: target.to_owned().into() })
+}
+
+/// The table, its counters, policy sets, maps and chains, and the base
+/// chains: `add` only, so loading it again changes nothing that holds.
 pub fn skeleton(devices: &Devices) -> Vec<Command> {
     let mut out = vec![add(NfListObject::Table(Table { family: FAMILY, name: TABLE.into(), handle: None }))];
     for (name, _) in counter_names() {
@@ -381,13 +461,15 @@ pub fn skeleton(devices: &Devices) -> Vec<Command> {
     for dir in [direction::INGRESS, direction::EGRESS] {
         out.push(add(NfListObject::Counter(schema::Counter { family: FAMILY, table: TABLE.into(), name: resets_counter(dir).into(), ..schema::Counter::default() })));
     }
-    for (name, f) in policy_sets() {
-        out.push(add(set_def(&name, f, &[SetFlag::Interval])));
-    }
-    for dir in [direction::INGRESS, direction::EGRESS] {
-        for chain in direction_chains(dir) {
+    // Chains before the maps whose elements name them: nft resolves an
+    // element's goto against what the batch made before the map.
+    for p in PATHS {
+        for chain in p.chains() {
             out.push(add(chain_def(&chain)));
         }
+    }
+    for (name, f, map) in policy_sets() {
+        out.push(if map { verdict_map_def(&name, f) } else { add(set_def(&name, f, &[SetFlag::Interval])) });
     }
     out.extend(base_chains(devices));
     out
@@ -396,106 +478,54 @@ pub fn skeleton(devices: &Devices) -> Vec<Command> {
 /// The base chains of `devices` and their one rule each.
 pub fn base_chains(devices: &Devices) -> Vec<Command> {
     let mut out = Vec::new();
-    let mut hook = |dev: &str, egress: bool, target: String| {
+    let mut hook = |dev: &str, egress: bool, conditions: Vec<Statement<'static>>, target: String| {
         let name = base_chain_name(egress, dev);
         out.push(add(base_chain_def(&name, if egress { NfHook::Egress } else { NfHook::Ingress }, dev)));
-        out.push(cmd(NfCmd::Flush(schema::FlushObject::Chain(Chain { family: FAMILY, table: TABLE.into(), name: name.clone().into(), ..Chain::default() }))));
-        out.push(RuleBuf::new(&name).push(Statement::Jump(JumpTarget { target: target.into() })).into_command());
+        out.push(flush_chain(&name));
+        let mut rule = RuleBuf::new(&name);
+        for c in conditions {
+            rule = rule.push(c);
+        }
+        out.push(rule.push(Statement::Jump(JumpTarget { target: target.into() })).into_command());
     };
     for up in &devices.uplinks {
-        hook(up, false, direction_name(direction::INGRESS).to_owned());
-        // No `reject` in an egress hook: the host's own segments are dropped, not reset.
-        hook(up, true, local_chain(direction::EGRESS));
+        hook(up, false, Vec::new(), PATHS[0].prefix());
+        // The host's own traffic has a local socket; a tenant's, forwarded
+        // out of the uplink, has none and was judged on arrival at its tap.
+        let own = matches(Expression::Named(NamedExpression::Meta(expr::Meta { key: expr::MetaKey::Skuid })), Operator::GEQ, Expression::Number(0));
+        hook(up, true, vec![own], PATHS[2].prefix());
     }
     for t in &devices.tenants {
-        hook(t, false, direction_name(direction::EGRESS).to_owned());
+        hook(t, false, Vec::new(), PATHS[1].prefix());
     }
     out
 }
 
-/// The chains of a direction: its entry, its no-reset twin (for an egress
-/// hook) and one per port slot of each.
-fn direction_chains(dir: u8) -> Vec<String> {
-    let mut out = vec![direction_name(dir).to_owned(), local_chain(dir)];
-    for slot in 0..MAX_PORTS {
-        out.push(slot_chain(dir, slot, true));
-        out.push(slot_chain(dir, slot, false));
-    }
-    out
-}
-
-fn local_chain(dir: u8) -> String {
-    format!("{}_local", direction_name(dir))
-}
-
-fn slot_chain(dir: u8, slot: usize, resets: bool) -> String {
-    format!("{}_s{slot}{}", direction_name(dir), if resets { "" } else { "_local" })
-}
-
-/// The whole policy: the skeleton, then every policy set refilled and
-/// every direction chain rewritten, in one transaction.
+/// The whole policy: the skeleton, then every policy set and map refilled
+/// and every chain rewritten, in one transaction.
 /// (The state sets come first, from [`state_sets`].)
 pub fn render(c: &Compiled, devices: &Devices) -> Vec<Command> {
     let mut out = skeleton(devices);
-    for (name, _) in policy_sets() {
-        out.push(cmd(NfCmd::Flush(schema::FlushObject::Set(Box::new(schema::Set { family: FAMILY, table: TABLE.into(), name: name.into(), ..schema::Set::default() })))));
+    for (name, _, map) in policy_sets() {
+        out.push(if map {
+            serde_json::json!({ "flush": { "map": { "family": "netdev", "table": TABLE, "name": name } } })
+        } else {
+            cmd(NfCmd::Flush(schema::FlushObject::Set(Box::new(schema::Set { family: FAMILY, table: TABLE.into(), name: name.into(), ..schema::Set::default() }))))
+        });
     }
-    for dir in [direction::INGRESS, direction::EGRESS] {
-        for chain in direction_chains(dir) {
-            out.push(cmd(NfCmd::Flush(schema::FlushObject::Chain(Chain { family: FAMILY, table: TABLE.into(), name: chain.into(), ..Chain::default() }))));
+    for p in PATHS {
+        for chain in p.chains() {
+            out.push(flush_chain(&chain));
         }
     }
-    for dir in [direction::INGRESS, direction::EGRESS] {
-        let dp = &c.config.direction[dir as usize];
-        out.extend(policy_elements(c, dir, dp));
-        out.extend(direction_rules(dir, dp));
+    for p in PATHS {
+        out.extend(path_rules(c, p));
     }
     out
 }
 
 fn element_cmd(set: String, elems: Vec<Expression<'static>>) -> Command {
     add(NfListObject::Element(schema::Element { family: FAMILY, table: TABLE.into(), name: set.into(), elem: elems.into() }))
-}
-
-/// The allow, deny and geo sets of a direction.
-fn policy_elements(c: &Compiled, dir: u8, dp: &DirectionPolicy) -> Vec<Command> {
-    let mut out = Vec::new();
-    let peer_scope = policy_common::acl_scope(dir, side::PEER);
-    let local_scope = policy_common::acl_scope(dir, side::LOCAL);
-    for f in FAMILIES {
-        let split = |scope| if f.suffix == "4" { ranges::v4(&c.v4, scope) } else { ranges::v6(&c.v6, scope) };
-        let (peer, local) = (split(peer_scope), split(local_scope));
-        let mut fill = |name: String, rs: Vec<Range>| {
-            if !rs.is_empty() {
-                out.push(element_cmd(name, rs.into_iter().map(|r| range_elem(f, r)).collect()));
-            }
-        };
-        for slot in 0..MAX_PORTS {
-            if dp.ports[slot] == policy_common::PORT_UNUSED {
-                continue;
-            }
-            if dp.acl_sides & side::PEER_BIT != 0 {
-                fill(set_name(dir, slot, "allow_peer", f), ranges::select(&peer, |e| e.is_some_and(|e| e.allow_rule[slot] != 0)));
-                fill(set_name(dir, slot, "deny_peer", f), ranges::select(&peer, |e| e.is_some_and(|e| e.deny_rule[slot] != 0)));
-            }
-            if dp.acl_sides & side::LOCAL_BIT != 0 {
-                fill(set_name(dir, slot, "allow_local", f), ranges::select(&local, |e| e.is_some_and(|e| e.allow_rule[slot] != 0)));
-                fill(set_name(dir, slot, "deny_local", f), ranges::select(&local, |e| e.is_some_and(|e| e.deny_rule[slot] != 0)));
-            }
-        }
-        if dp.geo_enabled != 0 {
-            let country = |e: Option<&policy_common::AclEntry>| e.map_or(0, |e| e.country);
-            let dropped = if dp.acl_sides & side::PEER_BIT != 0 {
-                ranges::select(&peer, |e| dp.geo_drops(country(e)))
-            } else if dp.geo_drops(0) {
-                vec![Range { first: 0, last: f_max(f) }]
-            } else {
-                Vec::new()
-            };
-            fill(geo_set(dir, f), dropped);
-        }
-    }
-    out
 }
 
 /// What a step does with the packets it decides.
@@ -505,12 +535,12 @@ struct Step {
     monitor: bool,
     /// Answer a dropped segment of an open connection with a reset.
     resets: bool,
+    family: Fam,
 }
 
 impl Step {
     /// The rules ending a step: `conditions`, then the counter and the verdict.
-    /// `family`: the one the conditions already name, if any.
-    fn decide(&self, chain: &str, conditions: Vec<Statement<'static>>, family: Option<Fam>, act: u8, why: u8) -> Vec<RuleBuf> {
+    fn decide(&self, chain: &str, conditions: Vec<Statement<'static>>, act: u8, why: u8) -> Vec<RuleBuf> {
         let rule = |extra: Vec<Statement<'static>>| {
             let mut r = RuleBuf::new(chain);
             for c in conditions.iter().cloned().chain(extra) {
@@ -518,10 +548,10 @@ impl Step {
             }
             r
         };
-        self.finish(rule, family, act, why)
+        self.finish(rule, act, why)
     }
 
-    fn finish(&self, rule: impl Fn(Vec<Statement<'static>>) -> RuleBuf, family: Option<Fam>, act: u8, why: u8) -> Vec<RuleBuf> {
+    fn finish(&self, rule: impl Fn(Vec<Statement<'static>>) -> RuleBuf, act: u8, why: u8) -> Vec<RuleBuf> {
         let name = |v| counter_name(self.dir, v, why, Some(self.slot));
         if act == verdict::PASS {
             return vec![rule(vec![counter(&name(verdict::PASS)), Statement::Accept(None)])];
@@ -533,153 +563,216 @@ impl Step {
         if self.resets && reset_worthy(why) {
             // Plain headers only, as the eBPF programs: no IPv6 extension
             // header (a fragment's included) between the address and TCP.
-            for f in FAMILIES.into_iter().filter(|f| family.is_none_or(|g| g.suffix == f.suffix)) {
-                let plain = if f.suffix == "4" {
-                    matches(Expression::Named(NamedExpression::Meta(expr::Meta { key: expr::MetaKey::Protocol })), Operator::EQ, s("ip"))
-                } else {
-                    matches(field("ip6", "nexthdr"), Operator::EQ, s("tcp"))
-                };
-                out.push(rule(vec![
-                    plain,
-                    tcp_flags(&["syn", "rst", "ack"], "ack"),
-                    counter(&name(verdict::DROP)),
-                    counter(&resets_counter(self.dir)),
-                    Statement::Reject(Some(stmt::Reject::new(Some(stmt::RejectType::TCPReset), None))),
-                ]));
-            }
+            let plain = if self.family.suffix == "4" {
+                matches(Expression::Named(NamedExpression::Meta(expr::Meta { key: expr::MetaKey::Protocol })), Operator::EQ, s("ip"))
+            } else {
+                matches(field("ip6", "nexthdr"), Operator::EQ, s("tcp"))
+            };
+            out.push(rule(vec![
+                plain,
+                tcp_flags(&["syn", "rst", "ack"], "ack"),
+                counter(&name(verdict::DROP)),
+                counter(&resets_counter(self.dir)),
+                Statement::Reject(Some(stmt::Reject::new(Some(stmt::RejectType::TCPReset), None))),
+            ]));
         }
         out.push(rule(vec![counter(&name(verdict::DROP)), Statement::Drop(None)]));
         out
     }
 }
 
-/// A direction's entry chains (with and without resets) and slot chains.
-fn direction_rules(dir: u8, dp: &DirectionPolicy) -> Vec<Command> {
+/// Every chain's rules and every set's elements of one path.
+fn path_rules(c: &Compiled, p: Path) -> Vec<Command> {
+    let dp = &c.config.direction[p.dir as usize];
     let mut out = Vec::new();
-    let name = direction_name(dir);
-    for resets in [true, false] {
-        let entry = if resets { name.to_owned() } else { local_chain(dir) };
-        // A later fragment has no ports: counted, passed for the host to
-        // reassemble (its first fragment was judged).
-        let later = counter_name(dir, verdict::PASS, reason::FRAGMENT, None);
-        for fragment in [
-            masked(field("ip", "frag-off"), Expression::Number(0x1fff)),
-            Expression::Named(NamedExpression::Exthdr(expr::Exthdr { name: "frag".into(), field: Some("frag-off".into()), offset: None })),
-        ] {
+    let by_family: Vec<SetItem<'static>> = FAMILIES
+        .iter()
+        .map(|f| SetItem::Mapping(s(f.proto), Expression::Verdict(Verdict::Goto(JumpTarget { target: p.family_chain(*f).into() }))))
+        .collect();
+    out.push(
+        RuleBuf::new(&p.prefix())
+            .push(Statement::VerdictMap(stmt::VerdictMap {
+                key: Expression::Named(NamedExpression::Meta(expr::Meta { key: expr::MetaKey::Protocol })),
+                data: Expression::Named(NamedExpression::Set(by_family)),
+            }))
+            .into_command(),
+    );
+    let peer_scope = policy_common::acl_scope(p.dir, side::PEER);
+    let local_scope = policy_common::acl_scope(p.dir, side::LOCAL);
+    let slots: Vec<usize> = (0..MAX_PORTS).filter(|&slot| dp.ports[slot] != policy_common::PORT_UNUSED).collect();
+    for f in FAMILIES {
+        let chain = p.family_chain(f);
+        // A later fragment: counted, passed for the host to reassemble
+        // (its first fragment was judged).
+        let later = if f.suffix == "4" {
+            vec![
+                matches(masked(field("ip", "frag-off"), Expression::Number(0x1fff)), Operator::NEQ, Expression::Number(0)),
+                matches(field("ip", "protocol"), Operator::EQ, s("tcp")),
+            ]
+        } else {
+            let frag = |name: &'static str| Expression::Named(NamedExpression::Exthdr(expr::Exthdr { name: "frag".into(), field: Some(name.into()), offset: None }));
+            vec![matches(frag("frag-off"), Operator::NEQ, Expression::Number(0)), matches(frag("nexthdr"), Operator::EQ, s("tcp"))]
+        };
+        let mut rule = RuleBuf::new(&chain);
+        for c in later {
+            rule = rule.push(c);
+        }
+        out.push(rule.push(counter(&counter_name(p.dir, verdict::PASS, reason::FRAGMENT, None))).push(Statement::Accept(None)).into_command());
+
+        // Then the guarded port (nftables reads a later fragment's first
+        // bytes as ports, so fragments go first).
+        if !slots.is_empty() {
+            let targets = slots.iter().map(|&slot| SetItem::Mapping(Expression::Number(dp.ports[slot]), Expression::Verdict(Verdict::Goto(JumpTarget { target: p.slot_chain(f, slot).into() })))).collect();
             out.push(
-                RuleBuf::new(&entry)
-                    .push(matches(fragment, Operator::NEQ, Expression::Number(0)))
-                    .push(matches(Expression::Named(NamedExpression::Meta(expr::Meta { key: expr::MetaKey::L4proto })), Operator::EQ, s("tcp")))
-                    .push(counter(&later))
-                    .push(Statement::Accept(None))
+                RuleBuf::new(&chain)
+                    .push(Statement::VerdictMap(stmt::VerdictMap { key: field("tcp", "dport"), data: Expression::Named(NamedExpression::Set(targets)) }))
                     .into_command(),
             );
         }
-        let targets: Vec<SetItem<'static>> = (0..MAX_PORTS)
-            .filter(|&slot| dp.ports[slot] != policy_common::PORT_UNUSED)
-            .map(|slot| {
-                SetItem::Mapping(
-                    Expression::Number(dp.ports[slot]),
-                    Expression::Verdict(Verdict::Goto(JumpTarget { target: slot_chain(dir, slot, resets).into() })),
-                )
-            })
-            .collect();
-        if !targets.is_empty() {
-            out.push(
-                RuleBuf::new(&entry)
-                    .push(Statement::VerdictMap(stmt::VerdictMap {
-                        key: field("tcp", "dport"),
-                        data: Expression::Named(NamedExpression::Set(targets)),
-                    }))
-                    .into_command(),
-            );
-        }
-        for slot in (0..MAX_PORTS).filter(|&slot| dp.ports[slot] != policy_common::PORT_UNUSED) {
-            let chain = slot_chain(dir, slot, resets);
-            let step = Step { dir, slot, monitor: dp.mode == mode::MONITOR, resets: resets && dp.established_reset != 0 };
-            out.extend(slot_rules(&chain, dp, &step).into_iter().map(RuleBuf::into_command));
+        let split = |scope| if f.suffix == "4" { ranges::v4(&c.v4, scope) } else { ranges::v6(&c.v6, scope) };
+        let (peer, local) = (split(peer_scope), split(local_scope));
+        for &slot in &slots {
+            let step = Step { dir: p.dir, slot, monitor: dp.mode == mode::MONITOR, resets: p.resets && dp.established_reset != 0, family: f };
+            out.extend(slot_rules(p, f, slot, dp, &step, &peer, &local));
         }
     }
     out
 }
 
-fn slot_rules(chain: &str, dp: &DirectionPolicy, step: &Step) -> Vec<RuleBuf> {
-    let (dir, slot) = (step.dir, step.slot);
-    let (peer, local) = if dir == direction::INGRESS { ("saddr", "daddr") } else { ("daddr", "saddr") };
-    let mut rules = Vec::new();
-    let acl = |kind: &str, act: u8, why: u8, rules: &mut Vec<RuleBuf>| {
-        for (bit, side_name, addr) in [(side::PEER_BIT, "peer", peer), (side::LOCAL_BIT, "local", local)] {
-            if dp.acl_sides & bit == 0 {
-                continue;
-            }
-            for f in FAMILIES {
-                let set = set_name(dir, slot, &format!("{kind}_{side_name}"), f);
-                rules.extend(step.decide(chain, vec![in_set(field(f.proto, addr), &set)], Some(f), act, why));
-            }
+type Split = [(Range, Option<policy_common::AclEntry>)];
+
+/// A slot's chains, its peer map and local sets.
+fn slot_rules(p: Path, f: Fam, slot: usize, dp: &DirectionPolicy, step: &Step, peer: &Split, local: &Split) -> Vec<Command> {
+    let mut out = Vec::new();
+    let (peer_addr, local_addr) = if p.dir == direction::INGRESS { ("saddr", "daddr") } else { ("daddr", "saddr") };
+    let chain = p.slot_chain(f, slot);
+    let verdict_chain = |why| p.verdict_chain(f, slot, why);
+    let mut rules: Vec<RuleBuf> = Vec::new();
+    // The verdict chains.
+    for (why, act) in [(reason::ALLOW_ACL, verdict::PASS), (reason::BANNED, verdict::DROP), (reason::DENY_ACL, verdict::DROP), (reason::GEO, verdict::DROP)] {
+        rules.extend(step.decide(&verdict_chain(why), vec![], act, why));
+    }
+    let bans = |chain: &str| {
+        let v4 = f.suffix == "4";
+        vec![
+            RuleBuf::new(chain).push(in_set(field(f.proto, "saddr"), network_ban_set(v4))).push(goto(&verdict_chain(reason::BANNED))),
+            RuleBuf::new(chain).push(in_set(source_key(f), ban_set(v4))).push(goto(&verdict_chain(reason::BANNED))),
+        ]
+    };
+    // Local sides: allow first (an allow outranks everything), deny after the bans.
+    let with_local = dp.acl_sides & side::LOCAL_BIT != 0;
+    let local_allow = if with_local { ranges::select(local, |e| e.is_some_and(|e| e.allow_rule[slot] != 0)) } else { Vec::new() };
+    let local_deny = if with_local { ranges::select(local, |e| e.is_some_and(|e| e.deny_rule[slot] != 0)) } else { Vec::new() };
+    let local_deny_rule = |chain: &str| {
+        (!local_deny.is_empty()).then(|| RuleBuf::new(chain).push(in_set(field(f.proto, local_addr), &local_set(p.dir, f, slot, false))).push(goto(&verdict_chain(reason::DENY_ACL))))
+    };
+    // Only the ingress path fills the sets a direction's paths share.
+    let fills_sets = p.resets;
+    for (allow, elements) in [(true, &local_allow), (false, &local_deny)] {
+        if fills_sets && !elements.is_empty() {
+            out.push(element_cmd(local_set(p.dir, f, slot, allow), elements.iter().map(|r| range_elem(f, *r)).collect()));
+        }
+    }
+    if !local_allow.is_empty() {
+        rules.push(RuleBuf::new(&chain).push(in_set(field(f.proto, local_addr), &local_set(p.dir, f, slot, true))).push(goto(&verdict_chain(reason::ALLOW_ACL))));
+    }
+    // The peer map: one lookup says allow, deny or geo for the whole address.
+    let country = |e: Option<&policy_common::AclEntry>| e.map_or(0, |e| e.country);
+    let target = |e: Option<&policy_common::AclEntry>| -> Option<String> {
+        match e {
+            Some(e) if e.allow_rule[slot] != 0 => Some(verdict_chain(reason::ALLOW_ACL)),
+            Some(e) if e.deny_rule[slot] != 0 => Some(p.after_deny(f, slot)),
+            _ if dp.geo_enabled != 0 && dp.geo_drops(country(e)) => Some(p.after_geo(f, slot)),
+            _ => None,
         }
     };
-    acl("allow", verdict::PASS, reason::ALLOW_ACL, &mut rules);
-    for f in FAMILIES {
-        let v4 = f.suffix == "4";
-        rules.extend(step.decide(chain, vec![in_set(field(f.proto, "saddr"), network_ban_set(v4))], Some(f), verdict::DROP, reason::BANNED));
-        rules.extend(step.decide(chain, vec![in_set(source_key(f), ban_set(v4))], Some(f), verdict::DROP, reason::BANNED));
-    }
-    acl("deny", verdict::DROP, reason::DENY_ACL, &mut rules);
-    if dp.geo_enabled != 0 {
-        for f in FAMILIES {
-            rules.extend(step.decide(chain, vec![in_set(field(f.proto, peer), &geo_set(dir, f))], Some(f), verdict::DROP, reason::GEO));
+    let mut elements: Vec<(Range, String)> = Vec::new();
+    for (r, e) in peer {
+        let Some(t) = target(e.as_ref()) else { continue };
+        match elements.last_mut() {
+            Some((last, lt)) if *lt == t && last.last.checked_add(1) == Some(r.first) => last.last = r.last,
+            _ => elements.push((*r, t)),
         }
     }
+    if !elements.is_empty() {
+        let map = p.peer_map(f, slot);
+        let items: Vec<Expression<'static>> = elements
+            .into_iter()
+            .map(|(r, t)| Expression::List(vec![range_elem(f, r), Expression::Verdict(Verdict::Goto(JumpTarget { target: t.into() }))]))
+            .collect();
+        out.push(element_cmd(map.clone(), items));
+        rules.push(
+            RuleBuf::new(&chain).push(Statement::VerdictMap(stmt::VerdictMap { key: field(f.proto, peer_addr), data: s(&format!("@{map}")) })),
+        );
+    }
+    // After a deny: the bans, then the deny. After the geo-fence: the bans,
+    // the local deny, then the geo drop.
+    let after_deny = p.after_deny(f, slot);
+    rules.extend(bans(&after_deny));
+    rules.push(RuleBuf::new(&after_deny).push(goto(&verdict_chain(reason::DENY_ACL))));
+    let after_geo = p.after_geo(f, slot);
+    rules.extend(bans(&after_geo));
+    rules.extend(local_deny_rule(&after_geo));
+    rules.push(RuleBuf::new(&after_geo).push(goto(&verdict_chain(reason::GEO))));
+    // No ACL entry for the peer: the bans, the local deny, then the rest.
+    rules.extend(bans(&chain));
+    rules.extend(local_deny_rule(&chain));
+    rules.extend(rest_rules(&chain, f, slot, dp, step));
+    out.extend(rules.into_iter().map(RuleBuf::into_command));
+    out
+}
+
+/// What follows the ACL, bans and geo-fence: the rate meters on new
+/// connections, the first-fragment rule, the command filter, the default.
+fn rest_rules(chain: &str, f: Fam, slot: usize, dp: &DirectionPolicy, step: &Step) -> Vec<RuleBuf> {
+    let mut rules = Vec::new();
+    let dir = step.dir;
+    let v4 = f.suffix == "4";
     if dp.rate_enabled != 0 {
-        for f in FAMILIES {
-            let v4 = f.suffix == "4";
-            let key = || source_key(f);
-            if dp.ban_threshold != 0 {
-                let ban = Statement::Set(stmt::Set {
-                    op: stmt::SetOp::Add,
-                    elem: Expression::Named(NamedExpression::Elem(expr::Elem { val: Box::new(key()), timeout: Some(dp.ban_base_s.max(1)), ..expr::Elem::default() })),
-                    set: format!("@{}", ban_set(v4)).into(),
-                });
-                // The address itself, for the ban's event: the ban set keeps an IPv6 source's /64.
-                let seen = Statement::Set(stmt::Set {
-                    op: stmt::SetOp::Add,
-                    elem: field(f.proto, "saddr"),
-                    set: format!("@{}", banned_addresses_set(v4)).into(),
-                });
-                let rule = |extra: Vec<Statement<'static>>| {
-                    let mut r = RuleBuf::new(chain).push(syn()).update(update_with_limit(key(), &meter_set(dir, "banmeter", f), dp.ban_threshold, dp.ban_threshold)).push(ban.clone());
-                    if !v4 {
-                        r = r.push(seen.clone());
-                    }
-                    for e in extra {
-                        r = r.push(e);
-                    }
-                    r
-                };
-                rules.extend(step.finish(rule, Some(f), verdict::DROP, reason::RATE_BAN));
-            }
-            if let Some(per_minute) = 60_000_000_000u64.checked_div(dp.rate_interval_ns) {
-                let per_minute = per_minute.max(1) as u32;
-                let burst = (dp.rate_tolerance_ns / dp.rate_interval_ns + 1) as u32;
-                let rule = |extra: Vec<Statement<'static>>| {
-                    let mut r = RuleBuf::new(chain).push(syn()).update(update_with_limit(key(), &meter_set(dir, "rate", f), per_minute, burst));
-                    for e in extra {
-                        r = r.push(e);
-                    }
-                    r
-                };
-                rules.extend(step.finish(rule, Some(f), verdict::DROP, reason::RATE_LIMITED));
-            }
+        let key = || source_key(f);
+        if dp.ban_threshold != 0 {
+            let ban = Statement::Set(stmt::Set {
+                op: stmt::SetOp::Add,
+                elem: Expression::Named(NamedExpression::Elem(expr::Elem { val: Box::new(key()), timeout: Some(dp.ban_base_s.max(1)), ..expr::Elem::default() })),
+                set: format!("@{}", ban_set(v4)).into(),
+            });
+            // The address itself, for the ban's event: the ban set keeps an IPv6 source's /64.
+            let seen = Statement::Set(stmt::Set { op: stmt::SetOp::Add, elem: field(f.proto, "saddr"), set: format!("@{}", banned_addresses_set(v4)).into() });
+            let rule = |extra: Vec<Statement<'static>>| {
+                let mut r = RuleBuf::new(chain).push(syn()).update(update_with_limit(key(), &meter_set(dir, "banmeter", f), dp.ban_threshold, dp.ban_threshold)).push(ban.clone());
+                if !v4 {
+                    r = r.push(seen.clone());
+                }
+                for e in extra {
+                    r = r.push(e);
+                }
+                r
+            };
+            rules.extend(step.finish(rule, verdict::DROP, reason::RATE_BAN));
+        }
+        if let Some(per_minute) = 60_000_000_000u64.checked_div(dp.rate_interval_ns) {
+            let per_minute = per_minute.max(1) as u32;
+            let burst = (dp.rate_tolerance_ns / dp.rate_interval_ns + 1) as u32;
+            let rule = |extra: Vec<Statement<'static>>| {
+                let mut r = RuleBuf::new(chain).push(syn()).update(update_with_limit(key(), &meter_set(dir, "rate", f), per_minute, burst));
+                for e in extra {
+                    r = r.push(e);
+                }
+                r
+            };
+            rules.extend(step.finish(rule, verdict::DROP, reason::RATE_LIMITED));
         }
     }
     let filtered = dp.profile[slot] == profile::SMTP && dp.smtp_block != 0;
     if filtered && dp.fragment_verdict == verdict::DROP && dp.default_verdict[slot] != verdict::DROP {
         // A first fragment: offset 0, more to come.
-        let v4 = matches(masked(field("ip", "frag-off"), Expression::Number(0x3fff)), Operator::EQ, Expression::Number(0x2000));
-        rules.extend(step.decide(chain, vec![v4], Some(FAMILIES[0]), verdict::DROP, reason::FRAGMENT));
-        let frag = |f: &'static str| Expression::Named(NamedExpression::Exthdr(expr::Exthdr { name: "frag".into(), field: Some(f.into()), offset: None }));
-        let v6 = vec![matches(frag("frag-off"), Operator::EQ, Expression::Number(0)), matches(frag("more-fragments"), Operator::EQ, Expression::Number(1))];
-        rules.extend(step.decide(chain, v6, Some(FAMILIES[1]), verdict::DROP, reason::FRAGMENT));
+        let first = if v4 {
+            vec![matches(masked(field("ip", "frag-off"), Expression::Number(0x3fff)), Operator::EQ, Expression::Number(0x2000))]
+        } else {
+            let frag = |name: &'static str| Expression::Named(NamedExpression::Exthdr(expr::Exthdr { name: "frag".into(), field: Some(name.into()), offset: None }));
+            vec![matches(frag("frag-off"), Operator::EQ, Expression::Number(0)), matches(frag("more-fragments"), Operator::EQ, Expression::Number(1))]
+        };
+        rules.extend(step.decide(chain, first, verdict::DROP, reason::FRAGMENT));
     }
     if filtered {
         for (bit, verb) in [(smtp_command::VRFY, *b"VRFY"), (smtp_command::EXPN, *b"EXPN")] {
@@ -694,13 +787,13 @@ fn slot_rules(chain: &str, dp: &DirectionPolicy, step: &Step) -> Vec<RuleBuf> {
                 .map(|(a, b)| SetItem::Element(Expression::Range(Box::new(expr::Range { range: [Expression::Number(a), Expression::Number(b)] }))))
                 .collect();
             let ends = matches(raw_payload(PayloadBase::IH, 32, 8), Operator::NEQ, Expression::Named(NamedExpression::Set(alnum)));
-            rules.extend(step.decide(chain, vec![word, ends], None, verdict::DROP, reason::SMTP_COMMAND));
+            rules.extend(step.decide(chain, vec![word, ends], verdict::DROP, reason::SMTP_COMMAND));
         }
     }
     if dp.default_verdict[slot] == verdict::DROP {
-        rules.extend(step.decide(chain, vec![], None, verdict::DROP, reason::DEFAULT_DENY));
+        rules.extend(step.decide(chain, vec![], verdict::DROP, reason::DEFAULT_DENY));
     } else {
-        rules.extend(step.decide(chain, vec![], None, verdict::PASS, reason::DEFAULT_ALLOW));
+        rules.extend(step.decide(chain, vec![], verdict::PASS, reason::DEFAULT_ALLOW));
     }
     rules
 }
