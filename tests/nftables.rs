@@ -344,7 +344,19 @@ egress:
     std::thread::sleep(std::time::Duration::from_millis(6_500));
     assert_eq!(lab.judge(0, &syn("198.51.100.31")).unwrap().get(&allowed), Some(&1), "the eleventh SYN 6.5 s later passes");
 
-    // 5. The host's own segments of a denied connection (uplink egress,
+    // 5. A source both denied and banned counts as denied (eBPF: banned):
+    // the deny list's lookup is the hot path's only one.
+    lab.host
+        .enter(|| smtpguard::nft::bans::ban("203.0.113.9/32".parse().unwrap(), 600, &smtpguard::nft::bans::Origin::Manual { reason: None }))
+        .unwrap()
+        .unwrap();
+    let denied_syn = TcpFrame::new("203.0.113.9".parse().unwrap(), server, 25, 0x02).build();
+    assert_eq!(lab.judge(0, &denied_syn).unwrap().get(&denied), Some(&1), "denied and banned: counted as denied");
+    let banned = ruleset::counter_name(0, verdict::DROP, reason::BANNED, Some(0));
+    lab.host.enter(|| smtpguard::nft::bans::ban("198.51.100.40/32".parse().unwrap(), 600, &smtpguard::nft::bans::Origin::Manual { reason: None })).unwrap().unwrap();
+    assert_eq!(lab.judge(0, &syn("198.51.100.40")).unwrap().get(&banned), Some(&1), "banned only: counted as banned");
+
+    // 6. The host's own segments of a denied connection (uplink egress,
     // where nftables cannot reject) are dropped, not reset; a tenant's are reset.
     let ack = |src: &str| TcpFrame::new(src.parse().unwrap(), "203.0.113.80".parse().unwrap(), 25, 0x10).build();
     let egress_drop = ruleset::counter_name(1, verdict::DROP, reason::DEFAULT_DENY, Some(0));

@@ -377,12 +377,8 @@ impl Path {
         format!("{}_s{slot}", self.family_chain(f))
     }
 
-    /// Where the peer map sends a source the deny list names, and one the
-    /// geo-fence drops: the bans are checked first (a ban outranks both).
-    fn after_deny(self, f: Fam, slot: usize) -> String {
-        format!("{}_deny", self.slot_chain(f, slot))
-    }
-
+    /// Where the peer map sends a source the geo-fence drops when the
+    /// policy has local-side denies: those outrank the geo-fence.
     fn after_geo(self, f: Fam, slot: usize) -> String {
         format!("{}_geo", self.slot_chain(f, slot))
     }
@@ -392,9 +388,9 @@ impl Path {
         format!("{}_v_{}", self.slot_chain(f, slot), reason::NAMES[why as usize])
     }
 
-    /// The peer map: address ranges to the chain that decides them.
-    fn peer_map(self, f: Fam, slot: usize) -> String {
-        format!("{}_peer", self.slot_chain(f, slot))
+    /// The peer map: (address range, guarded port) to the chain that decides.
+    fn peer_map(self, f: Fam) -> String {
+        format!("{}_peer", self.family_chain(f))
     }
 
     fn chains(self) -> Vec<String> {
@@ -402,7 +398,7 @@ impl Path {
         for f in FAMILIES {
             out.push(self.family_chain(f));
             for slot in 0..MAX_PORTS {
-                out.extend([self.slot_chain(f, slot), self.after_deny(f, slot), self.after_geo(f, slot)]);
+                out.extend([self.slot_chain(f, slot), self.after_geo(f, slot)]);
                 out.extend(GOTO_REASONS.iter().map(|why| self.verdict_chain(f, slot, *why)));
             }
         }
@@ -413,34 +409,61 @@ impl Path {
 /// The reasons decided in a chain of their own (reached from a set or map).
 const GOTO_REASONS: [u8; 4] = [reason::ALLOW_ACL, reason::BANNED, reason::DENY_ACL, reason::GEO];
 
-/// The local side's sets of a direction (no verdicts in them: shared by its paths).
-fn local_set(dir: u8, f: Fam, slot: usize, allow: bool) -> String {
-    format!("{}_v{}_s{slot}_local_{}", direction_name(dir), f.suffix, if allow { "allow" } else { "deny" })
+/// The local side's allow set of a direction: (address range, guarded
+/// port), looked up before the peer map (an allow outranks everything).
+/// No verdicts in it: shared by the direction's paths.
+fn local_allow_set(dir: u8, f: Fam) -> String {
+    format!("{}_v{}_local_allow", direction_name(dir), f.suffix)
 }
 
-/// Every policy set and map, refilled by each reload: (name, family, is a map).
-fn policy_sets() -> Vec<(String, Fam, bool)> {
+/// The local side's deny set of a direction and port slot.
+fn local_deny_set(dir: u8, f: Fam, slot: usize) -> String {
+    format!("{}_v{}_s{slot}_local_deny", direction_name(dir), f.suffix)
+}
+
+/// What a policy set or map holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SetKind {
+    Addresses,
+    AddressesAndPorts,
+    VerdictMap,
+}
+
+/// Every policy set and map, refilled by each reload.
+fn policy_sets() -> Vec<(String, Fam, SetKind)> {
     let mut out = Vec::new();
     for f in FAMILIES {
-        for slot in 0..MAX_PORTS {
-            for dir in [direction::INGRESS, direction::EGRESS] {
-                for allow in [true, false] {
-                    out.push((local_set(dir, f, slot, allow), f, false));
-                }
+        for dir in [direction::INGRESS, direction::EGRESS] {
+            out.push((local_allow_set(dir, f), f, SetKind::AddressesAndPorts));
+            for slot in 0..MAX_PORTS {
+                out.push((local_deny_set(dir, f, slot), f, SetKind::Addresses));
             }
-            for p in PATHS {
-                out.push((p.peer_map(f, slot), f, true));
-            }
+        }
+        for p in PATHS {
+            out.push((p.peer_map(f), f, SetKind::VerdictMap));
         }
     }
     out
 }
 
-/// An interval map from addresses to verdicts. The crate's `Map` has no
-/// verdict data type, so this one object is written as nft's JSON names it.
-fn verdict_map_def(name: &str, f: Fam) -> Command {
-    let ty = if f.suffix == "4" { "ipv4_addr" } else { "ipv6_addr" };
-    serde_json::json!({ "add": { "map": { "family": "netdev", "table": TABLE, "name": name, "type": ty, "map": "verdict", "flags": ["interval"] } } })
+fn addr_type(f: Fam) -> &'static str {
+    if f.suffix == "4" {
+        "ipv4_addr"
+    } else {
+        "ipv6_addr"
+    }
+}
+
+/// A set or map keyed by (address, port) intervals. The crate's `Map` has
+/// no verdict data type, so these are written as nft's JSON names them.
+fn concat_set_def(name: &str, f: Fam, verdicts: bool) -> Command {
+    let mut def = serde_json::json!({ "family": "netdev", "table": TABLE, "name": name, "type": [addr_type(f), "inet_service"], "flags": ["interval"] });
+    if verdicts {
+        def["map"] = "verdict".into();
+        serde_json::json!({ "add": { "map": def } })
+    } else {
+        serde_json::json!({ "add": { "set": def } })
+    }
 }
 
 fn flush_chain(name: &str) -> Command {
@@ -468,8 +491,12 @@ pub fn skeleton(devices: &Devices) -> Vec<Command> {
             out.push(add(chain_def(&chain)));
         }
     }
-    for (name, f, map) in policy_sets() {
-        out.push(if map { verdict_map_def(&name, f) } else { add(set_def(&name, f, &[SetFlag::Interval])) });
+    for (name, f, kind) in policy_sets() {
+        out.push(match kind {
+            SetKind::Addresses => add(set_def(&name, f, &[SetFlag::Interval])),
+            SetKind::AddressesAndPorts => concat_set_def(&name, f, false),
+            SetKind::VerdictMap => concat_set_def(&name, f, true),
+        });
     }
     out.extend(base_chains(devices));
     out
@@ -506,8 +533,8 @@ pub fn base_chains(devices: &Devices) -> Vec<Command> {
 /// (The state sets come first, from [`state_sets`].)
 pub fn render(c: &Compiled, devices: &Devices) -> Vec<Command> {
     let mut out = skeleton(devices);
-    for (name, _, map) in policy_sets() {
-        out.push(if map {
+    for (name, _, kind) in policy_sets() {
+        out.push(if kind == SetKind::VerdictMap {
             serde_json::json!({ "flush": { "map": { "family": "netdev", "table": TABLE, "name": name } } })
         } else {
             cmd(NfCmd::Flush(schema::FlushObject::Set(Box::new(schema::Set { family: FAMILY, table: TABLE.into(), name: name.into(), ..schema::Set::default() }))))
@@ -581,29 +608,26 @@ impl Step {
     }
 }
 
+/// An (address range, port) key of a concatenated set.
+fn concat_key(f: Fam, r: Range, port: u32) -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(vec![range_elem(f, r), Expression::Number(port)]))
+}
+
 /// Every chain's rules and every set's elements of one path.
 fn path_rules(c: &Compiled, p: Path) -> Vec<Command> {
     let dp = &c.config.direction[p.dir as usize];
     let mut out = Vec::new();
-    let by_family: Vec<SetItem<'static>> = FAMILIES
-        .iter()
-        .map(|f| SetItem::Mapping(s(f.proto), Expression::Verdict(Verdict::Goto(JumpTarget { target: p.family_chain(*f).into() }))))
-        .collect();
-    out.push(
-        RuleBuf::new(&p.prefix())
-            .push(Statement::VerdictMap(stmt::VerdictMap {
-                key: Expression::Named(NamedExpression::Meta(expr::Meta { key: expr::MetaKey::Protocol })),
-                data: Expression::Named(NamedExpression::Set(by_family)),
-            }))
-            .into_command(),
-    );
+    let (peer_addr, local_addr) = if p.dir == direction::INGRESS { ("saddr", "daddr") } else { ("daddr", "saddr") };
     let peer_scope = policy_common::acl_scope(p.dir, side::PEER);
     let local_scope = policy_common::acl_scope(p.dir, side::LOCAL);
     let slots: Vec<usize> = (0..MAX_PORTS).filter(|&slot| dp.ports[slot] != policy_common::PORT_UNUSED).collect();
+    // Only the first path of a direction fills the sets its paths share.
+    let fills_shared = p.resets;
+    let entry = p.prefix();
     for f in FAMILIES {
-        let chain = p.family_chain(f);
-        // A later fragment: counted, passed for the host to reassemble
-        // (its first fragment was judged).
+        // A later fragment: counted, passed for the host to reassemble (its
+        // first fragment was judged). First: nftables would read its first
+        // bytes as ports.
         let later = if f.suffix == "4" {
             vec![
                 matches(masked(field("ip", "frag-off"), Expression::Number(0x1fff)), Operator::NEQ, Expression::Number(0)),
@@ -613,113 +637,124 @@ fn path_rules(c: &Compiled, p: Path) -> Vec<Command> {
             let frag = |name: &'static str| Expression::Named(NamedExpression::Exthdr(expr::Exthdr { name: "frag".into(), field: Some(name.into()), offset: None }));
             vec![matches(frag("frag-off"), Operator::NEQ, Expression::Number(0)), matches(frag("nexthdr"), Operator::EQ, s("tcp"))]
         };
-        let mut rule = RuleBuf::new(&chain);
+        let mut rule = RuleBuf::new(&entry);
         for c in later {
             rule = rule.push(c);
         }
         out.push(rule.push(counter(&counter_name(p.dir, verdict::PASS, reason::FRAGMENT, None))).push(Statement::Accept(None)).into_command());
-
-        // Then the guarded port (nftables reads a later fragment's first
-        // bytes as ports, so fragments go first).
-        if !slots.is_empty() {
-            let targets = slots.iter().map(|&slot| SetItem::Mapping(Expression::Number(dp.ports[slot]), Expression::Verdict(Verdict::Goto(JumpTarget { target: p.slot_chain(f, slot).into() })))).collect();
-            out.push(
-                RuleBuf::new(&chain)
-                    .push(Statement::VerdictMap(stmt::VerdictMap { key: field("tcp", "dport"), data: Expression::Named(NamedExpression::Set(targets)) }))
-                    .into_command(),
-            );
+    }
+    for f in FAMILIES {
+        if slots.is_empty() {
+            break;
         }
         let split = |scope| if f.suffix == "4" { ranges::v4(&c.v4, scope) } else { ranges::v6(&c.v6, scope) };
         let (peer, local) = (split(peer_scope), split(local_scope));
+        let with_local = dp.acl_sides & side::LOCAL_BIT != 0;
+        let key = |addr: &str| Expression::Named(NamedExpression::Concat(vec![field(f.proto, addr), field("tcp", "dport")]));
+        // Local allows: one lookup of (local address, port) before anything.
+        let mut local_allow = Vec::new();
+        for &slot in &slots {
+            if with_local {
+                for r in ranges::select(&local, |e| e.is_some_and(|e| e.allow_rule[slot] != 0)) {
+                    local_allow.push((r, slot));
+                }
+            }
+        }
+        if !local_allow.is_empty() {
+            if fills_shared {
+                out.push(element_cmd(local_allow_set(p.dir, f), local_allow.iter().map(|(r, slot)| concat_key(f, *r, dp.ports[*slot])).collect()));
+            }
+            // Which slot's allow it was: per slot, a rule with the port.
+            for &slot in &slots {
+                if local_allow.iter().any(|(_, s)| *s == slot) {
+                    out.push(
+                        RuleBuf::new(&entry)
+                            .push(in_set(key(local_addr), &local_allow_set(p.dir, f)))
+                            .push(matches(field("tcp", "dport"), Operator::EQ, Expression::Number(dp.ports[slot])))
+                            .push(goto(&p.verdict_chain(f, slot, reason::ALLOW_ACL)))
+                            .into_command(),
+                    );
+                }
+            }
+        }
+        // The peer map: one lookup of (peer address, port) says allow, deny
+        // or geo. (A denied source that is also banned counts as denied:
+        // docs/nftables.md.)
+        let country = |e: Option<&policy_common::AclEntry>| e.map_or(0, |e| e.country);
+        let mut elements: Vec<(Range, u32, String)> = Vec::new();
+        for &slot in &slots {
+            let local_deny = with_local && local.iter().any(|(_, e)| e.is_some_and(|e| e.deny_rule[slot] != 0));
+            let target = |e: Option<&policy_common::AclEntry>| -> Option<String> {
+                match e {
+                    Some(e) if e.allow_rule[slot] != 0 => Some(p.verdict_chain(f, slot, reason::ALLOW_ACL)),
+                    Some(e) if e.deny_rule[slot] != 0 => Some(p.verdict_chain(f, slot, reason::DENY_ACL)),
+                    _ if dp.geo_enabled != 0 && dp.geo_drops(country(e)) => {
+                        Some(if local_deny { p.after_geo(f, slot) } else { p.verdict_chain(f, slot, reason::GEO) })
+                    }
+                    _ => None,
+                }
+            };
+            let port = dp.ports[slot];
+            for (r, e) in &peer {
+                let Some(t) = target(e.as_ref()) else { continue };
+                match elements.last_mut() {
+                    Some((last, lp, lt)) if *lp == port && *lt == t && last.last.checked_add(1) == Some(r.first) => last.last = r.last,
+                    _ => elements.push((*r, port, t)),
+                }
+            }
+        }
+        if !elements.is_empty() {
+            let map = p.peer_map(f);
+            let items: Vec<Expression<'static>> = elements
+                .into_iter()
+                .map(|(r, port, t)| Expression::List(vec![concat_key(f, r, port), Expression::Verdict(Verdict::Goto(JumpTarget { target: t.into() }))]))
+                .collect();
+            out.push(element_cmd(map.clone(), items));
+            out.push(RuleBuf::new(&entry).push(Statement::VerdictMap(stmt::VerdictMap { key: key(peer_addr), data: s(&format!("@{map}")) })).into_command());
+        }
+        // Anything else on a guarded port: its slot's chain.
+        let targets = slots.iter().map(|&slot| SetItem::Mapping(Expression::Number(dp.ports[slot]), Expression::Verdict(Verdict::Goto(JumpTarget { target: p.slot_chain(f, slot).into() })))).collect();
+        let protocol = matches(Expression::Named(NamedExpression::Meta(expr::Meta { key: expr::MetaKey::Protocol })), Operator::EQ, s(f.proto));
+        out.push(
+            RuleBuf::new(&entry)
+                .push(protocol)
+                .push(Statement::VerdictMap(stmt::VerdictMap { key: field("tcp", "dport"), data: Expression::Named(NamedExpression::Set(targets)) }))
+                .into_command(),
+        );
         for &slot in &slots {
             let step = Step { dir: p.dir, slot, monitor: dp.mode == mode::MONITOR, resets: p.resets && dp.established_reset != 0, family: f };
-            out.extend(slot_rules(p, f, slot, dp, &step, &peer, &local));
+            let local_deny = if with_local { ranges::select(&local, |e| e.is_some_and(|e| e.deny_rule[slot] != 0)) } else { Vec::new() };
+            if fills_shared && !local_deny.is_empty() {
+                out.push(element_cmd(local_deny_set(p.dir, f, slot), local_deny.iter().map(|r| range_elem(f, *r)).collect()));
+            }
+            out.extend(slot_rules(p, f, slot, dp, &step, !local_deny.is_empty(), local_addr));
         }
     }
     out
 }
 
-type Split = [(Range, Option<policy_common::AclEntry>)];
-
-/// A slot's chains, its peer map and local sets.
-fn slot_rules(p: Path, f: Fam, slot: usize, dp: &DirectionPolicy, step: &Step, peer: &Split, local: &Split) -> Vec<Command> {
-    let mut out = Vec::new();
-    let (peer_addr, local_addr) = if p.dir == direction::INGRESS { ("saddr", "daddr") } else { ("daddr", "saddr") };
+/// A slot's chains: its verdicts, what follows a geo drop where local
+/// denies outrank it, and what a packet with no ACL entry meets.
+fn slot_rules(p: Path, f: Fam, slot: usize, dp: &DirectionPolicy, step: &Step, local_deny: bool, local_addr: &str) -> Vec<Command> {
     let chain = p.slot_chain(f, slot);
     let verdict_chain = |why| p.verdict_chain(f, slot, why);
     let mut rules: Vec<RuleBuf> = Vec::new();
-    // The verdict chains.
     for (why, act) in [(reason::ALLOW_ACL, verdict::PASS), (reason::BANNED, verdict::DROP), (reason::DENY_ACL, verdict::DROP), (reason::GEO, verdict::DROP)] {
         rules.extend(step.decide(&verdict_chain(why), vec![], act, why));
     }
-    let bans = |chain: &str| {
-        let v4 = f.suffix == "4";
-        vec![
-            RuleBuf::new(chain).push(in_set(field(f.proto, "saddr"), network_ban_set(v4))).push(goto(&verdict_chain(reason::BANNED))),
-            RuleBuf::new(chain).push(in_set(source_key(f), ban_set(v4))).push(goto(&verdict_chain(reason::BANNED))),
-        ]
-    };
-    // Local sides: allow first (an allow outranks everything), deny after the bans.
-    let with_local = dp.acl_sides & side::LOCAL_BIT != 0;
-    let local_allow = if with_local { ranges::select(local, |e| e.is_some_and(|e| e.allow_rule[slot] != 0)) } else { Vec::new() };
-    let local_deny = if with_local { ranges::select(local, |e| e.is_some_and(|e| e.deny_rule[slot] != 0)) } else { Vec::new() };
     let local_deny_rule = |chain: &str| {
-        (!local_deny.is_empty()).then(|| RuleBuf::new(chain).push(in_set(field(f.proto, local_addr), &local_set(p.dir, f, slot, false))).push(goto(&verdict_chain(reason::DENY_ACL))))
+        local_deny.then(|| RuleBuf::new(chain).push(in_set(field(f.proto, local_addr), &local_deny_set(p.dir, f, slot))).push(goto(&verdict_chain(reason::DENY_ACL))))
     };
-    // Only the ingress path fills the sets a direction's paths share.
-    let fills_sets = p.resets;
-    for (allow, elements) in [(true, &local_allow), (false, &local_deny)] {
-        if fills_sets && !elements.is_empty() {
-            out.push(element_cmd(local_set(p.dir, f, slot, allow), elements.iter().map(|r| range_elem(f, *r)).collect()));
-        }
-    }
-    if !local_allow.is_empty() {
-        rules.push(RuleBuf::new(&chain).push(in_set(field(f.proto, local_addr), &local_set(p.dir, f, slot, true))).push(goto(&verdict_chain(reason::ALLOW_ACL))));
-    }
-    // The peer map: one lookup says allow, deny or geo for the whole address.
-    let country = |e: Option<&policy_common::AclEntry>| e.map_or(0, |e| e.country);
-    let target = |e: Option<&policy_common::AclEntry>| -> Option<String> {
-        match e {
-            Some(e) if e.allow_rule[slot] != 0 => Some(verdict_chain(reason::ALLOW_ACL)),
-            Some(e) if e.deny_rule[slot] != 0 => Some(p.after_deny(f, slot)),
-            _ if dp.geo_enabled != 0 && dp.geo_drops(country(e)) => Some(p.after_geo(f, slot)),
-            _ => None,
-        }
-    };
-    let mut elements: Vec<(Range, String)> = Vec::new();
-    for (r, e) in peer {
-        let Some(t) = target(e.as_ref()) else { continue };
-        match elements.last_mut() {
-            Some((last, lt)) if *lt == t && last.last.checked_add(1) == Some(r.first) => last.last = r.last,
-            _ => elements.push((*r, t)),
-        }
-    }
-    if !elements.is_empty() {
-        let map = p.peer_map(f, slot);
-        let items: Vec<Expression<'static>> = elements
-            .into_iter()
-            .map(|(r, t)| Expression::List(vec![range_elem(f, r), Expression::Verdict(Verdict::Goto(JumpTarget { target: t.into() }))]))
-            .collect();
-        out.push(element_cmd(map.clone(), items));
-        rules.push(
-            RuleBuf::new(&chain).push(Statement::VerdictMap(stmt::VerdictMap { key: field(f.proto, peer_addr), data: s(&format!("@{map}")) })),
-        );
-    }
-    // After a deny: the bans, then the deny. After the geo-fence: the bans,
-    // the local deny, then the geo drop.
-    let after_deny = p.after_deny(f, slot);
-    rules.extend(bans(&after_deny));
-    rules.push(RuleBuf::new(&after_deny).push(goto(&verdict_chain(reason::DENY_ACL))));
     let after_geo = p.after_geo(f, slot);
-    rules.extend(bans(&after_geo));
     rules.extend(local_deny_rule(&after_geo));
     rules.push(RuleBuf::new(&after_geo).push(goto(&verdict_chain(reason::GEO))));
-    // No ACL entry for the peer: the bans, the local deny, then the rest.
-    rules.extend(bans(&chain));
+    // No ACL entry: the bans, the local deny, then the rest.
+    let v4 = f.suffix == "4";
+    rules.push(RuleBuf::new(&chain).push(in_set(field(f.proto, "saddr"), network_ban_set(v4))).push(goto(&verdict_chain(reason::BANNED))));
+    rules.push(RuleBuf::new(&chain).push(in_set(source_key(f), ban_set(v4))).push(goto(&verdict_chain(reason::BANNED))));
     rules.extend(local_deny_rule(&chain));
     rules.extend(rest_rules(&chain, f, slot, dp, step));
-    out.extend(rules.into_iter().map(RuleBuf::into_command));
-    out
+    rules.into_iter().map(RuleBuf::into_command).collect()
 }
 
 /// What follows the ACL, bans and geo-fence: the rate meters on new
