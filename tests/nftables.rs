@@ -81,7 +81,8 @@ fn nftables_and_model_agree_on_random_policies_and_packets() {
         let policy = policy.unwrap_or_else(|| panic!("generated policy is invalid:\n{text}\n{diags}"));
         let c = policy::compile(&policy, today).unwrap();
         let acl = AclIndex::new(&c);
-        // Each policy replaces the last in one transaction, as a reload does.
+        // Each policy replaces the last in one transaction, as a reload does
+        // (the sets told only what changed).
         lab.load(&c, SIZES).unwrap_or_else(|e| panic!("{e:#}\n{text}"));
         for _ in 0..PACKETS_PER_POLICY {
             let packet = random_packet(&mut rng);

@@ -32,6 +32,8 @@ pub struct NftLab {
     /// The controller's run, state and log files.
     pub dir: std::path::PathBuf,
     controller: Option<std::process::Child>,
+    /// Loads after the first are updates of the last, as the controller's.
+    loader: nft::Loader,
 }
 
 pub const METRICS_PORT: u16 = 9425;
@@ -107,7 +109,7 @@ impl NftLab {
         let sockets = [packet_socket(&outside, "wire0")?, packet_socket(&outside, "vm0")?, packet_socket(&host, "up0")?];
         let dir = std::env::temp_dir().join(format!("smtpguard-{}-{}", host.name(), std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        Ok(Self { host, outside, sockets, last: None, dir, controller: None })
+        Ok(Self { host, outside, sockets, last: None, dir, controller: None, loader: nft::Loader::default() })
     }
 
     pub fn devices() -> nft::Devices {
@@ -119,10 +121,12 @@ impl NftLab {
         self.host.enter(|| nft::apply(commands))?.context("loading the ruleset")
     }
 
-    /// Loads (or reloads) the compiled policy, as the controller does.
+    /// Loads (or reloads) the compiled policy, as the controller does: the
+    /// first whole, each later one as an update of what the last loaded.
     pub fn load(&mut self, c: &smtpguard::policy::Compiled, sizes: nft::Sizes) -> Result<()> {
         self.last = None;
-        Ok(self.host.enter(|| nft::load(c, sizes, &Self::devices()))??)
+        let loader = &mut self.loader;
+        Ok(self.host.enter(|| loader.load(c, sizes, &Self::devices()))??)
     }
 
     fn state_args(&self) -> Vec<String> {

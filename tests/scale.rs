@@ -58,6 +58,21 @@ pub struct SizeRow {
     pub load_s: f64,
     pub reload_s: f64,
     pub map_bytes: u64,
+    /// smtpguard --backend nftables: Mpps, and the load of the policy (one nft transaction).
+    pub sg_nft_mpps: f64,
+    pub sg_nft_load_s: f64,
+}
+
+fn nft_devices() -> smtpguard::nft::Devices {
+    smtpguard::nft::Devices { uplinks: vec!["d0".into()], tenants: Vec::new() }
+}
+
+/// Loads `compiled` into the DUT's nftables as `smtpguard run --backend
+/// nftables` does; seconds.
+fn nft_load(dut: &Netns, compiled: &Compiled) -> Result<f64> {
+    let start = Instant::now();
+    dut.enter(|| smtpguard::nft::load(compiled, smtpguard::nft::Sizes { sources: 65_536 }, &nft_devices()))??;
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// One throughput round of `packets` SYNs from `src` into a DUT set up by
@@ -89,6 +104,7 @@ pub fn run_scale(work: &Path, sizes: &[usize]) -> Result<(Vec<SizeRow>, u64)> {
         })?;
         let mut dp = Dataplane::load(Capacities { acl4: room, ..Capacities::default() }, None).context("loading the datapath")?;
         let (load_s, compiled) = apply(&mut dp, &a, 1)?;
+        let compiled_a = compiled.clone();
         if compiled.entries() == 0 {
             bail!("{size}: the policy compiled to nothing");
         }
@@ -123,8 +139,15 @@ pub fn run_scale(work: &Path, sizes: &[usize]) -> Result<(Vec<SizeRow>, u64)> {
         let nft_mpps = netfilter_mpps(src, 2_000_000, &|dut| dut.exec(&["nft", "-f", &nft_file.display().to_string()]).map(drop))?;
         eprintln!("  nft netdev: {nft_mpps:.2} Mpps (setup and run {:.1} s)", started.elapsed().as_secs_f64());
         let iptables_mpps = netfilter_mpps(src, 2_000_000, &|dut| iptables_rules(dut, work, &cidrs, false))?;
+        let sg_nft_load = std::cell::Cell::new(0.0);
+        let sg_nft_mpps = netfilter_mpps(src, 2_000_000, &|dut| {
+            sg_nft_load.set(nft_load(dut, &compiled_a)?);
+            Ok(())
+        })?;
+        let sg_nft_load_s = sg_nft_load.get();
+        eprintln!("  smtpguard nftables: {sg_nft_mpps:.2} Mpps, loaded in {sg_nft_load_s:.3} s");
         eprintln!("  smtpguard {ns:.2} ns/pkt (floor {floor_ns:.2}), load {load_s:.3} s, reload {reload_s:.3} s, {map_bytes} map bytes; iptables {iptables_mpps:.2} Mpps");
-        rows.push(SizeRow { size, smtpguard_ns: ns, floor_ns, nft_mpps, iptables_mpps, load_s, reload_s, map_bytes });
+        rows.push(SizeRow { size, smtpguard_ns: ns, floor_ns, nft_mpps, iptables_mpps, load_s, reload_s, map_bytes, sg_nft_mpps, sg_nft_load_s });
     }
     let dp = Dataplane::load(Capacities { sources: 1_000_000, ..Capacities::default() }, None)?;
     let sources = dp.map_memlock(policy_common::SOURCES)?;
@@ -216,4 +239,90 @@ pub fn run_reload(work: &Path) -> Result<Reload> {
         v[v.len() / 2]
     };
     Ok(Reload { one_rule_ms: median(one_rule), full_swap_ms: median(full), misjudged: judged - expected, judged, entries: compiled.entries() })
+}
+
+/// Kernel memory in use: MemTotal - MemAvailable, bytes.
+fn kernel_used() -> Result<i64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    let field = |name: &str| -> Result<i64> {
+        let line = text.lines().find(|l| l.starts_with(name)).with_context(|| format!("{name} in /proc/meminfo"))?;
+        Ok(line.split_whitespace().nth(1).context("a number")?.parse::<i64>()? * 1024)
+    };
+    Ok(field("MemTotal:")? - field("MemAvailable:")?)
+}
+
+pub struct NftGeo {
+    pub networks: usize,
+    pub elements: usize,
+    pub load_s: f64,
+    pub kernel_bytes: i64,
+}
+
+/// The whole real geo database into nftables: a geo-fence that lets one
+/// country through (`allow_only: [US]`) puts every other network of the
+/// database in the peer map. Load time, and the kernel memory it takes
+/// (MemAvailable before and after, the table deleted between rounds).
+pub fn run_nft_geo(work: &Path) -> Result<NftGeo> {
+    let dir = work.join("nftgeo");
+    std::fs::create_dir_all(&dir)?;
+    let db = crate::geo_database()?;
+    let path = dir.join("policy.yaml");
+    std::fs::write(
+        &path,
+        format!("version: 1\nports: {{25: smtp}}\ningress:\n  default: {{25: allow}}\n  geo: {{database: {}, field: country_code, allow_only: [US], unknown: deny}}\negress:\n  default: {{25: deny}}\n", db.display()),
+    )?;
+    let compiled = crate::compile_file(&path)?;
+    let elements = smtpguard::nft::ruleset::render(&compiled, &nft_devices())
+        .iter()
+        .filter_map(|c| c.pointer("/add/element/elem").and_then(|e| e.as_array()).map(Vec::len))
+        .sum();
+    let (mut loads, mut bytes) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let bed = Bed::new(true)?;
+        let before = kernel_used()?;
+        loads.push(nft_load(&bed.dut, &compiled)?);
+        bytes.push(kernel_used()? - before);
+        bed.dut.exec(&["nft", "delete", "table", "netdev", "smtpguard"])?;
+    }
+    loads.sort_by(f64::total_cmp);
+    bytes.sort();
+    Ok(NftGeo { networks: compiled.geo.networks_read, elements, load_s: loads[1], kernel_bytes: bytes[1] })
+}
+
+pub struct NftReload {
+    pub entries: usize,
+    pub one_rule_ms: f64,
+    pub full_swap_ms: f64,
+}
+
+/// The nftables backend's reloads of a 100,000-CIDR policy: a one-rule
+/// edit and back, and a swap to another 100,000 (each one transaction).
+pub fn run_nft_reload(work: &Path) -> Result<NftReload> {
+    const ROUNDS: usize = 5;
+    let dir = work.join("nftreload");
+    let cidrs = random_cidrs(100_000, 0xa11);
+    let other = random_cidrs(100_000, 0xb22);
+    let s = crate::throughput::CLEAN_SOURCE;
+    let base = crate::compile_file(&write_policy(&dir, "base", &cidrs, "")?)?;
+    let one = crate::compile_file(&write_policy(&dir, "one", &cidrs, &format!("  deny: [{{id: one-rule, cidr: {s}/32}}]\n"))?)?;
+    let swap = crate::compile_file(&write_policy(&dir, "swap", &other, &format!("  allow: [{{id: swapped, cidr: {s}/32}}]\n"))?)?;
+    let bed = Bed::new(true)?;
+    // As the controller reloads: each load an update of the last.
+    let mut loader = smtpguard::nft::Loader::default();
+    let sizes = smtpguard::nft::Sizes { sources: 65_536 };
+    bed.dut.enter(|| loader.load(&base, sizes, &nft_devices()))??;
+    let (mut one_rule, mut full) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        for (c, whole) in [(&one, false), (&base, false), (&swap, true), (&base, true)] {
+            let start = Instant::now();
+            bed.dut.enter(|| loader.load(c, sizes, &nft_devices()))??;
+            let took = start.elapsed().as_secs_f64();
+            if whole { &mut full } else { &mut one_rule }.push(took * 1000.0);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(NftReload { entries: base.entries(), one_rule_ms: median(one_rule), full_swap_ms: median(full) })
 }

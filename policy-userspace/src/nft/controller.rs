@@ -52,6 +52,7 @@ struct Controller {
     events: EventLog,
     strikes: Strikes,
     sizes: Sizes,
+    loader: super::Loader,
 }
 
 fn preflight(o: &RunOptions) -> Result<()> {
@@ -88,7 +89,7 @@ impl Controller {
     /// Loads the compiled policy and the base chains of `devices` as one
     /// transaction, and removes the base chains of devices gone.
     fn load(&mut self, compiled: &Compiled) -> Result<()> {
-        super::load(compiled, self.sizes, &self.devices)?;
+        self.loader.load(compiled, self.sizes, &self.devices)?;
         let stale: Vec<String> = super::base_chains()?.into_iter().filter(|c| !self.wanted_chains().contains(c)).collect();
         super::delete_chains(&stale)?;
         Ok(())
@@ -313,6 +314,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         state: state.clone(),
         events,
         sizes,
+        loader: super::Loader::default(),
     };
     let start = Instant::now();
     c.load(&compiled).context("loading the policy into nftables")?;

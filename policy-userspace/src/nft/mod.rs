@@ -71,10 +71,38 @@ pub fn apply(commands: &[ruleset::Command]) -> Result<(), NftError> {
 /// transaction (after the state sets, made once: see
 /// [`ruleset::state_sets`]). Bans, meters and counters are kept.
 pub fn load(c: &crate::policy::Compiled, sizes: Sizes, devices: &Devices) -> Result<(), NftError> {
-    if let Some(text) = ruleset::state_sets(sizes, &present_sets()?) {
-        nft_in(false, &["-f", "-"], Some(&text))?;
+    Loader::default().load(c, sizes, devices)
+}
+
+/// Loads policies one after another, each after the first as an update
+/// of what the last one put in the sets ([`ruleset::render_update`]).
+#[derive(Default)]
+pub struct Loader {
+    /// What the sets hold, when this loader filled them.
+    loaded: Option<ruleset::Elements>,
+}
+
+impl Loader {
+    pub fn load(&mut self, c: &crate::policy::Compiled, sizes: Sizes, devices: &Devices) -> Result<(), NftError> {
+        let present = present_sets()?;
+        if let Some(text) = ruleset::state_sets(sizes, &present) {
+            nft_in(false, &["-f", "-"], Some(&text))?;
+        }
+        // Not known after a failure: the next load is whole.
+        let previous = self.loaded.take();
+        match previous {
+            Some(previous) => {
+                let (commands, next) = ruleset::render_update(c, devices, &previous);
+                apply(&commands)?;
+                self.loaded = Some(next);
+            }
+            None => {
+                apply(&ruleset::render(c, devices))?;
+                self.loaded = Some(ruleset::elements_of(c, devices));
+            }
+        }
+        Ok(())
     }
-    apply(&ruleset::render(c, devices))
 }
 
 /// Runs `nft -j ARGS` and returns its JSON objects.
@@ -85,21 +113,24 @@ fn list(args: &[&str]) -> Result<Vec<serde_json::Value>, NftError> {
 
 /// Is the table loaded?
 pub fn table_exists() -> bool {
-    list(&["list", "table", "netdev", ruleset::TABLE]).is_ok()
+    // Terse (no elements): a table of a million elements lists in seconds.
+    list(&["-t", "list", "table", "netdev", ruleset::TABLE]).is_ok()
 }
 
 /// The names of the table's sets (none when it is not loaded).
 pub fn present_sets() -> Result<std::collections::HashSet<String>, NftError> {
-    if !table_exists() {
-        return Ok(Default::default());
-    }
-    let objects = list(&["list", "sets", "table", "netdev", ruleset::TABLE])?;
+    let objects = match list(&["-t", "list", "sets", "table", "netdev", ruleset::TABLE]) {
+        Ok(o) => o,
+        // No table yet.
+        Err(NftError::Refused { .. }) => return Ok(Default::default()),
+        Err(e) => return Err(e),
+    };
     Ok(objects.iter().filter_map(|o| Some(o.get("set")?["name"].as_str()?.to_owned())).collect())
 }
 
 /// The table's base chains (`hook_*`), by name.
 pub fn base_chains() -> Result<Vec<String>, NftError> {
-    let objects = list(&["list", "chains", "netdev"])?;
+    let objects = list(&["-t", "list", "chains", "netdev"])?;
     Ok(objects
         .iter()
         .filter_map(|o| {

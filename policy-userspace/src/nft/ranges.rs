@@ -8,7 +8,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use policy_common::AclEntry;
 
 /// An inclusive range of addresses (IPv4 in the low 32 bits).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Range {
     pub first: u128,
     pub last: u128,

@@ -48,7 +48,7 @@ pub struct Sizes {
 }
 
 /// The family-specific names of a rule.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct Fam {
     proto: &'static str,
     suffix: &'static str,
@@ -528,31 +528,76 @@ pub fn base_chains(devices: &Devices) -> Vec<Command> {
     out
 }
 
-/// The whole policy: the skeleton, then every policy set and map refilled
-/// and every chain rewritten, in one transaction.
-/// (The state sets come first, from [`state_sets`].)
-pub fn render(c: &Compiled, devices: &Devices) -> Vec<Command> {
+/// The table, counters, sets, maps and chains made if missing, every chain
+/// rewritten, and what each policy set and map must hold.
+fn render_parts(c: &Compiled, devices: &Devices) -> (Vec<Command>, Vec<Fill>) {
     let mut out = skeleton(devices);
-    for (name, _, kind) in policy_sets() {
-        out.push(if kind == SetKind::VerdictMap {
-            serde_json::json!({ "flush": { "map": { "family": "netdev", "table": TABLE, "name": name } } })
-        } else {
-            cmd(NfCmd::Flush(schema::FlushObject::Set(Box::new(schema::Set { family: FAMILY, table: TABLE.into(), name: name.into(), ..schema::Set::default() }))))
-        });
-    }
     for p in PATHS {
         for chain in p.chains() {
             out.push(flush_chain(&chain));
         }
     }
+    let mut fills = Vec::new();
     for p in PATHS {
-        out.extend(path_rules(c, p));
+        out.extend(path_rules(c, p, &mut fills));
+    }
+    (out, fills)
+}
+
+fn flush_set(name: &str, kind: SetKind) -> Command {
+    if kind == SetKind::VerdictMap {
+        serde_json::json!({ "flush": { "map": { "family": "netdev", "table": TABLE, "name": name } } })
+    } else {
+        cmd(NfCmd::Flush(schema::FlushObject::Set(Box::new(schema::Set { family: FAMILY, table: TABLE.into(), name: name.to_owned().into(), ..schema::Set::default() }))))
+    }
+}
+
+/// The whole policy: the skeleton, then every chain rewritten and every
+/// policy set and map flushed and refilled, in one transaction.
+/// (The state sets come first, from [`state_sets`].)
+pub fn render(c: &Compiled, devices: &Devices) -> Vec<Command> {
+    let (mut out, fills) = render_parts(c, devices);
+    for (name, _, kind) in policy_sets() {
+        out.push(flush_set(&name, kind));
+    }
+    for fill in &fills {
+        out.push(element_cmd("add", &fill.set, fill.family, &fill.items));
     }
     out
 }
 
-fn element_cmd(set: String, elems: Vec<Expression<'static>>) -> Command {
-    add(NfListObject::Element(schema::Element { family: FAMILY, table: TABLE.into(), name: set.into(), elem: elems.into() }))
+/// One element of a policy set or map, typed: cheap to compare, so a
+/// reload sends only the elements that changed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Item {
+    Addresses(Range),
+    AddressesAndPort(Range, u32),
+    /// A peer map's element: the chain it goes to.
+    Goto(Range, u32, std::sync::Arc<str>),
+}
+
+impl Item {
+    fn expr(&self, f: Fam) -> Expression<'static> {
+        match self {
+            Item::Addresses(r) => range_elem(f, *r),
+            Item::AddressesAndPort(r, port) => concat_key(f, *r, *port),
+            Item::Goto(r, port, target) => Expression::List(vec![concat_key(f, *r, *port), Expression::Verdict(Verdict::Goto(JumpTarget { target: target.to_string().into() }))]),
+        }
+    }
+}
+
+/// What one policy set or map is filled with.
+#[derive(Clone, Debug)]
+struct Fill {
+    set: String,
+    family: Fam,
+    items: Vec<Item>,
+}
+
+fn element_cmd(op: &str, set: &str, f: Fam, items: &[Item]) -> Command {
+    let elem: Vec<Expression<'static>> = items.iter().map(|i| i.expr(f)).collect();
+    let object = NfListObject::Element(schema::Element { family: FAMILY, table: TABLE.into(), name: set.to_owned().into(), elem: elem.into() });
+    cmd(if op == "delete" { NfCmd::Delete(object) } else { NfCmd::Add(object) })
 }
 
 /// What a step does with the packets it decides.
@@ -614,7 +659,7 @@ fn concat_key(f: Fam, r: Range, port: u32) -> Expression<'static> {
 }
 
 /// Every chain's rules and every set's elements of one path.
-fn path_rules(c: &Compiled, p: Path) -> Vec<Command> {
+fn path_rules(c: &Compiled, p: Path, fills: &mut Vec<Fill>) -> Vec<Command> {
     let dp = &c.config.direction[p.dir as usize];
     let mut out = Vec::new();
     let (peer_addr, local_addr) = if p.dir == direction::INGRESS { ("saddr", "daddr") } else { ("daddr", "saddr") };
@@ -662,7 +707,7 @@ fn path_rules(c: &Compiled, p: Path) -> Vec<Command> {
         }
         if !local_allow.is_empty() {
             if fills_shared {
-                out.push(element_cmd(local_allow_set(p.dir, f), local_allow.iter().map(|(r, slot)| concat_key(f, *r, dp.ports[*slot])).collect()));
+                fills.push(Fill { set: local_allow_set(p.dir, f), family: f, items: local_allow.iter().map(|(r, slot)| Item::AddressesAndPort(*r, dp.ports[*slot])).collect() });
             }
             // Which slot's allow it was: per slot, a rule with the port.
             for &slot in &slots {
@@ -681,16 +726,17 @@ fn path_rules(c: &Compiled, p: Path) -> Vec<Command> {
         // or geo. (A denied source that is also banned counts as denied:
         // docs/nftables.md.)
         let country = |e: Option<&policy_common::AclEntry>| e.map_or(0, |e| e.country);
-        let mut elements: Vec<(Range, u32, String)> = Vec::new();
+        let mut elements: Vec<(Range, u32, std::sync::Arc<str>)> = Vec::new();
         for &slot in &slots {
             let local_deny = with_local && local.iter().any(|(_, e)| e.is_some_and(|e| e.deny_rule[slot] != 0));
-            let target = |e: Option<&policy_common::AclEntry>| -> Option<String> {
+            // Named once per slot: a map of a million ranges names few chains.
+            let (allow_to, deny_to): (std::sync::Arc<str>, std::sync::Arc<str>) = (p.verdict_chain(f, slot, reason::ALLOW_ACL).into(), p.verdict_chain(f, slot, reason::DENY_ACL).into());
+            let geo_to: std::sync::Arc<str> = if local_deny { p.after_geo(f, slot) } else { p.verdict_chain(f, slot, reason::GEO) }.into();
+            let target = |e: Option<&policy_common::AclEntry>| -> Option<&std::sync::Arc<str>> {
                 match e {
-                    Some(e) if e.allow_rule[slot] != 0 => Some(p.verdict_chain(f, slot, reason::ALLOW_ACL)),
-                    Some(e) if e.deny_rule[slot] != 0 => Some(p.verdict_chain(f, slot, reason::DENY_ACL)),
-                    _ if dp.geo_enabled != 0 && dp.geo_drops(country(e)) => {
-                        Some(if local_deny { p.after_geo(f, slot) } else { p.verdict_chain(f, slot, reason::GEO) })
-                    }
+                    Some(e) if e.allow_rule[slot] != 0 => Some(&allow_to),
+                    Some(e) if e.deny_rule[slot] != 0 => Some(&deny_to),
+                    _ if dp.geo_enabled != 0 && dp.geo_drops(country(e)) => Some(&geo_to),
                     _ => None,
                 }
             };
@@ -698,18 +744,14 @@ fn path_rules(c: &Compiled, p: Path) -> Vec<Command> {
             for (r, e) in &peer {
                 let Some(t) = target(e.as_ref()) else { continue };
                 match elements.last_mut() {
-                    Some((last, lp, lt)) if *lp == port && *lt == t && last.last.checked_add(1) == Some(r.first) => last.last = r.last,
-                    _ => elements.push((*r, port, t)),
+                    Some((last, lp, lt)) if *lp == port && std::sync::Arc::ptr_eq(lt, t) && last.last.checked_add(1) == Some(r.first) => last.last = r.last,
+                    _ => elements.push((*r, port, t.clone())),
                 }
             }
         }
         if !elements.is_empty() {
             let map = p.peer_map(f);
-            let items: Vec<Expression<'static>> = elements
-                .into_iter()
-                .map(|(r, port, t)| Expression::List(vec![concat_key(f, r, port), Expression::Verdict(Verdict::Goto(JumpTarget { target: t.into() }))]))
-                .collect();
-            out.push(element_cmd(map.clone(), items));
+            fills.push(Fill { set: map.clone(), family: f, items: elements.into_iter().map(|(r, port, t)| Item::Goto(r, port, t)).collect() });
             out.push(RuleBuf::new(&entry).push(Statement::VerdictMap(stmt::VerdictMap { key: key(peer_addr), data: s(&format!("@{map}")) })).into_command());
         }
         // Anything else on a guarded port: its slot's chain.
@@ -725,7 +767,7 @@ fn path_rules(c: &Compiled, p: Path) -> Vec<Command> {
             let step = Step { dir: p.dir, slot, monitor: dp.mode == mode::MONITOR, resets: p.resets && dp.established_reset != 0, family: f };
             let local_deny = if with_local { ranges::select(&local, |e| e.is_some_and(|e| e.deny_rule[slot] != 0)) } else { Vec::new() };
             if fills_shared && !local_deny.is_empty() {
-                out.push(element_cmd(local_deny_set(p.dir, f, slot), local_deny.iter().map(|r| range_elem(f, *r)).collect()));
+                fills.push(Fill { set: local_deny_set(p.dir, f, slot), family: f, items: local_deny.iter().map(|r| Item::Addresses(*r)).collect() });
             }
             out.extend(slot_rules(p, f, slot, dp, &step, !local_deny.is_empty(), local_addr));
         }
@@ -837,3 +879,66 @@ fn rest_rules(chain: &str, f: Fam, slot: usize, dp: &DirectionPolicy, step: &Ste
 pub fn document(commands: &[Command]) -> String {
     serde_json::json!({ "nftables": commands }).to_string()
 }
+
+/// What the policy sets and maps hold after a load, by set.
+#[derive(Clone, Debug, Default)]
+pub struct Elements(std::collections::BTreeMap<String, Fill>);
+
+impl Elements {
+    pub fn len(&self) -> usize {
+        self.0.values().map(|f| f.items.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn elements(fills: Vec<Fill>) -> Elements {
+    let mut out = Elements::default();
+    for f in fills {
+        match out.0.get_mut(&f.set) {
+            Some(have) => have.items.extend(f.items),
+            None => {
+                out.0.insert(f.set.clone(), f);
+            }
+        }
+    }
+    out
+}
+
+/// A reload as an update of what `previous` loaded: chains rewritten as in
+/// a full render, but each policy set and map only told what changed
+/// (deletes first, so a range that moves never overlaps itself). One
+/// transaction still; a one-rule edit of a 100,000-entry policy sends a
+/// few elements instead of all of them. Returns the commands and what the
+/// sets hold after them.
+pub fn render_update(c: &Compiled, devices: &Devices, previous: &Elements) -> (Vec<Command>, Elements) {
+    let (mut out, fills) = render_parts(c, devices);
+    let next = elements(fills);
+    let (mut deletes, mut adds) = (Vec::new(), Vec::new());
+    let names: std::collections::BTreeSet<&String> = previous.0.keys().chain(next.0.keys()).collect();
+    for name in names {
+        let (old, new) = (previous.0.get(name.as_str()), next.0.get(name.as_str()));
+        let family = old.or(new).expect("one of them names it").family;
+        let old_items: HashSet<&Item> = old.iter().flat_map(|f| &f.items).collect();
+        let new_items: HashSet<&Item> = new.iter().flat_map(|f| &f.items).collect();
+        let gone: Vec<Item> = old.iter().flat_map(|f| &f.items).filter(|i| !new_items.contains(i)).cloned().collect();
+        let came: Vec<Item> = new.iter().flat_map(|f| &f.items).filter(|i| !old_items.contains(i)).cloned().collect();
+        if !gone.is_empty() {
+            deletes.push(element_cmd("delete", name, family, &gone));
+        }
+        if !came.is_empty() {
+            adds.push(element_cmd("add", name, family, &came));
+        }
+    }
+    out.extend(deletes);
+    out.extend(adds);
+    (out, next)
+}
+
+/// What a full render loads into the sets.
+pub fn elements_of(c: &Compiled, devices: &Devices) -> Elements {
+    elements(render_parts(c, devices).1)
+}
+
