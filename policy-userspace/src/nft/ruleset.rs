@@ -9,7 +9,10 @@
 //! by a reload; ban sets, rate meters and counters are only ever added to,
 //! so a reload or a restart keeps them.
 
-use std::{borrow::Cow, collections::HashSet};
+use std::{
+    borrow::Cow,
+    collections::{HashMap, HashSet},
+};
 
 use nftables::{
     expr::{self, BinaryOperation, Expression, NamedExpression, Payload, PayloadBase, PayloadField, PayloadRaw, SetItem, Verdict},
@@ -388,7 +391,7 @@ impl Path {
         format!("{}_v_{}", self.slot_chain(f, slot), reason::NAMES[why as usize])
     }
 
-    /// The peer map: (address range, guarded port) to the chain that decides.
+    /// The peer map: address ranges to their class's chain.
     fn peer_map(self, f: Fam) -> String {
         format!("{}_peer", self.family_chain(f))
     }
@@ -454,6 +457,12 @@ fn addr_type(f: Fam) -> &'static str {
     }
 }
 
+/// An interval map from addresses to verdicts (the crate's `Map` has no
+/// verdict data type).
+fn verdict_map_def(name: &str, f: Fam) -> Command {
+    serde_json::json!({ "add": { "map": { "family": "netdev", "table": TABLE, "name": name, "type": addr_type(f), "map": "verdict", "flags": ["interval"] } } })
+}
+
 /// A set or map keyed by (address, port) intervals. The crate's `Map` has
 /// no verdict data type, so these are written as nft's JSON names them.
 fn concat_set_def(name: &str, f: Fam, verdicts: bool) -> Command {
@@ -476,7 +485,7 @@ fn goto(target: &str) -> Statement<'static> {
 
 /// The table, its counters, policy sets, maps and chains, and the base
 /// chains: `add` only, so loading it again changes nothing that holds.
-pub fn skeleton(devices: &Devices) -> Vec<Command> {
+pub fn skeleton(devices: &Devices, extra_chains: &[String]) -> Vec<Command> {
     let mut out = vec![add(NfListObject::Table(Table { family: FAMILY, name: TABLE.into(), handle: None }))];
     for (name, _) in counter_names() {
         out.push(add(NfListObject::Counter(schema::Counter { family: FAMILY, table: TABLE.into(), name: name.into(), ..schema::Counter::default() })));
@@ -491,11 +500,15 @@ pub fn skeleton(devices: &Devices) -> Vec<Command> {
             out.push(add(chain_def(&chain)));
         }
     }
+    for chain in extra_chains {
+        out.push(add(chain_def(chain)));
+    }
     for (name, f, kind) in policy_sets() {
         out.push(match kind {
             SetKind::Addresses => add(set_def(&name, f, &[SetFlag::Interval])),
             SetKind::AddressesAndPorts => concat_set_def(&name, f, false),
-            SetKind::VerdictMap => concat_set_def(&name, f, true),
+            SetKind::VerdictMap if f.suffix == "4" => concat_set_def(&name, f, true),
+            SetKind::VerdictMap => verdict_map_def(&name, f),
         });
     }
     out.extend(base_chains(devices));
@@ -531,16 +544,20 @@ pub fn base_chains(devices: &Devices) -> Vec<Command> {
 /// The table, counters, sets, maps and chains made if missing, every chain
 /// rewritten, and what each policy set and map must hold.
 fn render_parts(c: &Compiled, devices: &Devices) -> (Vec<Command>, Vec<Fill>) {
-    let mut out = skeleton(devices);
+    let (mut fills, mut classes, mut rules) = (Vec::new(), Vec::new(), Vec::new());
+    for p in PATHS {
+        rules.extend(path_rules(c, p, &mut fills, &mut classes));
+    }
+    let mut out = skeleton(devices, &classes);
     for p in PATHS {
         for chain in p.chains() {
             out.push(flush_chain(&chain));
         }
     }
-    let mut fills = Vec::new();
-    for p in PATHS {
-        out.extend(path_rules(c, p, &mut fills));
+    for chain in &classes {
+        out.push(flush_chain(chain));
     }
+    out.extend(rules);
     (out, fills)
 }
 
@@ -573,7 +590,9 @@ enum Item {
     Addresses(Range),
     AddressesAndPort(Range, u32),
     /// A peer map's element: the chain it goes to.
-    Goto(Range, u32, std::sync::Arc<str>),
+    Goto(Range, std::sync::Arc<str>),
+    /// The same, keyed by (address range, port).
+    GotoPort(Range, u32, std::sync::Arc<str>),
 }
 
 impl Item {
@@ -581,7 +600,8 @@ impl Item {
         match self {
             Item::Addresses(r) => range_elem(f, *r),
             Item::AddressesAndPort(r, port) => concat_key(f, *r, *port),
-            Item::Goto(r, port, target) => Expression::List(vec![concat_key(f, *r, *port), Expression::Verdict(Verdict::Goto(JumpTarget { target: target.to_string().into() }))]),
+            Item::Goto(r, target) => Expression::List(vec![range_elem(f, *r), Expression::Verdict(Verdict::Goto(JumpTarget { target: target.to_string().into() }))]),
+            Item::GotoPort(r, port, target) => Expression::List(vec![concat_key(f, *r, *port), Expression::Verdict(Verdict::Goto(JumpTarget { target: target.to_string().into() }))]),
         }
     }
 }
@@ -659,7 +679,7 @@ fn concat_key(f: Fam, r: Range, port: u32) -> Expression<'static> {
 }
 
 /// Every chain's rules and every set's elements of one path.
-fn path_rules(c: &Compiled, p: Path, fills: &mut Vec<Fill>) -> Vec<Command> {
+fn path_rules(c: &Compiled, p: Path, fills: &mut Vec<Fill>, class_chains: &mut Vec<String>) -> Vec<Command> {
     let dp = &c.config.direction[p.dir as usize];
     let mut out = Vec::new();
     let (peer_addr, local_addr) = if p.dir == direction::INGRESS { ("saddr", "daddr") } else { ("daddr", "saddr") };
@@ -722,6 +742,12 @@ fn path_rules(c: &Compiled, p: Path, fills: &mut Vec<Fill>) -> Vec<Command> {
                 }
             }
         }
+        // IPv4: the peer map is keyed by (address range, port), one lookup
+        // on the hot path (nftables stores it as pipapo). IPv6: keyed by the
+        // address alone, then the port in a class chain: pipapo expands an
+        // IPv6 range into up to 254 prefixes (the whole geo database took
+        // 299 MiB of kernel memory that way, 6.8 MiB so).
+        if f.suffix == "4" {
         // The peer map: one lookup of (peer address, port) says allow, deny
         // or geo. (A denied source that is also banned counts as denied:
         // docs/nftables.md.)
@@ -751,8 +777,80 @@ fn path_rules(c: &Compiled, p: Path, fills: &mut Vec<Fill>) -> Vec<Command> {
         }
         if !elements.is_empty() {
             let map = p.peer_map(f);
-            fills.push(Fill { set: map.clone(), family: f, items: elements.into_iter().map(|(r, port, t)| Item::Goto(r, port, t)).collect() });
+            fills.push(Fill { set: map.clone(), family: f, items: elements.into_iter().map(|(r, port, t)| Item::GotoPort(r, port, t)).collect() });
             out.push(RuleBuf::new(&entry).push(Statement::VerdictMap(stmt::VerdictMap { key: key(peer_addr), data: s(&format!("@{map}")) })).into_command());
+        }
+        } else {
+        // The peer map: one lookup of the peer's address sends it to its
+        // class: the chain that, by port, names the verdict (allow, deny or
+        // geo) or the port's chain. Ranges alike share a class; a policy has
+        // few. (A denied source that is also banned counts as denied:
+        // docs/nftables.md.)
+        let country = |e: Option<&policy_common::AclEntry>| e.map_or(0, |e| e.country);
+        type Class = Vec<Option<std::sync::Arc<str>>>;
+        let mut per_slot = Vec::new();
+        for &slot in &slots {
+            let local_deny = with_local && local.iter().any(|(_, e)| e.is_some_and(|e| e.deny_rule[slot] != 0));
+            // Named once per slot: a map of a million ranges names few chains.
+            let allow_to: std::sync::Arc<str> = p.verdict_chain(f, slot, reason::ALLOW_ACL).into();
+            let deny_to: std::sync::Arc<str> = p.verdict_chain(f, slot, reason::DENY_ACL).into();
+            let geo_to: std::sync::Arc<str> = if local_deny { p.after_geo(f, slot) } else { p.verdict_chain(f, slot, reason::GEO) }.into();
+            per_slot.push((slot, allow_to, deny_to, geo_to));
+        }
+        let class_of = |e: Option<&policy_common::AclEntry>| -> Class {
+            per_slot
+                .iter()
+                .map(|(slot, allow_to, deny_to, geo_to)| match e {
+                    Some(e) if e.allow_rule[*slot] != 0 => Some(allow_to.clone()),
+                    Some(e) if e.deny_rule[*slot] != 0 => Some(deny_to.clone()),
+                    _ if dp.geo_enabled != 0 && dp.geo_drops(country(e)) => Some(geo_to.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut classes: HashMap<Class, std::sync::Arc<str>> = HashMap::new();
+        let mut class_list: Vec<(Class, std::sync::Arc<str>)> = Vec::new();
+        let mut elements: Vec<(Range, std::sync::Arc<str>)> = Vec::new();
+        for (r, e) in &peer {
+            let class = class_of(e.as_ref());
+            if class.iter().all(Option::is_none) {
+                continue;
+            }
+            let name = match classes.get(&class) {
+                Some(n) => n.clone(),
+                None => {
+                    let n: std::sync::Arc<str> = format!("{}_c{}", p.family_chain(f), class_list.len()).into();
+                    classes.insert(class.clone(), n.clone());
+                    class_list.push((class, n.clone()));
+                    n
+                }
+            };
+            match elements.last_mut() {
+                Some((last, lt)) if std::sync::Arc::ptr_eq(lt, &name) && last.last.checked_add(1) == Some(r.first) => last.last = r.last,
+                _ => elements.push((*r, name)),
+            }
+        }
+        for (class, name) in &class_list {
+            let by_port = slots
+                .iter()
+                .zip(class)
+                .map(|(&slot, target)| {
+                    let to = target.as_ref().map_or_else(|| p.slot_chain(f, slot), |t| t.to_string());
+                    SetItem::Mapping(Expression::Number(dp.ports[slot]), Expression::Verdict(Verdict::Goto(JumpTarget { target: to.into() })))
+                })
+                .collect();
+            out.push(
+                RuleBuf::new(name)
+                    .push(Statement::VerdictMap(stmt::VerdictMap { key: field("tcp", "dport"), data: Expression::Named(NamedExpression::Set(by_port)) }))
+                    .into_command(),
+            );
+            class_chains.push(name.to_string());
+        }
+        if !elements.is_empty() {
+            let map = p.peer_map(f);
+            fills.push(Fill { set: map.clone(), family: f, items: elements.into_iter().map(|(r, t)| Item::Goto(r, t)).collect() });
+            out.push(RuleBuf::new(&entry).push(Statement::VerdictMap(stmt::VerdictMap { key: field(f.proto, peer_addr), data: s(&format!("@{map}")) })).into_command());
+        }
         }
         // Anything else on a guarded port: its slot's chain.
         let targets = slots.iter().map(|&slot| SetItem::Mapping(Expression::Number(dp.ports[slot]), Expression::Verdict(Verdict::Goto(JumpTarget { target: p.slot_chain(f, slot).into() })))).collect();
