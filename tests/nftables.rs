@@ -486,7 +486,8 @@ egress:
         let blocked = if mode == "monitor" { verdict::WOULD_DROP } else { verdict::DROP };
         for (v6, tag) in [(false, false), (true, false), (false, true), (true, true)] {
             let variant = format!("{mode} {} {}", if v6 { "IPv6" } else { "IPv4" }, if tag { "802.1Q" } else { "untagged" });
-            // Sources of their own per variant, so rate state never carries over.
+            // SYNs that reach the rate meters come from sources of their own
+            // per variant, so rate state never carries over.
             variant_no += 1;
             let n = variant_no;
             let a = |v4: &str, v6a: &str| -> std::net::IpAddr { if v6 { v6a.parse().unwrap() } else { v4.parse().unwrap() } };
@@ -513,7 +514,14 @@ egress:
                 },
                 Row { name: "geo-fence".into(), dir: IN, frame: syn(a("10.0.1.5", "2001:db8:0:1::5")), expect: Some((blocked, reason::GEO, Some(0))), reset: false },
                 Row { name: "banned".into(), dir: IN, frame: syn(banned_src), expect: Some((blocked, reason::BANNED, Some(0))), reset: false },
-                Row { name: "nothing against it".into(), dir: IN, frame: syn(a("10.0.0.5", "2001:db8::5")), expect: Some((verdict::PASS, reason::DEFAULT_ALLOW, Some(0))), reset: false },
+                Row {
+                    name: "nothing against it".into(),
+                    dir: IN,
+                    // Outside the geo database (unknown: allow), a /64 per variant.
+                    frame: syn(a(&format!("10.8.{n}.5"), &format!("2001:db8:8:{n}::5"))),
+                    expect: Some((verdict::PASS, reason::DEFAULT_ALLOW, Some(0))),
+                    reset: false,
+                },
                 Row {
                     name: "VRFY".into(),
                     dir: IN,
