@@ -9,13 +9,12 @@
 use policy_common::{reason, stats_index, verdict, PORT_SLOT_UNKNOWN};
 use smtpguard::{
     dataplane::Hook,
-    reference::{decide, AclIndex, Fragment, SourceState},
+    reference::{decide, AclIndex, SourceState},
     policy::{self, time, ReadOptions},
 };
 use smtpguard_tests::{
     fixtures::Harness,
-    packet::TcpFrame,
-    randomized::{random_packet, random_policy, random_stream, write_geo},
+    randomized::{frame_of, random_packet, random_policy, random_stream, write_geo},
     require_root,
     rng::Rng,
 };
@@ -61,14 +60,7 @@ fn kernel_and_model_agree_on_random_policies_and_packets() {
         }
         for packet in packets {
             let hook = *rng.pick(&Hook::ALL);
-            let flags = if packet.syn { 0x02 } else { 0x18 };
-            let mut frame = TcpFrame::new(packet.src, packet.dst, packet.dport, flags).sport(packet.sport).seq(packet.seq).payload(&packet.payload);
-            frame = match packet.fragment {
-                Fragment::Whole => frame,
-                Fragment::First => frame.fragment(0, true),
-                Fragment::Later => frame.fragment(1 + rng.below(100) as u16, rng.chance(50)),
-            };
-            let frame = frame.build();
+            let frame = frame_of(&packet, &mut rng);
             let mut rt = h.dp.runtime();
             rt.hook_direction[hook.index()] = packet.direction;
             h.dp.set_runtime(rt);

@@ -13,12 +13,12 @@ use policy_common::{profile, reason, verdict};
 use smtpguard::{
     nft::{self, ruleset, Sizes},
     policy::{self, time, ReadOptions},
-    reference::{decide, AclIndex, Decision, Fragment, Packet, SourceState},
+    reference::{decide, AclIndex, Decision, Packet, SourceState},
 };
 use smtpguard_tests::{
     nftlab::NftLab,
     packet::TcpFrame,
-    randomized::{random_packet, random_policy, write_geo},
+    randomized::{frame_of, random_packet, random_policy, write_geo},
     require_root,
     rng::Rng,
 };
@@ -47,17 +47,6 @@ fn expected_counters(p: &Packet, d: &Decision) -> HashMap<String, u64> {
         out.insert(ruleset::resets_counter(p.direction), 1);
     }
     out
-}
-
-fn frame_of(p: &Packet, rng: &mut Rng) -> Vec<u8> {
-    let flags = if p.syn { 0x02 } else { 0x18 };
-    let frame = TcpFrame::new(p.src, p.dst, p.dport, flags).sport(p.sport).seq(p.seq).payload(&p.payload);
-    match p.fragment {
-        Fragment::Whole => frame,
-        Fragment::First => frame.fragment(0, true),
-        Fragment::Later => frame.fragment(1 + rng.below(100) as u16, rng.chance(50)),
-    }
-    .build()
 }
 
 #[test]

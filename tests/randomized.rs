@@ -197,3 +197,16 @@ pub fn random_payload(rng: &mut Rng) -> Vec<u8> {
     out
 }
 
+
+/// `p` as a frame: a SYN or a data segment, whole or as a first or later
+/// IP fragment (a later one at a random offset, more to come or not).
+pub fn frame_of(p: &Packet, rng: &mut Rng) -> Vec<u8> {
+    let flags = if p.syn { 0x02 } else { 0x18 };
+    let frame = crate::packet::TcpFrame::new(p.src, p.dst, p.dport, flags).sport(p.sport).seq(p.seq).payload(&p.payload);
+    match p.fragment {
+        Fragment::Whole => frame,
+        Fragment::First => frame.fragment(0, true),
+        Fragment::Later => frame.fragment(1 + rng.below(100) as u16, rng.chance(50)),
+    }
+    .build()
+}

@@ -151,6 +151,17 @@ pub(crate) fn watch_list(path: &Path, p: &Policy) -> Vec<(PathBuf, Option<FileVe
     }).collect()
 }
 
+/// Whether a watched file differs from the version in force and has stayed
+/// as it is since the last poll (`last_seen`): a file caught half-written
+/// is read on the next tick.
+pub(crate) fn settled_change(watched: &[(PathBuf, Option<FileVersion>)], last_seen: &mut Option<Vec<Option<FileVersion>>>) -> bool {
+    let now: Vec<Option<FileVersion>> = watched.iter().map(|(p, _)| mtime(p)).collect();
+    let differs = watched.iter().zip(&now).any(|((_, t), n)| t != n);
+    let settled = last_seen.as_ref() == Some(&now);
+    *last_seen = Some(now);
+    differs && settled
+}
+
 /// A reload being compiled off the control loop (file reads and parsing
 /// can take seconds, or block on a bad file).
 struct ReloadJob {
@@ -343,11 +354,7 @@ impl Controller {
     /// Whether a watched file changed and has since stayed unchanged for
     /// one poll: a file caught half-written is read on the next tick.
     fn changed(&mut self) -> bool {
-        let now: Vec<Option<FileVersion>> = self.watched.iter().map(|(p, _)| mtime(p)).collect();
-        let differs = self.watched.iter().zip(&now).any(|((_, t), n)| t != n);
-        let settled = self.last_seen.as_ref() == Some(&now);
-        self.last_seen = Some(now);
-        differs && settled
+        settled_change(&self.watched, &mut self.last_seen)
     }
 
     fn expiry_due(&mut self) -> bool {

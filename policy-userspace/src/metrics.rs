@@ -58,6 +58,17 @@ impl ControllerMetrics {
     }
 }
 
+impl ControllerMetrics {
+    /// The families both backends' controllers keep: reloads and event writes.
+    pub fn register_reloads(&self, r: &Registry) {
+        register(r, self.reload_duration.clone());
+        register(r, self.reloads.clone());
+        register(r, self.last_reload_ok.clone());
+        register(r, self.last_reload_time.clone());
+        register(r, self.event_write_failures.clone());
+    }
+}
+
 impl Default for ControllerMetrics {
     fn default() -> Self {
         Self::new()
@@ -332,16 +343,17 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     register(&r, capacity);
     register(&r, generation);
     register(&r, build);
-    register(&r, m.reload_duration.clone());
-    register(&r, m.reloads.clone());
-    register(&r, m.last_reload_ok.clone());
-    register(&r, m.last_reload_time.clone());
-    register(&r, m.event_write_failures.clone());
+    m.register_reloads(&r);
     register(&r, m.tenant_suspects.clone());
     register(&r, m.quarantines.clone());
     if let Some(fleet) = m.fleet.get() {
         fleet.register(&r);
     }
+    encode(&r)
+}
+
+/// The exposition text of everything in `r`.
+pub fn encode(r: &Registry) -> Result<String, String> {
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out).map_err(|e| e.to_string())?;
     String::from_utf8(out).map_err(|e| e.to_string())

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use super::{bans, ruleset, Devices, Sizes};
 use crate::{
     clock,
-    controller::{give_back_memory, mtime, watch_list, FileVersion, RunOptions, Signals},
+    controller::{give_back_memory, mtime, settled_change, watch_list, FileVersion, RunOptions, Signals},
     event_log::EventLog,
     events::{Event, Packet, ReloadResult},
     http,
@@ -166,11 +166,7 @@ impl Controller {
 
     /// Whether a watched file changed and has since stayed unchanged for one poll.
     fn changed(&mut self) -> bool {
-        let now: Vec<Option<FileVersion>> = self.watched.iter().map(|(p, _)| mtime(p)).collect();
-        let differs = self.watched.iter().zip(&now).any(|((_, t), n)| t != n);
-        let settled = self.last_seen.as_ref() == Some(&now);
-        self.last_seen = Some(now);
-        differs && settled
+        settled_change(&self.watched, &mut self.last_seen)
     }
 
     /// Finds the bans the rate meter started since the last pass, counts

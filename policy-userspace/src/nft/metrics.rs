@@ -4,7 +4,7 @@
 //! by origin; set sizes against their room), each with `backend="nftables"`,
 //! plus the controller's own.
 
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use policy_common::{direction, reason, verdict};
 
 use super::{bans, ruleset, Sizes};
@@ -65,12 +65,6 @@ pub fn render(view: &PolicyView, sizes: Sizes, m: &ControllerMetrics) -> Result<
     register(&r, capacity);
     register(&r, generation);
     register(&r, build);
-    register(&r, m.reload_duration.clone());
-    register(&r, m.reloads.clone());
-    register(&r, m.last_reload_ok.clone());
-    register(&r, m.last_reload_time.clone());
-    register(&r, m.event_write_failures.clone());
-    let mut out = Vec::new();
-    TextEncoder::new().encode(&r.gather(), &mut out).map_err(|e| e.to_string())?;
-    String::from_utf8(out).map_err(|e| e.to_string())
+    m.register_reloads(&r);
+    crate::metrics::encode(&r)
 }
