@@ -488,15 +488,7 @@ pub fn run(o: RunOptions) -> Result<()> {
     let mut signals = Signals::install()?;
     preflight(&o)?;
     // Bound before anything changes: a busy port refuses the start whole.
-    let listener = std::net::TcpListener::bind(o.metrics_addr).with_context(|| format!("binding metrics on {} (nothing was changed)", o.metrics_addr))?;
-    let state = http::State::new(ControllerMetrics::new());
-    http::spawn(listener, state.clone()).context("starting the metrics server")?;
-    // The first policy must be valid before anything is touched.
-    let (compiled, diags) = load_and_compile(&o.policy, &o.policy_options);
-    for line in diags.to_string().lines() {
-        tracing::warn!("{line}");
-    }
-    let Some((policy, compiled)) = compiled else { bail!("{}: the policy is not valid; nothing was changed", o.policy.display()) };
+    let (state, policy, compiled) = serve_and_read_policy(&o)?;
     o.pins.create().with_context(|| format!("creating {} and {}", o.pins.dir.display(), o.pins.run_dir.display()))?;
     let _lock = o.pins.lock()?;
     let events = EventLog::open(o.events.as_deref(), state.metrics.event_write_failures.clone())
@@ -574,6 +566,21 @@ pub fn run(o: RunOptions) -> Result<()> {
     tracing::info!("stopping; enforcement continues from {} (smtpguard detach removes it)", o.pins.dir.display());
     let _ = std::fs::remove_file(o.pins.pid_file());
     result
+}
+
+/// What both backends do first, before anything changes: bind the metrics
+/// port (a busy one refuses the start whole) and serve it, then read the
+/// first policy, which must be valid.
+pub(crate) fn serve_and_read_policy(o: &RunOptions) -> Result<(Arc<http::State>, Policy, Compiled)> {
+    let listener = std::net::TcpListener::bind(o.metrics_addr).with_context(|| format!("binding metrics on {} (nothing was changed)", o.metrics_addr))?;
+    let state = http::State::new(ControllerMetrics::new());
+    http::spawn(listener, state.clone()).context("starting the metrics server")?;
+    let (compiled, diags) = load_and_compile(&o.policy, &o.policy_options);
+    for line in diags.to_string().lines() {
+        tracing::warn!("{line}");
+    }
+    let Some((policy, compiled)) = compiled else { bail!("{}: the policy is not valid; nothing was changed", o.policy.display()) };
+    Ok((state, policy, compiled))
 }
 
 /// Starts the fleet's thread; returns where its policy revisions arrive.

@@ -17,13 +17,13 @@ use anyhow::{bail, Context, Result};
 use super::{bans, ruleset, Devices, Sizes};
 use crate::{
     clock,
-    controller::{give_back_memory, mtime, settled_change, watch_list, FileVersion, RunOptions, Signals},
+    controller::{give_back_memory, mtime, serve_and_read_policy, settled_change, watch_list, FileVersion, RunOptions, Signals},
     event_log::EventLog,
     events::{Event, Packet, ReloadResult},
     http,
     interfaces::{netlink, Role, Selection},
-    metrics::{ControllerMetrics, PolicyView},
-    policy::{load_and_compile, load_for_reload, Compiled, Policy},
+    metrics::PolicyView,
+    policy::{load_for_reload, Compiled, Policy},
     privileges,
 };
 
@@ -266,14 +266,7 @@ pub fn run(o: RunOptions) -> Result<()> {
     let mut signals = Signals::install()?;
     preflight(&o)?;
     let selection = Selection::new(&o.uplinks, &o.tenants).context("nothing was changed")?;
-    let listener = std::net::TcpListener::bind(o.metrics_addr).with_context(|| format!("binding metrics on {} (nothing was changed)", o.metrics_addr))?;
-    let state = http::State::new(ControllerMetrics::new());
-    http::spawn(listener, state.clone()).context("starting the metrics server")?;
-    let (compiled, diags) = load_and_compile(&o.policy, &o.policy_options);
-    for line in diags.to_string().lines() {
-        tracing::warn!("{line}");
-    }
-    let Some((policy, compiled)) = compiled else { bail!("{}: the policy is not valid; nothing was changed", o.policy.display()) };
+    let (state, policy, compiled) = serve_and_read_policy(&o)?;
     std::fs::create_dir_all(&o.pins.run_dir).with_context(|| format!("creating {}", o.pins.run_dir.display()))?;
     let _lock = crate::pins::lock_dir(&o.pins.run_dir)?;
     std::fs::write(o.pins.run_dir.join(BACKEND_FILE), "nftables\n")?;
