@@ -205,6 +205,14 @@ struct Incoming {
     own: bool,
 }
 
+/// Fleet bans accepted, not yet installed; `new`: those from elsewhere
+/// this host does not hold yet (they count against the cap).
+#[derive(Default)]
+struct Batch {
+    items: Vec<Incoming>,
+    new: HashSet<IpNet>,
+}
+
 impl Agent {
     fn prefix(&self) -> &str {
         &self.o.connection.prefix
@@ -365,8 +373,11 @@ impl Agent {
         self.fleet.clear();
         self.installed.clear();
         self.tombstones.clear();
-        let incoming: Vec<Incoming> = bans.iter().filter_map(|kv| self.accept(kv)).collect();
-        self.install(incoming, false);
+        let mut batch = Batch::default();
+        for kv in &bans {
+            self.accept(kv, &mut batch);
+        }
+        self.install(batch.items, false);
         for kv in &unbans {
             if let Ok((net, t)) = record::parse_tombstone(kv.key_str().unwrap_or(""), kv.value(), &p) {
                 self.tombstones.insert(net, t);
@@ -391,28 +402,32 @@ impl Agent {
         Ok(revision)
     }
 
-    /// A fleet ban's key and value, checked: what to install, or `None`
-    /// (refused, counted; or already over).
-    fn accept(&mut self, kv: &KeyValue) -> Option<Incoming> {
+    /// A fleet ban's key and value, checked: added to `batch` (what to
+    /// install next) or refused, counted; or already over. The cap counts
+    /// the batch too, so a full read is held to it like the watch.
+    fn accept(&mut self, kv: &KeyValue, batch: &mut Batch) {
         let key = kv.key_str().unwrap_or("<not UTF-8>").to_owned();
         let (net, record) = match record::parse_ban(&key, kv.value(), self.prefix(), &self.o.trust) {
             Ok(b) => b,
             Err(r) => {
                 self.refuse(key, kv.mod_revision(), r);
-                return None;
+                return;
             }
         };
         let own = record.origin_host == self.o.host_id;
         if record.until_ms <= wall_ms() {
             self.m.received.with_label_values(&["expired"]).inc();
-            return None;
+            return;
         }
-        if !own && !self.installed.contains(&net) && self.installed.len() >= self.o.trust.max_bans as usize {
-            self.refuse(key, kv.mod_revision(), Refusal::OverCap { cap: self.o.trust.max_bans });
-            return None;
+        if !own && !self.installed.contains(&net) && !batch.new.contains(&net) {
+            if self.installed.len() + batch.new.len() >= self.o.trust.max_bans as usize {
+                self.refuse(key, kv.mod_revision(), Refusal::OverCap { cap: self.o.trust.max_bans });
+                return;
+            }
+            batch.new.insert(net);
         }
         self.fleet.insert(net, record.until_ms);
-        Some(Incoming { net, record, own })
+        batch.items.push(Incoming { net, record, own });
     }
 
     fn refuse(&mut self, key: String, revision: i64, why: Refusal) {
@@ -499,14 +514,16 @@ impl Agent {
     }
 
     fn on_bans<'e>(&mut self, events: impl IntoIterator<Item = &'e etcd_client::Event>) {
-        let mut incoming = Vec::new();
+        let mut batch = Batch::default();
         for ev in events {
             let Some(kv) = ev.kv() else { continue };
             match ev.event_type() {
-                EventType::Put => incoming.extend(self.accept(kv)),
+                EventType::Put => self.accept(kv, &mut batch),
                 EventType::Delete => {
                     let Ok(net) = record::parse_key_net(kv.key_str().unwrap_or(""), &record::bans_prefix(self.prefix())) else { continue };
                     self.installed.remove(&net);
+                    batch.new.remove(&net);
+                    batch.items.retain(|i| i.net != net);
                     // Lifted (`unban`, or by hand) well before its end: it
                     // ends here too, unless a longer ban was made here since.
                     // At its end (its lease) it ends here by itself.
@@ -518,7 +535,7 @@ impl Agent {
                 }
             }
         }
-        self.install(incoming, true);
+        self.install(batch.items, true);
         self.m.installed.set(self.installed.len() as i64);
     }
 
