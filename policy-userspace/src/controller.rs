@@ -184,6 +184,7 @@ impl Controller {
 
     /// The `policy_reload` event of an applied policy.
     fn applied_event(&self, trigger: &str, duration_ms: Option<f64>) -> Event {
+        let (policy, sha256, changed_by) = crate::events::policy_identity(&self.o.policy, self.revision);
         Event::PolicyReload {
             time: clock::now_rfc3339(),
             result: ReloadResult::Ok,
@@ -193,6 +194,9 @@ impl Controller {
             errors: Vec::new(),
             more_errors: 0,
             duration_ms,
+            policy,
+            sha256,
+            changed_by,
         }
     }
 
@@ -297,6 +301,7 @@ impl Controller {
                         f.metrics.policy_rejected.inc();
                     }
                 }
+                let (policy, sha256, changed_by) = crate::events::policy_identity(&path, revision);
                 let ev = Event::PolicyReload {
                     time: clock::now_rfc3339(),
                     result: ReloadResult::Rejected,
@@ -306,6 +311,9 @@ impl Controller {
                     errors,
                     more_errors: more,
                     duration_ms: Some(seconds * 1e3),
+                    policy,
+                    sha256,
+                    changed_by,
                 };
                 self.emit(&ev);
             }
@@ -595,7 +603,7 @@ fn join_fleet(c: &mut Controller, f: &FleetOptions) -> Result<tokio::sync::mpsc:
     Ok(offers)
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -98,7 +98,40 @@ pub enum Event {
         more_errors: usize,
         #[serde(skip_serializing_if = "Option::is_none", default)]
         duration_ms: Option<f64>,
+        /// The policy file read (applied or refused).
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        policy: Option<String>,
+        /// SHA-256 of that file's bytes.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        sha256: Option<String>,
+        /// Who last wrote it: the file's owner, or `fleet revision N`.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        changed_by: Option<String>,
     },
+}
+
+/// The `policy`, `sha256` and `changed_by` of a `policy_reload` event for
+/// the file at `path` (a fleet revision's when `revision`).
+pub fn policy_identity(path: &std::path::Path, revision: Option<i64>) -> (Option<String>, Option<String>, Option<String>) {
+    use std::os::unix::fs::MetadataExt;
+    let sha = std::fs::read(path).ok().map(|b| crate::controller::sha256_hex(&b));
+    let by = match revision {
+        Some(rev) => Some(format!("fleet revision {rev}")),
+        None => std::fs::metadata(path).ok().map(|m| user_name(m.uid())),
+    };
+    (Some(path.display().to_string()), sha, by)
+}
+
+/// The name /etc/passwd gives `uid`, or `uid N`.
+fn user_name(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_owned())
+        })
+        .unwrap_or_else(|| format!("uid {uid}"))
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -211,6 +244,9 @@ mod tests {
             errors: vec!["policy.yaml:3: bad".into()],
             more_errors: 0,
             duration_ms: Some(1.5),
+            policy: None,
+            sha256: None,
+            changed_by: None,
         };
         let line = e.to_line();
         assert!(line.starts_with("{\"event\":\"policy_reload\""), "{line}");

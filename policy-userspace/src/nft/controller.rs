@@ -151,6 +151,7 @@ impl Controller {
 
     fn emit_reload(&mut self, why: &str, result: ReloadResult, errors: Vec<String>, duration_ms: Option<f64>) {
         let ok = result == ReloadResult::Ok;
+        let (policy, sha256, changed_by) = crate::events::policy_identity(&self.o.policy, None);
         let event = Event::PolicyReload {
             time: clock::now_rfc3339(),
             result,
@@ -160,6 +161,9 @@ impl Controller {
             errors,
             more_errors: 0,
             duration_ms,
+            policy,
+            sha256,
+            changed_by,
         };
         self.events.emit(&event);
     }
