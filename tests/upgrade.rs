@@ -170,3 +170,29 @@ fn pins_of_a_newer_layout_are_refused_unread() {
     assert!(state.pin_dir.join("STATS").exists() && state.pin_dir.join("POLICY").exists(), "nothing moved");
     let _ = std::fs::remove_file(&stderr);
 }
+
+#[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
+fn pins_of_layout_2_are_upgraded_in_place_and_gain_the_bypass_switch() {
+    require_root();
+    let lab = PairLab::new().expect("lab");
+    let state = TestPins::new("upgrade2");
+    let policy = write_policy(&state.policy_dir(), "policy.yaml", "version: 1\ningress:\n  default: {25: allow}\n");
+    let mut ctl = RunningController::start(&lab, &state, &policy, 19483).expect("controller");
+    let (code, out) = state.cmd(&["ban", CLIENT_DENIED, "--for", "1h"]);
+    assert_eq!(code, 0, "{out}");
+    ctl.kill9();
+    // Layout 2 is this layout without `BYPASS`.
+    std::fs::remove_file(state.pin_dir.join(policy_common::BYPASS)).unwrap();
+    std::fs::rename(state.pin_dir.join(format!("layout_{}", policy_common::LAYOUT_VERSION)), state.pin_dir.join("layout_2")).unwrap();
+    let (code, said) = state.cmd(&["bans"]);
+    assert_ne!(code, 0);
+    assert!(said.contains("have layout 2") && said.contains("upgrades them"), "{said}");
+
+    let _ctl = RunningController::start(&lab, &state, &policy, 19484).expect("the controller starts on layout-2 pins");
+    assert_eq!(smtpguard::dataplane::upgrade::pinned_layout(&state.pin_dir), Some(policy_common::LAYOUT_VERSION));
+    assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "the source banned under layout 2");
+    let (code, out) = state.cmd(&["bypass", "on"]);
+    assert_eq!(code, 0, "{out}");
+    assert_greeted(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "the new switch works");
+}

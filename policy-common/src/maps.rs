@@ -7,6 +7,12 @@
 /// ban`/`unban` of networks. Userspace stores single words atomically
 /// through the mapping. Reader: every hook, one atomic load per field.
 pub const RUNTIME: &str = "RUNTIME";
+/// `Array<u64>`, 1 entry, `BPF_F_MMAPABLE`: the fail-open switch, 0 off,
+/// else the Unix time (s) it was turned on: every direction judges as in
+/// monitor mode (drops pass as `would_drop`, no resets). Writer: `smtpguard
+/// bypass` (one atomic store through the mapping). Readers: the pipeline,
+/// only for packets the policy drops; the controller (events, metrics).
+pub const BYPASS: &str = "BYPASS";
 /// `Array<PolicyConfig>`, one entry per generation. Writer: controller.
 pub const POLICY: &str = "POLICY";
 /// `Array<SlotChunk>`: IPv4 ACL root slots, one per /16 per (generation,
@@ -106,8 +112,9 @@ pub const AYA_LOGS: &str = "AYA_LOGS";
 pub const AYA_LOGS_BYTES: u32 = 1 << 17;
 
 /// Every map of the object, for the ELF test and the controller.
-pub const ALL_MAPS: [&str; 25] = [
+pub const ALL_MAPS: [&str; 26] = [
     RUNTIME,
+    BYPASS,
     POLICY,
     ACL4_ROOT,
     ACL4_NODES,
@@ -144,7 +151,7 @@ pub const ALL_PROGRAMS: [&str; 3] = [PROG_XDP_INGRESS, PROG_TC_INGRESS, PROG_TC_
 /// what their indices mean). Raise it with any change to one of them, and
 /// teach `policy-userspace/src/dataplane/upgrade.rs` what to carry over
 /// from the layout before; docs/upgrade.md lists every layout.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Policy generations kept side by side for atomic swaps.
 pub const GENERATIONS: u32 = 2;

@@ -16,6 +16,12 @@ use crate::atomic::Word;
 #[map]
 static RUNTIME: Array<Runtime> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
+/// Key 0: the fail-open switch, a word: 0 off, else the Unix time it was
+/// turned on. Mmapable; one writer, `smtpguard bypass`, one atomic store.
+/// Read only for a packet the policy drops, so it costs nothing otherwise.
+#[map]
+static BYPASS: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
 /// Key: generation (0, 1). Writer: controller (inactive generation only).
 #[map]
 static POLICY: Array<PolicyConfig> = Array::with_max_entries(GENERATIONS, 0);
@@ -86,6 +92,15 @@ impl RuntimeView {
 #[inline(always)]
 pub fn runtime() -> Option<RuntimeView> {
     RUNTIME.get_ptr_mut(0).map(|p| RuntimeView(p.cast()))
+}
+
+/// Is enforcement switched off (`smtpguard bypass on`)? Then every
+/// direction judges as in monitor mode.
+#[inline(always)]
+pub fn bypassed() -> bool {
+    // SAFETY: key 0's value is one aligned u64, written only by an atomic
+    // store through the mapping.
+    BYPASS.get_ptr_mut(0).is_some_and(|p| unsafe { Word::<0>::new(p.cast()) }.load() != 0)
 }
 
 #[inline(always)]

@@ -214,7 +214,7 @@ fn pipeline<F: Frame>(frame: &F, runtime: RuntimeView, generation: u32, dp: &Dir
         return Decision::new(verdict::DROP, reason::FRAGMENT);
     }
     if slot_profile == profile::SMTP && dp.smtp_block != 0 {
-        let why = smtp::judge(frame, flow, dp.smtp_block, dp.mode == mode::MONITOR);
+        let why = smtp::judge(frame, flow, dp.smtp_block, monitoring(dp));
         if why != smtp::CLEAN {
             return Decision::new(verdict::DROP, why as u8);
         }
@@ -227,9 +227,15 @@ fn pipeline<F: Frame>(frame: &F, runtime: RuntimeView, generation: u32, dp: &Dir
     }
 }
 
+/// Monitor mode: the direction's, or every direction's while bypassed.
+#[inline(always)]
+fn monitoring(dp: &DirectionPolicy) -> bool {
+    dp.mode == mode::MONITOR || config::bypassed()
+}
+
 #[inline(always)]
 fn drop_verdict(dp: &DirectionPolicy) -> u8 {
-    if dp.mode == mode::MONITOR {
+    if monitoring(dp) {
         verdict::WOULD_DROP
     } else {
         verdict::DROP

@@ -30,6 +30,11 @@ pub fn now_rfc3339() -> String {
     rfc3339(OffsetDateTime::now_utc())
 }
 
+/// A Unix time in seconds, as [`rfc3339`] writes it.
+pub fn rfc3339_of_unix(seconds: u64) -> String {
+    OffsetDateTime::from_unix_timestamp(seconds as i64).map(rfc3339).unwrap_or_else(|_| seconds.to_string())
+}
+
 /// Unix time now, in seconds (metrics' timestamps).
 pub fn unix_now_s() -> f64 {
     OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e9

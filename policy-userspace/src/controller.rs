@@ -25,6 +25,7 @@ use crate::{
     http,
     metrics::{ControllerMetrics, PolicyView},
     privileges,
+    commands::recovery::BypassNote,
     pins::Pins,
     policy::{self, load_and_compile, load_for_reload, time, Compiled, Policy},
 };
@@ -119,6 +120,8 @@ struct Controller {
     revision: Option<i64>,
     /// Why the last reload was rejected, until one is applied.
     last_error: Option<String>,
+    /// Since when enforcement is bypassed, as last seen (`smtpguard bypass`).
+    bypass_seen: Option<u64>,
 }
 
 /// What tells one version of a file from another: its mtime, and which
@@ -332,6 +335,39 @@ impl Controller {
         give_back_memory();
     }
 
+    /// Announces a switch of the fail-open lever (the datapath obeyed it at
+    /// once; this is the audit trail): a `bypass` event, a counter, the log.
+    fn watch_bypass(&mut self, trigger: &str) {
+        let now = self.dp.maps().bypass().since();
+        if now == self.bypass_seen {
+            return;
+        }
+        self.bypass_seen = now;
+        let note = now.and_then(|since| BypassNote::read(&self.o.pins, since));
+        let state = if now.is_some() { "on" } else { "off" };
+        if let Some(since) = now {
+            tracing::warn!(
+                "enforcement bypassed since {}{}: drops pass as would_drop until `smtpguard bypass off`",
+                clock::rfc3339_of_unix(since),
+                note.as_ref().map(|n| format!(" by {}", n.by)).unwrap_or_default()
+            );
+        } else {
+            tracing::info!("enforcement restored (smtpguard bypass off)");
+        }
+        if trigger != "start" || now.is_some() {
+            self.state.metrics.bypass_changes.with_label_values(&[state]).inc_by(u64::from(trigger != "start"));
+            let ev = Event::Bypass {
+                time: clock::now_rfc3339(),
+                state: state.into(),
+                since: now.map(clock::rfc3339_of_unix),
+                by: note.as_ref().map(|n| n.by.clone()),
+                reason: note.and_then(|n| n.reason),
+                trigger: trigger.into(),
+            };
+            self.emit(&ev);
+        }
+    }
+
     fn apply(&mut self, policy: Policy, compiled: Compiled) -> Result<()> {
         let number = self.generation + 1;
         self.dp.swap(&compiled, number)?;
@@ -521,6 +557,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         fleet: None,
         revision: o.start_revision,
         last_error: None,
+        bypass_seen: None,
     };
     // Load the policy before attaching, so the first packet a new link
     // judges already has it; adopted links judge by the pinned one meanwhile.
@@ -564,6 +601,7 @@ pub fn run(o: RunOptions) -> Result<()> {
     );
     let started = c.applied_event(if adopting { "restart" } else { "start" }, None);
     c.emit(&started);
+    c.watch_bypass("start");
     privileges::notify(&format!("READY=1\nSTATUS=enforcing policy generation {}", c.generation));
     // The fleet comes after enforcement: etcd away never delays it.
     let mut offers = match &o.fleet {
@@ -648,6 +686,7 @@ async fn control_loop(
                     wanted = Some("exemption expiry");
                 }
                 c.drain_events();
+                c.watch_bypass("command");
             }
             Some(change) = links.next() => c.link_changed(change),
             Some(offer) = next_offer(offers) => queued_offer = Some(offer),

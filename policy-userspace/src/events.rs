@@ -79,6 +79,23 @@ pub enum Event {
     /// A link pin of an earlier run was stale (its interface deleted or
     /// recreated) and was replaced.
     StalePin { time: String, pin: String, why: String },
+    /// Enforcement was switched off (`smtpguard bypass on`: every direction
+    /// judges as in monitor mode, drops pass as `would_drop`) or back on;
+    /// said again at each start while it stays off.
+    Bypass {
+        time: String,
+        /// `on` (enforcement off) or `off` (enforcing again).
+        state: String,
+        /// Since when it is bypassed (`on` only).
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        since: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        by: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        reason: Option<String>,
+        /// `command` (seen switched) or `start` (found switched at start).
+        trigger: String,
+    },
     /// A policy was applied (start, restart, reload) or refused.
     PolicyReload {
         time: String,

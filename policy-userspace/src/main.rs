@@ -33,6 +33,12 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Direction {
     Ingress,
@@ -158,6 +164,20 @@ enum Command {
     },
     /// Stop the controller if it runs, and remove every program, link and pin.
     Detach(PinArgs),
+    /// Fail open: switch enforcement off (every direction judges as in monitor mode, drops pass and are counted as would_drop) or back on.
+    ///
+    /// One map write, in force for the next packet; it outlasts controller restarts until turned off.
+    ///
+    /// Example: smtpguard bypass on --reason "INC-1234: policy 42 blocks the relay"
+    Bypass {
+        #[arg(value_enum)]
+        state: Option<OnOff>,
+        /// Why, for the `bypass` event and `smtpguard status`.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
     /// Print the datapath's decision about every packet from or to an address, as it happens.
     ///
     /// Example: smtpguard trace 198.51.100.7 --port 25 --for 5m
@@ -334,6 +354,9 @@ fn main() -> ExitCode {
         }
         Command::Unban { source, pins } => commands::report(commands::unban(&pins.pins(), &source)),
         Command::Detach(p) => commands::report(commands::detach(&p.pins())),
+        Command::Bypass { state, reason, pins } => {
+            commands::report(commands::recovery::bypass(&pins.pins(), state.map(|s| s == OnOff::On), reason.as_deref()))
+        }
         Command::Trace { addr, port, duration, pins } => commands::report(smtpguard::commands::trace::run(&pins.pins(), addr, port, duration)),
         Command::Check { policy, backend } => commands::check(&policy.file, &policy.options(), backend),
         Command::Render { policy, backend, uplinks, tenants, format } => {

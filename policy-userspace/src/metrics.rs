@@ -30,6 +30,8 @@ pub struct ControllerMetrics {
     /// Suspect episodes reported, by tenant interface (labels go with it).
     pub tenant_suspects: IntCounterVec,
     pub quarantines: IntCounter,
+    /// `smtpguard bypass` switches seen, by the state switched to.
+    pub bypass_changes: IntCounterVec,
     /// The fleet's families, once the host joined one.
     pub fleet: std::sync::OnceLock<std::sync::Arc<crate::fleet::metrics::FleetMetrics>>,
 }
@@ -53,6 +55,11 @@ impl ControllerMetrics {
             )
             .expect("valid"),
             quarantines: IntCounter::new("smtpguard_quarantines_total", "Tenant suspects banned on every guarded port (policy tenant_suspect.quarantine)").expect("valid"),
+            bypass_changes: IntCounterVec::new(
+                Opts::new("smtpguard_bypass_changes_total", "Switches of the fail-open lever (smtpguard bypass), by the state switched to: on (enforcement off) or off"),
+                &["to"],
+            )
+            .expect("valid"),
             fleet: std::sync::OnceLock::new(),
         }
     }
@@ -346,6 +353,13 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     m.register_reloads(&r);
     register(&r, m.tenant_suspects.clone());
     register(&r, m.quarantines.clone());
+    register(&r, m.bypass_changes.clone());
+    let bypass = IntGauge::new("smtpguard_bypass", "1 while enforcement is bypassed (smtpguard bypass on): every direction judges as in monitor mode").expect("valid");
+    bypass.set(observer.bypass_since().is_some() as i64);
+    register(&r, bypass);
+    let since = Gauge::new("smtpguard_bypass_since_timestamp_seconds", "When enforcement was bypassed (Unix time; 0 while enforcing)").expect("valid");
+    since.set(observer.bypass_since().unwrap_or(0) as f64);
+    register(&r, since);
     if let Some(fleet) = m.fleet.get() {
         fleet.register(&r);
     }

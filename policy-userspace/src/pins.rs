@@ -110,6 +110,7 @@ impl Pins {
             std::fs::remove_dir(&self.dir)?;
         }
         let _ = std::fs::remove_file(self.pid_file());
+        let _ = std::fs::remove_file(self.run_dir.join("bypass.json"));
         let _ = std::fs::remove_dir(&self.run_dir);
         Ok(removed)
     }

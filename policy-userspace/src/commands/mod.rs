@@ -2,10 +2,13 @@
 //! [`policy`]: the commands about a policy file; [`state`]: the commands
 //! about the pinned state of a running (or detached-but-pinned) datapath;
 //! [`trace`]: following one address's packets through the datapath;
+//! [`recovery`]: `bypass` and `rollback`, the levers for a policy that
+//! blocks legitimate mail;
 //! [`assets`]: the man pages and completions a package installs.
 
 pub mod assets;
 pub mod policy;
+pub mod recovery;
 pub mod state;
 pub mod trace;
 

@@ -64,7 +64,17 @@ pub fn status(pins: &Pins) -> anyhow::Result<()> {
     let rt = maps.runtime();
     let policy = maps.policy(rt.active)?;
     let stats = maps.stats()?;
-    let mut out = format!("policy generation {} (slot {})\n", policy.generation, rt.active);
+    let mut out = String::new();
+    if let Some(since) = maps.bypass().since() {
+        let note = super::recovery::BypassNote::read(pins, since);
+        out += &format!(
+            "ENFORCEMENT BYPASSED since {}{}{}: drops pass as would_drop until `smtpguard bypass off`\n",
+            clock::rfc3339_of_unix(since),
+            note.as_ref().map(|n| format!(" by {}", n.by)).unwrap_or_default(),
+            note.and_then(|n| n.reason).map(|r| format!(" ({r})")).unwrap_or_default()
+        );
+    }
+    out += &format!("policy generation {} (slot {})\n", policy.generation, rt.active);
     out += &format!("controller: {}\n", pins.controller_pid().map(|p| format!("running, pid {p}")).unwrap_or_else(|| "not running (enforcement continues from the pins)".into()));
     out += "attached:\n";
     for (kind, iface) in pins.links() {

@@ -19,12 +19,13 @@ use policy_common::{
 };
 
 use super::{
-    acl4_writer, batch, check_pinned_maps, observer::Observer, runtime_words::RuntimeWords, source_table::SourceTable, DataplaneError,
+    acl4_writer, batch, bypass::BypassSwitch, check_pinned_maps, observer::Observer, runtime_words::RuntimeWords, source_table::SourceTable, DataplaneError,
     Result,
 };
 
 pub struct Maps {
     runtime: RuntimeWords,
+    bypass: Arc<BypassSwitch>,
     policy: Array<MapData, PolicyConfig>,
     acl_v6: LpmTrie<MapData, AclKeyV6, AclEntry>,
     /// The IPv4 ACL arrays, mapped for writing (only where the maps were
@@ -138,12 +139,15 @@ impl Maps {
         use policy_common as pc;
         let runtime = source.data(pc::RUNTIME, &mut fds)?;
         let words = RuntimeWords::open(runtime.fd().as_fd()).map_err(|source| DataplaneError::Mmap { name: pc::RUNTIME, source })?;
+        let bypass = source.data(pc::BYPASS, &mut fds)?;
+        let bypass = BypassSwitch::open(bypass.fd().as_fd()).map_err(|source| DataplaneError::Mmap { name: pc::BYPASS, source })?;
         let sources = source.data(pc::SOURCES, &mut fds)?;
         let sets = sources.info().map_err(map_error(pc::SOURCES))?.max_entries();
         let table = SourceTable::open(sources.fd().as_fd(), sets).map_err(|source| DataplaneError::Mmap { name: pc::SOURCES, source })?;
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::Pin { path: what.into(), message: e.to_string() })?;
         Ok(Self {
             runtime: words,
+            bypass: Arc::new(bypass),
             policy: Array::try_from(source.take_kept(pc::POLICY, &mut fds)?).map_err(map_error(pc::POLICY))?,
             acl_v6: LpmTrie::try_from(source.take_kept(pc::ACL_V6, &mut fds)?).map_err(map_error(pc::ACL_V6))?,
             acl4,
@@ -167,6 +171,11 @@ impl Maps {
     /// The runtime settings, each word read atomically.
     pub fn runtime(&self) -> Runtime {
         self.runtime.read()
+    }
+
+    /// The fail-open switch.
+    pub fn bypass(&self) -> &BypassSwitch {
+        &self.bypass
     }
 
     /// The mapped `RUNTIME` words, for their writers.
@@ -299,6 +308,7 @@ impl Maps {
             stats: self.dup_fd(pc::STATS)?,
             geo_drops: self.dup_fd(pc::GEO_DROPS)?,
             sources: self.sources.clone(),
+            bypass: self.bypass.clone(),
             ban_v4: self.dup_fd(pc::BAN_V4)?,
             ban_v6: self.dup_fd(pc::BAN_V6)?,
             tenant_ifaces: self.dup_fd(pc::TENANT_IFACES)?,

@@ -7,6 +7,7 @@
 //! - [`generations`]: the policy swap protocol, whole;
 //! - [`programs`]: the hook programs, pinned and attached through links;
 //! - [`bans`]: manual bans of sources and networks, as operators make them;
+//! - [`bypass`]: the fail-open switch;
 //! - what the maps are made of: [`acl4_writer`] (the IPv4 ACL arrays),
 //!   [`source_table`] and [`runtime_words`] (the mmapable arrays shared
 //!   word by word with the datapath), [`batch`] (batched syscalls);
@@ -17,6 +18,7 @@
 pub mod acl4_writer;
 pub mod bans;
 mod batch;
+pub mod bypass;
 pub mod generations;
 mod load;
 pub mod maps;

@@ -18,6 +18,7 @@ pub struct Observer {
     pub(super) geo_drops: OwnedFd,
     /// The mapped source table (shared with the dataplane).
     pub(super) sources: Arc<SourceTable>,
+    pub(super) bypass: Arc<super::bypass::BypassSwitch>,
     pub(super) ban_v4: OwnedFd,
     pub(super) ban_v6: OwnedFd,
     pub(super) tenant_ifaces: OwnedFd,
@@ -45,6 +46,11 @@ impl Observer {
         &self.sources
     }
 
+    /// Since when enforcement is bypassed (`smtpguard bypass on`).
+    pub fn bypass_since(&self) -> Option<u64> {
+        self.bypass.since()
+    }
+
     /// Manual network bans stored, IPv4 and IPv6 (expired ones included).
     pub fn network_ban_counts(&self) -> std::io::Result<(u64, u64)> {
         Ok((count_keys(&self.ban_v4, 4)?, count_keys(&self.ban_v6, 16)?))
@@ -56,6 +62,7 @@ impl Observer {
             stats: self.stats.try_clone()?,
             geo_drops: self.geo_drops.try_clone()?,
             sources: self.sources.clone(),
+            bypass: self.bypass.clone(),
             ban_v4: self.ban_v4.try_clone()?,
             ban_v6: self.ban_v6.try_clone()?,
             tenant_ifaces: self.tenant_ifaces.try_clone()?,

@@ -64,13 +64,17 @@ fn pin_error(path: &Path, e: impl std::fmt::Display) -> DataplaneError {
 const CHANGED_IN_2: [&str; 4] = [policy_common::POLICY, policy_common::STATS, policy_common::SCAN_BUF, policy_common::TENANT_IFACES];
 
 /// The maps an upgrade from layout `from` makes afresh; every other map
-/// pinned there must already have this build's shape.
+/// pinned there must already have this build's shape. Layout 3 only added
+/// a map (`BYPASS`), which the loader creates where it is missing.
 pub fn changed_since(from: u32) -> &'static [&'static str] {
     match from {
         1 => &CHANGED_IN_2,
         _ => &[],
     }
 }
+
+/// The layouts this build upgrades from.
+const UPGRADES_FROM: [u32; 2] = [1, 2];
 
 /// An upgrade under way: the old maps moved aside, to be carried over.
 pub struct Upgrade {
@@ -93,7 +97,7 @@ pub fn prepare(dir: &Path) -> Result<Option<Upgrade>> {
     if from == LAYOUT_VERSION {
         return Ok(None);
     }
-    if from > LAYOUT_VERSION || from != 1 {
+    if !UPGRADES_FROM.contains(&from) {
         return Err(DataplaneError::Refused(format!(
             "the maps pinned in {} have layout {from}, and this smtpguard build reads layout {LAYOUT_VERSION}{}. Nothing was \
              changed and the pins keep enforcing. Run the smtpguard that made them, or `smtpguard detach` (it removes the \
@@ -105,7 +109,7 @@ pub fn prepare(dir: &Path) -> Result<Option<Upgrade>> {
     // Checked before anything moves, so a refusal leaves the pins as found.
     super::check_pinned_maps(dir, changed_since(from))?;
     let mut moved = Vec::new();
-    for name in CHANGED_IN_2 {
+    for &name in changed_since(from) {
         let (old, aside) = (dir.join(name), dir.join(format!("v{from}_{name}")));
         if aside.exists() {
             // An upgrade that stopped half-way: the maps aside are the old
