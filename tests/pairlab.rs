@@ -66,6 +66,11 @@ impl TestPins {
         self.run_dir.with_extension("events.jsonl")
     }
 
+    /// The controller's state directory (removed with the pins).
+    pub fn state_dir(&self) -> PathBuf {
+        self.run_dir.with_extension("state")
+    }
+
     /// A directory for the test's policy files (removed with the pins).
     pub fn policy_dir(&self) -> PathBuf {
         self.run_dir.with_extension("d")
@@ -83,6 +88,7 @@ impl Drop for TestPins {
         let _ = smtpguard::pins::Pins::new(&self.pin_dir, &self.run_dir).remove_all();
         let _ = std::fs::remove_file(self.events_file());
         let _ = std::fs::remove_dir_all(self.policy_dir());
+        let _ = std::fs::remove_dir_all(self.state_dir());
     }
 }
 
@@ -120,6 +126,7 @@ impl RunningController {
             .args(args)
             .args(if args.contains(&"--metrics-addr") { vec![] } else { vec!["--metrics-addr", &loopback] })
             .args(if args.contains(&"--events") { vec![] } else { vec!["--events".into(), state.events_file()] })
+            .args(if args.contains(&"--state-dir") { vec![] } else { vec!["--state-dir".into(), state.state_dir()] })
             .args(state.args())
             .stdout(Stdio::null())
             .stderr(stderr)

@@ -87,3 +87,51 @@ fn bypass_fails_open_at_once_is_evented_and_counted_and_holds_across_kill_9() {
     assert_eq!(metric(&m, "smtpguard_bypass", &[]), Some(0.0), "{m}");
     assert_eq!(metric(&m, "smtpguard_bypass_changes_total", &["to=\"off\""]), Some(1.0), "{m}");
 }
+
+#[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
+fn rollback_puts_the_known_good_policy_and_lists_back_atomically_evented_and_counted() {
+    require_root();
+    let lab = PairLab::new().expect("lab");
+    let state = TestPins::new("rollback");
+    let dir = state.policy_dir();
+    let policy = write_policy(&dir, "policy.yaml", "version: 1\ningress:\n  default: {25: allow}\n  deny_files: [lists/drop.txt]\n");
+    let list = dir.join("lists/drop.txt");
+    std::fs::create_dir_all(list.parent().unwrap()).unwrap();
+    let good_list = format!("{CLIENT_DENIED}/32\n");
+    std::fs::write(&list, &good_list).unwrap();
+    let _ctl = RunningController::start(&lab, &state, &policy, 19722).expect("controller");
+    assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "the legitimate sender");
+
+    // The bad change: the list now drops the legitimate sender too.
+    let bad_list = format!("{CLIENT_DENIED}/32\n{CLIENT_OK}/32\n");
+    std::fs::write(&list, &bad_list).unwrap();
+    let (code, out) = state.cmd(&["reload"]);
+    assert_eq!(code, 0, "{out}");
+    wait_events(&state, "policy_reload", 2);
+    assert_dropped(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "the legitimate sender, blocked by the bad change");
+
+    let state_dir = state.state_dir().display().to_string();
+    let (code, kept) = state.cmd(&["rollback", "--list", "--state-dir", &state_dir]);
+    assert_eq!(code, 0, "{kept}");
+    assert!(kept.lines().any(|l| l.starts_with("1 ")) && kept.lines().any(|l| l.starts_with("2 ") && l.contains("(in force)")), "{kept}");
+    // Nothing kept under that number: refused, nothing changed.
+    let (code, said) = state.cmd(&["rollback", "--to", "99", "--state-dir", &state_dir]);
+    assert_ne!(code, 0);
+    assert!(said.contains("no known-good policy of generation 99") && said.contains("kept: 2, 1"), "{said}");
+
+    // The command returns once the known-good policy is in force.
+    let (code, out) = state.cmd(&["rollback", "--state-dir", &state_dir]);
+    assert_eq!(code, 0, "{out}\n{kept}");
+    assert!(out.contains("generation 1 is in force again as generation 3"), "{out}");
+    assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "the legitimate sender, after the rollback");
+    assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "the denied source, as the known-good policy says");
+    assert_eq!(std::fs::read_to_string(&list).unwrap(), good_list, "the list file is the known-good one again");
+    assert_eq!(std::fs::read_to_string(dir.join("lists/drop.txt.before-rollback")).unwrap(), bad_list, "the bad one is kept aside");
+    let rb = wait_events(&state, "rollback", 1);
+    assert_eq!(rb[0]["to_generation"].as_u64(), Some(1), "{rb:?}");
+    assert_eq!(rb[0]["restored"].as_array().map(|a| a.len()), Some(1), "only the list changed: {rb:?}");
+    let reloads = wait_events(&state, "policy_reload", 3);
+    assert_eq!((reloads[2]["trigger"].as_str(), reloads[2]["generation"].as_u64()), (Some("rollback"), Some(3)), "{reloads:?}");
+    assert_eq!(metric(&scrape(&lab, 19722), "smtpguard_rollbacks_total", &["result=\"ok\""]), Some(1.0));
+}

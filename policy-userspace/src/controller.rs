@@ -25,7 +25,8 @@ use crate::{
     http,
     metrics::{ControllerMetrics, PolicyView},
     privileges,
-    commands::recovery::BypassNote,
+    commands::recovery::{BypassNote, RollbackRequest, RollbackResult, ROLLBACK},
+    known_good::{inputs_of, KnownGood},
     pins::Pins,
     policy::{self, load_and_compile, load_for_reload, time, Compiled, Policy},
 };
@@ -122,6 +123,10 @@ struct Controller {
     last_error: Option<String>,
     /// Since when enforcement is bypassed, as last seen (`smtpguard bypass`).
     bypass_seen: Option<u64>,
+    /// The policies applied last, for `smtpguard rollback`.
+    known_good: KnownGood,
+    /// A rollback whose reload has not finished yet.
+    rollback: Option<RollbackRequest>,
 }
 
 /// What tells one version of a file from another: its mtime, and which
@@ -283,6 +288,7 @@ impl Controller {
                 privileges::notify(&format!("STATUS=enforcing policy generation {}", self.generation));
                 let ev = self.applied_event(why, Some(seconds * 1e3));
                 self.emit(&ev);
+                self.keep_known_good(why);
             }
             Err((errors, more)) => {
                 m.reloads.with_label_values(&["rejected"]).inc();
@@ -330,9 +336,61 @@ impl Controller {
                 w.1 = mtime(&w.0);
             }
         }
+        if why == ROLLBACK {
+            if let Some(request) = self.rollback.take() {
+                let result = RollbackResult { id: request.id, ok: applied, generation: self.generation, error: self.last_error.clone().filter(|_| !applied) };
+                self.finish_rollback(result);
+            }
+        }
         self.state.reload_ended();
         self.tell_fleet();
         give_back_memory();
+    }
+
+    /// Keeps the policy now in force as known-good (`smtpguard rollback`).
+    fn keep_known_good(&self, trigger: &str) {
+        let (_, _, changed_by) = crate::events::policy_identity(&self.o.policy, self.revision);
+        if let Err(e) = self.known_good.record(self.generation, &inputs_of(&self.o.policy, &self.policy), trigger, changed_by) {
+            tracing::warn!("keeping policy generation {} as known-good: {e:#}", self.generation);
+        }
+    }
+
+    /// A SIGHUP: a reload, or the rollback `smtpguard rollback` asked for
+    /// (its files put back first; `None` when that failed: nothing changed).
+    fn on_hup(&mut self) -> Option<&'static str> {
+        let Some(request) = RollbackRequest::take(&self.o.pins) else { return Some("SIGHUP") };
+        let restored = if self.revision.is_some() {
+            Err(anyhow::anyhow!("this host follows the fleet policy: push the revision to go back to (smtpguard fleet push)"))
+        } else {
+            self.known_good.target(request.to, self.generation).and_then(|target| Ok((target.generation, self.known_good.restore(&target)?)))
+        };
+        match restored {
+            Ok((to, files)) => {
+                tracing::warn!("rolling back to the policy of generation {to} (asked by {}); files restored: {}", request.by, files.len());
+                self.emit(&Event::Rollback {
+                    time: clock::now_rfc3339(),
+                    to_generation: to,
+                    by: request.by.clone(),
+                    restored: files.iter().map(|f| f.display().to_string()).collect(),
+                    error: None,
+                });
+                self.rollback = Some(request);
+                Some(ROLLBACK)
+            }
+            Err(e) => {
+                tracing::error!("rollback refused: {e:#}");
+                self.emit(&Event::Rollback { time: clock::now_rfc3339(), to_generation: request.to.unwrap_or(0), by: request.by.clone(), restored: Vec::new(), error: Some(format!("{e:#}")) });
+                self.finish_rollback(RollbackResult { id: request.id, ok: false, generation: self.generation, error: Some(format!("{e:#}")) });
+                None
+            }
+        }
+    }
+
+    fn finish_rollback(&self, result: RollbackResult) {
+        self.state.metrics.rollbacks.with_label_values(&[if result.ok { "ok" } else { "failed" }]).inc();
+        if let Err(e) = result.write(&self.o.pins) {
+            tracing::error!("writing the rollback's result: {e:#}");
+        }
     }
 
     /// Announces a switch of the fail-open lever (the datapath obeyed it at
@@ -558,12 +616,16 @@ pub fn run(o: RunOptions) -> Result<()> {
         revision: o.start_revision,
         last_error: None,
         bypass_seen: None,
+        known_good: KnownGood::new(&o.state_dir),
+        rollback: None,
     };
     // Load the policy before attaching, so the first packet a new link
     // judges already has it; adopted links judge by the pinned one meanwhile.
     let (p, comp) = (c.policy.clone(), c.compiled.clone());
     let start = Instant::now();
     c.apply(p, comp).context("loading the policy into the datapath")?;
+    // Kept at once: the files are as compiled (a later edit would be refused).
+    c.keep_known_good(if adopting { "restart" } else { "start" });
     let m = &state.metrics;
     m.reload_duration.observe(start.elapsed().as_secs_f64());
     m.reloads.with_label_values(&["ok"]).inc();
@@ -674,7 +736,7 @@ async fn control_loop(
         c.state.beat();
         let mut wanted = None;
         tokio::select! {
-            _ = signals.hup.recv() => wanted = Some("SIGHUP"),
+            _ = signals.hup.recv() => wanted = c.on_hup(),
             _ = signals.usr1.recv() => c.events.reopen("SIGUSR1"),
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,

@@ -96,6 +96,19 @@ pub enum Event {
         /// `command` (seen switched) or `start` (found switched at start).
         trigger: String,
     },
+    /// `smtpguard rollback`: a known-good policy's files were put back (a
+    /// `policy_reload` with trigger `rollback` follows), or the rollback
+    /// was refused and nothing changed (`error`).
+    Rollback {
+        time: String,
+        /// The generation whose policy was put back.
+        to_generation: u64,
+        by: String,
+        /// Files whose contents were put back.
+        restored: Vec<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        error: Option<String>,
+    },
     /// A policy was applied (start, restart, reload) or refused.
     PolicyReload {
         time: String,

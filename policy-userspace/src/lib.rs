@@ -11,6 +11,7 @@ pub mod events;
 pub mod fleet;
 pub mod http;
 pub mod interfaces;
+pub mod known_good;
 pub mod logging;
 pub mod metrics;
 pub mod nft;

@@ -164,6 +164,26 @@ enum Command {
     },
     /// Stop the controller if it runs, and remove every program, link and pin.
     Detach(PinArgs),
+    /// Put a known-good policy back: its policy and list files are restored where they were read and the controller applies them in one atomic reload.
+    ///
+    /// The controller keeps the last 5 policies it applied (with their list files and SHA-256) in its state directory.
+    ///
+    /// Example: smtpguard rollback            (the newest known-good policy that differs from the one in force)
+    ///
+    /// Example: smtpguard rollback --to 41
+    Rollback {
+        /// The generation whose policy to put back (see --list).
+        #[arg(long, value_name = "GENERATION")]
+        to: Option<u64>,
+        /// List the known-good policies kept instead.
+        #[arg(long)]
+        list: bool,
+        /// The controller's state directory.
+        #[arg(long, default_value = smtpguard::settings::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
     /// Fail open: switch enforcement off (every direction judges as in monitor mode, drops pass and are counted as would_drop) or back on.
     ///
     /// One map write, in force for the next packet; it outlasts controller restarts until turned off.
@@ -354,6 +374,7 @@ fn main() -> ExitCode {
         }
         Command::Unban { source, pins } => commands::report(commands::unban(&pins.pins(), &source)),
         Command::Detach(p) => commands::report(commands::detach(&p.pins())),
+        Command::Rollback { to, list, state_dir, pins } => commands::report(commands::recovery::rollback(&pins.pins(), &state_dir, to, list)),
         Command::Bypass { state, reason, pins } => {
             commands::report(commands::recovery::bypass(&pins.pins(), state.map(|s| s == OnOff::On), reason.as_deref()))
         }

@@ -32,6 +32,8 @@ pub struct ControllerMetrics {
     pub quarantines: IntCounter,
     /// `smtpguard bypass` switches seen, by the state switched to.
     pub bypass_changes: IntCounterVec,
+    /// `smtpguard rollback`s, by result.
+    pub rollbacks: IntCounterVec,
     /// The fleet's families, once the host joined one.
     pub fleet: std::sync::OnceLock<std::sync::Arc<crate::fleet::metrics::FleetMetrics>>,
 }
@@ -58,6 +60,11 @@ impl ControllerMetrics {
             bypass_changes: IntCounterVec::new(
                 Opts::new("smtpguard_bypass_changes_total", "Switches of the fail-open lever (smtpguard bypass), by the state switched to: on (enforcement off) or off"),
                 &["to"],
+            )
+            .expect("valid"),
+            rollbacks: IntCounterVec::new(
+                Opts::new("smtpguard_rollbacks_total", "smtpguard rollback requests, by result: ok (the known-good policy is in force) or failed"),
+                &["result"],
             )
             .expect("valid"),
             fleet: std::sync::OnceLock::new(),
@@ -354,6 +361,7 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     register(&r, m.tenant_suspects.clone());
     register(&r, m.quarantines.clone());
     register(&r, m.bypass_changes.clone());
+    register(&r, m.rollbacks.clone());
     let bypass = IntGauge::new("smtpguard_bypass", "1 while enforcement is bypassed (smtpguard bypass on): every direction judges as in monitor mode").expect("valid");
     bypass.set(observer.bypass_since().is_some() as i64);
     register(&r, bypass);

@@ -86,3 +86,114 @@ pub fn bypass(pins: &Pins, on: Option<bool>, reason: Option<&str>) -> anyhow::Re
     }
     Ok(())
 }
+
+/// The reload trigger of a rollback.
+pub const ROLLBACK: &str = "rollback";
+
+/// What `smtpguard rollback` asks the controller (with a SIGHUP).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    pub id: String,
+    /// The generation to go back to; `None`: the newest that differs.
+    pub to: Option<u64>,
+    pub by: String,
+}
+
+impl RollbackRequest {
+    fn path(pins: &Pins) -> PathBuf {
+        pins.run_dir.join("rollback-request.json")
+    }
+
+    /// The request waiting, taken (so a later SIGHUP is a plain reload).
+    pub fn take(pins: &Pins) -> Option<Self> {
+        let path = Self::path(pins);
+        let text = std::fs::read_to_string(&path).ok()?;
+        let _ = std::fs::remove_file(&path);
+        serde_json::from_str(&text).ok()
+    }
+}
+
+/// What the controller answers a rollback with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RollbackResult {
+    pub id: String,
+    pub ok: bool,
+    /// The generation in force afterwards.
+    pub generation: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl RollbackResult {
+    fn path(pins: &Pins) -> PathBuf {
+        pins.run_dir.join("rollback-result.json")
+    }
+
+    pub fn write(&self, pins: &Pins) -> anyhow::Result<()> {
+        let tmp = pins.run_dir.join(".rollback-result.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(self)?)?;
+        std::fs::rename(&tmp, Self::path(pins))?;
+        Ok(())
+    }
+
+    fn read(pins: &Pins, id: &str) -> Option<Self> {
+        let r: Self = serde_json::from_slice(&std::fs::read(Self::path(pins)).ok()?).ok()?;
+        (r.id == id).then_some(r)
+    }
+}
+
+/// How long `rollback` waits for the controller's answer (a policy with a
+/// large geo database takes seconds to compile).
+const ROLLBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// `smtpguard rollback [--to N] [--list]`.
+pub fn rollback(pins: &Pins, state_dir: &std::path::Path, to: Option<u64>, list: bool) -> anyhow::Result<()> {
+    if nft::commands::enforces(pins) {
+        bail!("rollback needs the eBPF controller; with the nftables backend, put the policy file back and `smtpguard reload`");
+    }
+    let kept = crate::known_good::KnownGood::new(state_dir);
+    let current = Maps::open_pinned(&pins.dir).ok().and_then(|m| m.policy(m.runtime().active).ok()).map(|p| p.generation);
+    if list {
+        let all = kept.list();
+        if all.is_empty() {
+            println!("no known-good policies kept in {}", state_dir.join("known-good").display());
+        }
+        println!("{:<6} {:<26} {:<18} {:<14} {:<14} files", "gen", "applied", "trigger", "by", "policy sha256");
+        for s in all {
+            let mark = if Some(s.generation) == current { " (in force)" } else { "" };
+            println!(
+                "{:<6} {:<26} {:<18} {:<14} {:<14} {}{mark}",
+                s.generation,
+                s.applied_at,
+                s.trigger,
+                s.changed_by.as_deref().unwrap_or("-"),
+                &s.policy_sha256()[..12.min(s.policy_sha256().len())],
+                s.files.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", ")
+            );
+        }
+        return Ok(());
+    }
+    let pid = pins.controller_pid().ok_or_else(|| anyhow::anyhow!("no controller is running (no live pid in {}): a rollback is applied by `smtpguard run`", pins.pid_file().display()))?;
+    let current = current.ok_or_else(|| anyhow::anyhow!("no policy in force is pinned at {}", pins.dir.display()))?;
+    // Refused here already when there is nothing to go back to.
+    let target = kept.target(to, current)?;
+    let id = format!("{}-{}", std::process::id(), clock::unix_now_s());
+    let request = RollbackRequest { id: id.clone(), to: Some(target.generation), by: invoking_user() };
+    std::fs::write(RollbackRequest::path(pins), serde_json::to_vec(&request)?).context("writing the rollback request")?;
+    // SAFETY: sending a signal to a pid we read.
+    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        bail!("signalling controller {pid}: {}", std::io::Error::last_os_error());
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < ROLLBACK_WAIT {
+        if let Some(r) = RollbackResult::read(pins, &id) {
+            if r.ok {
+                println!("rolled back: the policy of generation {} is in force again as generation {}", target.generation, r.generation);
+                return Ok(());
+            }
+            bail!("the rollback failed, generation {} stays in force: {}", r.generation, r.error.unwrap_or_default());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    bail!("controller {pid} did not answer within {} s: see its log", ROLLBACK_WAIT.as_secs())
+}

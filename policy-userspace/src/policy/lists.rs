@@ -29,6 +29,8 @@ pub struct List {
     pub errors: Vec<LineError>,
     /// Bad lines beyond those in `errors`.
     pub more_errors: usize,
+    /// SHA-256 of the bytes parsed: what a known-good snapshot must hold.
+    pub sha256: String,
 }
 
 impl List {
@@ -98,21 +100,24 @@ impl ListReader {
 /// Parses as it reads, line by line.
 fn parse_from(file: &mut input::BoundedFile) -> Result<List, InputError> {
     let mut reader = std::io::BufReader::with_capacity(1 << 16, &mut *file);
-    let mut list = List { nets: Vec::new(), errors: Vec::new(), more_errors: 0 };
+    let mut list = List { nets: Vec::new(), errors: Vec::new(), more_errors: 0, sha256: String::new() };
     let mut line = Vec::new();
     let (mut number, mut bytes) = (0usize, 0u64);
+    let mut digest = <sha2::Sha256 as sha2::Digest>::new();
     loop {
         line.clear();
         let n = reader.read_until(b'\n', &mut line).map_err(|e| reader.get_ref().read_error(e))?;
         if n == 0 {
             break;
         }
+        sha2::Digest::update(&mut digest, &line);
         bytes += n as u64;
         number += 1;
         parse_line(&mut list, number, &line);
     }
     drop(reader);
     file.check_not_grown(bytes)?;
+    list.sha256 = sha2::Digest::finalize(digest).iter().map(|b| format!("{b:02x}")).collect();
     list.nets.shrink_to_fit();
     Ok(list)
 }
@@ -147,10 +152,11 @@ fn parse_line(list: &mut List, number: usize, raw: &[u8]) {
 
 /// Parses list text (for tests and callers that hold it already).
 pub fn parse(text: &str) -> List {
-    let mut list = List { nets: Vec::new(), errors: Vec::new(), more_errors: 0 };
+    let mut list = List { nets: Vec::new(), errors: Vec::new(), more_errors: 0, sha256: String::new() };
     for (i, line) in text.split_inclusive('\n').enumerate() {
         parse_line(&mut list, i + 1, line.as_bytes());
     }
+    list.sha256 = crate::controller::sha256_hex(text.as_bytes());
     list
 }
 
@@ -176,7 +182,7 @@ mod tests {
         assert_eq!(l.errors[0].line, 2);
         let mut bad = b"192.0.2.0/24\n  \xff\n".to_vec();
         bad.extend_from_slice(b"198.51.100.0/24");
-        let mut l = List { nets: Vec::new(), errors: Vec::new(), more_errors: 0 };
+        let mut l = List { nets: Vec::new(), errors: Vec::new(), more_errors: 0, sha256: String::new() };
         for (i, line) in bad.split_inclusive(|b| *b == b'\n').enumerate() {
             parse_line(&mut l, i + 1, line);
         }

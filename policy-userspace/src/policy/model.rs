@@ -14,6 +14,8 @@ use super::{geo::GeoTable, lists::List, yaml::Pos};
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
     pub file: PathBuf,
+    /// SHA-256 of the policy file's bytes as read.
+    pub sha256: String,
     /// Guarded ports in slot order.
     pub ports: Vec<GuardedPort>,
     pub ingress: Direction,

@@ -111,6 +111,7 @@ pub fn load_file(path: &Path, options: &ReadOptions) -> (Option<Policy>, Diagnos
 
 /// Validates policy `text` as if read from `path`.
 pub fn load_str(path: &Path, text: &str, options: &ReadOptions, diags: &mut Diagnostics) -> Option<Policy> {
+    let sha256 = crate::controller::sha256_hex(text.as_bytes());
     let root = match yaml::parse(text) {
         Ok(r) => r,
         Err(e) => {
@@ -131,7 +132,7 @@ pub fn load_str(path: &Path, text: &str, options: &ReadOptions, diags: &mut Diag
         lists: ListReader::default(),
         geo_tables: HashMap::new(),
     };
-    let policy = w.policy(&root);
+    let policy = w.policy(&root).map(|p| Policy { sha256, ..p });
     if w.diags.has_errors() {
         None
     } else {
@@ -275,7 +276,7 @@ impl Walker<'_> {
         if let Some((_, n)) = get("egress") {
             self.direction(n, "egress", &ports, &mut egress);
         }
-        Some(Policy { file: self.file.to_path_buf(), ports, ingress, egress, events })
+        Some(Policy { file: self.file.to_path_buf(), sha256: String::new(), ports, ingress, egress, events })
     }
 
     fn limits(&mut self, node: &Node) {

@@ -1,0 +1,222 @@
+//! The last known-good policies: each policy the controller applied, kept
+//! in its state directory with the list files it read (and their SHA-256),
+//! so `smtpguard rollback` can put one back, whole, when a change blocks
+//! legitimate mail. The geo database is not kept (it is large and changes
+//! on its own schedule): a rollback reads the one in place.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{clock, controller::sha256_hex, policy::model::Policy};
+
+/// Snapshots kept, newest first.
+pub const KEEP: usize = 5;
+
+/// The snapshots under `<state dir>/known-good/<generation>/`.
+#[derive(Clone, Debug)]
+pub struct KnownGood {
+    dir: PathBuf,
+}
+
+/// One applied policy: `manifest.json` beside the files it names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub applied_at: String,
+    /// What applied it: `start`, `SIGHUP`, `file change`, `rollback`, ...
+    pub trigger: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed_by: Option<String>,
+    /// The policy file first, then its list files.
+    pub files: Vec<KeptFile>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptFile {
+    /// Where the controller read it.
+    pub path: PathBuf,
+    pub sha256: String,
+    /// Its copy's name in the snapshot's directory.
+    pub stored: String,
+}
+
+impl Snapshot {
+    /// Whether `other` holds the same files with the same contents.
+    pub fn same_files(&self, other: &Snapshot) -> bool {
+        self.files == other.files
+    }
+
+    pub fn policy_sha256(&self) -> &str {
+        self.files.first().map_or("", |f| f.sha256.as_str())
+    }
+}
+
+/// The files a policy was compiled from, with the SHA-256 of the bytes
+/// read: the policy file, then its list files.
+pub fn inputs_of(policy_file: &Path, policy: &Policy) -> Vec<(PathBuf, String)> {
+    let mut inputs = vec![(policy_file.to_path_buf(), policy.sha256.clone())];
+    for l in [&policy.ingress, &policy.egress].iter().flat_map(|d| d.lists.iter()) {
+        if !inputs.iter().any(|(p, _)| p.as_path() == &*l.file) {
+            inputs.push((l.file.to_path_buf(), l.list.sha256.clone()));
+        }
+    }
+    inputs
+}
+
+impl KnownGood {
+    pub fn new(state_dir: &Path) -> Self {
+        Self { dir: state_dir.join("known-good") }
+    }
+
+    fn snapshot_dir(&self, generation: u64) -> PathBuf {
+        self.dir.join(generation.to_string())
+    }
+
+    /// Keeps what generation `generation` was compiled from ([`inputs_of`]:
+    /// each file with the SHA-256 of what was compiled). A file changed
+    /// since is refused: the snapshot would not be what was enforced (the
+    /// change's own reload keeps the next one). Older snapshots beyond
+    /// [`KEEP`] go.
+    pub fn record(&self, generation: u64, inputs: &[(PathBuf, String)], trigger: &str, changed_by: Option<String>) -> Result<()> {
+        let tmp = self.dir.join(format!(".{generation}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut files = Vec::new();
+        for (i, (path, compiled)) in inputs.iter().enumerate() {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            if sha256_hex(&bytes) != *compiled {
+                let _ = std::fs::remove_dir_all(&tmp);
+                bail!("{} changed since it was compiled", path.display());
+            }
+            let stored = format!("{i}-{}", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+            std::fs::write(tmp.join(&stored), &bytes).with_context(|| format!("writing {}", tmp.join(&stored).display()))?;
+            let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            files.push(KeptFile { path, sha256: compiled.clone(), stored });
+        }
+        let snapshot = Snapshot { generation, applied_at: clock::now_rfc3339(), trigger: trigger.to_owned(), changed_by, files };
+        std::fs::write(tmp.join("manifest.json"), serde_json::to_vec_pretty(&snapshot)?).context("writing the manifest")?;
+        let dir = self.snapshot_dir(generation);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+        for old in self.list().into_iter().skip(KEEP) {
+            let _ = std::fs::remove_dir_all(self.snapshot_dir(old.generation));
+        }
+        Ok(())
+    }
+
+    /// Every snapshot kept, newest first.
+    pub fn list(&self) -> Vec<Snapshot> {
+        let mut all: Vec<Snapshot> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<u64>().is_ok()))
+            .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path().join("manifest.json")).ok()?).ok())
+            .collect();
+        all.sort_by_key(|s: &Snapshot| std::cmp::Reverse(s.generation));
+        all
+    }
+
+    /// The snapshot to go back to: generation `to`, or else the newest one
+    /// whose files differ from those of generation `current`.
+    pub fn target(&self, to: Option<u64>, current: u64) -> Result<Snapshot> {
+        let all = self.list();
+        if let Some(to) = to {
+            return match all.iter().find(|s| s.generation == to) {
+                Some(s) => Ok(s.clone()),
+                None => bail!(
+                    "no known-good policy of generation {to} is kept in {} (kept: {})",
+                    self.dir.display(),
+                    all.iter().map(|s| s.generation.to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            };
+        }
+        let Some(now) = all.iter().find(|s| s.generation == current) else {
+            bail!("the policy in force (generation {current}) has no snapshot in {}: name one with --to", self.dir.display())
+        };
+        match all.iter().find(|s| s.generation < current && !s.same_files(now)) {
+            Some(s) => Ok(s.clone()),
+            None => bail!("no earlier known-good policy differs from the one in force (generation {current})"),
+        }
+    }
+
+    /// Writes the snapshot's files back where they were read (each by an
+    /// atomic rename; the file replaced is kept as `<file>.before-rollback`).
+    /// Returns the files whose contents changed.
+    pub fn restore(&self, snapshot: &Snapshot) -> Result<Vec<PathBuf>> {
+        let dir = self.snapshot_dir(snapshot.generation);
+        // Every copy read and checked before anything is written.
+        let mut copies = Vec::new();
+        for f in &snapshot.files {
+            let bytes = std::fs::read(dir.join(&f.stored)).with_context(|| format!("reading {}", dir.join(&f.stored).display()))?;
+            if sha256_hex(&bytes) != f.sha256 {
+                bail!("the kept copy of {} does not match its SHA-256: {} was altered", f.path.display(), dir.display());
+            }
+            copies.push((f, bytes));
+        }
+        let mut restored = Vec::new();
+        for (f, bytes) in copies {
+            let current = std::fs::read(&f.path).ok();
+            if current.as_deref().is_some_and(|c| sha256_hex(c) == f.sha256) {
+                continue;
+            }
+            let name = |suffix: &str| {
+                let mut s = f.path.as_os_str().to_owned();
+                s.push(suffix);
+                PathBuf::from(s)
+            };
+            if let Some(current) = current {
+                std::fs::write(name(".before-rollback"), current).with_context(|| format!("keeping {}", name(".before-rollback").display()))?;
+            }
+            std::fs::write(name(".rollback.tmp"), &bytes).with_context(|| format!("writing {}", name(".rollback.tmp").display()))?;
+            std::fs::rename(name(".rollback.tmp"), &f.path).with_context(|| format!("replacing {}", f.path.display()))?;
+            restored.push(f.path.clone());
+        }
+        Ok(restored)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_are_kept_found_and_restored() {
+        let dir = std::env::temp_dir().join(format!("sg-known-good-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let policy_file = dir.join("policy.yaml");
+        let kept = KnownGood::new(&dir.join("state"));
+        let write_and_record = |generation: u64, text: &str| {
+            std::fs::write(&policy_file, text).unwrap();
+            kept.record(generation, &[(policy_file.clone(), sha256_hex(text.as_bytes()))], "test", None).unwrap();
+        };
+        // A file changed since it was compiled is not kept as known-good.
+        std::fs::write(&policy_file, "version: 1 # later\n").unwrap();
+        let refused = kept.record(1, &[(policy_file.clone(), sha256_hex(b"version: 1 # a\n"))], "test", None).unwrap_err();
+        assert!(refused.to_string().contains("changed since it was compiled"), "{refused}");
+        assert!(kept.list().is_empty());
+        write_and_record(1, "version: 1 # a\n");
+        write_and_record(2, "version: 1 # a\n");
+        write_and_record(3, "version: 1 # b\n");
+        assert_eq!(kept.target(None, 3).unwrap().generation, 2, "the newest that differs");
+        assert!(kept.target(None, 2).is_err(), "generation 1 holds the same files");
+        assert!(kept.target(Some(9), 3).unwrap_err().to_string().contains("kept: 3, 2, 1"));
+        let restored = kept.restore(&kept.target(Some(1), 3).unwrap()).unwrap();
+        assert_eq!(restored.len(), 1);
+        assert_eq!(std::fs::read_to_string(&policy_file).unwrap(), "version: 1 # a\n");
+        assert_eq!(std::fs::read_to_string(dir.join("policy.yaml.before-rollback")).unwrap(), "version: 1 # b\n");
+        assert!(kept.restore(&kept.target(Some(1), 3).unwrap()).unwrap().is_empty(), "nothing left to change");
+        for g in 4..=9 {
+            write_and_record(g, &format!("version: 1 # {g}\n"));
+        }
+        assert_eq!(kept.list().iter().map(|s| s.generation).collect::<Vec<_>>(), vec![9, 8, 7, 6, 5]);
+        // A kept copy altered on disk is refused, nothing written.
+        std::fs::write(dir.join("state/known-good/5/0-policy.yaml"), "evil").unwrap();
+        assert!(kept.restore(&kept.target(Some(5), 9).unwrap()).unwrap_err().to_string().contains("altered"));
+        assert_eq!(std::fs::read_to_string(&policy_file).unwrap(), "version: 1 # 9\n");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
