@@ -54,6 +54,59 @@ static NEXT_PORT: AtomicU16 = AtomicU16::new(41_000);
 static NEXT_IP_ID: AtomicU16 = AtomicU16::new(0x5300);
 
 /// The MAC address of `ifname` in `ns`.
+/// A packet socket bound to `ifname` in `ns` (reads time out after 20 ms).
+pub fn packet_socket(ns: &Netns, ifname: &str) -> Result<OwnedFd> {
+    let name = std::ffi::CString::new(ifname)?;
+    ns.enter(|| -> Result<OwnedFd> {
+        // SAFETY: a valid NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no interface {ifname}: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: plain socket call; the fd is owned below.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, ETH_P_ALL.to_be() as i32) };
+        if raw < 0 {
+            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: zeroed sockaddr_ll is valid; the fields set are the ones bind reads.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = ETH_P_ALL.to_be();
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: sll lives across the call and its size is given.
+        let rc = unsafe { libc::bind(fd.as_raw_fd(), &sll as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32) };
+        if rc != 0 {
+            bail!("binding the packet socket to {ifname}: {}", std::io::Error::last_os_error());
+        }
+        // Short reads, so waits keep to their deadlines.
+        let tv = libc::timeval { tv_sec: 0, tv_usec: 20_000 };
+        // SAFETY: tv lives across the call and its size is given.
+        let rc = unsafe {
+            libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32)
+        };
+        if rc != 0 {
+            bail!("SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+        }
+        Ok(fd)
+    })?
+}
+
+/// Sends each frame once out of `ifname` in `ns`: the peer's datapath
+/// sees exactly these packets, no retransmission.
+pub fn send_frames(ns: &Netns, ifname: &str, frames: &[Vec<u8>]) -> Result<()> {
+    let fd = packet_socket(ns, ifname)?;
+    for f in frames {
+        // SAFETY: the buffer lives across the call.
+        let n = unsafe { libc::send(fd.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+        if n != f.len() as isize {
+            bail!("sending a frame out of {ifname}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 pub fn mac_of(ns: &Netns, ifname: &str) -> Result<[u8; 6]> {
     let out = ns.ip(&["-j", "link", "show", ifname])?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -121,41 +174,7 @@ impl RawTcp {
             bail!("{src} and {dst} are of different families");
         }
         let src_mac = mac_of(ns, ifname)?;
-        let name = std::ffi::CString::new(ifname)?;
-        let fd = ns.enter(|| -> Result<OwnedFd> {
-            // SAFETY: a valid NUL-terminated name.
-            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            if ifindex == 0 {
-                bail!("no interface {ifname}: {}", std::io::Error::last_os_error());
-            }
-            // SAFETY: plain socket call; the fd is owned below.
-            let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, ETH_P_ALL.to_be() as i32) };
-            if raw < 0 {
-                bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
-            }
-            // SAFETY: a fresh fd nobody else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            // SAFETY: zeroed sockaddr_ll is valid; the fields set are the ones bind reads.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = ETH_P_ALL.to_be();
-            sll.sll_ifindex = ifindex as i32;
-            // SAFETY: sll lives across the call and its size is given.
-            let rc = unsafe { libc::bind(fd.as_raw_fd(), &sll as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32) };
-            if rc != 0 {
-                bail!("binding the packet socket to {ifname}: {}", std::io::Error::last_os_error());
-            }
-            // Short reads, so waits keep to their deadlines.
-            let tv = libc::timeval { tv_sec: 0, tv_usec: 20_000 };
-            // SAFETY: tv lives across the call and its size is given.
-            let rc = unsafe {
-                libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32)
-            };
-            if rc != 0 {
-                bail!("SO_RCVTIMEO: {}", std::io::Error::last_os_error());
-            }
-            Ok(fd)
-        })??;
+        let fd = packet_socket(ns, ifname)?;
         let iss = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos().wrapping_mul(2_654_435_761);
         Ok(Self {
             fd,

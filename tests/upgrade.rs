@@ -173,7 +173,7 @@ fn pins_of_a_newer_layout_are_refused_unread() {
 
 #[test]
 #[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
-fn pins_of_layout_2_are_upgraded_in_place_and_gain_the_bypass_switch() {
+fn pins_of_layout_2_are_upgraded_in_place_and_gain_the_bypass_switch_and_rule_hits() {
     require_root();
     let lab = PairLab::new().expect("lab");
     let state = TestPins::new("upgrade2");
@@ -182,8 +182,9 @@ fn pins_of_layout_2_are_upgraded_in_place_and_gain_the_bypass_switch() {
     let (code, out) = state.cmd(&["ban", CLIENT_DENIED, "--for", "1h"]);
     assert_eq!(code, 0, "{out}");
     ctl.kill9();
-    // Layout 2 is this layout without `BYPASS`.
+    // Layout 2 is this layout without `BYPASS` and `RULE_HITS`.
     std::fs::remove_file(state.pin_dir.join(policy_common::BYPASS)).unwrap();
+    std::fs::remove_file(state.pin_dir.join(policy_common::RULE_HITS)).unwrap();
     std::fs::rename(state.pin_dir.join(format!("layout_{}", policy_common::LAYOUT_VERSION)), state.pin_dir.join("layout_2")).unwrap();
     let (code, said) = state.cmd(&["bans"]);
     assert_ne!(code, 0);

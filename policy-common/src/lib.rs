@@ -210,6 +210,19 @@ pub const STATS_RESETS: u32 = STATS_SMTP_FLOW_MISSES + 1;
 /// Entries of the `STATS` per-CPU array.
 pub const STATS_ENTRIES: u32 = STATS_RESETS + direction::COUNT as u32;
 
+/// Rule ids counted one by one in `RULE_HITS`, per generation; hits of
+/// higher ids (a policy of more rule ids: `check` warns) share cell 0.
+pub const RULE_SLOTS: u32 = 8192;
+/// Cells of `RULE_HITS`.
+pub const RULE_HITS_ENTRIES: u32 = GENERATIONS * RULE_SLOTS;
+
+/// Index of rule `rule`'s hit counter of `generation` in `RULE_HITS`.
+#[inline(always)]
+pub const fn rule_hits_index(generation: u32, rule: u32) -> u32 {
+    let cell = if rule < RULE_SLOTS { rule } else { 0 };
+    (generation & 1) * RULE_SLOTS + cell
+}
+
 /// What the way a new source takes in its `SOURCES` set held before:
 /// how full the table is under churn. See [`source::claim_kind_of`].
 pub mod claim_kind {

@@ -38,6 +38,11 @@ pub const SOURCES: &str = "SOURCES";
 /// crate root). Writer: datapath (the manual-ban cell: `smtpguard ban`,
 /// CPU 0's cell). Reader: controller, summing CPUs.
 pub const STATS: &str = "STATS";
+/// `PerCpuArray<u64>`, packets each ACL rule decided, indexed by
+/// `rule_hits_index(generation, rule id)`. Writer: datapath. Readers:
+/// controller (folds and zeroes a generation once it is replaced),
+/// `smtpguard status --rules`.
+pub const RULE_HITS: &str = "RULE_HITS";
 /// `PerCpuArray<u64>`, drops and would-drops per (direction, verdict,
 /// country), indexed by `geo_index`.
 pub const GEO_DROPS: &str = "GEO_DROPS";
@@ -112,7 +117,7 @@ pub const AYA_LOGS: &str = "AYA_LOGS";
 pub const AYA_LOGS_BYTES: u32 = 1 << 17;
 
 /// Every map of the object, for the ELF test and the controller.
-pub const ALL_MAPS: [&str; 26] = [
+pub const ALL_MAPS: [&str; 27] = [
     RUNTIME,
     BYPASS,
     POLICY,
@@ -125,6 +130,7 @@ pub const ALL_MAPS: [&str; 26] = [
     BAN_V6,
     SOURCES,
     STATS,
+    RULE_HITS,
     GEO_DROPS,
     EVENTS,
     EVENT_BUDGET,

@@ -151,6 +151,7 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Exit {
 fn pipeline<F: Frame>(frame: &F, runtime: RuntimeView, generation: u32, dp: &DirectionPolicy, dir: u8, flow: &Flow) -> Decision {
     let acl = acl::lookup(flow, generation as u8, dir, dp.acl_sides);
     if acl.allow_rule != 0 {
+        stats::record_rule_hit(generation, acl.allow_rule);
         return Decision { rule: acl.allow_rule, ..Decision::new(verdict::PASS, reason::ALLOW_ACL) };
     }
 
@@ -166,6 +167,7 @@ fn pipeline<F: Frame>(frame: &F, runtime: RuntimeView, generation: u32, dp: &Dir
     }
 
     if acl.deny_rule != 0 {
+        stats::record_rule_hit(generation, acl.deny_rule);
         return Decision { rule: acl.deny_rule, country: acl.country, ..Decision::new(verdict::DROP, reason::DENY_ACL) };
     }
 

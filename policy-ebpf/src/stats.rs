@@ -4,7 +4,7 @@ use aya_ebpf::{macros::map, maps::PerCpuArray};
 
 use crate::opaque::opaque;
 use policy_common::{
-    claim_kind, geo_index, stats_index, Counter, GEO_DROPS_ENTRIES, STATS_BANS_AUTO, STATS_BANS_ESCALATED, STATS_CLAIMS,
+    claim_kind, geo_index, rule_hits_index, RULE_HITS_ENTRIES, stats_index, Counter, GEO_DROPS_ENTRIES, STATS_BANS_AUTO, STATS_BANS_ESCALATED, STATS_CLAIMS,
     STATS_ENTRIES, STATS_EVENTS_LOST, STATS_RESETS, STATS_SCAN_TRUNCATED, STATS_SMTP_FLOW_MISSES,
 };
 
@@ -16,6 +16,14 @@ static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_ENTRIES
 /// Key: `geo_index(direction, verdict, country)`: drops and would-drops by country.
 #[map]
 static GEO_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GEO_DROPS_ENTRIES, 0);
+
+/// Key: `rule_hits_index(generation, rule id)`: packets each ACL rule
+/// decided (allowed or denied), per generation so that a rule id always
+/// names the rule of the generation that counted it. Writer: datapath.
+/// Reader: controller (folds a generation's counts when it is replaced,
+/// then zeroes them), `smtpguard status --rules`.
+#[map]
+static RULE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(RULE_HITS_ENTRIES, 0);
 
 /// The index goes through `opaque`: the verifier tracks constant array
 /// keys exactly, which would make the direction, port slot and reason
@@ -30,6 +38,15 @@ pub fn record(direction: u8, verdict: u8, reason: u8, port_slot: usize, bytes: u
             (*c).packets += 1;
             (*c).bytes += bytes as u64;
         }
+    }
+}
+
+/// Counts a packet the ACL rule `rule` of `generation` decided.
+#[inline(always)]
+pub fn record_rule_hit(generation: u32, rule: u32) {
+    if let Some(c) = RULE_HITS.get_ptr_mut(opaque(rule_hits_index(generation, rule) as u64) as u32) {
+        // SAFETY: as in `record`.
+        unsafe { *c += 1 }
     }
 }
 

@@ -27,6 +27,7 @@ use crate::{
     privileges,
     commands::recovery::{BypassNote, RollbackRequest, RollbackResult, ROLLBACK},
     known_good::{inputs_of, KnownGood},
+    rule_hits::RuleBook,
     pins::Pins,
     policy::{self, load_and_compile, load_for_reload, time, Compiled, Policy},
 };
@@ -127,6 +128,8 @@ struct Controller {
     known_good: KnownGood,
     /// A rollback whose reload has not finished yet.
     rollback: Option<RollbackRequest>,
+    /// The rules in force and what they counted before (`rules.json`).
+    rule_book: Option<Arc<RuleBook>>,
 }
 
 /// What tells one version of a file from another: its mtime, and which
@@ -428,11 +431,24 @@ impl Controller {
 
     fn apply(&mut self, policy: Policy, compiled: Compiled) -> Result<()> {
         let number = self.generation + 1;
-        self.dp.swap(&compiled, number)?;
+        let replaced = self.dp.active_generation();
+        let active = self.dp.swap(&compiled, number)?;
+        // The replaced generation is idle now (the swap waited a grace
+        // period): its counts are final. Published before they are zeroed,
+        // so a scrape never sees a rule's count go down.
+        let counts = self.dp.maps().rule_hits(replaced).unwrap_or_default();
+        let book = RuleBook::of(&compiled, number, active, self.rule_book.as_deref().map(|b| (b, &counts[..])));
+        if let Err(e) = book.write(&self.o.pins.run_dir) {
+            tracing::warn!("writing {}: {e}", self.o.pins.run_dir.join("rules.json").display());
+        }
+        self.rule_book = Some(Arc::new(book));
         self.generation = number;
         self.policy = policy;
         self.compiled = compiled;
         self.publish_view();
+        if let Err(e) = self.dp.zero_rule_hits(replaced) {
+            tracing::warn!("zeroing the replaced generation's rule hits: {e}");
+        }
         Ok(())
     }
 
@@ -450,6 +466,8 @@ impl Controller {
             interfaces: self.interfaces.view(),
             missing_uplinks: self.interfaces.selection().named_uplinks().filter(|n| self.interfaces.view().iter().all(|v| v.name != *n)).map(str::to_owned).collect(),
             suspect_window_s: self.compiled.config.direction[policy_common::direction::EGRESS as usize].suspect_window_s,
+            rules: self.rule_book.clone(),
+            rate_limited: std::array::from_fn(|d| self.compiled.config.direction[d].rate_enabled != 0),
         });
     }
 
@@ -618,7 +636,14 @@ pub fn run(o: RunOptions) -> Result<()> {
         bypass_seen: None,
         known_good: KnownGood::new(&o.state_dir),
         rollback: None,
+        rule_book: None,
     };
+    // The hits the pinned generation counted, named as its controller
+    // named them (otherwise they are let go at the first swap).
+    if adopting {
+        let active = c.dp.active_generation();
+        c.rule_book = RuleBook::read(&o.pins.run_dir).filter(|b| b.kernel_generation == active && b.generation == generation).map(Arc::new);
+    }
     // Load the policy before attaching, so the first packet a new link
     // judges already has it; adopted links judge by the pinned one meanwhile.
     let (p, comp) = (c.policy.clone(), c.compiled.clone());

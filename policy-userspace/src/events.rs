@@ -237,7 +237,7 @@ impl Packet {
             port: ports.get(e.port_slot as usize).copied(),
             reason: name(&reason::NAMES, e.reason),
             verdict: name(&verdict::NAMES, e.verdict),
-            rule: compiled.rule(e.rule).map(|r| r.id.to_string()),
+            rule: compiled.rule_slot(e.rule).map(|r| r.id.to_string()),
             country: compiled.country(e.country as u32).map(str::to_owned),
         }
     }

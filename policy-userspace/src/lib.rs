@@ -19,6 +19,7 @@ pub mod pins;
 pub mod policy;
 pub mod privileges;
 pub mod reference;
+pub mod rule_hits;
 pub mod settings;
 
 /// The eBPF object built by `build.rs`, aligned for the ELF parser.

@@ -130,7 +130,13 @@ enum Command {
     /// Ask the running controller to reload its policy (SIGHUP).
     Reload(PinArgs),
     /// Counters, policy generation and attached interfaces, from the pinned state.
-    Status(PinArgs),
+    Status {
+        /// The rules of the policy in force with the packets each decided: dead rules, and exemptions still used.
+        #[arg(long)]
+        rules: bool,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
     /// List active bans.
     Bans {
         #[arg(long)]
@@ -367,7 +373,8 @@ fn main() -> ExitCode {
         }
         Command::Reload(p) => commands::report(commands::reload(&p.pins())),
         Command::Tenants { json, pins } => commands::report(commands::tenants(&pins.pins(), json)),
-        Command::Status(p) => commands::report(commands::status(&p.pins())),
+        Command::Status { rules: false, pins } => commands::report(commands::status(&pins.pins())),
+        Command::Status { rules: true, pins } => commands::report(commands::state::rules(&pins.pins())),
         Command::Bans { json, pins } => commands::report(commands::bans(&pins.pins(), json)),
         Command::Ban { source, duration, force, reason, pins } => {
             commands::report(commands::ban(&pins.pins(), &source, duration, force, reason.as_deref()))

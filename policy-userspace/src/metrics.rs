@@ -111,6 +111,10 @@ pub struct PolicyView {
     pub missing_uplinks: Vec<String>,
     /// The egress policy's `tenant_suspect.window` (0: off), for the gauge.
     pub suspect_window_s: u32,
+    /// The ACL rules in force, for `smtpguard_rule_hits_total`.
+    pub rules: Option<std::sync::Arc<crate::rule_hits::RuleBook>>,
+    /// Which directions rate-limit (their rate rule's hits are exported).
+    pub rate_limited: [bool; direction::COUNT],
 }
 
 impl PolicyView {
@@ -277,12 +281,18 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     }
     let geo = IntCounterVec::new(Opts::new("smtpguard_geo_drops_total", "Drops and would-drops (monitor mode) by the geo-fence, by country"), &["direction", "verdict", "country"]).expect("valid");
     let geo_cells = observer.geo_drops().map_err(|e| e.to_string())?;
+    // (direction, country, drops and would-drops): the geo-fence's hits.
+    let mut geo_rows: Vec<(u8, String, u64)> = Vec::new();
     for (i, drops) in geo_cells.iter().enumerate().take(GEO_DROPS_ENTRIES as usize) {
         if *drops > 0 {
             let (d, monitor) = (i / MAX_COUNTRIES / 2, i / MAX_COUNTRIES % 2 == 1);
             let v = if monitor { verdict::WOULD_DROP } else { verdict::DROP };
             let country = view.country(i % MAX_COUNTRIES).unwrap_or("unknown");
             geo.with_label_values(&[direction::NAMES[d], verdict::NAMES[v as usize], country]).inc_by(*drops);
+            match geo_rows.iter_mut().find(|(rd, rc, _)| *rd as usize == d && rc == country) {
+                Some(row) => row.2 += drops,
+                None => geo_rows.push((d as u8, country.to_owned(), *drops)),
+            }
         }
     }
     let bans = IntGaugeVec::new(Opts::new("smtpguard_active_bans", "Sources banned now, by origin (from the last table scan)"), &["origin"]).expect("valid");
@@ -314,6 +324,8 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
         (policy_common::POLICY, policy_common::GENERATIONS as i64),
         (policy_common::ACL4_ROOT, policy_common::acl4::ROOT_CHUNKS as i64),
         (policy_common::STATS, policy_common::STATS_ENTRIES as i64),
+        (policy_common::RULE_HITS, policy_common::RULE_HITS_ENTRIES as i64),
+        (policy_common::BYPASS, 1),
         (policy_common::GEO_DROPS, policy_common::GEO_DROPS_ENTRIES as i64),
         (policy_common::EVENT_BUDGET, 1),
         (policy_common::SCRATCH, 1),
@@ -360,6 +372,7 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     m.register_reloads(&r);
     register(&r, m.tenant_suspects.clone());
     register(&r, m.quarantines.clone());
+    register_rule_hits(&r, observer, view, &stats, &geo_rows)?;
     register(&r, m.bypass_changes.clone());
     register(&r, m.rollbacks.clone());
     let bypass = IntGauge::new("smtpguard_bypass", "1 while enforcement is bypassed (smtpguard bypass on): every direction judges as in monitor mode").expect("valid");
@@ -372,6 +385,45 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
         fleet.register(&r);
     }
     encode(&r)
+}
+
+/// `smtpguard_rule_hits_total{rule, kind, direction}`: packets each rule of
+/// the policy in force decided. ACL rules (allow, deny, exemption; a list
+/// file is one rule) from the kernel's per-rule counters; the rate limit
+/// (`<direction>.rate_limit`) and the geo-fence per country
+/// (`<direction>.geo.<CC>`) from the counters by reason and by country.
+fn register_rule_hits(r: &Registry, observer: &Observer, view: &PolicyView, stats: &[policy_common::Counter], geo_rows: &[(u8, String, u64)]) -> Result<(), String> {
+    let hits = IntCounterVec::new(
+        Opts::new("smtpguard_rule_hits_total", "Packets each rule of the policy in force decided (a list file is one rule; rate limits and geo-fence countries too)"),
+        &["rule", "kind", "direction"],
+    )
+    .expect("valid");
+    if let Some(book) = &view.rules {
+        let counts = observer.rule_hits(book.kernel_generation).map_err(|e| e.to_string())?;
+        for (row, n) in book.totals(&counts) {
+            hits.with_label_values(&[&row.id, &row.kind, &row.direction]).inc_by(n);
+        }
+        let beyond = book.beyond_cap(&counts);
+        if beyond > 0 {
+            hits.with_label_values(&["_beyond_cap", "acl", "any"]).inc_by(beyond);
+        }
+    }
+    for (d, name) in direction::NAMES.iter().enumerate() {
+        if !view.rate_limited[d] {
+            continue;
+        }
+        let n: u64 = StatsCell::all()
+            .filter(|c| c.direction as usize == d && c.verdict != verdict::PASS && matches!(c.reason, reason::RATE_LIMITED | reason::RATE_BAN))
+            .map(|c| stats[c.index as usize].packets)
+            .sum();
+        hits.with_label_values(&[&format!("{name}.rate_limit"), "rate_limit", name]).inc_by(n);
+    }
+    for (d, country, n) in geo_rows {
+        let name = direction::NAMES[*d as usize];
+        hits.with_label_values(&[&format!("{name}.geo.{country}"), "geo", name]).inc_by(*n);
+    }
+    register(r, hits);
+    Ok(())
 }
 
 /// The exposition text of everything in `r`.

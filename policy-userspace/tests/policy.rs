@@ -172,7 +172,7 @@ fn render(c: &Compiled) -> String {
             out += &format!("  geo drops: {}\n", blocked.join(" "));
         }
     }
-    let name = |id: u32| c.rule(id).map(|r| r.id.clone()).unwrap_or_else(|| "-".into());
+    let name = |id: u32| c.rule_slot(id).map(|r| r.id.clone()).unwrap_or_else(|| "-".into());
     let entry = |e: &policy_common::AclEntry| {
         let slots: Vec<String> = (0..4).map(|s| format!("{}/{}", name(e.allow_rule[s]), name(e.deny_rule[s]))).collect();
         format!("allow/deny by slot [{}] country {}", slots.join(" "), c.country(e.country).unwrap_or("-"))
@@ -451,7 +451,10 @@ fn explain_names_the_rule_and_its_line() {
     let run = |dir: u8, src: &str, dst: &str, dport: u16, payload: &str| {
         let packet = Packet::new(dir, src.parse::<IpAddr>().unwrap(), dst.parse().unwrap(), dport, payload.is_empty(), payload.as_bytes().to_vec());
         let d = decide(&c, &acl, &packet, SourceState::default(), None);
-        (d.counted, c.rule(d.rule).map(|r| (r.id.clone(), r.origin.pos.line)))
+        let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+        let (peer, local) = if dir == direction::INGRESS { (src, dst) } else { (dst, src) };
+        let line = c.matching_network(d.rule, peer).or_else(|| c.matching_network(d.rule, local));
+        (d.counted, line.map(|r| (r.id.clone(), r.origin.pos.line)))
     };
     assert_eq!(run(direction::EGRESS, "192.0.2.50", "203.0.113.10", 25, ""), (Some((verdict::PASS, reason::ALLOW_ACL)), Some(("relay-a".into(), 13))));
     assert_eq!(run(direction::EGRESS, "198.51.100.3", "192.0.2.99", 25, ""), (Some((verdict::PASS, reason::ALLOW_ACL)), Some(("ticket-4711".into(), 17))));

@@ -116,7 +116,10 @@ pub fn explain(path: &Path, options: &ReadOptions, args: ExplainArgs) -> ExitCod
     let packet = Packet::new(args.direction, args.src, args.dst, args.dport, args.syn, payload.into_bytes());
     // A fresh source and the stream's first segment.
     let d = reference::decide(&c, &AclIndex::new(&c), &packet, SourceState::default(), None);
-    let rule = c.rule(d.rule);
+    // The peer is the source on ingress, the destination on egress; a rule
+    // of the local side matched the other.
+    let (peer, local) = if args.direction == direction::INGRESS { (args.src, args.dst) } else { (args.dst, args.src) };
+    let rule = c.matching_network(d.rule, peer).or_else(|| c.matching_network(d.rule, local));
     let (verdict_name, reason_name) = match d.counted {
         Some((v, r)) => (verdict::NAMES[v as usize], reason::NAMES[r as usize]),
         None => ("pass", "not_guarded"),

@@ -114,6 +114,66 @@ pub fn status(pins: &Pins) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `smtpguard status --rules`: each rule of the policy in force with the
+/// packets it decided (since the controller started; rules kept across
+/// reloads keep their count), the rules nothing hit, and exemptions.
+pub fn rules(pins: &Pins) -> anyhow::Result<()> {
+    if nft::commands::enforces(pins) {
+        bail!("per-rule hit counts come from the eBPF datapath; this host enforces through nftables");
+    }
+    let maps = open_maps(pins)?;
+    let rt = maps.runtime();
+    let policy = maps.policy(rt.active)?;
+    let book = crate::rule_hits::RuleBook::read(&pins.run_dir)
+        .filter(|b| b.kernel_generation == rt.active && b.generation == policy.generation)
+        .ok_or_else(|| anyhow::anyhow!("the rules of policy generation {} are not recorded in {} (the controller writes them as it applies a policy)", policy.generation, pins.run_dir.display()))?;
+    let counts = maps.rule_hits(rt.active)?;
+    let today = time::today();
+    let mut out = format!("rules of policy generation {} (packets each decided):
+", policy.generation);
+    out += &format!("  {:<32} {:<10} {:<8} {:>9} {:>14}  note
+", "rule", "kind", "dir", "networks", "hits");
+    let mut dead = 0;
+    for (row, hits) in book.totals(&counts) {
+        let mut note = String::new();
+        if hits == 0 {
+            dead += 1;
+            note = "never hit".into();
+        }
+        if let Some(until) = &row.until {
+            let left = time::parse_date(until).map(|d| d - today);
+            note = match (left, hits) {
+                (Some(days), 0) => format!("exemption until {until} ({days} days left), unused"),
+                (Some(days), _) => format!("exemption until {until} ({days} days left), still used"),
+                _ => format!("exemption until {until}"),
+            };
+        }
+        out += &format!("  {:<32} {:<10} {:<8} {:>9} {:>14}  {note}
+", row.id, row.kind, row.direction, row.networks, hits);
+    }
+    let beyond = book.beyond_cap(&counts);
+    if beyond > 0 {
+        out += &format!("  {:<32} {:<10} {:<8} {:>9} {:>14}  rule ids past the first {}
+", "_beyond_cap", "acl", "any", "-", beyond, policy_common::RULE_SLOTS - 1);
+    }
+    let stats = maps.stats()?;
+    for (d, name) in direction::NAMES.iter().enumerate() {
+        if policy.direction[d].rate_enabled == 0 {
+            continue;
+        }
+        let n: u64 = StatsCell::all()
+            .filter(|c| c.direction as usize == d && c.verdict != verdict::PASS && matches!(c.reason, reason::RATE_LIMITED | reason::RATE_BAN))
+            .map(|c| stats[c.index as usize].packets)
+            .sum();
+        out += &format!("  {:<32} {:<10} {:<8} {:>9} {:>14}
+", format!("{name}.rate_limit"), "rate_limit", name, "-", n);
+    }
+    out += &format!("{} rules, {dead} never hit
+", book.rules.len());
+    print!("{out}");
+    Ok(())
+}
+
 /// The datapath's claims of a way for a new source, by [`claim_kind`],
 /// from the summed `STATS` cells.
 pub fn source_claims(stats: &[policy_common::Counter]) -> [u64; claim_kind::COUNT] {

@@ -45,6 +45,12 @@ pub struct Maps {
     fds: Vec<(&'static str, OwnedFd)>,
 }
 
+/// One generation's share of every `RULE_HITS` cell.
+pub(super) fn rule_cells(all: &[u64], generation: u32) -> Vec<u64> {
+    let first = policy_common::rule_hits_index(generation, 0) as usize;
+    all.get(first..first + policy_common::RULE_SLOTS as usize).map(<[u64]>::to_vec).unwrap_or_default()
+}
+
 fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
@@ -160,7 +166,7 @@ impl Maps {
             cpus,
             fds: {
                 // Used only through their fds: kept alive by the duplicates.
-                for name in [pc::STATS, pc::GEO_DROPS, pc::TENANT_STATS, pc::TENANT_SOURCES] {
+                for name in [pc::STATS, pc::RULE_HITS, pc::GEO_DROPS, pc::TENANT_STATS, pc::TENANT_SOURCES] {
                     source.take_kept(name, &mut fds)?;
                 }
                 fds
@@ -231,6 +237,26 @@ impl Maps {
     /// The mapped source table.
     pub fn source_table(&self) -> &Arc<SourceTable> {
         &self.sources
+    }
+
+    /// The hits of each rule id of kernel generation `generation` (0 or
+    /// 1), summed over CPUs; cell 0 holds those of ids past the cap.
+    pub fn rule_hits(&self, generation: u32) -> Result<Vec<u64>> {
+        let name = policy_common::RULE_HITS;
+        let all: Vec<u64> = batch::per_cpu_sums(self.fd(name), policy_common::RULE_HITS_ENTRIES, self.cpus).map_err(|source| DataplaneError::Batch { name, source })?;
+        Ok(rule_cells(&all, generation))
+    }
+
+    /// Zeroes generation `generation`'s hit counters (no packet may be
+    /// counting into them: it is not active, and a grace period passed).
+    pub(super) fn zero_rule_hits(&self, generation: u32) -> Result<()> {
+        let name = policy_common::RULE_HITS;
+        let first = policy_common::rule_hits_index(generation, 0);
+        let keys: Vec<u32> = (first..first + policy_common::RULE_SLOTS).collect();
+        let values = vec![0u64; keys.len() * self.cpus];
+        let bytes = |v: &[u64]| v.iter().flat_map(|x| x.to_ne_bytes()).collect::<Vec<u8>>();
+        let key_bytes: Vec<u8> = keys.iter().flat_map(|k| k.to_ne_bytes()).collect();
+        batch::update(self.fd(name), &key_bytes, &bytes(&values), keys.len()).map_err(|source| DataplaneError::Batch { name, source })
     }
 
     /// Every `STATS` cell, summed over CPUs.
@@ -314,6 +340,7 @@ impl Maps {
             tenant_ifaces: self.dup_fd(pc::TENANT_IFACES)?,
             tenant_stats: self.dup_fd(pc::TENANT_STATS)?,
             tenant_sources: self.dup_fd(pc::TENANT_SOURCES)?,
+            rule_hits: self.dup_fd(pc::RULE_HITS)?,
             cpus: self.cpus,
             smtp_flow_capacity: self.smtp_flows.map().info().map_err(map_error(pc::SMTP_FLOWS))?.max_entries(),
         })

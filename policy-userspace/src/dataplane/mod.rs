@@ -163,6 +163,11 @@ impl Dataplane {
         self.generations.activate(&self.maps, generation, drop_sample_one_in, events_per_second)
     }
 
+    /// Zeroes kernel generation `generation`'s rule hits (it must be idle).
+    pub fn zero_rule_hits(&mut self, generation: u32) -> Result<()> {
+        self.maps.zero_rule_hits(generation)
+    }
+
     /// The generation packets are judged by now.
     pub fn active_generation(&self) -> u32 {
         self.maps.runtime().active

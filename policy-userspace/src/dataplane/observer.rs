@@ -24,6 +24,7 @@ pub struct Observer {
     pub(super) tenant_ifaces: OwnedFd,
     pub(super) tenant_stats: OwnedFd,
     pub(super) tenant_sources: OwnedFd,
+    pub(super) rule_hits: OwnedFd,
     /// The kernel's possible CPUs: per-CPU values come in this many.
     pub(super) cpus: usize,
     /// Client streams `SMTP_FLOWS` holds, as the map was made.
@@ -34,6 +35,12 @@ impl Observer {
     /// Every `STATS` cell, summed over CPUs.
     pub fn stats(&self) -> std::io::Result<Vec<Counter>> {
         batch::per_cpu_sums(self.stats.as_raw_fd(), STATS_ENTRIES, self.cpus)
+    }
+
+    /// The hits of each rule id of kernel generation `generation`.
+    pub fn rule_hits(&self, generation: u32) -> std::io::Result<Vec<u64>> {
+        let all = batch::per_cpu_sums(self.rule_hits.as_raw_fd(), policy_common::RULE_HITS_ENTRIES, self.cpus)?;
+        Ok(super::maps::rule_cells(&all, generation))
     }
 
     /// Every `GEO_DROPS` cell, summed over CPUs.
@@ -68,6 +75,7 @@ impl Observer {
             tenant_ifaces: self.tenant_ifaces.try_clone()?,
             tenant_stats: self.tenant_stats.try_clone()?,
             tenant_sources: self.tenant_sources.try_clone()?,
+            rule_hits: self.rule_hits.try_clone()?,
             cpus: self.cpus,
             smtp_flow_capacity: self.smtp_flow_capacity,
         })

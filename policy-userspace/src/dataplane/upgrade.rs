@@ -65,7 +65,7 @@ const CHANGED_IN_2: [&str; 4] = [policy_common::POLICY, policy_common::STATS, po
 
 /// The maps an upgrade from layout `from` makes afresh; every other map
 /// pinned there must already have this build's shape. Layout 3 only added
-/// a map (`BYPASS`), which the loader creates where it is missing.
+/// maps (`BYPASS`, `RULE_HITS`), which the loader creates where missing.
 pub fn changed_since(from: u32) -> &'static [&'static str] {
     match from {
         1 => &CHANGED_IN_2,

@@ -77,4 +77,18 @@ pub fn warnings(policy: &Policy, diags: &mut Diagnostics) {
             }
         }
     }
+    let ids: std::collections::HashSet<&str> =
+        [&policy.ingress, &policy.egress].iter().flat_map(|d| d.rules.iter().map(|r| &*r.id).chain(d.lists.iter().map(|l| &*l.id))).collect();
+    if ids.len() >= policy_common::RULE_SLOTS as usize {
+        diags.warning(
+            &policy.file,
+            crate::policy::yaml::Pos { line: 1, col: 1 },
+            "",
+            format!(
+                "{} rule ids: the datapath counts hits for the first {} one by one and the rest together (`_beyond_cap`); list files count as one rule each",
+                ids.len(),
+                policy_common::RULE_SLOTS - 1
+            ),
+        );
+    }
 }

@@ -36,6 +36,21 @@ pub struct RuleInfo {
     pub origin: Origin,
 }
 
+/// What a rule id in the datapath names: one rule id of the policy, an
+/// inline rule or a list file with all its lines. Hits are counted per
+/// rule id, so their number is bounded by the policy, not by its networks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleSlot {
+    pub id: Arc<str>,
+    pub kind: RuleKind,
+    /// An exemption's last day (days since the epoch).
+    pub until: Option<i64>,
+    /// Networks it holds (a list's lines).
+    pub networks: usize,
+    /// The direction it is written in (a list used in both: the first).
+    pub direction: u8,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GeoStats {
     /// Networks read from the databases.
@@ -50,7 +65,10 @@ pub struct Compiled {
     pub config: PolicyConfig,
     pub v4: Vec<(u8, Ipv4Net, AclEntry)>,
     pub v6: Vec<(u8, Ipv6Net, AclEntry)>,
-    /// Rule id `n` is `rules[n - 1]`.
+    /// Rule id `n` in the datapath is `rule_slots[n - 1]`.
+    pub rule_slots: Vec<RuleSlot>,
+    /// Every network of every rule in force, in policy order (where
+    /// `explain` finds the line that matched).
     pub rules: Vec<RuleInfo>,
     /// Country index `n` is `countries[n - 1]`.
     pub countries: Vec<String>,
@@ -64,8 +82,16 @@ pub struct Compiled {
 }
 
 impl Compiled {
-    pub fn rule(&self, id: u32) -> Option<&RuleInfo> {
-        id.checked_sub(1).and_then(|i| self.rules.get(i as usize))
+    /// The rule a datapath rule id names.
+    pub fn rule_slot(&self, id: u32) -> Option<&RuleSlot> {
+        id.checked_sub(1).and_then(|i| self.rule_slots.get(i as usize))
+    }
+
+    /// The most specific network of rule `id` holding `addr`: the line
+    /// that matched.
+    pub fn matching_network(&self, id: u32, addr: std::net::IpAddr) -> Option<&RuleInfo> {
+        let slot = self.rule_slot(id)?;
+        self.rules.iter().filter(|r| r.id == slot.id && r.net.contains(&addr)).max_by_key(|r| r.net.prefix_len())
     }
 
     pub fn country(&self, index: u32) -> Option<&str> {
@@ -222,6 +248,8 @@ pub fn compile_with(policy: &Policy, today: i64, tables: &GeoTables) -> Result<C
 
     let slots = policy.ports.len();
     let mut rules: Vec<RuleInfo> = Vec::new();
+    let mut rule_slots: Vec<RuleSlot> = Vec::new();
+    let mut slot_of: HashMap<Arc<str>, u32> = HashMap::new();
     let mut next_expiry: Option<i64> = None;
     let mut geo_stats = GeoStats::default();
     let mut scoped: BTreeMap<(u8, bool), Vec<(Prefix, Item)>> = BTreeMap::new();
@@ -237,7 +265,12 @@ pub fn compile_with(policy: &Policy, today: i64, tables: &GeoTables) -> Result<C
                 next_expiry = Some(next_expiry.map_or(until + 1, |n: i64| n.min(until + 1)));
             }
             rules.push(RuleInfo { id: r.id.clone(), kind: r.kind, net: r.net, origin: Origin { file: r.file.clone(), pos: r.pos } });
-            let item = Item::Rule { allow: r.kind.is_allow(), mask: r.port_mask, rule: rules.len() as u32 };
+            let slot = *slot_of.entry(r.id.clone()).or_insert_with(|| {
+                rule_slots.push(RuleSlot { id: r.id.clone(), kind: r.kind, until: r.until, networks: 0, direction: dir });
+                rule_slots.len() as u32
+            });
+            rule_slots[slot as usize - 1].networks += 1;
+            let item = Item::Rule { allow: r.kind.is_allow(), mask: r.port_mask, rule: slot };
             let scope = acl_scope(dir, r.side);
             match r.net {
                 IpNet::V4(n) => scoped.entry((scope, false)).or_default().push((v4_prefix(n), item)),
@@ -294,7 +327,7 @@ pub fn compile_with(policy: &Policy, today: i64, tables: &GeoTables) -> Result<C
         }
     }
     let quarantine_s = policy.egress.tenant_suspect.map_or(0, |t| t.quarantine_s);
-    Ok(Compiled { config, v4, v6, rules, countries: codes, geo: geo_stats, events: policy.events, next_expiry, quarantine_s })
+    Ok(Compiled { config, v4, v6, rule_slots, rules, countries: codes, geo: geo_stats, events: policy.events, next_expiry, quarantine_s })
 }
 
 fn direction_config(policy: &Policy, d: &Direction, geo_drop: [u64; MAX_COUNTRIES / 64]) -> DirectionPolicy {
