@@ -18,6 +18,7 @@ pub mod pins;
 pub mod policy;
 pub mod privileges;
 pub mod reference;
+pub mod report;
 pub mod settings;
 
 /// The eBPF object built by `build.rs`, aligned for the ELF parser.
