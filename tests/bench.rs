@@ -12,6 +12,7 @@ mod endpoint;
 mod fleetbench;
 mod interfaces;
 mod report;
+mod reportbench;
 mod scale;
 mod throughput;
 
@@ -964,6 +965,47 @@ fn fleet(json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `incident-report`: `smtpguard report` on ~100 MB and ~1 GB of
+/// synthetic events (tests/reportbench.rs): throughput and peak RSS.
+fn incident_report(json: bool) -> Result<()> {
+    let work = Work::new("incident-report")?;
+    let smtpguard = smtpguard_tests::smtpguard_bin();
+    let mut runs = Vec::new();
+    for bytes in reportbench::SIZES {
+        eprintln!("incident-report: writing ~{} MB of events, then smtpguard report on it", bytes / 1_000_000);
+        runs.push(reportbench::run(&smtpguard, &work.0, bytes)?);
+    }
+    let bound_ok = runs.iter().all(|r| r.peak_rss_bytes < reportbench::RSS_BOUND);
+    let flat = runs[1].peak_rss_bytes as f64 / runs[0].peak_rss_bytes as f64;
+    if json {
+        let run = |r: &reportbench::Run| {
+            serde_json::json!({"bytes": r.truth.bytes, "lines": r.truth.lines, "seconds": round3(r.seconds), "mb_per_s": round2(r.mb_per_s()),
+                "lines_per_s": r.lines_per_s().round(), "peak_rss_bytes": r.peak_rss_bytes, "generate_s": round2(r.generate_s)})
+        };
+        println!("{}", serde_json::json!({"runs": runs.iter().map(run).collect::<Vec<_>>(), "rss_ratio": round2(flat), "rss_bound_bytes": reportbench::RSS_BOUND}));
+    } else {
+        println!("smtpguard report --format json (release) on synthetic event files: ~2 million distinct sources at 1 GB, 5 heavy hitters,");
+        println!("tenant drops, bans, reloads, suspects, unknown kinds, garbage; the file in the page cache (just written).\n");
+        println!("{:<28} {:>14} {:>14}", "", "~100 MB", "~1 GB");
+        let row = |what: &str, f: &dyn Fn(&reportbench::Run) -> String| println!("{what:<28} {:>14} {:>14}", f(&runs[0]), f(&runs[1]));
+        row("file bytes", &|r| r.truth.bytes.to_string());
+        row("lines", &|r| r.truth.lines.to_string());
+        row("wall time s", &|r| format!("{:.2}", r.seconds));
+        row("throughput MB/s", &|r| format!("{:.0}", r.mb_per_s()));
+        row("lines/s", &|r| format!("{:.0}", r.lines_per_s()));
+        row("peak RSS MiB (ru_maxrss)", &|r| format!("{:.1}", r.peak_rss_bytes as f64 / f64::from(1u32 << 20)));
+        row("sources table exact", &|r| r.sources_exact.to_string());
+        row("(generating the file s)", &|r| format!("{:.1}", r.generate_s));
+        println!("\npeak RSS at 1 GB / at 100 MB: {flat:.2}x");
+        println!("check heavy hitters, the compromised tenant and the top ban with exact counts; lines read and skipped: met");
+        println!("target peak RSS < {} MiB at both sizes: {}", reportbench::RSS_BOUND >> 20, if bound_ok { "met" } else { "MISSED" });
+    }
+    if !bound_ok {
+        bail!("smtpguard report went over {} MiB", reportbench::RSS_BOUND >> 20);
+    }
+    Ok(())
+}
+
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
@@ -980,10 +1022,11 @@ fn main() -> Result<()> {
         Some("metrics") => metrics(json),
         Some("interfaces") => interfaces(json),
         Some("fleet") => fleet(json),
+        Some("incident-report") => incident_report(json),
         Some("render") => match (args.get(1), args.get(2)) {
             (Some(json_dir), Some(docs)) => report::render(std::path::Path::new(json_dir), std::path::Path::new(docs)),
             _ => bail!("usage: smtpguard-bench render JSON_DIR DOCS_DIR"),
         },
-        other => bail!("usage: smtpguard-bench datapath|compile|throughput|scale|reload|metrics|interfaces|fleet [--json] (got {other:?})"),
+        other => bail!("usage: smtpguard-bench datapath|compile|throughput|scale|reload|metrics|interfaces|fleet|incident-report [--json] (got {other:?})"),
     }
 }

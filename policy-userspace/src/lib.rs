@@ -19,6 +19,7 @@ pub mod pins;
 pub mod policy;
 pub mod privileges;
 pub mod reference;
+pub mod report;
 pub mod rule_hits;
 pub mod settings;
 

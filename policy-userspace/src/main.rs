@@ -283,6 +283,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Summarise the event stream for an incident ticket: period, timeline, notable events, top sources, bans, countries, tenants, reloads.
+    ///
+    /// Counts in ranked tables are exact unless the report says otherwise (bounded memory: 4096 counters a table).
+    ///
+    /// Example: smtpguard report --events /var/log/smtpguard/events.jsonl.1 --events /var/log/smtpguard/events.jsonl --since 24h
+    Report {
+        /// An event file (JSON lines as `run --events` writes them), `-` for stdin; repeat for a rotated set.
+        #[arg(long = "events", value_name = "FILE", required = true)]
+        events: Vec<PathBuf>,
+        /// Only events from then on: a duration back from now (30m, 4h, 3d), an RFC 3339 time or a date.
+        #[arg(long, value_name = "WHEN", value_parser = smtpguard::report::parse_since)]
+        since: Option<smtpguard::report::Since>,
+        /// `md` (Markdown, for a ticket) or `json` (one object).
+        #[arg(long, value_enum, default_value = "md")]
+        format: smtpguard::report::Format,
+        /// Rows in each ranked table (sources, bans, countries, tenants).
+        #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        top: u32,
+    },
     /// Write the man pages and shell completions generated from these definitions into DIR (for packaging).
     #[command(hide = true)]
     GenerateAssets {
@@ -405,6 +424,10 @@ fn main() -> ExitCode {
                 Direction::Egress => policy_common::direction::EGRESS,
             };
             commands::explain(&policy.file, &policy.options(), ExplainArgs { direction, src, dst, dport, syn, payload, json })
+        }
+        Command::Report { events, since, format, top } => {
+            let options = smtpguard::report::Options { files: events, since, format, top: top as usize };
+            commands::report(smtpguard::report::run(&options).map_err(Into::into))
         }
         Command::GenerateAssets { dir } => commands::report(commands::assets::generate(Cli::command(), &dir).map(|written| {
             for path in written {

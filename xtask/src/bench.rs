@@ -48,6 +48,11 @@ pub enum Which {
         #[arg(long)]
         json: bool,
     },
+    /// `smtpguard report` on ~100 MB and ~1 GB of synthetic events (2 million sources): throughput and peak RSS.
+    IncidentReport {
+        #[arg(long)]
+        json: bool,
+    },
     /// Run every benchmark and rewrite docs/benchmarks.md and its charts from their JSON.
     Report,
 }
@@ -65,6 +70,7 @@ pub fn run(which: Which) -> Result<()> {
         Which::Metrics { json } => ("metrics", json),
         Which::Interfaces { json } => ("interfaces", json),
         Which::Fleet { json } => ("fleet", json),
+        Which::IncidentReport { json } => ("incident-report", json),
     };
     build()?;
     let mut cmd = Command::new(bench_bin()?);
