@@ -182,9 +182,15 @@ fn pins_of_layout_2_are_upgraded_in_place_and_gain_the_bypass_switch_and_rule_hi
     let (code, out) = state.cmd(&["ban", CLIENT_DENIED, "--for", "1h"]);
     assert_eq!(code, 0, "{out}");
     ctl.kill9();
-    // Layout 2 is this layout without `BYPASS` and `RULE_HITS`.
-    std::fs::remove_file(state.pin_dir.join(policy_common::BYPASS)).unwrap();
-    std::fs::remove_file(state.pin_dir.join(policy_common::RULE_HITS)).unwrap();
+    // Layout 2 is this layout without `BYPASS`, `RULE_HITS` and the
+    // shadow's maps, and with a `POLICY` of two entries.
+    for map in [policy_common::BYPASS, policy_common::RULE_HITS, policy_common::SHADOW_DIFFS, policy_common::SHADOW_SOURCES, policy_common::SHADOW_TOTALS, policy_common::SHADOW_BUF] {
+        std::fs::remove_file(state.pin_dir.join(map)).unwrap();
+    }
+    let object = aya_obj::Object::parse(smtpguard::EBPF_OBJECT).unwrap();
+    let m = &object.maps["POLICY"];
+    std::fs::remove_file(state.pin_dir.join("POLICY")).unwrap();
+    create_pinned(&state.pin_dir.join("POLICY"), "POLICY", m.map_type(), m.key_size(), m.value_size(), 2, m.map_flags());
     std::fs::rename(state.pin_dir.join(format!("layout_{}", policy_common::LAYOUT_VERSION)), state.pin_dir.join("layout_2")).unwrap();
     let (code, said) = state.cmd(&["bans"]);
     assert_ne!(code, 0);
@@ -193,6 +199,9 @@ fn pins_of_layout_2_are_upgraded_in_place_and_gain_the_bypass_switch_and_rule_hi
     let _ctl = RunningController::start(&lab, &state, &policy, 19484).expect("the controller starts on layout-2 pins");
     assert_eq!(smtpguard::dataplane::upgrade::pinned_layout(&state.pin_dir), Some(policy_common::LAYOUT_VERSION));
     assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "the source banned under layout 2");
+    assert!(!state.pin_dir.join("v2_POLICY").exists(), "the old POLICY is gone");
+    let policy_entries = aya::maps::MapInfo::from_pin(state.pin_dir.join("POLICY")).unwrap().max_entries();
+    assert_eq!(policy_entries, policy_common::POLICY_ENTRIES, "POLICY made afresh with the shadow's generations");
     let (code, out) = state.cmd(&["bypass", "on"]);
     assert_eq!(code, 0, "{out}");
     assert_greeted(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "the new switch works");

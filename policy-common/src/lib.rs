@@ -210,6 +210,54 @@ pub const STATS_RESETS: u32 = STATS_SMTP_FLOW_MISSES + 1;
 /// Entries of the `STATS` per-CPU array.
 pub const STATS_ENTRIES: u32 = STATS_RESETS + direction::COUNT as u32;
 
+/// The generations a shadow policy (`smtpguard run --shadow`) is kept in,
+/// side by side for its own atomic reloads: entries 2 and 3 of `POLICY`,
+/// and its ACL (both families) in the `ACL_V6` trie only, IPv4 as
+/// IPv4-mapped addresses, so a host without a shadow spends no memory on it.
+pub const SHADOW_GENERATIONS: [u32; 2] = [2, 3];
+/// Entries of `POLICY`: the enforced generations, then the shadow's.
+pub const POLICY_ENTRIES: u32 = GENERATIONS + 2;
+
+/// Where the shadow's judgement differed from the enforced policy's: a
+/// key of `SHADOW_DIFFS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ShadowKey {
+    pub direction: u8,
+    pub port_slot: u8,
+    /// The enforced policy's [`verdict`] (before monitor mode) and [`reason`].
+    pub verdict: u8,
+    pub reason: u8,
+    /// The candidate's; [`reason::COUNT`] as `shadow_reason` means the
+    /// candidate does not guard the port.
+    pub shadow_verdict: u8,
+    pub shadow_reason: u8,
+    pub _pad: [u8; 2],
+    /// The candidate's deciding rule id (of its generation), 0 if none.
+    pub shadow_rule: u32,
+}
+const _: () = assert!(core::mem::size_of::<ShadowKey>() == 12);
+
+/// A source a shadow difference was about: a key of `SHADOW_SOURCES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ShadowSource {
+    /// Network-order words; IPv4 in the first.
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<ShadowSource>() == 20);
+
+/// Cells of `SHADOW_TOTALS`.
+pub mod shadow_total {
+    /// Packets the shadow judged, by direction (cells 0, 1).
+    pub const JUDGED: u32 = 0;
+    /// Differences not counted by key: `SHADOW_DIFFS` was full.
+    pub const UNKEYED: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
 /// Rule ids counted one by one in `RULE_HITS`, per generation; hits of
 /// higher ids (a policy of more rule ids: `check` warns) share cell 0.
 pub const RULE_SLOTS: u32 = 8192;
@@ -284,7 +332,11 @@ pub struct Runtime {
     pub events_per_second: u32,
     /// Direction each hook judges by, indexed by [`hook`].
     pub hook_direction: [u8; hook::COUNT],
-    pub _pad0: [u8; 5],
+    /// The shadow policy's generation ([`SHADOW_GENERATIONS`]), 0 when
+    /// none is loaded. In the hooks' word, which every guarded packet
+    /// loads anyway: no shadow costs nothing.
+    pub shadow: u8,
+    pub _pad0: [u8; 4],
     /// Non-zero while `BAN_V4`/`BAN_V6` hold manual network bans, so an
     /// empty ban trie costs no lookup. A word of its own: its writer is
     /// not the controller.
@@ -306,7 +358,7 @@ pub mod runtime_word {
     pub const GENERATION: usize = 0;
     /// `drop_sample_one_in` (low half), `events_per_second` (high half).
     pub const EVENTS: usize = 1;
-    /// `hook_direction`: byte `hook` of the word.
+    /// `hook_direction`: byte `hook` of the word; `shadow`: byte 3.
     pub const HOOKS: usize = 2;
     pub const CIDR_BANS: usize = 3;
     /// The first of the `port_filter` words.
@@ -527,6 +579,11 @@ pub mod event_kind {
     /// A source behind a tenant interface went over the policy's blocked
     /// connections in a window (`count`, `ifindex`).
     pub const TENANT_SUSPECT: u8 = 5;
+    /// The shadow policy would have decided differently: `verdict`,
+    /// `reason` and `rule` are the enforced policy's; the candidate's rule
+    /// is in `count`, its verdict and reason in `duration_s` (low byte,
+    /// next byte).
+    pub const SHADOW_DIFF: u8 = 6;
 }
 
 /// A record on the `EVENTS` ring buffer.
@@ -597,6 +654,8 @@ mod pod {
     unsafe impl aya::Pod for AclEntry {}
     unsafe impl aya::Pod for acl4::AclNode {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for ShadowKey {}
+    unsafe impl aya::Pod for ShadowSource {}
     unsafe impl aya::Pod for source::SourceSet {}
     unsafe impl aya::Pod for maps::Counter {}
     unsafe impl aya::Pod for smtp_flow::SmtpFlowKey {}

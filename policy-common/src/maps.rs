@@ -13,7 +13,23 @@ pub const RUNTIME: &str = "RUNTIME";
 /// bypass` (one atomic store through the mapping). Readers: the pipeline,
 /// only for packets the policy drops; the controller (events, metrics).
 pub const BYPASS: &str = "BYPASS";
-/// `Array<PolicyConfig>`, one entry per generation. Writer: controller.
+/// `PerCpuHashMap<ShadowKey, u64>`: packets the shadow policy judged
+/// differently, by (direction, port, both verdicts and reasons, the
+/// candidate's rule). Writer: datapath. Reader: `smtpguard shadow`,
+/// metrics; the controller clears it when the shadow is replaced.
+pub const SHADOW_DIFFS: &str = "SHADOW_DIFFS";
+pub const SHADOW_DIFFS_CAPACITY: u32 = 16_384;
+/// `LruPerCpuHashMap<ShadowSource, u64>`: differences by source address
+/// (the peer), the busiest kept. Writer: datapath. Reader: `smtpguard shadow`.
+pub const SHADOW_SOURCES: &str = "SHADOW_SOURCES";
+pub const SHADOW_SOURCES_CAPACITY: u32 = 65_536;
+/// `PerCpuArray<u64>`, `shadow_total` cells. Writer: datapath.
+pub const SHADOW_TOTALS: &str = "SHADOW_TOTALS";
+/// `PerCpuArray<ShadowJob>`, 1 entry: a judged packet handed to the
+/// shadow's judgement.
+pub const SHADOW_BUF: &str = "SHADOW_BUF";
+/// `Array<PolicyConfig>`, one entry per generation (the enforced pair,
+/// then the shadow's). Writer: controller.
 pub const POLICY: &str = "POLICY";
 /// `Array<SlotChunk>`: IPv4 ACL root slots, one per /16 per (generation,
 /// scope); see [`crate::acl4`]. Writer: controller (install).
@@ -117,7 +133,7 @@ pub const AYA_LOGS: &str = "AYA_LOGS";
 pub const AYA_LOGS_BYTES: u32 = 1 << 17;
 
 /// Every map of the object, for the ELF test and the controller.
-pub const ALL_MAPS: [&str; 27] = [
+pub const ALL_MAPS: [&str; 31] = [
     RUNTIME,
     BYPASS,
     POLICY,
@@ -131,6 +147,10 @@ pub const ALL_MAPS: [&str; 27] = [
     SOURCES,
     STATS,
     RULE_HITS,
+    SHADOW_DIFFS,
+    SHADOW_SOURCES,
+    SHADOW_TOTALS,
+    SHADOW_BUF,
     GEO_DROPS,
     EVENTS,
     EVENT_BUDGET,

@@ -98,6 +98,39 @@ fn entry(v6: bool, addr: &[u32; 4], generation: u8, scope: u8) -> Option<&'stati
     }
 }
 
+/// One side's entry in the trie alone (a shadow generation's, which has
+/// no IPv4 arrays): IPv4 as an IPv4-mapped address.
+#[inline(always)]
+fn trie_entry(v6: bool, addr: &[u32; 4], generation: u8, scope: u8) -> Option<&'static AclEntry> {
+    let addr = if v6 { *addr } else { [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), addr[0]] };
+    let key = AlignedKey { prefix_len: ACL_KEY_HEADER_BITS + 128, data: AclKeyV6 { generation, scope, _pad: [0; 2], addr } };
+    ACL_V6.get(key.as_key())
+}
+
+/// [`lookup`] in a shadow generation, for port slot `slot` of its policy.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "the shadow job's fields, passed as they are")]
+pub fn lookup_shadow(v6: bool, src: &[u32; 4], dst: &[u32; 4], generation: u8, dir: u8, sides: u8, slot: usize) -> AclMatch {
+    let (peer, local) = if dir == direction::INGRESS { (src, dst) } else { (dst, src) };
+    let mut found = AclMatch::default();
+    if sides & side::PEER_BIT != 0 {
+        if let Some(e) = trie_entry(v6, peer, generation, acl_scope(dir, side::PEER)) {
+            found.allow_rule = *e.allow_rule.get(slot).unwrap_or(&0);
+            found.deny_rule = *e.deny_rule.get(slot).unwrap_or(&0);
+            found.country = e.country;
+        }
+    }
+    if sides & side::LOCAL_BIT != 0 && found.allow_rule == 0 {
+        if let Some(e) = trie_entry(v6, local, generation, acl_scope(dir, side::LOCAL)) {
+            found.allow_rule = *e.allow_rule.get(slot).unwrap_or(&0);
+            if found.deny_rule == 0 {
+                found.deny_rule = *e.deny_rule.get(slot).unwrap_or(&0);
+            }
+        }
+    }
+    found
+}
+
 /// Looks the flow's peer and local addresses up, each only when the policy
 /// has rules for that side (`sides`, [`side`] bits). The peer is the
 /// source on ingress and the destination on egress.

@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::map,
     maps::Array,
 };
-use policy_common::{port_filter_bit, runtime_word, PolicyConfig, Runtime, GENERATIONS, PORT_FILTER_WORDS};
+use policy_common::{port_filter_bit, runtime_word, PolicyConfig, Runtime, POLICY_ENTRIES, PORT_FILTER_WORDS};
 
 use crate::atomic::Word;
 
@@ -22,9 +22,10 @@ static RUNTIME: Array<Runtime> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 #[map]
 static BYPASS: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// Key: generation (0, 1). Writer: controller (inactive generation only).
+/// Key: generation (0, 1; a shadow's 2, 3). Writer: controller (inactive
+/// generations only).
 #[map]
-static POLICY: Array<PolicyConfig> = Array::with_max_entries(GENERATIONS, 0);
+static POLICY: Array<PolicyConfig> = Array::with_max_entries(POLICY_ENTRIES, 0);
 
 /// The runtime settings, read with one atomic load of the field's word
 /// each: userspace stores those words while packets are judged, so no
@@ -62,6 +63,13 @@ impl RuntimeView {
     #[inline(always)]
     pub fn hook_direction(self, hook: usize) -> u8 {
         (self.word::<{ at(runtime_word::HOOKS) }>() >> (8 * (hook % policy_common::hook::COUNT))) as u8
+    }
+
+    /// The shadow policy's generation, 0 when none: from the word the
+    /// hook's direction is read from, so checking costs no load.
+    #[inline(always)]
+    pub fn shadow(self) -> u32 {
+        ((self.word::<{ at(runtime_word::HOOKS) }>() >> 24) & 0xff) as u32
     }
 
     #[inline(always)]

@@ -137,6 +137,11 @@ pub fn judge<F: Frame>(frame: &F, hook: usize) -> Exit {
             // SAFETY: the TCP outcome is only returned after the flow was written.
             let flow = unsafe { flow.assume_init_ref() };
             let decision = pipeline(frame, runtime, generation, dp, dir, flow);
+            // No shadow: the check is a shift of a word already loaded.
+            let shadow = runtime.shadow();
+            if shadow != 0 {
+                crate::shadow::offer(flow, shadow, dir, decision.verdict, decision.reason, decision.rule);
+            }
             finish(frame, runtime, dp, hook, dir, Some(flow), port_slot, bytes, decision)
         }
         outcome::FRAGMENT => {

@@ -20,6 +20,7 @@ mod frame;
 mod opaque;
 mod parse;
 mod reset;
+mod shadow;
 mod smtp;
 mod sources;
 mod stats;

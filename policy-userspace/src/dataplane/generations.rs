@@ -16,9 +16,9 @@ use crate::policy::Compiled;
 type Acl4Contents = Vec<(u8, ipnet::Ipv4Net, AclEntry)>;
 /// (scope, prefix) and entry, sorted by key: one generation's share of
 /// the IPv6 trie. Sorted so that two of them diff in one merge pass.
-type AclContents = Vec<(AclKey, AclEntry)>;
+pub(super) type AclContents = Vec<(AclKey, AclEntry)>;
 /// (scope, prefix): where an entry sits in a generation.
-type AclKey = (u8, IpNet);
+pub(super) type AclKey = (u8, IpNet);
 /// (generation, scope, prefix) and the entry to write there, or `None`
 /// to remove it.
 pub type AclEdit = ((u8, u8, IpNet), Option<AclEntry>);
@@ -192,7 +192,7 @@ impl Generations {
 }
 
 /// Deletes `stale` and writes `changed` in `generation` of `ACL_V6`.
-fn write_acl_v6(maps: &Maps, generation: u8, stale: &[AclKey], changed: &[(AclKey, AclEntry)]) -> Result<()> {
+pub(super) fn write_acl_v6(maps: &Maps, generation: u8, stale: &[AclKey], changed: &[(AclKey, AclEntry)]) -> Result<()> {
     use aya::maps::lpm_trie::Key;
     let key_bytes = |scope: u8, net: &IpNet, out: &mut Vec<u8>| {
         let IpNet::V6(n) = net else { return };
@@ -223,7 +223,7 @@ fn acl4_contents(maps: &Maps, generation: u8) -> Result<Acl4Contents> {
 }
 
 /// Every IPv6 ACL entry stored for `generation`, read from the trie.
-fn acl6_contents(maps: &mut Maps, generation: u8) -> Result<AclContents> {
+pub(super) fn acl6_contents(maps: &mut Maps, generation: u8) -> Result<AclContents> {
     let mut out = AclContents::new();
     for item in maps.acl_v6().iter() {
         let (key, entry) = item.map_err(|source| DataplaneError::Map { name: policy_common::ACL_V6, source })?;
@@ -240,7 +240,7 @@ fn acl6_contents(maps: &mut Maps, generation: u8) -> Result<AclContents> {
 
 /// What turns `old` into `new` (both sorted by key): keys to delete, and
 /// entries to write (new or changed).
-fn diff(old: &AclContents, new: &AclContents) -> (Vec<AclKey>, AclContents) {
+pub(super) fn diff(old: &AclContents, new: &AclContents) -> (Vec<AclKey>, AclContents) {
     let (mut stale, mut changed) = (Vec::new(), Vec::new());
     let (mut i, mut j) = (0, 0);
     while i < old.len() || j < new.len() {

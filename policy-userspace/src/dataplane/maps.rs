@@ -10,12 +10,12 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::LpmTrie, Array, HashMap, IterableMap, Map, MapData, RingBuf},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, IterableMap, Map, MapData, PerCpuHashMap, RingBuf},
     Ebpf,
 };
 use policy_common::{
     smtp_flow::{SmtpFlowKey, SmtpFlowState},
-    AclEntry, AclKeyV6, Counter, Event, PolicyConfig, Runtime, GEO_DROPS_ENTRIES, STATS_ENTRIES,
+    AclEntry, AclKeyV6, Counter, Event, PolicyConfig, Runtime, ShadowKey, ShadowSource, GEO_DROPS_ENTRIES, STATS_ENTRIES,
 };
 
 use super::{
@@ -35,6 +35,8 @@ pub struct Maps {
     pub(super) ban_v4: LpmTrie<MapData, [u32; 1], u64>,
     pub(super) ban_v6: LpmTrie<MapData, [u32; 4], u64>,
     tenant_ifaces: HashMap<MapData, u32, u32>,
+    shadow_diffs: PerCpuHashMap<MapData, ShadowKey, u64>,
+    shadow_sources: PerCpuHashMap<MapData, ShadowSource, u64>,
     smtp_flows: HashMap<MapData, SmtpFlowKey, SmtpFlowState>,
     /// Only where the maps were loaded: draining belongs to the controller.
     events: Option<RingBuf<MapData>>,
@@ -43,6 +45,11 @@ pub struct Maps {
     /// A duplicate fd of every map, for what the typed handles do not
     /// offer: batch reads, memlock, the observer's own fds.
     fds: Vec<(&'static str, OwnedFd)>,
+}
+
+/// Every entry of a per-CPU hash map, its values summed over CPUs.
+fn per_cpu_entries<K: aya::Pod>(map: &PerCpuHashMap<MapData, K, u64>, name: &'static str) -> Result<Vec<(K, u64)>> {
+    map.iter().map(|r| r.map(|(k, v)| (k, v.iter().sum())).map_err(map_error(name))).collect()
 }
 
 /// One generation's share of every `RULE_HITS` cell.
@@ -66,7 +73,14 @@ impl Source<'_> {
     fn take_kept(&mut self, name: &'static str, fds: &mut Vec<(&'static str, OwnedFd)>) -> Result<Map> {
         let map = self.take(name)?;
         let data = match &map {
-            Map::Array(d) | Map::PerCpuArray(d) | Map::LpmTrie(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::RingBuf(d) => d,
+            Map::Array(d)
+            | Map::PerCpuArray(d)
+            | Map::LpmTrie(d)
+            | Map::HashMap(d)
+            | Map::LruHashMap(d)
+            | Map::PerCpuHashMap(d)
+            | Map::PerCpuLruHashMap(d)
+            | Map::RingBuf(d) => d,
             _ => return Err(DataplaneError::MissingMap(name)),
         };
         let fd = data.fd().as_fd().try_clone_to_owned().map_err(|e| DataplaneError::Pin { path: name.into(), message: e.to_string() })?;
@@ -88,6 +102,8 @@ impl Source<'_> {
                     aya::maps::MapType::LpmTrie => Map::LpmTrie(data),
                     aya::maps::MapType::Hash => Map::HashMap(data),
                     aya::maps::MapType::LruHash => Map::LruHashMap(data),
+                    aya::maps::MapType::PerCpuHash => Map::PerCpuHashMap(data),
+                    aya::maps::MapType::LruPerCpuHash => Map::PerCpuLruHashMap(data),
                     aya::maps::MapType::RingBuf => Map::RingBuf(data),
                     _ => return Err(DataplaneError::MissingMap(name)),
                 })
@@ -161,12 +177,14 @@ impl Maps {
             ban_v4: LpmTrie::try_from(source.take_kept(pc::BAN_V4, &mut fds)?).map_err(map_error(pc::BAN_V4))?,
             ban_v6: LpmTrie::try_from(source.take_kept(pc::BAN_V6, &mut fds)?).map_err(map_error(pc::BAN_V6))?,
             tenant_ifaces: HashMap::try_from(source.take_kept(pc::TENANT_IFACES, &mut fds)?).map_err(map_error(pc::TENANT_IFACES))?,
+            shadow_diffs: PerCpuHashMap::try_from(source.take_kept(pc::SHADOW_DIFFS, &mut fds)?).map_err(map_error(pc::SHADOW_DIFFS))?,
+            shadow_sources: PerCpuHashMap::try_from(source.take_kept(pc::SHADOW_SOURCES, &mut fds)?).map_err(map_error(pc::SHADOW_SOURCES))?,
             smtp_flows: HashMap::try_from(source.take_kept(pc::SMTP_FLOWS, &mut fds)?).map_err(map_error(pc::SMTP_FLOWS))?,
             events,
             cpus,
             fds: {
                 // Used only through their fds: kept alive by the duplicates.
-                for name in [pc::STATS, pc::RULE_HITS, pc::GEO_DROPS, pc::TENANT_STATS, pc::TENANT_SOURCES] {
+                for name in [pc::STATS, pc::RULE_HITS, pc::SHADOW_TOTALS, pc::GEO_DROPS, pc::TENANT_STATS, pc::TENANT_SOURCES] {
                     source.take_kept(name, &mut fds)?;
                 }
                 fds
@@ -205,6 +223,49 @@ impl Maps {
         }
         self.runtime.set_port_filter(filter);
         self.policy.set(generation & 1, policy, 0).map_err(map_error(policy_common::POLICY))
+    }
+
+    /// A shadow generation's settings (`policy_common::SHADOW_GENERATIONS`).
+    pub fn shadow_policy(&self, generation: u32) -> Result<PolicyConfig> {
+        self.policy.get(&generation, 0).map_err(map_error(policy_common::POLICY))
+    }
+
+    pub(super) fn set_shadow_policy(&mut self, generation: u32, policy: &PolicyConfig) -> Result<()> {
+        self.policy.set(generation, policy, 0).map_err(map_error(policy_common::POLICY))
+    }
+
+    /// Every shadow difference counted, summed over CPUs.
+    pub fn shadow_diffs(&self) -> Result<Vec<(ShadowKey, u64)>> {
+        per_cpu_entries(&self.shadow_diffs, policy_common::SHADOW_DIFFS)
+    }
+
+    /// Differences by source address, summed over CPUs.
+    pub fn shadow_sources(&self) -> Result<Vec<(ShadowSource, u64)>> {
+        per_cpu_entries(&self.shadow_sources, policy_common::SHADOW_SOURCES)
+    }
+
+    /// The `shadow_total` cells, summed over CPUs.
+    pub fn shadow_totals(&self) -> Result<Vec<u64>> {
+        let name = policy_common::SHADOW_TOTALS;
+        batch::per_cpu_sums(self.fd(name), policy_common::shadow_total::COUNT, self.cpus).map_err(|source| DataplaneError::Batch { name, source })
+    }
+
+    /// Starts the shadow's counters afresh (no packet may judge by the
+    /// candidate they counted for any more).
+    pub(super) fn clear_shadow_counts(&mut self) -> Result<()> {
+        let keys: Vec<ShadowKey> = self.shadow_diffs.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            let _ = self.shadow_diffs.remove(&k);
+        }
+        let sources: Vec<ShadowSource> = self.shadow_sources.keys().filter_map(|k| k.ok()).collect();
+        for k in sources {
+            let _ = self.shadow_sources.remove(&k);
+        }
+        let name = policy_common::SHADOW_TOTALS;
+        let n = policy_common::shadow_total::COUNT;
+        let key_bytes: Vec<u8> = (0..n).flat_map(|k| k.to_ne_bytes()).collect();
+        let zeros = vec![0u8; n as usize * self.cpus * 8];
+        batch::update(self.fd(name), &key_bytes, &zeros, n as usize).map_err(|source| DataplaneError::Batch { name, source })
     }
 
     pub(super) fn acl_v6(&mut self) -> &mut LpmTrie<MapData, AclKeyV6, AclEntry> {

@@ -8,6 +8,7 @@
 //! - [`programs`]: the hook programs, pinned and attached through links;
 //! - [`bans`]: manual bans of sources and networks, as operators make them;
 //! - [`bypass`]: the fail-open switch;
+//! - [`shadow`]: the shadow policy's generations;
 //! - what the maps are made of: [`acl4_writer`] (the IPv4 ACL arrays),
 //!   [`source_table`] and [`runtime_words`] (the mmapable arrays shared
 //!   word by word with the datapath), [`batch`] (batched syscalls);
@@ -25,6 +26,7 @@ pub mod maps;
 pub mod observer;
 pub mod programs;
 pub mod runtime_words;
+pub mod shadow;
 mod shared_words;
 pub mod source_table;
 pub mod tenants;

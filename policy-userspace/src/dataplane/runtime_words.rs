@@ -64,6 +64,14 @@ impl RuntimeWords {
         }
     }
 
+    /// Controller: the shadow generation (0: none), beside the hooks'
+    /// directions in their word (the controller writes both).
+    pub fn set_shadow(&self, generation: u32) {
+        let mut rt = self.read();
+        rt.shadow = generation as u8;
+        self.store(runtime_word::HOOKS, Self::word_of(&rt, runtime_word::HOOKS));
+    }
+
     /// Network-ban commands only (under their lock): whether the ban tries
     /// hold a ban.
     pub fn set_cidr_bans(&self, any: bool) {

@@ -63,12 +63,19 @@ fn pin_error(path: &Path, e: impl std::fmt::Display) -> DataplaneError {
 /// controller registers the tenant interfaces again).
 const CHANGED_IN_2: [&str; 4] = [policy_common::POLICY, policy_common::STATS, policy_common::SCAN_BUF, policy_common::TENANT_IFACES];
 
+/// Maps of layout 2 whose layout changed in layout 3: `POLICY` (two more
+/// entries, the shadow policy's generations; the controller installs its
+/// policy anyway). The maps layout 3 added (`BYPASS`, `RULE_HITS`, the
+/// shadow's) the loader creates where they are missing.
+const CHANGED_IN_3: [&str; 1] = [policy_common::POLICY];
+
 /// The maps an upgrade from layout `from` makes afresh; every other map
-/// pinned there must already have this build's shape. Layout 3 only added
-/// maps (`BYPASS`, `RULE_HITS`), which the loader creates where missing.
+/// pinned there must already have this build's shape.
 pub fn changed_since(from: u32) -> &'static [&'static str] {
     match from {
+        // POLICY is among those of layout 2 already.
         1 => &CHANGED_IN_2,
+        2 => &CHANGED_IN_3,
         _ => &[],
     }
 }
