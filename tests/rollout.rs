@@ -9,6 +9,7 @@ use std::{
 
 use smtpguard_tests::{
     packet::{TcpFrame, RST},
+    peers::{assert_greeted, connect},
     pairlab::{http_get, metric, write_policy, PairLab, RunningController, TestPins, CLIENT_DENIED, CLIENT_OK, SERVER},
     rawtcp::send_frames,
     require_root,
@@ -80,4 +81,142 @@ fn every_rule_counts_the_packets_it_decided_across_reloads() {
     assert_eq!(rule_hits(&lab, 19730, "unused-deny"), None, "a rule gone is no series any more");
     send_frames(&lab.client, "a0", &[frames(CLIENT_OK, 3), frames(CLIENT_DENIED, 2)].concat()).unwrap();
     expect_hits(&lab, 19730, &[("office", 10.0), ("file:drop.txt", 7.0), ("new-allow", 0.0)]);
+}
+
+fn shadow_json(state: &TestPins) -> serde_json::Value {
+    let (code, out) = state.cmd(&["shadow", "--json"]);
+    assert_eq!(code, 0, "{out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
+fn a_shadow_candidate_that_denies_a_legitimate_sender_is_counted_while_mail_flows() {
+    require_root();
+    let lab = PairLab::new().expect("lab");
+    let state = TestPins::new("shadow");
+    let dir = state.policy_dir();
+    let current = format!("version: 1\nevents: {{drop_sample_one_in: 1, per_second: 1000}}\ningress:\n  default: {{25: allow}}\n  deny: [{{id: bad-host, cidr: {CLIENT_DENIED}/32}}]\n");
+    let policy = write_policy(&dir, "policy.yaml", &current);
+    let candidate = current.replace("  deny: [", &format!("  deny: [{{id: too-wide, cidr: {CLIENT_OK}/32}}, "));
+    let shadow = write_policy(&dir, "candidate.yaml", &candidate);
+    let shadow_arg = shadow.display().to_string();
+    let _ctl = RunningController::start_on(&lab, &state, &policy, 19731, &["--uplink", "b0", "--shadow", &shadow_arg]).expect("controller");
+
+    send_frames(&lab.client, "a0", &[frames(CLIENT_OK, 6), frames(CLIENT_DENIED, 4)].concat()).unwrap();
+    let start = Instant::now();
+    let mut report = shadow_json(&state);
+    while report["judged"][0].as_u64() < Some(10) {
+        assert!(start.elapsed() < Duration::from_secs(5), "10 packets judged by the shadow within 5 s: {report}");
+        std::thread::sleep(Duration::from_millis(20));
+        report = shadow_json(&state);
+    }
+    assert_eq!(report["judged"][0].as_u64(), Some(10), "{report}");
+    // Only the legitimate sender's packets differ, each once; the denied
+    // source is denied by both.
+    assert_eq!(report["differences"].as_u64(), Some(6), "{report}");
+    assert_eq!(report["newly_dropped"].as_u64(), Some(6), "{report}");
+    let rows = report["by_decision"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{report}");
+    assert_eq!(
+        (rows[0]["direction"].as_str(), rows[0]["port"].as_str(), rows[0]["current"].as_str(), rows[0]["candidate"].as_str(), rows[0]["candidate_rule"].as_str(), rows[0]["packets"].as_u64()),
+        (Some("ingress"), Some("25"), Some("pass/default_allow"), Some("drop/deny_acl"), Some("too-wide"), Some(6)),
+        "{report}"
+    );
+    assert_eq!(report["top_sources"][0][0].as_str(), Some(CLIENT_OK), "{report}");
+
+    // Mail still flows: only the policy in force decides.
+    assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "the legitimate sender, judged by the shadow");
+    let m = http_get(&lab, 19731, "/metrics").unwrap();
+    let counted = metric(&m, "smtpguard_shadow_differences_total", &["shadow_rule=\"too-wide\"", "decision=\"pass/default_allow\"", "shadow_decision=\"drop/deny_acl\""]);
+    assert!(counted.is_some_and(|n| n > 6.0), "the real connection's packets too: {counted:?}");
+    // Sampled as events naming both decisions.
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(state.events_file()).unwrap_or_default();
+        let found = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|e| e["event"] == "shadow_difference");
+        if let Some(e) = found {
+            assert_eq!((e["src"].as_str(), e["verdict"].as_str(), e["shadow_verdict"].as_str(), e["shadow_rule"].as_str()), (Some(CLIENT_OK), Some("pass"), Some("drop"), Some("too-wide")), "{e}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "a shadow_difference event: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
+fn promote_swaps_the_candidate_in_with_no_packet_judged_by_both_policies() {
+    use std::sync::{atomic::{AtomicBool, Ordering}, Arc};
+
+    use aya::maps::{Map, MapData, PerCpuArray};
+    use policy_common::{direction, reason, stats_index, verdict, Counter};
+    use smtpguard_tests::{packet::SYN, testrun::{obj_get, time_run}};
+
+    require_root();
+    let lab = PairLab::new().expect("lab");
+    let state = TestPins::new("promote");
+    let dir = state.policy_dir();
+    let (peer, local) = ("198.51.100.7", "203.0.113.25");
+    let a = format!("version: 1\ningress:\n  default: {{25: allow}}\n  deny: [{{id: a-peer, cidr: {peer}/32}}]\n");
+    let b = format!("version: 1\ningress:\n  default: {{25: deny}}\n  allow: [{{id: b-local, cidr: {local}/32, side: local}}]\n");
+    let policy = write_policy(&dir, "policy.yaml", &a);
+    let shadow = write_policy(&dir, "candidate.yaml", &b);
+    let shadow_arg = shadow.display().to_string();
+    let _ctl = RunningController::start_on(&lab, &state, &policy, 19732, &["--uplink", "b0", "--shadow", &shadow_arg]).expect("controller");
+
+    let prog = obj_get(&state.pin_dir.join("prog_xdp_ingress")).unwrap();
+    let stats = PerCpuArray::<MapData, Counter>::try_from(Map::PerCpuArray(MapData::from_pin(state.pin_dir.join("STATS")).unwrap())).unwrap();
+    let frame = TcpFrame::new(peer.parse().unwrap(), local.parse().unwrap(), 25, SYN).build();
+    let cells = [
+        stats_index(direction::INGRESS, verdict::DROP, reason::DENY_ACL, 0),
+        stats_index(direction::INGRESS, verdict::PASS, reason::ALLOW_ACL, 0),
+        stats_index(direction::INGRESS, verdict::DROP, reason::DEFAULT_DENY, 0),
+        stats_index(direction::INGRESS, verdict::PASS, reason::DEFAULT_ALLOW, 0),
+    ];
+    let read = |i: u32| stats.get(&i, 0).map(|v| v.iter().map(|c| c.packets).sum::<u64>()).unwrap_or(0);
+    let before: Vec<u64> = cells.iter().map(|i| read(*i)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let (stop, frame) = (stop.clone(), frame.clone());
+        std::thread::spawn(move || {
+            let mut sent = 0u64;
+            let started = Instant::now();
+            // Bounded: stops when told, after 60 s or 500,000,000 packets.
+            while !stop.load(Ordering::Relaxed) && sent < 500_000_000 && started.elapsed() < Duration::from_secs(60) {
+                use std::os::fd::AsFd;
+                time_run(prog.as_fd(), &frame, 100).unwrap();
+                sent += 100;
+            }
+            sent
+        })
+    };
+    // Both policies judge the traffic before the promote: A decides.
+    let start = Instant::now();
+    while read(cells[0]) == before[0] || shadow_json(&state)["differences"].as_u64() == Some(0) {
+        assert!(start.elapsed() < Duration::from_secs(10), "traffic judged by A with B in the shadow");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (code, out) = state.cmd(&["promote"]);
+    assert_eq!(code, 0, "{out}");
+    let start = Instant::now();
+    while read(cells[1]) == before[1] {
+        assert!(start.elapsed() < Duration::from_secs(10), "traffic judged by B after the promote");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = traffic.join().unwrap();
+    let delta: Vec<u64> = cells.iter().zip(&before).map(|(i, b)| read(*i) - b).collect();
+    assert_eq!(delta.iter().sum::<u64>(), sent, "every packet counted in one of the cells: {delta:?}");
+    assert!(delta[0] > 0 && delta[1] > 0, "both policies were in force: {delta:?}");
+    assert_eq!((delta[2], delta[3]), (0, 0), "packets judged by half of one policy and half of another: {delta:?}");
+
+    assert_eq!(std::fs::read_to_string(&policy).unwrap(), b, "the candidate is where --policy points");
+    assert_eq!(std::fs::read_to_string(dir.join("policy.yaml.before-promote")).unwrap(), a, "the old policy kept aside");
+    let (code, said) = state.cmd(&["shadow"]);
+    assert_ne!(code, 0);
+    assert!(said.contains("no shadow policy is loaded"), "{said}");
+    let events = std::fs::read_to_string(state.events_file()).unwrap();
+    assert!(events.lines().any(|l| l.contains("\"event\":\"policy_reload\"") && l.contains("\"trigger\":\"promote\"")), "{events}");
+    assert_eq!(metric(&http_get(&lab, 19732, "/metrics").unwrap(), "smtpguard_promotions_total", &["result=\"ok\""]), Some(1.0));
 }

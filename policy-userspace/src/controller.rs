@@ -25,7 +25,8 @@ use crate::{
     http,
     metrics::{ControllerMetrics, PolicyView},
     privileges,
-    commands::recovery::{BypassNote, RollbackRequest, RollbackResult, ROLLBACK},
+    commands::recovery::{BypassNote, PromoteRequest, PromoteResult, RollbackRequest, RollbackResult, ROLLBACK},
+    shadow,
     known_good::{inputs_of, KnownGood},
     rule_hits::RuleBook,
     pins::Pins,
@@ -44,6 +45,8 @@ pub enum XdpModeChoice {
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub policy: PathBuf,
+    /// A candidate judged beside `policy` (`--shadow`).
+    pub shadow: Option<PathBuf>,
     /// The fleet policy revision `policy` is (following the fleet).
     pub start_revision: Option<i64>,
     pub fleet: Option<crate::fleet::settings::FleetOptions>,
@@ -130,6 +133,11 @@ struct Controller {
     rollback: Option<RollbackRequest>,
     /// The rules in force and what they counted before (`rules.json`).
     rule_book: Option<Arc<RuleBook>>,
+    /// The candidate judged beside the policy (`--shadow`), when loaded.
+    shadow: Option<shadow::Loaded>,
+    /// The candidate's files, polled like the policy's.
+    shadow_watched: Vec<(PathBuf, Option<FileVersion>)>,
+    shadow_last_seen: Option<Vec<Option<FileVersion>>>,
 }
 
 /// What tells one version of a file from another: its mtime, and which
@@ -350,6 +358,158 @@ impl Controller {
         give_back_memory();
     }
 
+    /// Loads (again) the candidate `--shadow` names into the shadow
+    /// generations; an invalid one leaves the shadow as it was. Without
+    /// `--shadow`, a shadow left in the pins by an earlier run is removed.
+    fn load_shadow(&mut self, trigger: &str) {
+        let why = format!("shadow {trigger}");
+        let Some(file) = self.o.shadow.clone() else {
+            if self.dp.maps().runtime().shadow != 0 {
+                match self.dp.remove_shadow() {
+                    Ok(()) => tracing::info!("removed the shadow policy an earlier run left (no --shadow)"),
+                    Err(e) => tracing::warn!("removing the shadow policy an earlier run left: {e}"),
+                }
+                shadow::ShadowRecord::remove(&self.o.pins.run_dir);
+            }
+            return;
+        };
+        let started = Instant::now();
+        let (loaded, diags) = load_for_reload(&file, &self.o.policy_options);
+        let (policy, sha256, changed_by) = crate::events::policy_identity(&file, None);
+        let event = |result, generation, entries, errors: Vec<String>, more_errors| Event::PolicyReload {
+            time: clock::now_rfc3339(),
+            result,
+            trigger: why.clone(),
+            generation,
+            entries,
+            errors,
+            more_errors,
+            duration_ms: Some(started.elapsed().as_secs_f64() * 1e3),
+            policy: policy.clone(),
+            sha256: sha256.clone(),
+            changed_by: changed_by.clone(),
+        };
+        let number = self.shadow.as_ref().map_or(0, |s| s.record.number) + 1;
+        let outcome = match loaded {
+            None => Err((diags.errors().map(|d| d.to_string()).collect::<Vec<_>>(), diags.suppressed_errors())),
+            Some((p, c)) => match self.dp.install_shadow(&c, number) {
+                Ok(generation) => Ok((p, c, generation)),
+                Err(e) => Err((vec![e.to_string()], 0)),
+            },
+        };
+        let ev = match outcome {
+            Ok((p, c, generation)) => {
+                let record = Arc::new(shadow::ShadowRecord::new(&file, (&p, &c), number, generation, self.ports()));
+                if let Err(e) = record.write(&self.o.pins.run_dir) {
+                    tracing::warn!("writing the shadow's record: {e}");
+                }
+                tracing::info!("shadow policy {} ({}) judged beside generation {}", file.display(), number, self.generation);
+                self.shadow_watched = watch_list(&file, &p);
+                let entries = c.entries();
+                self.shadow = Some(shadow::Loaded { policy: p, compiled: c, record });
+                self.publish_view();
+                event(ReloadResult::Ok, number, Some(entries), Vec::new(), 0)
+            }
+            Err((errors, more)) => {
+                for e in &errors {
+                    tracing::error!("{e}");
+                }
+                tracing::error!("shadow policy {} rejected ({trigger}); {}", file.display(), if self.shadow.is_some() { "the one loaded stays" } else { "no shadow is judged" });
+                if self.shadow_watched.is_empty() {
+                    self.shadow_watched = vec![(file.clone(), mtime(&file))];
+                } else {
+                    for w in &mut self.shadow_watched {
+                        w.1 = mtime(&w.0);
+                    }
+                }
+                event(ReloadResult::Rejected, number - 1, None, errors, more)
+            }
+        };
+        self.emit(&ev);
+    }
+
+    /// Whether a file of the candidate changed and has settled.
+    fn shadow_changed(&mut self) -> bool {
+        !self.shadow_watched.is_empty() && settled_change(&self.shadow_watched, &mut self.shadow_last_seen)
+    }
+
+    /// `smtpguard promote`: the candidate, as judged, becomes the enforced
+    /// policy in one swap, its file is written where `--policy` points, and
+    /// the shadow goes.
+    fn promote(&mut self, request: PromoteRequest) {
+        let result = self.promote_candidate();
+        let answer = PromoteResult { id: request.id, ok: result.is_ok(), generation: self.generation, error: result.as_ref().err().map(|e| format!("{e:#}")) };
+        match &result {
+            Ok(()) => tracing::warn!("promoted the shadow policy (asked by {}): generation {} in force", request.by, self.generation),
+            Err(e) => tracing::error!("promote refused: {e:#}"),
+        }
+        self.state.metrics.promotions.with_label_values(&[if answer.ok { "ok" } else { "failed" }]).inc();
+        if let Err(e) = answer.write(&self.o.pins) {
+            tracing::error!("writing the promote result: {e:#}");
+        }
+    }
+
+    fn promote_candidate(&mut self) -> Result<()> {
+        if self.revision.is_some() {
+            bail!("this host follows the fleet policy: push the candidate to the fleet instead (smtpguard fleet push)");
+        }
+        let Some(loaded) = self.shadow.take() else { bail!("no shadow policy is loaded") };
+        let candidate = loaded.record.file.clone();
+        // The candidate's list paths are relative to its own directory: it
+        // must read the same files from where --policy points.
+        let (from, to) = (candidate.parent().map(Path::to_path_buf), self.o.policy.parent().map(Path::to_path_buf));
+        if from != to && [&loaded.policy.ingress, &loaded.policy.egress].iter().any(|d| !d.lists.is_empty()) {
+            let dir = from.unwrap_or_default();
+            self.shadow = Some(loaded);
+            bail!("the candidate names list files relative to {}, not the directory of {}: keep both in one directory", dir.display(), self.o.policy.display());
+        }
+        let text = match std::fs::read(&candidate) {
+            Ok(t) if crate::controller::sha256_hex(&t) == loaded.policy.sha256 => t,
+            Ok(_) => {
+                self.shadow = Some(loaded);
+                bail!("{} changed since it was loaded as the shadow: let it reload, check `smtpguard shadow` again, then promote", candidate.display());
+            }
+            Err(e) => {
+                self.shadow = Some(loaded);
+                bail!("reading {}: {e}", candidate.display());
+            }
+        };
+        let started = Instant::now();
+        let (policy, compiled) = (loaded.policy.clone(), loaded.compiled.clone());
+        if let Err(e) = self.apply(policy, compiled) {
+            self.shadow = Some(loaded);
+            return Err(e);
+        }
+        // In force; now where --policy points, the old file kept aside.
+        let write = || -> std::io::Result<()> {
+            let mut aside = self.o.policy.as_os_str().to_owned();
+            aside.push(".before-promote");
+            std::fs::copy(&self.o.policy, &aside)?;
+            let mut tmp = self.o.policy.as_os_str().to_owned();
+            tmp.push(".promote.tmp");
+            std::fs::write(&tmp, &text)?;
+            std::fs::rename(&tmp, &self.o.policy)
+        };
+        if let Err(e) = write() {
+            tracing::error!("the candidate is in force, but writing it to {} failed: {e} (a restart would enforce the old file)", self.o.policy.display());
+        }
+        self.watched = watch_list(&self.o.policy, &self.policy);
+        self.last_seen = None;
+        if let Err(e) = self.dp.remove_shadow() {
+            tracing::warn!("removing the shadow after the promote: {e}");
+        }
+        shadow::ShadowRecord::remove(&self.o.pins.run_dir);
+        self.publish_view();
+        let m = &self.state.metrics;
+        m.reloads.with_label_values(&["ok"]).inc();
+        m.reload_duration.observe(started.elapsed().as_secs_f64());
+        let ev = self.applied_event("promote", Some(started.elapsed().as_secs_f64() * 1e3));
+        self.emit(&ev);
+        self.keep_known_good("promote");
+        self.tell_fleet();
+        Ok(())
+    }
+
     /// Keeps the policy now in force as known-good (`smtpguard rollback`).
     fn keep_known_good(&self, trigger: &str) {
         let (_, _, changed_by) = crate::events::policy_identity(&self.o.policy, self.revision);
@@ -361,6 +521,10 @@ impl Controller {
     /// A SIGHUP: a reload, or the rollback `smtpguard rollback` asked for
     /// (its files put back first; `None` when that failed: nothing changed).
     fn on_hup(&mut self) -> Option<&'static str> {
+        if let Some(request) = PromoteRequest::take(&self.o.pins) {
+            self.promote(request);
+            return None;
+        }
         let Some(request) = RollbackRequest::take(&self.o.pins) else { return Some("SIGHUP") };
         let restored = if self.revision.is_some() {
             Err(anyhow::anyhow!("this host follows the fleet policy: push the revision to go back to (smtpguard fleet push)"))
@@ -467,6 +631,7 @@ impl Controller {
             missing_uplinks: self.interfaces.selection().named_uplinks().filter(|n| self.interfaces.view().iter().all(|v| v.name != *n)).map(str::to_owned).collect(),
             suspect_window_s: self.compiled.config.direction[policy_common::direction::EGRESS as usize].suspect_window_s,
             rules: self.rule_book.clone(),
+            shadow: self.shadow.as_ref().map(|s| s.record.clone()),
             rate_limited: std::array::from_fn(|d| self.compiled.config.direction[d].rate_enabled != 0),
         });
     }
@@ -499,7 +664,12 @@ impl Controller {
                 self.tenant_suspect(&e);
                 continue;
             }
-            let event = Event::from_datapath(&e, &self.compiled, &ports);
+            let event = if e.kind == policy_common::event_kind::SHADOW_DIFF {
+                let Some(shadow) = &self.shadow else { continue };
+                Event::shadow_difference(&e, &self.compiled, &ports, &shadow.record)
+            } else {
+                Event::from_datapath(&e, &self.compiled, &ports)
+            };
             self.emit(&event);
         }
     }
@@ -637,6 +807,9 @@ pub fn run(o: RunOptions) -> Result<()> {
         known_good: KnownGood::new(&o.state_dir),
         rollback: None,
         rule_book: None,
+        shadow: None,
+        shadow_watched: Vec::new(),
+        shadow_last_seen: None,
     };
     // The hits the pinned generation counted, named as its controller
     // named them (otherwise they are let go at the first swap).
@@ -651,6 +824,7 @@ pub fn run(o: RunOptions) -> Result<()> {
     c.apply(p, comp).context("loading the policy into the datapath")?;
     // Kept at once: the files are as compiled (a later edit would be refused).
     c.keep_known_good(if adopting { "restart" } else { "start" });
+    c.load_shadow(if adopting { "restart" } else { "start" });
     let m = &state.metrics;
     m.reload_duration.observe(start.elapsed().as_secs_f64());
     m.reloads.with_label_values(&["ok"]).inc();
@@ -761,7 +935,12 @@ async fn control_loop(
         c.state.beat();
         let mut wanted = None;
         tokio::select! {
-            _ = signals.hup.recv() => wanted = c.on_hup(),
+            _ = signals.hup.recv() => {
+                wanted = c.on_hup();
+                if wanted == Some("SIGHUP") {
+                    c.load_shadow("SIGHUP");
+                }
+            }
             _ = signals.usr1.recv() => c.events.reopen("SIGUSR1"),
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,
@@ -774,6 +953,9 @@ async fn control_loop(
                 }
                 c.drain_events();
                 c.watch_bypass("command");
+                if c.shadow_changed() {
+                    c.load_shadow("file change");
+                }
             }
             Some(change) = links.next() => c.link_changed(change),
             Some(offer) = next_offer(offers) => queued_offer = Some(offer),

@@ -96,6 +96,21 @@ pub enum Event {
         /// `command` (seen switched) or `start` (found switched at start).
         trigger: String,
     },
+    /// The shadow policy (`run --shadow`) would have decided this packet
+    /// differently (sampled like drops). `verdict`, `reason` and `rule` are
+    /// the policy in force's (before monitor mode).
+    ShadowDifference {
+        #[serde(flatten)]
+        packet: Packet,
+        /// `pass` or `drop`.
+        shadow_verdict: String,
+        /// A counter reason, or `not_guarded` (the candidate does not guard the port).
+        shadow_reason: String,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        shadow_rule: Option<String>,
+        /// The candidate's file.
+        shadow_policy: String,
+    },
     /// `smtpguard rollback`: a known-good policy's files were put back (a
     /// `policy_reload` with trigger `rollback` follows), or the rollback
     /// was refused and nothing changed (`error`).
@@ -214,6 +229,25 @@ impl Event {
                 Event::RateLimitTrip { packet }
             }
             _ => Event::DropSample { packet },
+        }
+    }
+
+    /// A datapath `SHADOW_DIFF` event, named by the policy in force and the
+    /// shadow's record.
+    pub fn shadow_difference(e: &policy_common::Event, compiled: &Compiled, ports: &[u16], shadow: &crate::shadow::ShadowRecord) -> Self {
+        let mut packet = Packet::from_datapath(e, compiled, ports);
+        // Before monitor mode, as the shadow compares them.
+        packet.verdict = verdict::NAMES.get(e.verdict as usize).map(|s| (*s).to_owned());
+        let (v, r) = ((e.duration_s & 0xff) as u8, ((e.duration_s >> 8) & 0xff) as u8);
+        let decision = crate::shadow::decision(v, r);
+        let (shadow_verdict, shadow_reason) = decision.split_once('/').map(|(a, b)| (a.to_owned(), b.to_owned())).unwrap_or_default();
+        let rule = shadow.rule(e.count);
+        Event::ShadowDifference {
+            packet,
+            shadow_verdict,
+            shadow_reason,
+            shadow_rule: (rule != "-").then(|| rule.to_owned()),
+            shadow_policy: shadow.file.display().to_string(),
         }
     }
 

@@ -22,6 +22,7 @@ pub mod reference;
 pub mod report;
 pub mod rule_hits;
 pub mod settings;
+pub mod shadow;
 
 /// The eBPF object built by `build.rs`, aligned for the ELF parser.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy-ebpf.o"));

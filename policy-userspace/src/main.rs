@@ -105,6 +105,7 @@ impl PinArgs {
 }
 
 #[derive(Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once per process")]
 enum Command {
     /// Enforce a policy: attach to the interfaces, serve metrics, stream events.
     ///
@@ -170,6 +171,23 @@ enum Command {
     },
     /// Stop the controller if it runs, and remove every program, link and pin.
     Detach(PinArgs),
+    /// The shadow policy (run --shadow FILE): where it would have decided differently from the policy in force.
+    ///
+    /// Differences by direction, port, both decisions and the candidate's rule, the candidate's rules and the
+    /// sources they concern most, since the candidate was loaded.
+    Shadow {
+        /// One JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Rows of the top rules and sources.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Make the shadow policy the enforced one: the candidate as it was judged is swapped in (one atomic step) and
+    /// written where --policy points (the file replaced is kept as .before-promote).
+    Promote(PinArgs),
     /// Put a known-good policy back: its policy and list files are restored where they were read and the controller applies them in one atomic reload.
     ///
     /// The controller keeps the last 5 policies it applied (with their list files and SHA-256) in its state directory.
@@ -400,6 +418,8 @@ fn main() -> ExitCode {
         }
         Command::Unban { source, pins } => commands::report(commands::unban(&pins.pins(), &source)),
         Command::Detach(p) => commands::report(commands::detach(&p.pins())),
+        Command::Shadow { json, top, pins } => commands::report(smtpguard::shadow::report(&pins.pins(), json, top)),
+        Command::Promote(pins) => commands::report(commands::recovery::promote(&pins.pins())),
         Command::Rollback { to, list, state_dir, pins } => commands::report(commands::recovery::rollback(&pins.pins(), &state_dir, to, list)),
         Command::Bypass { state, reason, pins } => {
             commands::report(commands::recovery::bypass(&pins.pins(), state.map(|s| s == OnOff::On), reason.as_deref()))

@@ -34,6 +34,8 @@ pub struct ControllerMetrics {
     pub bypass_changes: IntCounterVec,
     /// `smtpguard rollback`s, by result.
     pub rollbacks: IntCounterVec,
+    /// `smtpguard promote`s, by result.
+    pub promotions: IntCounterVec,
     /// The fleet's families, once the host joined one.
     pub fleet: std::sync::OnceLock<std::sync::Arc<crate::fleet::metrics::FleetMetrics>>,
 }
@@ -64,6 +66,11 @@ impl ControllerMetrics {
             .expect("valid"),
             rollbacks: IntCounterVec::new(
                 Opts::new("smtpguard_rollbacks_total", "smtpguard rollback requests, by result: ok (the known-good policy is in force) or failed"),
+                &["result"],
+            )
+            .expect("valid"),
+            promotions: IntCounterVec::new(
+                Opts::new("smtpguard_promotions_total", "smtpguard promote requests, by result: ok (the shadow policy is enforced) or failed"),
                 &["result"],
             )
             .expect("valid"),
@@ -115,6 +122,8 @@ pub struct PolicyView {
     pub rules: Option<std::sync::Arc<crate::rule_hits::RuleBook>>,
     /// Which directions rate-limit (their rate rule's hits are exported).
     pub rate_limited: [bool; direction::COUNT],
+    /// The candidate judged beside the policy, when one is loaded.
+    pub shadow: Option<std::sync::Arc<crate::shadow::ShadowRecord>>,
 }
 
 impl PolicyView {
@@ -375,6 +384,8 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     register_rule_hits(&r, observer, view, &stats, &geo_rows)?;
     register(&r, m.bypass_changes.clone());
     register(&r, m.rollbacks.clone());
+    register(&r, m.promotions.clone());
+    register_shadow(&r, observer, view)?;
     let bypass = IntGauge::new("smtpguard_bypass", "1 while enforcement is bypassed (smtpguard bypass on): every direction judges as in monitor mode").expect("valid");
     bypass.set(observer.bypass_since().is_some() as i64);
     register(&r, bypass);
@@ -385,6 +396,37 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
         fleet.register(&r);
     }
     encode(&r)
+}
+
+/// The shadow policy's families: packets it judged and where it differed.
+fn register_shadow(r: &Registry, observer: &Observer, view: &PolicyView) -> Result<(), String> {
+    let Some(record) = &view.shadow else { return Ok(()) };
+    let loaded = IntGauge::new("smtpguard_shadow_policy", "The shadow policy's number (each reload of it counts one up); absent without one").expect("valid");
+    loaded.set(record.number as i64);
+    register(r, loaded);
+    let judged = IntCounterVec::new(Opts::new("smtpguard_shadow_judged_total", "Packets the shadow policy judged beside the policy in force, by direction"), &["direction"]).expect("valid");
+    let totals = observer.shadow_totals().map_err(|e| e.to_string())?;
+    for (d, name) in direction::NAMES.iter().enumerate() {
+        judged.with_label_values(&[name]).inc_by(totals.get(d).copied().unwrap_or(0));
+    }
+    register(r, judged);
+    let diffs = IntCounterVec::new(
+        Opts::new(
+            "smtpguard_shadow_differences_total",
+            "Packets the shadow policy would have decided differently, by direction, port, the policy in force's decision, the candidate's and the candidate's rule (since the candidate was loaded)",
+        ),
+        &["direction", "port", "decision", "shadow_decision", "shadow_rule"],
+    )
+    .expect("valid");
+    for (k, n) in observer.shadow_diffs().map_err(|e| e.to_string())? {
+        let d = direction::NAMES.get(k.direction as usize).copied().unwrap_or("unknown");
+        let port = record.port(k.port_slot);
+        diffs
+            .with_label_values(&[d, &port, &crate::shadow::decision(k.verdict, k.reason), &crate::shadow::decision(k.shadow_verdict, k.shadow_reason), record.rule(k.shadow_rule)])
+            .inc_by(n);
+    }
+    register(r, diffs);
+    Ok(())
 }
 
 /// `smtpguard_rule_hits_total{rule, kind, direction}`: packets each rule of

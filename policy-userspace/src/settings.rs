@@ -28,6 +28,11 @@ pub struct Settings {
     /// The policy file; reloaded on SIGHUP, on `smtpguard reload` and when it or a file it names changes.
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// A candidate policy judged beside --policy on every guarded packet, deciding nothing: where it would decide
+    /// differently is counted (`smtpguard shadow`, smtpguard_shadow_differences_total) and sampled as events;
+    /// `smtpguard promote` makes it the enforced policy. Reloaded like --policy.
+    #[arg(long, value_name = "FILE")]
+    pub shadow: Option<PathBuf>,
     /// Host uplink (a name, or a glob pattern): XDP judges arriving mail by the ingress policy, TC egress what
     /// leaves by the egress policy. A named uplink must exist at start (unless --wait-for-uplinks); if it goes,
     /// that is logged, sent as an event and shown by smtpguard_interface_attached 0 until it returns.
@@ -137,6 +142,7 @@ impl Settings {
         let rel = |p: Option<PathBuf>| p.map(|p| if p.is_relative() { dir.join(p) } else { p });
         Ok(Settings {
             policy: rel(file.policy.clone()),
+            shadow: rel(file.shadow.clone()),
             events: rel(file.events.clone()),
             geo_database: rel(file.geo_database.clone()),
             state_dir: rel(file.state_dir.clone()),
@@ -150,6 +156,7 @@ impl Settings {
         let list = |a: Vec<String>, b: Vec<String>| if a.is_empty() { b } else { a };
         Settings {
             policy: self.policy.or(base.policy),
+            shadow: self.shadow.or(base.shadow),
             uplink: list(self.uplink, base.uplink),
             tenant: list(self.tenant, base.tenant),
             wait_for_uplinks: self.wait_for_uplinks.or(base.wait_for_uplinks),
@@ -203,6 +210,7 @@ impl Settings {
         let room = policy_common::acl4::Capacity::DEFAULT;
         Ok(RunOptions {
             policy,
+            shadow: self.shadow,
             start_revision,
             fleet,
             state_dir,

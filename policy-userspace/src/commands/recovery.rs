@@ -197,3 +197,79 @@ pub fn rollback(pins: &Pins, state_dir: &std::path::Path, to: Option<u64>, list:
     }
     bail!("controller {pid} did not answer within {} s: see its log", ROLLBACK_WAIT.as_secs())
 }
+
+/// What `smtpguard promote` asks the controller (with a SIGHUP).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PromoteRequest {
+    pub id: String,
+    pub by: String,
+}
+
+impl PromoteRequest {
+    fn path(pins: &Pins) -> PathBuf {
+        pins.run_dir.join("promote-request.json")
+    }
+
+    /// The request waiting, taken.
+    pub fn take(pins: &Pins) -> Option<Self> {
+        let path = Self::path(pins);
+        let text = std::fs::read_to_string(&path).ok()?;
+        let _ = std::fs::remove_file(&path);
+        serde_json::from_str(&text).ok()
+    }
+}
+
+/// What the controller answers a promote with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PromoteResult {
+    pub id: String,
+    pub ok: bool,
+    pub generation: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl PromoteResult {
+    fn path(pins: &Pins) -> PathBuf {
+        pins.run_dir.join("promote-result.json")
+    }
+
+    pub fn write(&self, pins: &Pins) -> anyhow::Result<()> {
+        let tmp = pins.run_dir.join(".promote-result.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(self)?)?;
+        std::fs::rename(&tmp, Self::path(pins))?;
+        Ok(())
+    }
+
+    fn read(pins: &Pins, id: &str) -> Option<Self> {
+        let r: Self = serde_json::from_slice(&std::fs::read(Self::path(pins)).ok()?).ok()?;
+        (r.id == id).then_some(r)
+    }
+}
+
+/// `smtpguard promote`: the shadow policy becomes the enforced one.
+pub fn promote(pins: &Pins) -> anyhow::Result<()> {
+    if nft::commands::enforces(pins) {
+        bail!("shadow policies need the eBPF datapath; this host enforces through nftables");
+    }
+    let pid = pins.controller_pid().ok_or_else(|| anyhow::anyhow!("no controller is running (no live pid in {})", pins.pid_file().display()))?;
+    let id = format!("{}-{}", std::process::id(), clock::unix_now_s());
+    let request = PromoteRequest { id: id.clone(), by: invoking_user() };
+    std::fs::write(PromoteRequest::path(pins), serde_json::to_vec(&request)?).context("writing the promote request")?;
+    // SAFETY: sending a signal to a pid we read.
+    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        bail!("signalling controller {pid}: {}", std::io::Error::last_os_error());
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < ROLLBACK_WAIT {
+        if let Some(r) = PromoteResult::read(pins, &id) {
+            if r.ok {
+                println!("promoted: the shadow policy is enforced as generation {} and written where --policy points", r.generation);
+                return Ok(());
+            }
+            bail!("the promote failed, generation {} stays in force: {}", r.generation, r.error.unwrap_or_default());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    bail!("controller {pid} did not answer within {} s: see its log", ROLLBACK_WAIT.as_secs())
+}

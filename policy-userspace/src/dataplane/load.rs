@@ -7,7 +7,7 @@ use std::path::Path;
 use aya::EbpfLoader;
 use policy_common::{source::sets_for, Runtime, DEFAULT_SMTP_FLOWS_CAPACITY, DEFAULT_SOURCE_CAPACITY};
 
-use super::{generations::Generations, maps::Maps, programs::Programs, upgrade, Dataplane, Result, DEFAULT_HOOK_DIRECTION};
+use super::{generations::Generations, maps::Maps, shadow::Shadow, programs::Programs, upgrade, Dataplane, Result, DEFAULT_HOOK_DIRECTION};
 use crate::EBPF_OBJECT;
 
 /// How large the maps sized at load time are made (maps adopted from pins
@@ -98,17 +98,17 @@ impl Dataplane {
         // fd (they name maps by fd); the maps are taken out afterwards.
         let mut programs = Programs::load(loader.load(EBPF_OBJECT)?)?;
         let mut maps = Maps::take(programs.object())?;
-        let generations = if adopted {
+        let (generations, shadow) = if adopted {
             // Pinned state from an earlier run: the active generation stays
             // as it is; what each holds is found by reading it.
-            Generations::adopt(&mut maps)?
+            (Generations::adopt(&mut maps)?, Shadow::adopt(&mut maps)?)
         } else {
             maps.runtime_words().write_controller_words(&Runtime { source_sets, hook_direction: DEFAULT_HOOK_DIRECTION, ..Runtime::default() });
             if let Some(dir) = pin_dir {
                 upgrade::mark_current(dir)?;
             }
-            Generations::empty()
+            (Generations::empty(), Shadow::empty())
         };
-        Ok(Self { programs, maps, generations, upgrade })
+        Ok(Self { programs, maps, generations, shadow, upgrade })
     }
 }

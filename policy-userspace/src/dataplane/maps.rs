@@ -402,6 +402,8 @@ impl Maps {
             tenant_stats: self.dup_fd(pc::TENANT_STATS)?,
             tenant_sources: self.dup_fd(pc::TENANT_SOURCES)?,
             rule_hits: self.dup_fd(pc::RULE_HITS)?,
+            shadow_diffs: self.dup_fd(pc::SHADOW_DIFFS)?,
+            shadow_totals: self.dup_fd(pc::SHADOW_TOTALS)?,
             cpus: self.cpus,
             smtp_flow_capacity: self.smtp_flows.map().info().map_err(map_error(pc::SMTP_FLOWS))?.max_entries(),
         })

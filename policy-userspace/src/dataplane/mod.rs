@@ -136,6 +136,7 @@ pub struct Dataplane {
     programs: Programs,
     maps: Maps,
     generations: Generations,
+    shadow: shadow::Shadow,
     /// Pins of an older layout being upgraded (see [`upgrade`]).
     upgrade: Option<upgrade::Upgrade>,
 }
@@ -163,6 +164,16 @@ impl Dataplane {
     /// Flips packets to `generation` (see [`Generations::activate`]).
     pub fn activate(&mut self, generation: u32, drop_sample_one_in: u32, events_per_second: u32) {
         self.generations.activate(&self.maps, generation, drop_sample_one_in, events_per_second)
+    }
+
+    /// Makes `compiled` the shadow policy (see [`shadow::Shadow::install`]).
+    pub fn install_shadow(&mut self, compiled: &Compiled, number: u64) -> Result<u32> {
+        self.shadow.install(&mut self.maps, compiled, number)
+    }
+
+    /// Removes the shadow policy, if one is loaded.
+    pub fn remove_shadow(&mut self) -> Result<()> {
+        self.shadow.remove(&mut self.maps)
     }
 
     /// Zeroes kernel generation `generation`'s rule hits (it must be idle).

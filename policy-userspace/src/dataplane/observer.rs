@@ -25,6 +25,8 @@ pub struct Observer {
     pub(super) tenant_stats: OwnedFd,
     pub(super) tenant_sources: OwnedFd,
     pub(super) rule_hits: OwnedFd,
+    pub(super) shadow_diffs: OwnedFd,
+    pub(super) shadow_totals: OwnedFd,
     /// The kernel's possible CPUs: per-CPU values come in this many.
     pub(super) cpus: usize,
     /// Client streams `SMTP_FLOWS` holds, as the map was made.
@@ -41,6 +43,19 @@ impl Observer {
     pub fn rule_hits(&self, generation: u32) -> std::io::Result<Vec<u64>> {
         let all = batch::per_cpu_sums(self.rule_hits.as_raw_fd(), policy_common::RULE_HITS_ENTRIES, self.cpus)?;
         Ok(super::maps::rule_cells(&all, generation))
+    }
+
+    /// The `shadow_total` cells, summed over CPUs.
+    pub fn shadow_totals(&self) -> std::io::Result<Vec<u64>> {
+        batch::per_cpu_sums(self.shadow_totals.as_raw_fd(), policy_common::shadow_total::COUNT, self.cpus)
+    }
+
+    /// Every shadow difference, summed over CPUs.
+    pub fn shadow_diffs(&self) -> std::io::Result<Vec<(policy_common::ShadowKey, u64)>> {
+        use aya::maps::{Map, MapData, PerCpuHashMap};
+        let data = MapData::from_fd(self.shadow_diffs.try_clone()?).map_err(std::io::Error::other)?;
+        let map: PerCpuHashMap<MapData, policy_common::ShadowKey, u64> = PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(std::io::Error::other)?;
+        map.iter().map(|r| r.map(|(k, v)| (k, v.iter().sum())).map_err(std::io::Error::other)).collect()
     }
 
     /// Every `GEO_DROPS` cell, summed over CPUs.
@@ -76,6 +91,8 @@ impl Observer {
             tenant_stats: self.tenant_stats.try_clone()?,
             tenant_sources: self.tenant_sources.try_clone()?,
             rule_hits: self.rule_hits.try_clone()?,
+            shadow_diffs: self.shadow_diffs.try_clone()?,
+            shadow_totals: self.shadow_totals.try_clone()?,
             cpus: self.cpus,
             smtp_flow_capacity: self.smtp_flow_capacity,
         })

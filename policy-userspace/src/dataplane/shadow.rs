@@ -28,6 +28,11 @@ fn mapped(n: ipnet::Ipv4Net) -> IpNet {
 }
 
 impl Shadow {
+    /// Nothing installed (fresh maps).
+    pub fn empty() -> Self {
+        Self { installed: [Vec::new(), Vec::new()] }
+    }
+
     /// What the maps hold for the shadow generations (pins of an earlier run).
     pub fn adopt(maps: &mut Maps) -> Result<Self> {
         Ok(Self { installed: [acl6_contents(maps, SHADOW_GENERATIONS[0] as u8)?, acl6_contents(maps, SHADOW_GENERATIONS[1] as u8)?] })
