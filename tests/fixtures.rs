@@ -212,8 +212,24 @@ impl Harness {
             self.dp.set_source_set(index, &SourceSet::default());
         }
         self.dp.clear_smtp_flows()?;
+        if self.dp.runtime().shadow != 0 {
+            self.dp.remove_shadow()?;
+        }
         self.set_policy(&base_policy())?;
         self.dp.drain_events()?;
+        Ok(())
+    }
+
+    /// Loads the policy `yaml` as the shadow (a candidate judged beside).
+    pub fn set_shadow(&mut self, yaml: &str) -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("sg-shadow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("candidate.yaml");
+        std::fs::write(&file, yaml)?;
+        let (loaded, diags) = smtpguard::policy::load_and_compile(&file, &smtpguard::policy::ReadOptions::default());
+        let _ = std::fs::remove_dir_all(&dir);
+        let (_, compiled) = loaded.ok_or_else(|| anyhow::anyhow!("the shadow policy: {diags}"))?;
+        self.dp.install_shadow(&compiled, 1)?;
         Ok(())
     }
 

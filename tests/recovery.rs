@@ -134,4 +134,10 @@ fn rollback_puts_the_known_good_policy_and_lists_back_atomically_evented_and_cou
     let reloads = wait_events(&state, "policy_reload", 3);
     assert_eq!((reloads[2]["trigger"].as_str(), reloads[2]["generation"].as_u64()), (Some("rollback"), Some(3)), "{reloads:?}");
     assert_eq!(metric(&scrape(&lab, 19722), "smtpguard_rollbacks_total", &["result=\"ok\""]), Some(1.0));
+    // The incident report tells it.
+    let events = state.events_file().display().to_string();
+    let out = std::process::Command::new(smtpguard_tests::smtpguard_bin()).args(["report", "--events", &events]).output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("rollback by") && report.contains("generation 1: 1 file(s) restored"), "{report}");
 }

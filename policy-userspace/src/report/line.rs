@@ -168,6 +168,13 @@ pub struct Fields<'a> {
     pub sha256: Option<Text<'a>>,
     #[serde(borrow, default)]
     pub changed_by: Option<Text<'a>>,
+    // rollback.
+    #[serde(default)]
+    pub to_generation: Option<u64>,
+    #[serde(default)]
+    pub restored: Vec<String>,
+    #[serde(borrow, default)]
+    pub error: Option<Text<'a>>,
 }
 
 impl Default for Text<'_> {

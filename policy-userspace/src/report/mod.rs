@@ -237,8 +237,8 @@ mod tests {
             .to_line(),
         );
         // What a newer smtpguard may write, and what a full disk leaves.
-        lines.push(r#"{"event":"rollback","time":"2026-12-06T09:05:00.000Z","src":"198.51.100.5","count":"many"}"#.into());
-        lines.push(r#"{"event":"shadow_difference","time":"2026-12-06T09:06:00.000Z","rule":"x"}"#.into());
+        lines.push(r#"{"event":"future_kind","time":"2026-12-06T09:05:00.000Z","src":"198.51.100.5","count":"many"}"#.into());
+        lines.push(r#"{"event":"other_future_kind","time":"2026-12-06T09:06:00.000Z","rule":"x"}"#.into());
         lines.push(r#"{"event":"drop_sam"#.into());
         lines.push("not json at all".into());
         lines.push(r#"{"event":"ban_added","time":"2026-12-06T09:07:00.000Z","src":"203.0.113.66","strikes":"two"}"#.into());
@@ -255,7 +255,7 @@ mod tests {
         assert_eq!(p.last.as_deref(), Some("2026-12-06T09:06:00.000Z"));
         assert_eq!((p.skipped.unparsable, p.skipped.undated, p.blank_lines), (3, 1, 1), "{p:?}");
         assert_eq!(p.lines_read, p.events + 3 + 1 + 1);
-        assert_eq!(r.unknown_kinds, [("rollback".to_owned(), 1), ("shadow_difference".to_owned(), 1)].into());
+        assert_eq!(r.unknown_kinds, [("future_kind".to_owned(), 1), ("other_future_kind".to_owned(), 1)].into());
         assert_eq!(r.events["drop_sample"], 38);
         // The spammer first, its reasons and country exact.
         let top = &r.sources.rows[0];
@@ -280,7 +280,7 @@ mod tests {
         assert_eq!(r.reloads.events.shown[1].errors.len(), 1);
         // Notable, in time order: the reloads, the escalation, the suspect, the manual ban, the uplink, the unknown kinds.
         let kinds: Vec<&str> = r.notable.shown.iter().map(|n| n.event.as_str()).collect();
-        assert_eq!(kinds, ["policy_reload", "ban_added", "tenant_suspect", "manual_ban", "uplink_missing", "bypass", "policy_reload", "rollback", "shadow_difference"]);
+        assert_eq!(kinds, ["policy_reload", "ban_added", "tenant_suspect", "manual_ban", "uplink_missing", "bypass", "policy_reload", "future_kind", "other_future_kind"]);
         assert_eq!(r.timeline.bucket_s, 60, "an hour's events in minutes");
         assert_eq!(r.timeline.buckets.iter().map(|b| b.events).sum::<u64>(), p.events);
         assert_eq!(r.timeline.buckets.iter().map(|b| b.drops).sum::<u64>(), 38);
@@ -331,7 +331,7 @@ mod tests {
             "| rejected | SIGHUP | 1 |",
             "(and 2 more)",
             "spam \\| run",
-            "rollback 1, shadow_difference 1",
+            "future_kind 1, other_future_kind 1",
             "3 unparsable",
             "Counts are exact",
             "Buckets of 1m.",
@@ -356,7 +356,7 @@ mod tests {
         assert_eq!(json["bans"]["by_source"]["rows"][0]["max_strikes"], 2);
         assert_eq!(json["tenants"]["suspects"]["shown"][0]["interface"], "tap-t");
         assert_eq!(json["reloads"]["events"]["shown"][0]["changed_by"], "root");
-        assert_eq!(json["unknown_kinds"]["rollback"], 1);
+        assert_eq!(json["unknown_kinds"]["future_kind"], 1);
         assert_eq!(json["period"]["skipped"]["unparsable"], 3);
     }
 

@@ -48,11 +48,13 @@ enum Kind {
     UplinkMissing,
     StalePin,
     Bypass,
+    Rollback,
+    ShadowDifference,
     PolicyReload,
 }
 
 impl Kind {
-    const ALL: [Kind; 12] = [
+    const ALL: [Kind; 14] = [
         Kind::BanAdded,
         Kind::BanExpired,
         Kind::RateLimitTrip,
@@ -64,6 +66,8 @@ impl Kind {
         Kind::UplinkMissing,
         Kind::StalePin,
         Kind::Bypass,
+        Kind::Rollback,
+        Kind::ShadowDifference,
         Kind::PolicyReload,
     ];
 
@@ -80,6 +84,8 @@ impl Kind {
             Kind::UplinkMissing => "uplink_missing",
             Kind::StalePin => "stale_pin",
             Kind::Bypass => "bypass",
+            Kind::Rollback => "rollback",
+            Kind::ShadowDifference => "shadow_difference",
             Kind::PolicyReload => "policy_reload",
         }
     }
@@ -295,7 +301,22 @@ impl Summary {
                 self.notable.offer(ms, || Notable::new(time, kind.name(), summary));
                 Column::Other
             }
-            Kind::InterfaceAttached | Kind::InterfaceDetached | Kind::StalePin => Column::Other,
+            Kind::Rollback => {
+                let by = f.by.as_deref().unwrap_or("?");
+                let summary = match (&f.error, f.to_generation) {
+                    (Some(e), _) => format!("rollback by {by} refused, nothing changed: {}", e.0),
+                    (None, to) => format!(
+                        "rollback by {by} to the policy of generation {}: {} file(s) restored",
+                        to.map_or_else(|| "?".into(), |g| g.to_string()),
+                        f.restored.len()
+                    ),
+                };
+                self.notable.offer(ms, || Notable::new(time, kind.name(), summary));
+                Column::Other
+            }
+            // Sampled packets of a candidate under test: counted by kind
+            // (and in the timeline), `smtpguard shadow` has the breakdown.
+            Kind::ShadowDifference | Kind::InterfaceAttached | Kind::InterfaceDetached | Kind::StalePin => Column::Other,
         };
         self.timeline.count(ms, column);
     }
