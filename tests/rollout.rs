@@ -220,3 +220,49 @@ fn promote_swaps_the_candidate_in_with_no_packet_judged_by_both_policies() {
     assert!(events.lines().any(|l| l.contains("\"event\":\"policy_reload\"") && l.contains("\"trigger\":\"promote\"")), "{events}");
     assert_eq!(metric(&http_get(&lab, 19732, "/metrics").unwrap(), "smtpguard_promotions_total", &["result=\"ok\""]), Some(1.0));
 }
+
+#[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
+fn a_scheduled_switch_to_enforce_is_announced_a_day_ahead_and_enforces_on_its_day() {
+    use smtpguard::policy::time;
+    use smtpguard_tests::peers::assert_dropped;
+
+    require_root();
+    let lab = PairLab::new().expect("lab");
+    let state = TestPins::new("enforcefrom");
+    let dir = state.policy_dir();
+    let text = |day: i64| format!("version: 1\nmode: monitor\nenforce_from: {}\ningress:\n  default: {{25: allow}}\n  deny: [{{id: bad-host, cidr: {CLIENT_DENIED}/32}}]\n", time::format_date(day));
+    let tomorrow = time::today() + 1;
+    let policy = write_policy(&dir, "policy.yaml", &text(tomorrow));
+    let _ctl = RunningController::start(&lab, &state, &policy, 19733).expect("controller");
+    // Monitor mode until tomorrow: the denied source passes, counted.
+    assert_greeted(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "monitored until tomorrow");
+    let m = http_get(&lab, 19733, "/metrics").unwrap();
+    assert_eq!(metric(&m, "smtpguard_enforce_from_timestamp_seconds", &["direction=\"ingress\""]), Some(tomorrow as f64 * 86_400.0), "{m}");
+    // Announced: less than a day ahead.
+    let start = Instant::now();
+    let announced = loop {
+        let text = std::fs::read_to_string(state.events_file()).unwrap_or_default();
+        let found: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).filter(|e: &serde_json::Value| e["event"] == "enforce_scheduled").collect();
+        if !found.is_empty() {
+            break found;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "an enforce_scheduled event: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(announced.len(), 2, "one per direction: {announced:?}");
+    assert_eq!(announced[0]["enforce_from"].as_str(), Some(time::format_date(tomorrow).as_str()));
+    assert!(announced[0]["hours_left"].as_f64().is_some_and(|h| h > 0.0 && h <= 24.0), "{announced:?}");
+
+    // Its day come (today, here): it enforces.
+    std::fs::write(&policy, text(time::today())).unwrap();
+    let (code, out) = state.cmd(&["reload"]);
+    assert_eq!(code, 0, "{out}");
+    let start = Instant::now();
+    while metric(&http_get(&lab, 19733, "/metrics").unwrap(), "smtpguard_enforce_from_timestamp_seconds", &["direction=\"ingress\""]).is_some() {
+        assert!(start.elapsed() < Duration::from_secs(10), "the reload applied");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "enforced from its day on");
+    assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "the allowed source");
+}

@@ -138,6 +138,8 @@ struct Controller {
     /// The candidate's files, polled like the policy's.
     shadow_watched: Vec<(PathBuf, Option<FileVersion>)>,
     shadow_last_seen: Option<Vec<Option<FileVersion>>>,
+    /// `enforce_from` switches announced, by (direction, day).
+    announced: std::collections::HashSet<(u8, i64)>,
 }
 
 /// What tells one version of a file from another: its mtime, and which
@@ -632,6 +634,7 @@ impl Controller {
             suspect_window_s: self.compiled.config.direction[policy_common::direction::EGRESS as usize].suspect_window_s,
             rules: self.rule_book.clone(),
             shadow: self.shadow.as_ref().map(|s| s.record.clone()),
+            enforce_from: self.compiled.enforce_from,
             rate_limited: std::array::from_fn(|d| self.compiled.config.direction[d].rate_enabled != 0),
         });
     }
@@ -642,13 +645,39 @@ impl Controller {
         settled_change(&self.watched, &mut self.last_seen)
     }
 
-    fn expiry_due(&mut self) -> bool {
+    /// A day the policy changes by itself has come: an exemption ended, or
+    /// a monitored direction starts to enforce (`enforce_from`). Which.
+    fn expiry_due(&mut self) -> Option<&'static str> {
         let today = time::today();
         let due = self.compiled.next_expiry.is_some_and(|day| today >= day) && self.expiry_tried != Some(today);
-        if due {
-            self.expiry_tried = Some(today);
+        if !due {
+            return None;
         }
-        due
+        self.expiry_tried = Some(today);
+        Some(if self.compiled.enforce_from.iter().flatten().any(|day| today >= *day) { "enforce_from" } else { "exemption expiry" })
+    }
+
+    /// Says a day ahead (once per direction and date) that a monitored
+    /// direction starts to enforce: an event and the log; the metric
+    /// `smtpguard_enforce_from_timestamp_seconds` says it all along.
+    fn announce_enforcement(&mut self) {
+        let now = clock::unix_now_s();
+        for (d, day) in self.compiled.enforce_from.into_iter().enumerate() {
+            let Some(day) = day else { continue };
+            let at = day as f64 * 86_400.0;
+            if at - now > 86_400.0 || !self.announced.insert((d as u8, day)) {
+                continue;
+            }
+            let direction = policy_common::direction::NAMES[d];
+            tracing::warn!("{direction} switches from monitor to enforce at {}T00:00Z, in {:.1} h", time::format_date(day), (at - now) / 3600.0);
+            let ev = Event::EnforceScheduled {
+                time: clock::now_rfc3339(),
+                direction: direction.to_owned(),
+                enforce_from: time::format_date(day),
+                hours_left: ((at - now) / 3600.0 * 10.0).round() / 10.0,
+            };
+            self.emit(&ev);
+        }
     }
 
     fn drain_events(&mut self) {
@@ -810,6 +839,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         shadow: None,
         shadow_watched: Vec::new(),
         shadow_last_seen: None,
+        announced: Default::default(),
     };
     // The hits the pinned generation counted, named as its controller
     // named them (otherwise they are let go at the first swap).
@@ -948,9 +978,10 @@ async fn control_loop(
                 c.events.follow_rotation();
                 if c.changed() {
                     wanted = Some("file change");
-                } else if c.expiry_due() {
-                    wanted = Some("exemption expiry");
+                } else if let Some(why) = c.expiry_due() {
+                    wanted = Some(why);
                 }
+                c.announce_enforcement();
                 c.drain_events();
                 c.watch_bypass("command");
                 if c.shadow_changed() {

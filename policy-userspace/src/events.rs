@@ -111,6 +111,15 @@ pub enum Event {
         /// The candidate's file.
         shadow_policy: String,
     },
+    /// A direction in monitor mode switches to enforce at `enforce_from`
+    /// (the policy's schedule): said once, a day ahead.
+    EnforceScheduled {
+        time: String,
+        direction: String,
+        /// The day (00:00 UTC) it starts to enforce.
+        enforce_from: String,
+        hours_left: f64,
+    },
     /// `smtpguard rollback`: a known-good policy's files were put back (a
     /// `policy_reload` with trigger `rollback` follows), or the rollback
     /// was refused and nothing changed (`error`).
@@ -128,7 +137,8 @@ pub enum Event {
     PolicyReload {
         time: String,
         result: ReloadResult,
-        /// What asked for it: `start`, `restart`, `SIGHUP`, `file change`, `exemption expiry`.
+        /// What asked for it: `start`, `restart`, `SIGHUP`, `file change`, `exemption expiry`, `enforce_from`,
+        /// `rollback`, `promote`, `shadow ...` (the shadow policy's own reloads).
         trigger: String,
         /// The policy generation in force afterwards.
         generation: u64,

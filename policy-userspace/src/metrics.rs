@@ -3,7 +3,7 @@
 //! source table (which is too large to read per scrape).
 
 use prometheus::{
-    core::Collector, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    core::Collector, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
@@ -124,6 +124,8 @@ pub struct PolicyView {
     pub rate_limited: [bool; direction::COUNT],
     /// The candidate judged beside the policy, when one is loaded.
     pub shadow: Option<std::sync::Arc<crate::shadow::ShadowRecord>>,
+    /// By direction: the day a monitored direction starts to enforce.
+    pub enforce_from: [Option<i64>; direction::COUNT],
 }
 
 impl PolicyView {
@@ -386,6 +388,17 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     register(&r, m.rollbacks.clone());
     register(&r, m.promotions.clone());
     register_shadow(&r, observer, view)?;
+    let scheduled = GaugeVec::new(
+        Opts::new("smtpguard_enforce_from_timestamp_seconds", "When a direction in monitor mode starts to enforce (the policy's enforce_from, Unix time); absent when none is scheduled"),
+        &["direction"],
+    )
+    .expect("valid");
+    for (d, day) in view.enforce_from.iter().enumerate() {
+        if let Some(day) = day {
+            scheduled.with_label_values(&[direction::NAMES[d]]).set(*day as f64 * 86_400.0);
+        }
+    }
+    register(&r, scheduled);
     let bypass = IntGauge::new("smtpguard_bypass", "1 while enforcement is bypassed (smtpguard bypass on): every direction judges as in monitor mode").expect("valid");
     bypass.set(observer.bypass_since().is_some() as i64);
     register(&r, bypass);

@@ -74,8 +74,12 @@ pub struct Compiled {
     pub countries: Vec<String>,
     pub geo: GeoStats,
     pub events: EventSettings,
-    /// The first day an exemption in force ends after (a recompile is due then).
+    /// The first day an exemption in force ends after, or a monitored
+    /// direction starts to enforce (a recompile is due then).
     pub next_expiry: Option<i64>,
+    /// By direction: the day a monitored direction starts to enforce,
+    /// while it is ahead.
+    pub enforce_from: [Option<i64>; policy_common::direction::COUNT],
     /// How long a tenant suspect is quarantined (banned on every guarded
     /// port); 0: reported only. The controller applies it.
     pub quarantine_s: u32,
@@ -254,6 +258,7 @@ pub fn compile_with(policy: &Policy, today: i64, tables: &GeoTables) -> Result<C
     let mut geo_stats = GeoStats::default();
     let mut scoped: BTreeMap<(u8, bool), Vec<(Prefix, Item)>> = BTreeMap::new();
     let mut config = PolicyConfig::EMPTY;
+    let mut enforce_from = [None; policy_common::direction::COUNT];
 
     for (dir, d) in [(direction::INGRESS, &policy.ingress), (direction::EGRESS, &policy.egress)] {
         rules.reserve(d.network_count());
@@ -308,6 +313,17 @@ pub fn compile_with(policy: &Policy, today: i64, tables: &GeoTables) -> Result<C
             scoped.entry((scope, true)).or_default().extend(v6.into_iter().map(|(p, c)| (p, Item::Country(c))));
         }
         config.direction[dir as usize] = direction_config(policy, d, geo_drop);
+        if d.mode == policy_common::mode::MONITOR {
+            match d.enforce_from {
+                Some(day) if day <= today => config.direction[dir as usize].mode = policy_common::mode::ENFORCE,
+                Some(day) => {
+                    enforce_from[dir as usize] = Some(day);
+                    // Compiled again that day, as for an exemption's end.
+                    next_expiry = Some(next_expiry.map_or(day, |n: i64| n.min(day)));
+                }
+                None => {}
+            }
+        }
     }
 
     let mut v4 = Vec::new();
@@ -327,7 +343,7 @@ pub fn compile_with(policy: &Policy, today: i64, tables: &GeoTables) -> Result<C
         }
     }
     let quarantine_s = policy.egress.tenant_suspect.map_or(0, |t| t.quarantine_s);
-    Ok(Compiled { config, v4, v6, rule_slots, rules, countries: codes, geo: geo_stats, events: policy.events, next_expiry, quarantine_s })
+    Ok(Compiled { config, v4, v6, rule_slots, rules, countries: codes, geo: geo_stats, events: policy.events, next_expiry, enforce_from, quarantine_s })
 }
 
 fn direction_config(policy: &Policy, d: &Direction, geo_drop: [u64; MAX_COUNTRIES / 64]) -> DirectionPolicy {
@@ -363,4 +379,28 @@ fn direction_config(policy: &Policy, d: &Direction, geo_drop: [u64; MAX_COUNTRIE
         p.geo_drop = geo_drop;
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_monitored_direction_enforces_from_its_day_on() {
+        let dir = std::env::temp_dir().join(format!("sg-enforce-from-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("p.yaml");
+        std::fs::write(&file, "version: 1\nmode: monitor\nenforce_from: 2027-01-15\ningress:\n  default: {25: allow}\negress:\n  mode: enforce\n  default: {25: deny}\n").unwrap();
+        let (policy, diags) = crate::policy::parse::load_file(&file, &crate::policy::ReadOptions::default());
+        let policy = policy.unwrap_or_else(|| panic!("{diags}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let day = crate::policy::time::parse_date("2027-01-15").unwrap();
+        let before = compile(&policy, day - 1).unwrap();
+        assert_eq!(before.config.direction[0].mode, policy_common::mode::MONITOR);
+        assert_eq!(before.enforce_from, [Some(day), None], "egress enforces already");
+        assert_eq!(before.next_expiry, Some(day), "compiled again that day");
+        let on = compile(&policy, day).unwrap();
+        assert_eq!(on.config.direction[0].mode, policy_common::mode::ENFORCE);
+        assert_eq!(on.enforce_from, [None, None]);
+    }
 }

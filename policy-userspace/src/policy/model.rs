@@ -53,6 +53,9 @@ pub const PROFILES: [(&str, u8); 4] =
 pub struct Direction {
     /// [`mode`] value.
     pub mode: u8,
+    /// In monitor mode: the day (since the epoch, UTC) it starts to
+    /// enforce, for a transition scheduled ahead.
+    pub enforce_from: Option<i64>,
     /// [`verdict`] (`PASS` or `DROP`) per port, in slot order.
     pub defaults: Vec<u8>,
     /// Rules written in the policy.
@@ -77,6 +80,7 @@ impl Direction {
     pub fn empty(ports: usize) -> Self {
         Self {
             mode: mode::ENFORCE,
+            enforce_from: None,
             defaults: vec![verdict::PASS; ports],
             rules: Vec::new(),
             lists: Vec::new(),

@@ -22,12 +22,13 @@ use super::{
     yaml::{self, is_null, Kind, Node, Pos},
 };
 
-const TOP_FIELDS: &[&str] = &["version", "mode", "ports", "events", "limits", "ingress", "egress"];
+const TOP_FIELDS: &[&str] = &["version", "mode", "enforce_from", "ports", "events", "limits", "ingress", "egress"];
 const LIMITS_FIELDS: &[&str] = &["list_file_bytes", "geo_database_bytes", "geo_networks"];
 /// The largest value a `limits` field accepts: 1 TiB, or a trillion networks.
 const MAX_LIMIT: u64 = 1 << 40;
 const DIRECTION_FIELDS: &[&str] = &[
     "mode",
+    "enforce_from",
     "default",
     "allow",
     "deny",
@@ -224,6 +225,23 @@ impl Walker<'_> {
         self.one_of(node, field, &["allow", "deny"]).map(|i| if i == 0 { verdict::PASS } else { verdict::DROP })
     }
 
+    /// The day a monitored direction starts to enforce.
+    fn enforce_from(&mut self, node: &Node, field: &str) -> Option<i64> {
+        match self.scalar(node, field, "a date YYYY-MM-DD").map(time::parse_date) {
+            Some(Some(day)) => {
+                if day <= self.today {
+                    self.warning(node.pos, field, format!("{} is past: the direction enforces already", time::format_date(day)));
+                }
+                Some(day)
+            }
+            Some(None) => {
+                self.error(node.pos, field, "not a date; write YYYY-MM-DD, such as 2027-01-15 (the switch is at 00:00 UTC)");
+                None
+            }
+            None => None,
+        }
+    }
+
     fn mode(&mut self, node: &Node, field: &str) -> Option<u8> {
         self.one_of(node, field, &["enforce", "monitor"]).map(|i| if i == 0 { mode::ENFORCE } else { mode::MONITOR })
     }
@@ -268,8 +286,11 @@ impl Walker<'_> {
         let events = get("events").map(|(_, n)| self.events(n)).unwrap_or_default();
         let mut ingress = Direction::empty(ports.len());
         let mut egress = Direction::empty(ports.len());
+        let global_from = get("enforce_from").and_then(|(_, n)| self.enforce_from(n, "enforce_from"));
         ingress.mode = global_mode;
         egress.mode = global_mode;
+        ingress.enforce_from = global_from;
+        egress.enforce_from = global_from;
         if let Some((_, n)) = get("ingress") {
             self.direction(n, "ingress", &ports, &mut ingress);
         }
@@ -375,6 +396,11 @@ impl Walker<'_> {
                 "mode" => {
                     if let Some(m) = self.mode(value, &field) {
                         d.mode = m;
+                    }
+                }
+                "enforce_from" => {
+                    if let Some(day) = self.enforce_from(value, &field) {
+                        d.enforce_from = Some(day);
                     }
                 }
                 "default" => self.defaults(value, &field, ports, d),

@@ -51,6 +51,7 @@ fn direction() -> Value {
         "type": "object", "additionalProperties": false,
         "properties": {
             "mode": {"type": "string", "enum": ["enforce", "monitor"]},
+            "enforce_from": {"type": "string", "format": "date", "description": "in monitor mode: the day (00:00 UTC) this direction starts to enforce"},
             "default": {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"}, "additionalProperties": action()},
             "allow": {"type": "array", "items": rule()},
             "deny": {"type": "array", "items": rule()},
@@ -133,6 +134,7 @@ pub fn schema() -> Value {
         "properties": {
             "version": {"const": 1},
             "mode": {"type": "string", "enum": ["enforce", "monitor"], "default": "enforce"},
+            "enforce_from": {"type": "string", "format": "date", "description": "in monitor mode: the day (00:00 UTC) both directions start to enforce"},
             "ports": {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"}, "maxProperties": policy_common::MAX_PORTS,
                       "additionalProperties": {"type": "string", "enum": ["smtp", "smtps", "submission", "other"]}},
             "events": {"type": "object", "additionalProperties": false, "properties": {
