@@ -199,6 +199,8 @@ pub struct Lab {
     teardown: Arc<Mutex<Teardown>>,
     /// `ebpf` (the default) or `nftables`: what `smtpguard run` enforces with.
     pub backend: &'static str,
+    /// More arguments for `smtpguard run` (a `--shadow FILE`, say).
+    pub run_args: Vec<String>,
 }
 
 impl Lab {
@@ -237,6 +239,7 @@ impl Lab {
             controller: None,
             teardown,
             backend: "ebpf",
+            run_args: Vec::new(),
         };
         lab.wire()?;
         lab.start_sinks()?;
@@ -346,6 +349,7 @@ impl Lab {
             .arg("--state-dir")
             .arg(self.dir.join("state"))
             .args(self.state_args())
+            .args(&self.run_args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join("controller.log"))?)
             .spawn()

@@ -68,7 +68,18 @@ const OPERATIONS_MD: &str = "docs/operations.md";
 
 /// Metrics a healthy lab leaves at zero: nothing was lost, no source was
 /// displaced (the lab's few sources find free ways).
-const ZERO_IN_A_HEALTHY_LAB: [&str; 3] = ["smtpguard_events_lost_total", "smtpguard_event_write_failures_total", "smtpguard_source_evictions_total"];
+const ZERO_IN_A_HEALTHY_LAB: [&str; 9] = [
+    "smtpguard_events_lost_total",
+    "smtpguard_event_write_failures_total",
+    "smtpguard_source_evictions_total",
+    // The recovery levers, unused in a healthy lab, and no switch to enforce scheduled.
+    "smtpguard_bypass",
+    "smtpguard_bypass_since_timestamp_seconds",
+    "smtpguard_bypass_changes_total",
+    "smtpguard_rollbacks_total",
+    "smtpguard_promotions_total",
+    "smtpguard_enforce_from_timestamp_seconds",
+];
 
 fn read(rel: &str) -> String {
     std::fs::read_to_string(repo_root().join(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
@@ -709,6 +720,11 @@ fn every_dashboard_panel_has_data_and_the_alerts_load_and_fire_in_a_real_prometh
     let policy_path = lab.dir.join("policy.yaml");
     let good_policy = policy(&lab);
     std::fs::write(&policy_path, &good_policy).unwrap();
+    // A shadow candidate that would drop what the lab's ingress mail passes
+    // on: the shadow's panels have its differences to show.
+    let candidate = lab.dir.join("candidate.yaml");
+    std::fs::write(&candidate, "version: 1\ningress:\n  default: {25: deny}\n").unwrap();
+    lab.run_args = vec!["--shadow".into(), candidate.display().to_string()];
     lab.start_controller(&policy_path, "native").expect("controller");
     let prom = Prometheus::start_with_rules(&lab.hv, &lab.dir.join("prometheus"), METRICS_PORT, PROMETHEUS_PORT, &[repo_root().join(RULES)]).expect("prometheus");
     // Traffic only once Prometheus scrapes, so that rates see it (the first

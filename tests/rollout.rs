@@ -259,7 +259,7 @@ fn a_scheduled_switch_to_enforce_is_announced_a_day_ahead_and_enforces_on_its_da
     let (code, out) = state.cmd(&["reload"]);
     assert_eq!(code, 0, "{out}");
     let start = Instant::now();
-    while metric(&http_get(&lab, 19733, "/metrics").unwrap(), "smtpguard_enforce_from_timestamp_seconds", &["direction=\"ingress\""]).is_some() {
+    while metric(&http_get(&lab, 19733, "/metrics").unwrap(), "smtpguard_enforce_from_timestamp_seconds", &["direction=\"ingress\""])!= Some(0.0) {
         assert!(start.elapsed() < Duration::from_secs(10), "the reload applied");
         std::thread::sleep(Duration::from_millis(20));
     }

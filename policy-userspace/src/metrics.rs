@@ -384,19 +384,23 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     register(&r, m.tenant_suspects.clone());
     register(&r, m.quarantines.clone());
     register_rule_hits(&r, observer, view, &stats, &geo_rows)?;
+    for (family, labels) in [(&m.bypass_changes, ["on", "off"]), (&m.rollbacks, ["ok", "failed"]), (&m.promotions, ["ok", "failed"])] {
+        // Present from the start, at 0: alerts and panels see a series.
+        for l in labels {
+            family.with_label_values(&[l]);
+        }
+    }
     register(&r, m.bypass_changes.clone());
     register(&r, m.rollbacks.clone());
     register(&r, m.promotions.clone());
     register_shadow(&r, observer, view)?;
     let scheduled = GaugeVec::new(
-        Opts::new("smtpguard_enforce_from_timestamp_seconds", "When a direction in monitor mode starts to enforce (the policy's enforce_from, Unix time); absent when none is scheduled"),
+        Opts::new("smtpguard_enforce_from_timestamp_seconds", "When a direction in monitor mode starts to enforce (the policy's enforce_from, Unix time); 0 when none is scheduled"),
         &["direction"],
     )
     .expect("valid");
     for (d, day) in view.enforce_from.iter().enumerate() {
-        if let Some(day) = day {
-            scheduled.with_label_values(&[direction::NAMES[d]]).set(*day as f64 * 86_400.0);
-        }
+        scheduled.with_label_values(&[direction::NAMES[d]]).set(day.map_or(0.0, |day| day as f64 * 86_400.0));
     }
     register(&r, scheduled);
     let bypass = IntGauge::new("smtpguard_bypass", "1 while enforcement is bypassed (smtpguard bypass on): every direction judges as in monitor mode").expect("valid");
