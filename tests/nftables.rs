@@ -244,6 +244,18 @@ fn the_backend_runs_reloads_survives_and_detaches_leaving_other_tables_as_they_w
     assert!(bans.contains("198.51.100.5/32") && bans.contains("203.0.113.50/32") && bans.contains("manual"), "{bans}");
     let status = lab.smtpguard(&["status"]).unwrap();
     assert!(status.contains("backend: nftables") && status.contains("hook_ingress_up0") && status.contains("hook_ingress_tap0"), "{status}");
+    // The roll-out levers are the eBPF datapath's (difference 11): each
+    // says so and changes nothing.
+    for args in [&["bypass", "on"][..], &["shadow"], &["promote"], &["rollback"], &["status", "--rules"]] {
+        let said = lab.smtpguard(args).unwrap_err().to_string();
+        assert!(said.contains("nftables"), "{args:?}: {said}");
+    }
+    let p = policy.display().to_string();
+    let said = lab.smtpguard(&["run", "--backend", "nftables", "--policy", &p, "--shadow", &p, "--uplink", "up0"]).unwrap_err().to_string();
+    assert!(said.contains("--shadow") && said.contains("eBPF backend"), "{said}");
+    assert_eq!(provider_tables(&lab), before, "the refusals changed the provider's tables");
+    let moved = lab.judge(0, &syn_from("203.0.113.50", 25)).unwrap();
+    assert_eq!(moved.get(&banned), Some(&1), "still enforced as before: {moved:?}");
 
     // Detach: the table goes, the provider's stay, the controller stops.
     lab.smtpguard(&["detach"]).unwrap();

@@ -175,6 +175,19 @@ pub(crate) fn watch_list(path: &Path, p: &Policy) -> Vec<(PathBuf, Option<FileVe
 /// Whether a watched file differs from the version in force and has stayed
 /// as it is since the last poll (`last_seen`): a file caught half-written
 /// is read on the next tick.
+/// A day `compiled` changes by itself has come (an exemption ended, or a
+/// monitored direction starts to enforce): the reload's trigger, once a day
+/// (`tried`: the day last tried, so a rejected recompile is not retried
+/// every second).
+pub(crate) fn date_change_due(compiled: &Compiled, tried: &mut Option<i64>) -> Option<&'static str> {
+    let today = time::today();
+    if !compiled.next_expiry.is_some_and(|day| today >= day) || *tried == Some(today) {
+        return None;
+    }
+    *tried = Some(today);
+    Some(if compiled.enforce_from.iter().flatten().any(|day| today >= *day) { "enforce_from" } else { "exemption expiry" })
+}
+
 pub(crate) fn settled_change(watched: &[(PathBuf, Option<FileVersion>)], last_seen: &mut Option<Vec<Option<FileVersion>>>) -> bool {
     let now: Vec<Option<FileVersion>> = watched.iter().map(|(p, _)| mtime(p)).collect();
     let differs = watched.iter().zip(&now).any(|((_, t), n)| t != n);
@@ -645,16 +658,8 @@ impl Controller {
         settled_change(&self.watched, &mut self.last_seen)
     }
 
-    /// A day the policy changes by itself has come: an exemption ended, or
-    /// a monitored direction starts to enforce (`enforce_from`). Which.
     fn expiry_due(&mut self) -> Option<&'static str> {
-        let today = time::today();
-        let due = self.compiled.next_expiry.is_some_and(|day| today >= day) && self.expiry_tried != Some(today);
-        if !due {
-            return None;
-        }
-        self.expiry_tried = Some(today);
-        Some(if self.compiled.enforce_from.iter().flatten().any(|day| today >= *day) { "enforce_from" } else { "exemption expiry" })
+        date_change_due(&self.compiled, &mut self.expiry_tried)
     }
 
     /// Says a day ahead (once per direction and date) that a monitored

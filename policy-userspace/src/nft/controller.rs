@@ -53,6 +53,8 @@ struct Controller {
     strikes: Strikes,
     sizes: Sizes,
     loader: super::Loader,
+    /// The day a date-driven recompile was last tried.
+    expiry_tried: Option<i64>,
 }
 
 fn preflight(o: &RunOptions) -> Result<()> {
@@ -265,6 +267,9 @@ fn read_strikes(path: &Path) -> Strikes {
 }
 
 pub fn run(o: RunOptions) -> Result<()> {
+    if let Some(shadow) = &o.shadow {
+        anyhow::bail!("--shadow {} needs the eBPF backend: nftables cannot judge a packet by a second policy without deciding by it (docs/nftables.md)", shadow.display());
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let _entered = rt.enter();
     let mut signals = Signals::install()?;
@@ -308,6 +313,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         events,
         sizes,
         loader: super::Loader::default(),
+        expiry_tried: None,
     };
     let start = Instant::now();
     c.load(&compiled).context("loading the policy into nftables")?;
@@ -349,6 +355,8 @@ async fn control_loop(c: &mut Controller, signals: &mut Signals, links: &mut (im
                 c.events.follow_rotation();
                 if c.changed() {
                     c.reload("file change");
+                } else if let Some(why) = crate::controller::date_change_due(&c.compiled, &mut c.expiry_tried) {
+                    c.reload(why);
                 }
                 if let Err(e) = c.escalate() {
                     tracing::error!("nftables: recording the rate meter's bans: {e:#}");
