@@ -181,7 +181,7 @@ pub(crate) fn watch_list(path: &Path, p: &Policy) -> Vec<(PathBuf, Option<FileVe
 /// every second).
 pub(crate) fn date_change_due(compiled: &Compiled, tried: &mut Option<i64>) -> Option<&'static str> {
     let today = time::today();
-    if !compiled.next_expiry.is_some_and(|day| today >= day) || *tried == Some(today) {
+    if compiled.next_expiry.is_none_or(|day| today < day) || *tried == Some(today) {
         return None;
     }
     *tried = Some(today);
