@@ -109,7 +109,6 @@ fn trie_entry(v6: bool, addr: &[u32; 4], generation: u8, scope: u8) -> Option<&'
 
 /// [`lookup`] in a shadow generation, for port slot `slot` of its policy.
 #[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "the shadow job's fields, passed as they are")]
 pub fn lookup_shadow(v6: bool, src: &[u32; 4], dst: &[u32; 4], generation: u8, dir: u8, sides: u8, slot: usize) -> AclMatch {
     let (peer, local) = if dir == direction::INGRESS { (src, dst) } else { (dst, src) };
     let mut found = AclMatch::default();

@@ -127,6 +127,7 @@ fn decide(j: &ShadowJob) -> (u8, u8, u32) {
 /// The job's judgement. A global function: verified once, on its own.
 #[unsafe(no_mangle)]
 #[inline(never)]
+#[expect(clippy::needless_borrows_for_generic_args, reason = "keys passed where they lie in the job, not copied to a stack shared with the caller's frame")]
 pub extern "C" fn shadow_judge_job() -> u32 {
     let Some(j) = SHADOW_BUF.get_ptr_mut(0) else { return 0 };
     // SAFETY: per-CPU value, no concurrent user; written by `offer`.
