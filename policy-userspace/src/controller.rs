@@ -624,6 +624,15 @@ impl Controller {
         self.generation = number;
         self.policy = policy;
         self.compiled = compiled;
+        // The shadow's counters name ports by this policy's slots.
+        let ports = self.ports();
+        if let Some(shadow) = self.shadow.as_mut().filter(|s| s.record.ports != ports) {
+            let record = shadow::ShadowRecord { ports, ..(*shadow.record).clone() };
+            if let Err(e) = record.write(&self.o.pins.run_dir) {
+                tracing::warn!("writing the shadow's record: {e}");
+            }
+            shadow.record = Arc::new(record);
+        }
         self.publish_view();
         if let Err(e) = self.dp.zero_rule_hits(replaced) {
             tracing::warn!("zeroing the replaced generation's rule hits: {e}");
