@@ -332,11 +332,13 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
     // Fixed-size arrays are always full: entries equal capacity.
     for (name, cap) in [
         (policy_common::RUNTIME, 1),
-        (policy_common::POLICY, policy_common::GENERATIONS as i64),
+        (policy_common::POLICY, policy_common::POLICY_ENTRIES as i64),
         (policy_common::ACL4_ROOT, policy_common::acl4::ROOT_CHUNKS as i64),
         (policy_common::STATS, policy_common::STATS_ENTRIES as i64),
         (policy_common::RULE_HITS, policy_common::RULE_HITS_ENTRIES as i64),
         (policy_common::BYPASS, 1),
+        (policy_common::SHADOW_TOTALS, policy_common::shadow_total::COUNT as i64),
+        (policy_common::SHADOW_BUF, 1),
         (policy_common::GEO_DROPS, policy_common::GEO_DROPS_ENTRIES as i64),
         (policy_common::EVENT_BUDGET, 1),
         (policy_common::SCRATCH, 1),
@@ -360,6 +362,8 @@ pub fn render(observer: &Observer, view: &PolicyView, tables: &TableGauges, m: &
         (policy_common::AYA_LOGS, policy_common::AYA_LOGS_BYTES as i64),
         (policy_common::TENANT_IFACES, policy_common::TENANT_IFACES_CAPACITY as i64),
         (policy_common::TENANT_SOURCES, policy_common::TENANT_SOURCES_CAPACITY as i64),
+        (policy_common::SHADOW_DIFFS, policy_common::SHADOW_DIFFS_CAPACITY as i64),
+        (policy_common::SHADOW_SOURCES, policy_common::SHADOW_SOURCES_CAPACITY as i64),
     ] {
         capacity.with_label_values(&[name]).set(cap);
     }
