@@ -118,18 +118,18 @@ fn rollback_puts_the_known_good_policy_and_lists_back_atomically_evented_and_cou
     // Nothing kept under that number: refused, nothing changed.
     let (code, said) = state.cmd(&["rollback", "--to", "99", "--state-dir", &state_dir]);
     assert_ne!(code, 0);
-    assert!(said.contains("no known-good policy of generation 99") && said.contains("kept: 2, 1"), "{said}");
+    assert!(said.contains("no known-good policy #99") && said.contains("kept: #2, #1"), "{said}");
 
     // The command returns once the known-good policy is in force.
     let (code, out) = state.cmd(&["rollback", "--state-dir", &state_dir]);
     assert_eq!(code, 0, "{out}\n{kept}");
-    assert!(out.contains("generation 1 is in force again as generation 3"), "{out}");
+    assert!(out.contains("rolled back to #1: the policy of generation 1 is in force again as generation 3"), "{out}");
     assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "the legitimate sender, after the rollback");
     assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "the denied source, as the known-good policy says");
     assert_eq!(std::fs::read_to_string(&list).unwrap(), good_list, "the list file is the known-good one again");
     assert_eq!(std::fs::read_to_string(dir.join("lists/drop.txt.before-rollback")).unwrap(), bad_list, "the bad one is kept aside");
     let rb = wait_events(&state, "rollback", 1);
-    assert_eq!(rb[0]["to_generation"].as_u64(), Some(1), "{rb:?}");
+    assert_eq!((rb[0]["known_good"].as_u64(), rb[0]["to_generation"].as_u64()), (Some(1), Some(1)), "{rb:?}");
     assert_eq!(rb[0]["restored"].as_array().map(|a| a.len()), Some(1), "only the list changed: {rb:?}");
     let reloads = wait_events(&state, "policy_reload", 3);
     assert_eq!((reloads[2]["trigger"].as_str(), reloads[2]["generation"].as_u64()), (Some("rollback"), Some(3)), "{reloads:?}");
@@ -139,5 +139,5 @@ fn rollback_puts_the_known_good_policy_and_lists_back_atomically_evented_and_cou
     let out = std::process::Command::new(smtpguard_tests::smtpguard_bin()).args(["report", "--events", &events]).output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
-    assert!(report.contains("rollback by") && report.contains("generation 1: 1 file(s) restored"), "{report}");
+    assert!(report.contains("rollback by") && report.contains("generation 1 (known-good #1): 1 file(s) restored"), "{report}");
 }

@@ -544,14 +544,15 @@ impl Controller {
         let restored = if self.revision.is_some() {
             Err(anyhow::anyhow!("this host follows the fleet policy: push the revision to go back to (smtpguard fleet push)"))
         } else {
-            self.known_good.target(request.to, self.generation).and_then(|target| Ok((target.generation, self.known_good.restore(&target)?)))
+            self.known_good.target(request.to, self.generation).and_then(|target| Ok((target.clone(), self.known_good.restore(&target)?)))
         };
         match restored {
             Ok((to, files)) => {
-                tracing::warn!("rolling back to the policy of generation {to} (asked by {}); files restored: {}", request.by, files.len());
+                tracing::warn!("rolling back to known-good #{} (the policy of generation {}, asked by {}); files restored: {}", to.number, to.generation, request.by, files.len());
                 self.emit(&Event::Rollback {
                     time: clock::now_rfc3339(),
-                    to_generation: to,
+                    known_good: Some(to.number),
+                    to_generation: Some(to.generation),
                     by: request.by.clone(),
                     restored: files.iter().map(|f| f.display().to_string()).collect(),
                     error: None,
@@ -561,7 +562,7 @@ impl Controller {
             }
             Err(e) => {
                 tracing::error!("rollback refused: {e:#}");
-                self.emit(&Event::Rollback { time: clock::now_rfc3339(), to_generation: request.to.unwrap_or(0), by: request.by.clone(), restored: Vec::new(), error: Some(format!("{e:#}")) });
+                self.emit(&Event::Rollback { time: clock::now_rfc3339(), known_good: request.to, to_generation: None, by: request.by.clone(), restored: Vec::new(), error: Some(format!("{e:#}")) });
                 self.finish_rollback(RollbackResult { id: request.id, ok: false, generation: self.generation, error: Some(format!("{e:#}")) });
                 None
             }

@@ -125,8 +125,13 @@ pub enum Event {
     /// was refused and nothing changed (`error`).
     Rollback {
         time: String,
-        /// The generation whose policy was put back.
-        to_generation: u64,
+        /// The known-good snapshot (its number in `rollback --list`), when
+        /// one was named or found.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        known_good: Option<u64>,
+        /// The generation whose policy was put back (none when refused).
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        to_generation: Option<u64>,
         by: String,
         /// Files whose contents were put back.
         restored: Vec<String>,

@@ -14,7 +14,9 @@ use crate::{clock, controller::sha256_hex, policy::model::Policy};
 /// Snapshots kept, newest first.
 pub const KEEP: usize = 5;
 
-/// The snapshots under `<state dir>/known-good/<generation>/`.
+/// The snapshots under `<state dir>/known-good/<number>/`. Numbers only
+/// grow: generations start again at 1 when the pins go (a reboot), so they
+/// cannot order what was kept before and after.
 #[derive(Clone, Debug)]
 pub struct KnownGood {
     dir: PathBuf,
@@ -23,6 +25,9 @@ pub struct KnownGood {
 /// One applied policy: `manifest.json` beside the files it names.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
+    /// Its directory's name: what `rollback --to` takes.
+    #[serde(skip)]
+    pub number: u64,
     pub generation: u64,
     pub applied_at: String,
     /// What applied it: `start`, `SIGHUP`, `file change`, `rollback`, ...
@@ -70,17 +75,18 @@ impl KnownGood {
         Self { dir: state_dir.join("known-good") }
     }
 
-    fn snapshot_dir(&self, generation: u64) -> PathBuf {
-        self.dir.join(generation.to_string())
+    fn snapshot_dir(&self, number: u64) -> PathBuf {
+        self.dir.join(number.to_string())
     }
 
     /// Keeps what generation `generation` was compiled from ([`inputs_of`]:
-    /// each file with the SHA-256 of what was compiled). A file changed
-    /// since is refused: the snapshot would not be what was enforced (the
-    /// change's own reload keeps the next one). Older snapshots beyond
-    /// [`KEEP`] go.
+    /// each file with the SHA-256 of what was compiled) as the newest
+    /// snapshot. A file changed since is refused: the snapshot would not be
+    /// what was enforced (the change's own reload keeps the next one).
+    /// Older snapshots beyond [`KEEP`] go.
     pub fn record(&self, generation: u64, inputs: &[(PathBuf, String)], trigger: &str, changed_by: Option<String>) -> Result<()> {
-        let tmp = self.dir.join(format!(".{generation}.tmp"));
+        let number = self.list().first().map_or(1, |newest| newest.number + 1);
+        let tmp = self.dir.join(format!(".{number}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut files = Vec::new();
@@ -95,13 +101,13 @@ impl KnownGood {
             let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
             files.push(KeptFile { path, sha256: compiled.clone(), stored });
         }
-        let snapshot = Snapshot { generation, applied_at: clock::now_rfc3339(), trigger: trigger.to_owned(), changed_by, files };
+        let snapshot = Snapshot { number, generation, applied_at: clock::now_rfc3339(), trigger: trigger.to_owned(), changed_by, files };
         std::fs::write(tmp.join("manifest.json"), serde_json::to_vec_pretty(&snapshot)?).context("writing the manifest")?;
-        let dir = self.snapshot_dir(generation);
+        let dir = self.snapshot_dir(number);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(&tmp, &dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
         for old in self.list().into_iter().skip(KEEP) {
-            let _ = std::fs::remove_dir_all(self.snapshot_dir(old.generation));
+            let _ = std::fs::remove_dir_all(self.snapshot_dir(old.number));
         }
         Ok(())
     }
@@ -112,31 +118,41 @@ impl KnownGood {
             .into_iter()
             .flatten()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<u64>().is_ok()))
-            .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path().join("manifest.json")).ok()?).ok())
+            .filter_map(|e| {
+                let number = e.file_name().to_str()?.parse::<u64>().ok()?;
+                let snapshot: Snapshot = serde_json::from_slice(&std::fs::read(e.path().join("manifest.json")).ok()?).ok()?;
+                Some(Snapshot { number, ..snapshot })
+            })
             .collect();
-        all.sort_by_key(|s: &Snapshot| std::cmp::Reverse(s.generation));
+        all.sort_by_key(|s: &Snapshot| std::cmp::Reverse(s.number));
         all
     }
 
-    /// The snapshot to go back to: generation `to`, or else the newest one
-    /// whose files differ from those of generation `current`.
+    /// The snapshot of the policy in force: the newest, when it is of
+    /// generation `current` (the controller keeps each policy it applies).
+    pub fn in_force(all: &[Snapshot], current: u64) -> Option<&Snapshot> {
+        all.first().filter(|s| s.generation == current)
+    }
+
+    /// The snapshot to go back to: number `to`, or else the newest one
+    /// whose files differ from those of the policy in force (generation
+    /// `current`).
     pub fn target(&self, to: Option<u64>, current: u64) -> Result<Snapshot> {
         let all = self.list();
         if let Some(to) = to {
-            return match all.iter().find(|s| s.generation == to) {
+            return match all.iter().find(|s| s.number == to) {
                 Some(s) => Ok(s.clone()),
                 None => bail!(
-                    "no known-good policy of generation {to} is kept in {} (kept: {})",
+                    "no known-good policy #{to} is kept in {} (kept: {})",
                     self.dir.display(),
-                    all.iter().map(|s| s.generation.to_string()).collect::<Vec<_>>().join(", ")
+                    all.iter().map(|s| format!("#{}", s.number)).collect::<Vec<_>>().join(", ")
                 ),
             };
         }
-        let Some(now) = all.iter().find(|s| s.generation == current) else {
-            bail!("the policy in force (generation {current}) has no snapshot in {}: name one with --to", self.dir.display())
+        let Some(now) = Self::in_force(&all, current) else {
+            bail!("the policy in force (generation {current}) is not the newest kept in {}: name one with --to (see --list)", self.dir.display())
         };
-        match all.iter().find(|s| s.generation < current && !s.same_files(now)) {
+        match all.iter().find(|s| s.number < now.number && !s.same_files(now)) {
             Some(s) => Ok(s.clone()),
             None => bail!("no earlier known-good policy differs from the one in force (generation {current})"),
         }
@@ -201,9 +217,9 @@ mod tests {
         write_and_record(1, "version: 1 # a\n");
         write_and_record(2, "version: 1 # a\n");
         write_and_record(3, "version: 1 # b\n");
-        assert_eq!(kept.target(None, 3).unwrap().generation, 2, "the newest that differs");
-        assert!(kept.target(None, 2).is_err(), "generation 1 holds the same files");
-        assert!(kept.target(Some(9), 3).unwrap_err().to_string().contains("kept: 3, 2, 1"));
+        assert_eq!(kept.target(None, 3).unwrap().number, 2, "the newest that differs");
+        assert!(kept.target(None, 2).is_err(), "generation 2 is not the policy in force");
+        assert!(kept.target(Some(9), 3).unwrap_err().to_string().contains("kept: #3, #2, #1"));
         let restored = kept.restore(&kept.target(Some(1), 3).unwrap()).unwrap();
         assert_eq!(restored.len(), 1);
         assert_eq!(std::fs::read_to_string(&policy_file).unwrap(), "version: 1 # a\n");
@@ -212,11 +228,19 @@ mod tests {
         for g in 4..=9 {
             write_and_record(g, &format!("version: 1 # {g}\n"));
         }
-        assert_eq!(kept.list().iter().map(|s| s.generation).collect::<Vec<_>>(), vec![9, 8, 7, 6, 5]);
+        assert_eq!(kept.list().iter().map(|s| s.number).collect::<Vec<_>>(), vec![9, 8, 7, 6, 5]);
         // A kept copy altered on disk is refused, nothing written.
         std::fs::write(dir.join("state/known-good/5/0-policy.yaml"), "evil").unwrap();
         assert!(kept.restore(&kept.target(Some(5), 9).unwrap()).unwrap_err().to_string().contains("altered"));
         assert_eq!(std::fs::read_to_string(&policy_file).unwrap(), "version: 1 # 9\n");
+        // A reboot: the pins are gone and generations start again at 1.
+        // What is applied then is the newest, and the rollback's default
+        // is what came before it, not a snapshot of a higher generation.
+        write_and_record(1, "version: 1 # after the reboot\n");
+        let all = kept.list();
+        assert_eq!(all.iter().map(|s| (s.number, s.generation)).collect::<Vec<_>>(), vec![(10, 1), (9, 9), (8, 8), (7, 7), (6, 6)]);
+        assert_eq!(KnownGood::in_force(&all, 1).map(|s| s.number), Some(10));
+        assert_eq!(kept.target(None, 1).unwrap().number, 9);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

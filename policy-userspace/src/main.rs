@@ -194,10 +194,10 @@ enum Command {
     ///
     /// Example: smtpguard rollback            (the newest known-good policy that differs from the one in force)
     ///
-    /// Example: smtpguard rollback --to 41
+    /// Example: smtpguard rollback --to 41   (snapshot #41 of --list)
     Rollback {
-        /// The generation whose policy to put back (see --list).
-        #[arg(long, value_name = "GENERATION")]
+        /// The known-good policy to put back, by its number in --list (numbers only grow, across reboots too).
+        #[arg(long, value_name = "NUMBER")]
         to: Option<u64>,
         /// List the known-good policies kept instead.
         #[arg(long)]

@@ -94,7 +94,8 @@ pub const ROLLBACK: &str = "rollback";
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RollbackRequest {
     pub id: String,
-    /// The generation to go back to; `None`: the newest that differs.
+    /// The known-good snapshot to go back to (its number); `None`: the
+    /// newest that differs.
     pub to: Option<u64>,
     pub by: String,
 }
@@ -158,11 +159,13 @@ pub fn rollback(pins: &Pins, state_dir: &std::path::Path, to: Option<u64>, list:
         if all.is_empty() {
             println!("no known-good policies kept in {}", state_dir.join("known-good").display());
         }
-        println!("{:<6} {:<26} {:<18} {:<14} {:<14} files", "gen", "applied", "trigger", "by", "policy sha256");
-        for s in all {
-            let mark = if Some(s.generation) == current { " (in force)" } else { "" };
+        let in_force = current.and_then(|g| crate::known_good::KnownGood::in_force(&all, g)).map(|s| s.number);
+        println!("{:<5} {:<6} {:<26} {:<18} {:<14} {:<14} files", "#", "gen", "applied", "trigger", "by", "policy sha256");
+        for s in &all {
+            let mark = if Some(s.number) == in_force { " (in force)" } else { "" };
             println!(
-                "{:<6} {:<26} {:<18} {:<14} {:<14} {}{mark}",
+                "{:<5} {:<6} {:<26} {:<18} {:<14} {:<14} {}{mark}",
+                s.number,
                 s.generation,
                 s.applied_at,
                 s.trigger,
@@ -178,7 +181,7 @@ pub fn rollback(pins: &Pins, state_dir: &std::path::Path, to: Option<u64>, list:
     // Refused here already when there is nothing to go back to.
     let target = kept.target(to, current)?;
     let id = format!("{}-{}", std::process::id(), clock::unix_now_s());
-    let request = RollbackRequest { id: id.clone(), to: Some(target.generation), by: invoking_user() };
+    let request = RollbackRequest { id: id.clone(), to: Some(target.number), by: invoking_user() };
     std::fs::write(RollbackRequest::path(pins), serde_json::to_vec(&request)?).context("writing the rollback request")?;
     // SAFETY: sending a signal to a pid we read.
     if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
@@ -188,7 +191,7 @@ pub fn rollback(pins: &Pins, state_dir: &std::path::Path, to: Option<u64>, list:
     while start.elapsed() < ROLLBACK_WAIT {
         if let Some(r) = RollbackResult::read(pins, &id) {
             if r.ok {
-                println!("rolled back: the policy of generation {} is in force again as generation {}", target.generation, r.generation);
+                println!("rolled back to #{}: the policy of generation {} is in force again as generation {}", target.number, target.generation, r.generation);
                 return Ok(());
             }
             bail!("the rollback failed, generation {} stays in force: {}", r.generation, r.error.unwrap_or_default());

@@ -170,6 +170,8 @@ pub struct Fields<'a> {
     pub changed_by: Option<Text<'a>>,
     // rollback.
     #[serde(default)]
+    pub known_good: Option<u64>,
+    #[serde(default)]
     pub to_generation: Option<u64>,
     #[serde(default)]
     pub restored: Vec<String>,

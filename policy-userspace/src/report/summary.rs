@@ -306,8 +306,9 @@ impl Summary {
                 let summary = match (&f.error, f.to_generation) {
                     (Some(e), _) => format!("rollback by {by} refused, nothing changed: {}", e.0),
                     (None, to) => format!(
-                        "rollback by {by} to the policy of generation {}: {} file(s) restored",
+                        "rollback by {by} to the policy of generation {}{}: {} file(s) restored",
                         to.map_or_else(|| "?".into(), |g| g.to_string()),
+                        f.known_good.map_or_else(String::new, |n| format!(" (known-good #{n})")),
                         f.restored.len()
                     ),
                 };
