@@ -266,3 +266,34 @@ fn a_scheduled_switch_to_enforce_is_announced_a_day_ahead_and_enforces_on_its_da
     assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "enforced from its day on");
     assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "the allowed source");
 }
+
+/// Paths in a policy are relative to its directory. A candidate kept
+/// elsewhere that reads a file beside it (here its geo database) would read
+/// another one, or none, once written where --policy points: refused,
+/// nothing changed, the shadow still loaded.
+#[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
+fn promote_refuses_a_candidate_that_would_read_other_files_from_where_policy_points() {
+    require_root();
+    let lab = PairLab::new().expect("lab");
+    let state = TestPins::new("promotedir");
+    let dir = state.policy_dir();
+    let current = "version: 1\ningress:\n  default: {25: allow}\n";
+    let policy = write_policy(&dir, "policy.yaml", current);
+    let elsewhere = dir.join("candidates");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    smtpguard_tests::randomized::write_geo(&elsewhere.join("geo.mmdb"));
+    let candidate = format!("{current}  geo: {{database: geo.mmdb, field: country_code, block: [KP], unknown: allow}}\n");
+    let shadow = write_policy(&elsewhere, "candidate.yaml", &candidate);
+    let shadow_arg = shadow.display().to_string();
+    let _ctl = RunningController::start_on(&lab, &state, &policy, 19734, &["--uplink", "b0", "--shadow", &shadow_arg]).expect("controller");
+
+    let (code, said) = state.cmd(&["promote"]);
+    assert_ne!(code, 0, "{said}");
+    assert!(said.contains(&format!("reads {}", elsewhere.join("geo.mmdb").display())) && said.contains("keep both in one directory"), "{said}");
+    assert_eq!(std::fs::read_to_string(&policy).unwrap(), current, "the policy file is untouched");
+    assert!(!dir.join("policy.yaml.before-promote").exists());
+    let (code, out) = state.cmd(&["shadow"]);
+    assert_eq!(code, 0, "the candidate is still the shadow: {out}");
+    assert_eq!(metric(&http_get(&lab, 19734, "/metrics").unwrap(), "smtpguard_promotions_total", &["result=\"failed\""]), Some(1.0));
+}

@@ -470,13 +470,19 @@ impl Controller {
         }
         let Some(loaded) = self.shadow.take() else { bail!("no shadow policy is loaded") };
         let candidate = loaded.record.file.clone();
-        // The candidate's list paths are relative to its own directory: it
-        // must read the same files from where --policy points.
-        let (from, to) = (candidate.parent().map(Path::to_path_buf), self.o.policy.parent().map(Path::to_path_buf));
-        if from != to && [&loaded.policy.ingress, &loaded.policy.egress].iter().any(|d| !d.lists.is_empty()) {
-            let dir = from.unwrap_or_default();
-            self.shadow = Some(loaded);
-            bail!("the candidate names list files relative to {}, not the directory of {}: keep both in one directory", dir.display(), self.o.policy.display());
+        // Paths in a policy (list files, the geo database) are relative to
+        // its own directory: written where --policy points, the candidate
+        // must still read the same files.
+        let (from, to) = (candidate.parent().unwrap_or(Path::new("")), self.o.policy.parent().unwrap_or(Path::new("")));
+        if from != to {
+            if let Some(file) = loaded.policy.input_files().into_iter().find(|f| *f != candidate && f.starts_with(from)) {
+                self.shadow = Some(loaded);
+                bail!(
+                    "the candidate reads {} from its own directory, which is not the directory of {}: keep both in one directory",
+                    file.display(),
+                    self.o.policy.display()
+                );
+            }
         }
         let text = match std::fs::read(&candidate) {
             Ok(t) if crate::controller::sha256_hex(&t) == loaded.policy.sha256 => t,
