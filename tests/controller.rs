@@ -101,9 +101,13 @@ fn run_enforces_survives_kill_9_restarts_with_state_and_detaches_cleanly() {
     let link = lab.server.ip(&["link", "show", "b0"]).unwrap();
     assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"), "XDP still attached");
     assert_greeted(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "nothing judges after detach");
-    let (code, out) = state.cmd(&["status"]);
-    assert_ne!(code, 0);
-    assert!(out.contains("nothing is attached"), "{out}");
+    // Every command that reads the pins says so, and none creates them.
+    for args in [&["status"][..], &["status", "--rules"], &["bans"], &["shadow"], &["bypass", "on"]] {
+        let (code, out) = state.cmd(args);
+        assert_ne!(code, 0, "{args:?}: {out}");
+        assert!(out.contains("nothing is attached"), "{args:?}: {out}");
+    }
+    assert!(!state.pin_dir.exists(), "pins made by a command after detach");
 }
 
 

@@ -10,7 +10,7 @@ use anyhow::bail;
 use policy_common::{direction, reason, shadow_total, verdict, ShadowKey};
 use serde::{Deserialize, Serialize};
 
-use crate::{dataplane::maps::Maps, nft, pins::Pins, policy::{Compiled, Policy}};
+use crate::{nft, pins::Pins, policy::{Compiled, Policy}};
 
 /// A candidate loaded into the shadow generations.
 pub struct Loaded {
@@ -111,7 +111,7 @@ pub fn report(pins: &Pins, json: bool, top: usize) -> anyhow::Result<()> {
     if nft::commands::enforces(pins) {
         bail!("shadow policies need the eBPF datapath; this host enforces through nftables");
     }
-    let maps = Maps::open_pinned(&pins.dir)?;
+    let maps = crate::commands::state::open_maps(pins)?;
     let active = maps.runtime().shadow as u32;
     let record = ShadowRecord::read(&pins.run_dir).filter(|r| r.generation == active && active != 0);
     let Some(record) = record else {

@@ -41,10 +41,7 @@ pub fn bypass(pins: &Pins, on: Option<bool>, reason: Option<&str>) -> anyhow::Re
     if nft::commands::enforces(pins) {
         bail!("bypass needs the eBPF datapath; this host enforces through nftables (run its policy with `mode: monitor` instead)");
     }
-    if !pins.exists() {
-        bail!("nothing is attached: no smtpguard state pinned at {} (start `smtpguard run` first)", pins.dir.display());
-    }
-    let maps = Maps::open_pinned(&pins.dir)?;
+    let maps = super::state::open_maps(pins)?;
     let switch = maps.bypass();
     match on {
         Some(true) => {
@@ -158,6 +155,7 @@ pub fn rollback(pins: &Pins, state_dir: &std::path::Path, to: Option<u64>, list:
         let all = kept.list();
         if all.is_empty() {
             println!("no known-good policies kept in {}", state_dir.join("known-good").display());
+            return Ok(());
         }
         let in_force = current.and_then(|g| crate::known_good::KnownGood::in_force(&all, g)).map(|s| s.number);
         println!("{:<5} {:<6} {:<26} {:<18} {:<14} {:<14} files", "#", "gen", "applied", "trigger", "by", "policy sha256");

@@ -22,8 +22,9 @@ use crate::{
     policy::time,
 };
 
-/// The maps of the datapath pinned under `pins`.
-fn open_maps(pins: &Pins) -> anyhow::Result<Maps> {
+/// The maps of the datapath pinned under `pins`, or an error that says
+/// nothing is attached.
+pub(crate) fn open_maps(pins: &Pins) -> anyhow::Result<Maps> {
     if !pins.exists() {
         bail!("nothing is attached: no smtpguard state pinned at {} (start `smtpguard run` first)", pins.dir.display());
     }
