@@ -206,6 +206,26 @@ fn the_backend_runs_reloads_survives_and_detaches_leaving_other_tables_as_they_w
     let moved = lab.judge(0, &syn_from("198.51.100.5", 25)).unwrap();
     assert_eq!(moved.get(&banned), Some(&1), "the manual ban across the reload: {moved:?}");
 
+    // An edit with 25 invalid lines: rejected, generation 2 stays, and
+    // the event holds the first 20 errors and a count of the rest.
+    let good = std::fs::read_to_string(&policy).unwrap();
+    let bad: String = (0..25).map(|i| format!("\n    - {{cidr: 203.0.113.{i}/33}}")).collect();
+    std::fs::write(&policy, lab_policy(&bad)).unwrap();
+    let _ = lab.smtpguard(&["reload"]);
+    let mut rejected = serde_json::Value::Null;
+    eventually("the rejected reload's event", || {
+        rejected = lab.events().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|e| e["event"] == "policy_reload" && e["result"] == "rejected").unwrap_or_default();
+        !rejected.is_null()
+    });
+    assert_eq!((rejected["errors"].as_array().map(Vec::len), rejected["more_errors"].as_u64()), (Some(20), Some(5)), "{rejected}");
+    assert!(lab.http_get("/healthz").unwrap().contains("generation 2"));
+    assert_eq!(lab.judge(0, &syn_from("203.0.113.10", 25)).unwrap().get(&deny), Some(&1), "generation 2 still judges");
+    // Put back (the file watch or the reload applies it, perhaps both).
+    std::fs::write(&policy, good).unwrap();
+    lab.smtpguard(&["reload"]).unwrap();
+    let generation = |h: String| h.split_whitespace().nth(2).and_then(|g| g.parse::<u64>().ok());
+    eventually("a generation after 2", || lab.http_get("/healthz").ok().and_then(generation).is_some_and(|g| g > 2));
+
     // Over the ban threshold: the meter bans, the controller records it.
     let rate_ban = ruleset::counter_name(0, verdict::DROP, reason::RATE_BAN, Some(0));
     let mut rate_banned = 0;

@@ -117,8 +117,9 @@ impl Controller {
         let started = Instant::now();
         let (compiled, diags) = load_for_reload(&self.o.policy, &self.o.policy_options);
         let result = match compiled {
-            Some((policy, compiled)) => self.load(&compiled).map(|()| (policy, compiled)).map_err(|e| vec![format!("{e:#}")]),
-            None => Err(diags.errors().map(|d| d.to_string()).collect()),
+            Some((policy, compiled)) => self.load(&compiled).map(|()| (policy, compiled)).map_err(|e| (vec![format!("{e:#}")], 0)),
+            // Diagnostics keep the first errors of each kind and count the rest.
+            None => Err((diags.errors().map(|d| d.to_string()).collect(), diags.suppressed_errors())),
         };
         let seconds = started.elapsed().as_secs_f64();
         m.reload_duration.observe(seconds);
@@ -132,9 +133,9 @@ impl Controller {
                 m.last_reload_ok.set(1);
                 tracing::info!("policy generation {} in force in nftables ({why}, {:.1} ms)", self.generation, seconds * 1e3);
                 self.state.set_view(self.view());
-                self.emit_reload(why, ReloadResult::Ok, Vec::new(), Some(seconds * 1e3));
+                self.emit_reload(why, ReloadResult::Ok, (Vec::new(), 0), Some(seconds * 1e3));
             }
-            Err(errors) => {
+            Err((errors, more)) => {
                 for w in &mut self.watched {
                     w.1 = mtime(&w.0);
                 }
@@ -143,15 +144,19 @@ impl Controller {
                 for e in &errors {
                     tracing::error!("{e}");
                 }
+                if more > 0 {
+                    tracing::error!("... and {more} more error(s)");
+                }
                 tracing::error!("reload rejected ({why}); generation {} stays in force", self.generation);
-                self.emit_reload(why, ReloadResult::Rejected, errors, Some(seconds * 1e3));
+                self.emit_reload(why, ReloadResult::Rejected, (errors, more), Some(seconds * 1e3));
             }
         }
         self.state.reload_ended();
         give_back_memory();
     }
 
-    fn emit_reload(&mut self, why: &str, result: ReloadResult, errors: Vec<String>, duration_ms: Option<f64>) {
+    /// A `policy_reload` event; `errors` are the first ones and a count of the rest.
+    fn emit_reload(&mut self, why: &str, result: ReloadResult, (errors, more_errors): (Vec<String>, usize), duration_ms: Option<f64>) {
         let ok = result == ReloadResult::Ok;
         let (policy, sha256, changed_by) = crate::events::policy_identity(&self.o.policy, None);
         let event = Event::PolicyReload {
@@ -161,7 +166,7 @@ impl Controller {
             generation: self.generation,
             entries: ok.then(|| self.compiled.entries()),
             errors,
-            more_errors: 0,
+            more_errors,
             duration_ms,
             policy,
             sha256,
@@ -333,7 +338,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         c.devices.uplinks,
         c.devices.tenants
     );
-    c.emit_reload(if adopting { "restart" } else { "start" }, ReloadResult::Ok, Vec::new(), None);
+    c.emit_reload(if adopting { "restart" } else { "start" }, ReloadResult::Ok, (Vec::new(), 0), None);
     privileges::notify("READY=1\nSTATUS=enforcing through nftables");
     let result = rt.block_on(control_loop(&mut c, &mut signals, &mut link_changes));
     tracing::info!("stopping; enforcement continues in nftables (smtpguard detach removes it)");
