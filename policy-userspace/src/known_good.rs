@@ -70,6 +70,19 @@ pub fn inputs_of(policy_file: &Path, policy: &Policy) -> Vec<(PathBuf, String)> 
     inputs
 }
 
+/// How `inputs` are named in a snapshot.
+fn kept_files(inputs: &[(PathBuf, String)]) -> Vec<KeptFile> {
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, (path, compiled))| KeptFile {
+            path: std::path::absolute(path).unwrap_or_else(|_| path.clone()),
+            sha256: compiled.clone(),
+            stored: format!("{i}-{}", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()),
+        })
+        .collect()
+}
+
 impl KnownGood {
     pub fn new(state_dir: &Path) -> Self {
         Self { dir: state_dir.join("known-good") }
@@ -83,23 +96,29 @@ impl KnownGood {
     /// each file with the SHA-256 of what was compiled) as the newest
     /// snapshot. A file changed since is refused: the snapshot would not be
     /// what was enforced (the change's own reload keeps the next one).
-    /// Older snapshots beyond [`KEEP`] go.
+    /// The same files as the newest snapshot's only move it to `generation`
+    /// (restarts and reloads of an unchanged policy must not push the
+    /// earlier policies out). Older snapshots beyond [`KEEP`] go.
     pub fn record(&self, generation: u64, inputs: &[(PathBuf, String)], trigger: &str, changed_by: Option<String>) -> Result<()> {
-        let number = self.list().first().map_or(1, |newest| newest.number + 1);
+        let newest = self.list().into_iter().next();
+        if let Some(newest) = newest.as_ref().filter(|n| n.files == kept_files(inputs)) {
+            let moved = Snapshot { generation, ..newest.clone() };
+            let dir = self.snapshot_dir(newest.number);
+            std::fs::write(dir.join("manifest.json.tmp"), serde_json::to_vec_pretty(&moved)?).context("writing the manifest")?;
+            return std::fs::rename(dir.join("manifest.json.tmp"), dir.join("manifest.json")).context("replacing the manifest");
+        }
+        let number = newest.map_or(1, |n| n.number + 1);
         let tmp = self.dir.join(format!(".{number}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut files = Vec::new();
-        for (i, (path, compiled)) in inputs.iter().enumerate() {
+        let files = kept_files(inputs);
+        for ((path, compiled), kept) in inputs.iter().zip(&files) {
             let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             if sha256_hex(&bytes) != *compiled {
                 let _ = std::fs::remove_dir_all(&tmp);
                 bail!("{} changed since it was compiled", path.display());
             }
-            let stored = format!("{i}-{}", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-            std::fs::write(tmp.join(&stored), &bytes).with_context(|| format!("writing {}", tmp.join(&stored).display()))?;
-            let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
-            files.push(KeptFile { path, sha256: compiled.clone(), stored });
+            std::fs::write(tmp.join(&kept.stored), &bytes).with_context(|| format!("writing {}", tmp.join(&kept.stored).display()))?;
         }
         let snapshot = Snapshot { number, generation, applied_at: clock::now_rfc3339(), trigger: trigger.to_owned(), changed_by, files };
         std::fs::write(tmp.join("manifest.json"), serde_json::to_vec_pretty(&snapshot)?).context("writing the manifest")?;
@@ -162,7 +181,7 @@ impl KnownGood {
     /// atomic rename; the file replaced is kept as `<file>.before-rollback`).
     /// Returns the files whose contents changed.
     pub fn restore(&self, snapshot: &Snapshot) -> Result<Vec<PathBuf>> {
-        let dir = self.snapshot_dir(snapshot.generation);
+        let dir = self.snapshot_dir(snapshot.number);
         // Every copy read and checked before anything is written.
         let mut copies = Vec::new();
         for f in &snapshot.files {
@@ -215,11 +234,15 @@ mod tests {
         assert!(refused.to_string().contains("changed since it was compiled"), "{refused}");
         assert!(kept.list().is_empty());
         write_and_record(1, "version: 1 # a\n");
+        // The same files again (a restart, a reload of an unchanged
+        // policy): the snapshot moves to the new generation, no new one.
         write_and_record(2, "version: 1 # a\n");
         write_and_record(3, "version: 1 # b\n");
-        assert_eq!(kept.target(None, 3).unwrap().number, 2, "the newest that differs");
+        let numbered = |kept: &KnownGood| kept.list().iter().map(|s| (s.number, s.generation)).collect::<Vec<_>>();
+        assert_eq!(numbered(&kept), vec![(2, 3), (1, 2)]);
+        assert_eq!(kept.target(None, 3).unwrap().number, 1, "the newest that differs");
         assert!(kept.target(None, 2).is_err(), "generation 2 is not the policy in force");
-        assert!(kept.target(Some(9), 3).unwrap_err().to_string().contains("kept: #3, #2, #1"));
+        assert!(kept.target(Some(9), 3).unwrap_err().to_string().contains("kept: #2, #1"));
         let restored = kept.restore(&kept.target(Some(1), 3).unwrap()).unwrap();
         assert_eq!(restored.len(), 1);
         assert_eq!(std::fs::read_to_string(&policy_file).unwrap(), "version: 1 # a\n");
@@ -228,19 +251,25 @@ mod tests {
         for g in 4..=9 {
             write_and_record(g, &format!("version: 1 # {g}\n"));
         }
-        assert_eq!(kept.list().iter().map(|s| s.number).collect::<Vec<_>>(), vec![9, 8, 7, 6, 5]);
+        assert_eq!(kept.list().iter().map(|s| s.number).collect::<Vec<_>>(), vec![8, 7, 6, 5, 4]);
         // A kept copy altered on disk is refused, nothing written.
-        std::fs::write(dir.join("state/known-good/5/0-policy.yaml"), "evil").unwrap();
-        assert!(kept.restore(&kept.target(Some(5), 9).unwrap()).unwrap_err().to_string().contains("altered"));
+        std::fs::write(dir.join("state/known-good/4/0-policy.yaml"), "evil").unwrap();
+        assert!(kept.restore(&kept.target(Some(4), 9).unwrap()).unwrap_err().to_string().contains("altered"));
         assert_eq!(std::fs::read_to_string(&policy_file).unwrap(), "version: 1 # 9\n");
         // A reboot: the pins are gone and generations start again at 1.
         // What is applied then is the newest, and the rollback's default
         // is what came before it, not a snapshot of a higher generation.
         write_and_record(1, "version: 1 # after the reboot\n");
         let all = kept.list();
-        assert_eq!(all.iter().map(|s| (s.number, s.generation)).collect::<Vec<_>>(), vec![(10, 1), (9, 9), (8, 8), (7, 7), (6, 6)]);
-        assert_eq!(KnownGood::in_force(&all, 1).map(|s| s.number), Some(10));
-        assert_eq!(kept.target(None, 1).unwrap().number, 9);
+        assert_eq!(numbered(&kept), vec![(9, 1), (8, 9), (7, 8), (6, 7), (5, 6)]);
+        assert_eq!(KnownGood::in_force(&all, 1).map(|s| s.number), Some(9));
+        assert_eq!(kept.target(None, 1).unwrap().number, 8);
+        // Numbers and generations apart: a snapshot is read by its number.
+        write_and_record(2, "version: 1 # a bad change\n");
+        let back = kept.target(None, 2).unwrap();
+        assert_eq!((back.number, back.generation), (9, 1));
+        assert_eq!(kept.restore(&back).unwrap().len(), 1);
+        assert_eq!(std::fs::read_to_string(&policy_file).unwrap(), "version: 1 # after the reboot\n");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
