@@ -98,22 +98,24 @@ fn a_shadow_candidate_that_denies_a_legitimate_sender_is_counted_while_mail_flow
     let dir = state.policy_dir();
     let current = format!("version: 1\nevents: {{drop_sample_one_in: 1, per_second: 1000}}\ningress:\n  default: {{25: allow}}\n  deny: [{{id: bad-host, cidr: {CLIENT_DENIED}/32}}]\n");
     let policy = write_policy(&dir, "policy.yaml", &current);
-    let candidate = current.replace("  deny: [", &format!("  deny: [{{id: too-wide, cidr: {CLIENT_OK}/32}}, "));
+    // Its IPv6 deny-all must not cover IPv4 sources (the shadow keeps
+    // both families in one trie).
+    let candidate = current.replace("  deny: [", &format!("  deny: [{{id: too-wide, cidr: {CLIENT_OK}/32}}, {{id: no-v6, cidr: \"::/0\"}}, "));
     let shadow = write_policy(&dir, "candidate.yaml", &candidate);
     let shadow_arg = shadow.display().to_string();
     let _ctl = RunningController::start_on(&lab, &state, &policy, 19731, &["--uplink", "b0", "--shadow", &shadow_arg]).expect("controller");
 
-    send_frames(&lab.client, "a0", &[frames(CLIENT_OK, 6), frames(CLIENT_DENIED, 4)].concat()).unwrap();
+    send_frames(&lab.client, "a0", &[frames(CLIENT_OK, 6), frames(CLIENT_DENIED, 4), frames("192.0.2.77", 3)].concat()).unwrap();
     let start = Instant::now();
     let mut report = shadow_json(&state);
-    while report["judged"][0].as_u64() < Some(10) {
-        assert!(start.elapsed() < Duration::from_secs(5), "10 packets judged by the shadow within 5 s: {report}");
+    while report["judged"][0].as_u64() < Some(13) {
+        assert!(start.elapsed() < Duration::from_secs(5), "13 packets judged by the shadow within 5 s: {report}");
         std::thread::sleep(Duration::from_millis(20));
         report = shadow_json(&state);
     }
-    assert_eq!(report["judged"][0].as_u64(), Some(10), "{report}");
+    assert_eq!(report["judged"][0].as_u64(), Some(13), "{report}");
     // Only the legitimate sender's packets differ, each once; the denied
-    // source is denied by both.
+    // source is denied by both, the third allowed by both.
     assert_eq!(report["differences"].as_u64(), Some(6), "{report}");
     assert_eq!(report["newly_dropped"].as_u64(), Some(6), "{report}");
     let rows = report["by_decision"].as_array().unwrap();

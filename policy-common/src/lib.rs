@@ -215,6 +215,12 @@ pub const STATS_ENTRIES: u32 = STATS_RESETS + direction::COUNT as u32;
 /// and its ACL (both families) in the `ACL_V6` trie only, IPv4 as
 /// IPv4-mapped addresses, so a host without a shadow spends no memory on it.
 pub const SHADOW_GENERATIONS: [u32; 2] = [2, 3];
+/// Set in the scope byte of a shadow generation's IPv4 entries: IPv4 and
+/// IPv6 rules then never cover each other (an IPv6 `::/0` would cover
+/// every mapped IPv4 address, and an IPv4 rule an IPv6 packet's
+/// `::ffff:a.b.c.d`, which the enforced policy's separate IPv4 arrays and
+/// IPv6 trie never do).
+pub const SHADOW_V4_SCOPE: u8 = 0x80;
 /// Entries of `POLICY`: the enforced generations, then the shadow's.
 pub const POLICY_ENTRIES: u32 = GENERATIONS + 2;
 

@@ -99,10 +99,10 @@ fn entry(v6: bool, addr: &[u32; 4], generation: u8, scope: u8) -> Option<&'stati
 }
 
 /// One side's entry in the trie alone (a shadow generation's, which has
-/// no IPv4 arrays): IPv4 as an IPv4-mapped address.
+/// no IPv4 arrays): IPv4 as an IPv4-mapped address in a scope of its own.
 #[inline(always)]
 fn trie_entry(v6: bool, addr: &[u32; 4], generation: u8, scope: u8) -> Option<&'static AclEntry> {
-    let addr = if v6 { *addr } else { [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), addr[0]] };
+    let (addr, scope) = if v6 { (*addr, scope) } else { ([0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), addr[0]], scope | policy_common::SHADOW_V4_SCOPE) };
     let key = AlignedKey { prefix_len: ACL_KEY_HEADER_BITS + 128, data: AclKeyV6 { generation, scope, _pad: [0; 2], addr } };
     ACL_V6.get(key.as_key())
 }

@@ -1,14 +1,14 @@
 //! The shadow policy's generations (`policy_common::SHADOW_GENERATIONS`):
 //! a candidate kept beside the enforced policy, judged on every packet it
 //! guards, deciding nothing. Its ACL lives in the `ACL_V6` trie only (IPv4
-//! as IPv4-mapped prefixes), so a host without a shadow spends no memory
+//! as IPv4-mapped prefixes in scopes of their own, `SHADOW_V4_SCOPE`), so a host without a shadow spends no memory
 //! on one. A reload of the shadow fills its standby generation and flips
 //! the shadow byte of `RUNTIME`, as the enforced policy's swap does; its
 //! difference counters start afresh with each candidate, since rule ids
 //! name the candidate's rules.
 
 use ipnet::{IpNet, Ipv6Net};
-use policy_common::SHADOW_GENERATIONS;
+use policy_common::{SHADOW_GENERATIONS, SHADOW_V4_SCOPE};
 
 use super::{
     generations::{acl6_contents, diff, rcu_grace_period, write_acl_v6, AclContents},
@@ -45,7 +45,7 @@ impl Shadow {
         let active = maps.runtime().shadow as u32;
         let standby = if active == SHADOW_GENERATIONS[0] { SHADOW_GENERATIONS[1] } else { SHADOW_GENERATIONS[0] };
         let slot = (standby - SHADOW_GENERATIONS[0]) as usize;
-        let mut wanted: AclContents = compiled.v4.iter().map(|(s, n, e)| ((*s, mapped(*n)), *e)).chain(compiled.v6.iter().map(|(s, n, e)| ((*s, IpNet::V6(*n)), *e))).collect();
+        let mut wanted: AclContents = compiled.v4.iter().map(|(s, n, e)| ((*s | SHADOW_V4_SCOPE, mapped(*n)), *e)).chain(compiled.v6.iter().map(|(s, n, e)| ((*s, IpNet::V6(*n)), *e))).collect();
         wanted.sort_unstable_by_key(|(k, _)| *k);
         let (stale, changed) = diff(&self.installed[slot], &wanted);
         if let Err(e) = write_acl_v6(maps, standby as u8, &stale, &changed) {
