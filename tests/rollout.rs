@@ -9,8 +9,8 @@ use std::{
 
 use smtpguard_tests::{
     packet::{TcpFrame, RST},
-    peers::{assert_greeted, connect},
-    pairlab::{http_get, metric, write_policy, PairLab, RunningController, TestPins, CLIENT_DENIED, CLIENT_OK, SERVER},
+    peers::{assert_dropped, assert_greeted, connect},
+    pairlab::{distinct_hosts_list, http_get, metric, write_policy, PairLab, RunningController, TestPins, CLIENT_DENIED, CLIENT_OK, SERVER},
     rawtcp::send_frames,
     require_root,
 };
@@ -298,4 +298,50 @@ fn promote_refuses_a_candidate_that_would_read_other_files_from_where_policy_poi
     let (code, out) = state.cmd(&["shadow"]);
     assert_eq!(code, 0, "the candidate is still the shadow: {out}");
     assert_eq!(metric(&http_get(&lab, 19734, "/metrics").unwrap(), "smtpguard_promotions_total", &["result=\"failed\""]), Some(1.0));
+}
+
+/// A promote asked for while a reload compiles is taken after it: the
+/// reload's policy, read before the promote, must not land over the
+/// promoted one.
+#[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
+fn a_promote_during_a_reload_waits_for_it_and_is_not_undone_by_it() {
+    require_root();
+    let lab = PairLab::new().expect("lab");
+    let state = TestPins::new("promoterace");
+    let dir = state.policy_dir();
+    // A list long enough to keep a reload compiling for a while.
+    let (hosts, n) = distinct_hosts_list(1 << 20);
+    write_policy(&dir, "slow.txt", &hosts);
+    let policy = write_policy(&dir, "policy.yaml", "version: 1\ningress:\n  default: {25: allow}\n  deny_files: [slow.txt]\n");
+    let candidate = format!("version: 1\ningress:\n  default: {{25: allow}}\n  deny: [{{id: b-deny, cidr: {CLIENT_OK}/32}}]\n");
+    let shadow = write_policy(&dir, "candidate.yaml", &candidate);
+    let shadow_arg = shadow.display().to_string();
+    let _ctl = RunningController::start_on(&lab, &state, &policy, 19735, &["--uplink", "b0", "--shadow", &shadow_arg]).expect("controller");
+    assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "the sender the candidate denies, before the promote");
+
+    let (code, out) = state.cmd(&["reload"]);
+    assert_eq!(code, 0, "{out}");
+    let start = Instant::now();
+    while !http_get(&lab, 19735, "/healthz").unwrap_or_default().contains("reload running") {
+        assert!(start.elapsed() < Duration::from_secs(10), "the reload of {n} networks seen running");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (code, out) = state.cmd(&["promote"]);
+    assert_eq!(code, 0, "{out}");
+    let reloads = || -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(state.events_file()).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|e| e["event"] == "policy_reload" && e["policy"] == policy.display().to_string()).collect()
+    };
+    let start = Instant::now();
+    while reloads().len() < 3 {
+        assert!(start.elapsed() < Duration::from_secs(30), "start, the reload and the promote: {:?}", reloads());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let triggers: Vec<_> = reloads().iter().map(|e| (e["trigger"].as_str().unwrap_or("").to_owned(), e["result"].as_str().unwrap_or("").to_owned())).collect();
+    eprintln!("reload of {n} networks: {:?} ms", reloads()[1]["duration_ms"]);
+    let ok = |t: &str| (t.to_owned(), "ok".to_owned());
+    assert_eq!(triggers, vec![ok("start"), ok("SIGHUP"), ok("promote")], "the promote came last");
+    assert_dropped(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "the promoted candidate is in force");
+    assert_eq!(std::fs::read_to_string(&policy).unwrap(), candidate, "and where --policy points");
 }

@@ -539,14 +539,19 @@ impl Controller {
         }
     }
 
-    /// A SIGHUP: a reload, or the rollback `smtpguard rollback` asked for
-    /// (its files put back first; `None` when that failed: nothing changed).
+    /// A SIGHUP, taken when no reload compiles: the promote `smtpguard
+    /// promote` asked for (done here), the rollback `smtpguard rollback`
+    /// asked for (its files put back first; `None` when that failed:
+    /// nothing changed), or else a reload of the policy and the shadow.
     fn on_hup(&mut self) -> Option<&'static str> {
         if let Some(request) = PromoteRequest::take(&self.o.pins) {
             self.promote(request);
             return None;
         }
-        let Some(request) = RollbackRequest::take(&self.o.pins) else { return Some("SIGHUP") };
+        let Some(request) = RollbackRequest::take(&self.o.pins) else {
+            self.load_shadow("SIGHUP");
+            return Some("SIGHUP");
+        };
         let restored = if self.revision.is_some() {
             Err(anyhow::anyhow!("this host follows the fleet policy: push the revision to go back to (smtpguard fleet push)"))
         } else {
@@ -982,14 +987,18 @@ async fn control_loop(
     // revision likewise (the latest).
     let mut queued: Option<&'static str> = None;
     let mut queued_offer: Option<PolicyOffer> = None;
+    // A SIGHUP while a reload compiles is taken after it: a promote or a
+    // rollback it carries must not be overwritten by that reload's result.
+    let mut hup_pending = false;
     loop {
         c.state.beat();
         let mut wanted = None;
         tokio::select! {
             _ = signals.hup.recv() => {
-                wanted = c.on_hup();
-                if wanted == Some("SIGHUP") {
-                    c.load_shadow("SIGHUP");
+                if job.is_some() {
+                    hup_pending = true;
+                } else {
+                    wanted = c.on_hup();
                 }
             }
             _ = signals.usr1.recv() => c.events.reopen("SIGUSR1"),
@@ -1020,7 +1029,9 @@ async fn control_loop(
             outcome = async { (&mut job.as_mut().expect("guarded by the condition").compiled).await }, if job.is_some() => {
                 let done = job.take().expect("guarded by the condition");
                 c.finish_reload(done, outcome);
-                wanted = queued.take();
+                // What the SIGHUP asks for reads the files anew: it covers a queued reload.
+                let from_hup = if std::mem::take(&mut hup_pending) { c.on_hup() } else { None };
+                wanted = from_hup.or(queued.take());
             }
         }
         if job.is_none() {
@@ -1031,7 +1042,8 @@ async fn control_loop(
         }
         if let Some(why) = wanted {
             if job.is_some() {
-                queued = queued.or(Some(why));
+                // A rollback's reload answers its request: never folded into another.
+                queued = if why == ROLLBACK { Some(why) } else { queued.or(Some(why)) };
             } else {
                 job = Some(c.start_reload(why));
             }
