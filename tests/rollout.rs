@@ -218,6 +218,16 @@ fn promote_swaps_the_candidate_in_with_no_packet_judged_by_both_policies() {
     let (code, said) = state.cmd(&["shadow"]);
     assert_ne!(code, 0);
     assert!(said.contains("no shadow policy is loaded"), "{said}");
+    // A reload does not bring the promoted candidate back as a shadow.
+    let (code, out) = state.cmd(&["reload"]);
+    assert_eq!(code, 0, "{out}");
+    let start = Instant::now();
+    while !std::fs::read_to_string(state.events_file()).unwrap().contains("\"trigger\":\"SIGHUP\"") {
+        assert!(start.elapsed() < Duration::from_secs(10), "the reload's event");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, said) = state.cmd(&["shadow"]);
+    assert!(code != 0 && said.contains("no shadow policy is loaded"), "after a reload: {said}");
     let events = std::fs::read_to_string(state.events_file()).unwrap();
     assert!(events.lines().any(|l| l.contains("\"event\":\"policy_reload\"") && l.contains("\"trigger\":\"promote\"")), "{events}");
     assert_eq!(metric(&http_get(&lab, 19732, "/metrics").unwrap(), "smtpguard_promotions_total", &["result=\"ok\""]), Some(1.0));
@@ -344,4 +354,44 @@ fn a_promote_during_a_reload_waits_for_it_and_is_not_undone_by_it() {
     assert_eq!(triggers, vec![ok("start"), ok("SIGHUP"), ok("promote")], "the promote came last");
     assert_dropped(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "the promoted candidate is in force");
     assert_eq!(std::fs::read_to_string(&policy).unwrap(), candidate, "and where --policy points");
+}
+
+/// What promote would write and a restart read must be what was judged:
+/// a list file of the candidate edited since (and rejected as the next
+/// shadow) makes promote refuse. And a restart whose --shadow is invalid
+/// does not go on judging the shadow the earlier run left in the pins.
+#[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
+fn promote_refuses_changed_candidate_files_and_a_restart_drops_a_shadow_it_cannot_load() {
+    require_root();
+    let lab = PairLab::new().expect("lab");
+    let state = TestPins::new("promotelist");
+    let dir = state.policy_dir();
+    let current = "version: 1\ningress:\n  default: {25: allow}\n";
+    let policy = write_policy(&dir, "policy.yaml", current);
+    let list = write_policy(&dir, "candidate-deny.txt", &format!("{CLIENT_OK}/32\n"));
+    let shadow = write_policy(&dir, "candidate.yaml", &format!("{current}  deny_files: [candidate-deny.txt]\n"));
+    let shadow_arg = shadow.display().to_string();
+    let mut ctl = RunningController::start_on(&lab, &state, &policy, 19736, &["--uplink", "b0", "--shadow", &shadow_arg]).expect("controller");
+
+    std::fs::write(&list, "not an address\n").unwrap();
+    let rejected = |state: &TestPins| std::fs::read_to_string(state.events_file()).unwrap_or_default().lines().any(|l| l.contains("\"trigger\":\"shadow file change\"") && l.contains("\"result\":\"rejected\""));
+    let start = Instant::now();
+    while !rejected(&state) {
+        assert!(start.elapsed() < Duration::from_secs(10), "the edited candidate rejected as the next shadow");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, said) = state.cmd(&["promote"]);
+    assert_ne!(code, 0, "{said}");
+    assert!(said.contains(&format!("{} changed since the candidate was loaded", list.display())), "{said}");
+    assert_eq!(std::fs::read_to_string(&policy).unwrap(), current, "the policy file is untouched");
+    assert_eq!(state.cmd(&["shadow"]).0, 0, "the candidate as judged is still the shadow");
+
+    // The list stays invalid: a restart cannot load the candidate.
+    ctl.kill9();
+    let _ctl = RunningController::start_on(&lab, &state, &policy, 19736, &["--uplink", "b0", "--shadow", &shadow_arg]).expect("restart");
+    let (code, said) = state.cmd(&["shadow"]);
+    assert!(code != 0 && said.contains("no shadow policy is loaded"), "{said}");
+    let m = http_get(&lab, 19736, "/metrics").unwrap();
+    assert_eq!(metric(&m, "smtpguard_shadow_policy", &[]), None, "no shadow exported: {m}");
 }

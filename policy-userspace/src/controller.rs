@@ -138,6 +138,8 @@ struct Controller {
     /// The candidate's files, polled like the policy's.
     shadow_watched: Vec<(PathBuf, Option<FileVersion>)>,
     shadow_last_seen: Option<Vec<Option<FileVersion>>>,
+    /// The candidate was promoted and its files have not changed since.
+    shadow_promoted: bool,
     /// `enforce_from` switches announced, by (direction, day).
     announced: std::collections::HashSet<(u8, i64)>,
 }
@@ -430,6 +432,14 @@ impl Controller {
                     tracing::error!("{e}");
                 }
                 tracing::error!("shadow policy {} rejected ({trigger}); {}", file.display(), if self.shadow.is_some() { "the one loaded stays" } else { "no shadow is judged" });
+                // One an earlier run left in the pins is not this run's:
+                // judged on with no record of what it is, it goes.
+                if self.shadow.is_none() && self.dp.maps().runtime().shadow != 0 {
+                    if let Err(e) = self.dp.remove_shadow() {
+                        tracing::warn!("removing the shadow policy an earlier run left: {e}");
+                    }
+                    shadow::ShadowRecord::remove(&self.o.pins.run_dir);
+                }
                 if self.shadow_watched.is_empty() {
                     self.shadow_watched = vec![(file.clone(), mtime(&file))];
                 } else {
@@ -453,9 +463,15 @@ impl Controller {
     /// the shadow goes.
     fn promote(&mut self, request: PromoteRequest) {
         let result = self.promote_candidate();
-        let answer = PromoteResult { id: request.id, ok: result.is_ok(), generation: self.generation, error: result.as_ref().err().map(|e| format!("{e:#}")) };
+        let answer = PromoteResult {
+            id: request.id,
+            ok: result.is_ok(),
+            generation: self.generation,
+            error: result.as_ref().err().map(|e| format!("{e:#}")),
+            not_written: result.as_ref().ok().cloned().flatten(),
+        };
         match &result {
-            Ok(()) => tracing::warn!("promoted the shadow policy (asked by {}): generation {} in force", request.by, self.generation),
+            Ok(_) => tracing::warn!("promoted the shadow policy (asked by {}): generation {} in force", request.by, self.generation),
             Err(e) => tracing::error!("promote refused: {e:#}"),
         }
         self.state.metrics.promotions.with_label_values(&[if answer.ok { "ok" } else { "failed" }]).inc();
@@ -464,7 +480,9 @@ impl Controller {
         }
     }
 
-    fn promote_candidate(&mut self) -> Result<()> {
+    /// In force, or refused with nothing changed; in force but not
+    /// written where --policy points gives why.
+    fn promote_candidate(&mut self) -> Result<Option<String>> {
         if self.revision.is_some() {
             bail!("this host follows the fleet policy: push the candidate to the fleet instead (smtpguard fleet push)");
         }
@@ -484,36 +502,49 @@ impl Controller {
                 );
             }
         }
-        let text = match std::fs::read(&candidate) {
-            Ok(t) if crate::controller::sha256_hex(&t) == loaded.policy.sha256 => t,
-            Ok(_) => {
-                self.shadow = Some(loaded);
-                bail!("{} changed since it was loaded as the shadow: let it reload, check `smtpguard shadow` again, then promote", candidate.display());
+        // What a restart would read must be what was judged: the candidate
+        // and its list files as loaded.
+        let mut text = Vec::new();
+        for (file, sha256) in inputs_of(&candidate, &loaded.policy) {
+            match std::fs::read(&file) {
+                Ok(t) if sha256_hex(&t) == sha256 => {
+                    if file == candidate {
+                        text = t;
+                    }
+                }
+                Ok(_) => {
+                    self.shadow = Some(loaded);
+                    bail!("{} changed since the candidate was loaded as the shadow: let it reload, check `smtpguard shadow` again, then promote", file.display());
+                }
+                Err(e) => {
+                    self.shadow = Some(loaded);
+                    bail!("reading {}: {e}", file.display());
+                }
             }
-            Err(e) => {
-                self.shadow = Some(loaded);
-                bail!("reading {}: {e}", candidate.display());
-            }
-        };
+        }
         let started = Instant::now();
         let (policy, compiled) = (loaded.policy.clone(), loaded.compiled.clone());
         if let Err(e) = self.apply(policy, compiled) {
             self.shadow = Some(loaded);
             return Err(e);
         }
-        // In force; now where --policy points, the old file kept aside.
+        // In force; now where --policy points (through a symlink to the
+        // file it names), the old file kept aside.
+        let target = std::fs::canonicalize(&self.o.policy).unwrap_or_else(|_| self.o.policy.clone());
         let write = || -> std::io::Result<()> {
-            let mut aside = self.o.policy.as_os_str().to_owned();
+            let mut aside = target.as_os_str().to_owned();
             aside.push(".before-promote");
-            std::fs::copy(&self.o.policy, &aside)?;
-            let mut tmp = self.o.policy.as_os_str().to_owned();
-            tmp.push(".promote.tmp");
-            std::fs::write(&tmp, &text)?;
-            std::fs::rename(&tmp, &self.o.policy)
+            crate::files::replace(Path::new(&aside), &std::fs::read(&target)?)?;
+            crate::files::replace(&target, &text)
         };
-        if let Err(e) = write() {
-            tracing::error!("the candidate is in force, but writing it to {} failed: {e} (a restart would enforce the old file)", self.o.policy.display());
-        }
+        let not_written = write().err().map(|e| {
+            let why = format!("writing it to {} failed: {e}; a restart would enforce the old file: copy {} there", target.display(), candidate.display());
+            tracing::error!("the candidate is in force, but {why}");
+            why
+        });
+        // Its file stays watched: an edit starts the next dual run; a
+        // SIGHUP alone does not bring it back.
+        self.shadow_promoted = true;
         self.watched = watch_list(&self.o.policy, &self.policy);
         self.last_seen = None;
         if let Err(e) = self.dp.remove_shadow() {
@@ -528,7 +559,7 @@ impl Controller {
         self.emit(&ev);
         self.keep_known_good("promote");
         self.tell_fleet();
-        Ok(())
+        Ok(not_written)
     }
 
     /// Keeps the policy now in force as known-good (`smtpguard rollback`).
@@ -549,7 +580,9 @@ impl Controller {
             return None;
         }
         let Some(request) = RollbackRequest::take(&self.o.pins) else {
-            self.load_shadow("SIGHUP");
+            if !self.shadow_promoted {
+                self.load_shadow("SIGHUP");
+            }
             return Some("SIGHUP");
         };
         let restored = if self.revision.is_some() {
@@ -864,6 +897,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         rule_book: None,
         shadow: None,
         shadow_watched: Vec::new(),
+        shadow_promoted: false,
         shadow_last_seen: None,
         announced: Default::default(),
     };
@@ -1015,6 +1049,7 @@ async fn control_loop(
                 c.drain_events();
                 c.watch_bypass("command");
                 if c.shadow_changed() {
+                    c.shadow_promoted = false;
                     c.load_shadow("file change");
                 }
             }

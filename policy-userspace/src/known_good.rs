@@ -104,8 +104,7 @@ impl KnownGood {
         if let Some(newest) = newest.as_ref().filter(|n| n.files == kept_files(inputs)) {
             let moved = Snapshot { generation, ..newest.clone() };
             let dir = self.snapshot_dir(newest.number);
-            std::fs::write(dir.join("manifest.json.tmp"), serde_json::to_vec_pretty(&moved)?).context("writing the manifest")?;
-            return std::fs::rename(dir.join("manifest.json.tmp"), dir.join("manifest.json")).context("replacing the manifest");
+            return crate::files::replace(&dir.join("manifest.json"), &serde_json::to_vec_pretty(&moved)?).context("replacing the manifest");
         }
         let number = newest.map_or(1, |n| n.number + 1);
         let tmp = self.dir.join(format!(".{number}.tmp"));
@@ -197,16 +196,15 @@ impl KnownGood {
             if current.as_deref().is_some_and(|c| sha256_hex(c) == f.sha256) {
                 continue;
             }
-            let name = |suffix: &str| {
-                let mut s = f.path.as_os_str().to_owned();
-                s.push(suffix);
-                PathBuf::from(s)
-            };
+            // Through a symlink to the file it names (a link replaced by a
+            // file would no longer follow its target).
+            let target = std::fs::canonicalize(&f.path).unwrap_or_else(|_| f.path.clone());
+            let mut aside = target.as_os_str().to_owned();
+            aside.push(".before-rollback");
             if let Some(current) = current {
-                std::fs::write(name(".before-rollback"), current).with_context(|| format!("keeping {}", name(".before-rollback").display()))?;
+                crate::files::replace(Path::new(&aside), &current).with_context(|| format!("keeping {}", Path::new(&aside).display()))?;
             }
-            std::fs::write(name(".rollback.tmp"), &bytes).with_context(|| format!("writing {}", name(".rollback.tmp").display()))?;
-            std::fs::rename(name(".rollback.tmp"), &f.path).with_context(|| format!("replacing {}", f.path.display()))?;
+            crate::files::replace(&target, &bytes).with_context(|| format!("replacing {}", target.display()))?;
             restored.push(f.path.clone());
         }
         Ok(restored)

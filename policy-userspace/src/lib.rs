@@ -8,6 +8,7 @@ pub mod controller;
 pub mod dataplane;
 pub mod event_log;
 pub mod events;
+pub mod files;
 pub mod fleet;
 pub mod http;
 pub mod interfaces;

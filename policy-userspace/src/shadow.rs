@@ -60,9 +60,7 @@ impl ShadowRecord {
     }
 
     pub fn write(&self, run_dir: &Path) -> std::io::Result<()> {
-        let tmp = run_dir.join(".shadow.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
-        std::fs::rename(tmp, run_dir.join(FILE))
+        crate::files::replace(&run_dir.join(FILE), &serde_json::to_vec(self).map_err(std::io::Error::other)?)
     }
 
     pub fn read(run_dir: &Path) -> Option<Self> {

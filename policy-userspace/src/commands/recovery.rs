@@ -53,7 +53,7 @@ pub fn bypass(pins: &Pins, on: Option<bool>, reason: Option<&str>) -> anyhow::Re
             let note = BypassNote { since, by: invoking_user(), reason: reason.map(str::to_owned) };
             // The note first: the controller reads it when it sees the switch.
             std::fs::create_dir_all(&pins.run_dir).with_context(|| pins.run_dir.display().to_string())?;
-            std::fs::write(BypassNote::path(pins), serde_json::to_vec(&note)?).with_context(|| BypassNote::path(pins).display().to_string())?;
+            crate::files::replace(&BypassNote::path(pins), &serde_json::to_vec(&note)?).with_context(|| BypassNote::path(pins).display().to_string())?;
             switch.set(Some(since));
             println!(
                 "enforcement bypassed: every direction now judges as in monitor mode (drops pass, counted as would_drop) until `smtpguard bypass off`"
@@ -128,10 +128,7 @@ impl RollbackResult {
     }
 
     pub fn write(&self, pins: &Pins) -> anyhow::Result<()> {
-        let tmp = pins.run_dir.join(".rollback-result.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(self)?)?;
-        std::fs::rename(&tmp, Self::path(pins))?;
-        Ok(())
+        Ok(crate::files::replace(&Self::path(pins), &serde_json::to_vec(self)?)?)
     }
 
     fn read(pins: &Pins, id: &str) -> Option<Self> {
@@ -180,7 +177,7 @@ pub fn rollback(pins: &Pins, state_dir: &std::path::Path, to: Option<u64>, list:
     let target = kept.target(to, current)?;
     let id = format!("{}-{}", std::process::id(), clock::unix_now_s());
     let request = RollbackRequest { id: id.clone(), to: Some(target.number), by: invoking_user() };
-    std::fs::write(RollbackRequest::path(pins), serde_json::to_vec(&request)?).context("writing the rollback request")?;
+    crate::files::replace(&RollbackRequest::path(pins), &serde_json::to_vec(&request)?).context("writing the rollback request")?;
     // SAFETY: sending a signal to a pid we read.
     if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
         bail!("signalling controller {pid}: {}", std::io::Error::last_os_error());
@@ -228,6 +225,9 @@ pub struct PromoteResult {
     pub generation: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// In force, but not written where --policy points: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_written: Option<String>,
 }
 
 impl PromoteResult {
@@ -236,10 +236,7 @@ impl PromoteResult {
     }
 
     pub fn write(&self, pins: &Pins) -> anyhow::Result<()> {
-        let tmp = pins.run_dir.join(".promote-result.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(self)?)?;
-        std::fs::rename(&tmp, Self::path(pins))?;
-        Ok(())
+        Ok(crate::files::replace(&Self::path(pins), &serde_json::to_vec(self)?)?)
     }
 
     fn read(pins: &Pins, id: &str) -> Option<Self> {
@@ -256,7 +253,7 @@ pub fn promote(pins: &Pins) -> anyhow::Result<()> {
     let pid = pins.controller_pid().ok_or_else(|| anyhow::anyhow!("no controller is running (no live pid in {})", pins.pid_file().display()))?;
     let id = format!("{}-{}", std::process::id(), clock::unix_now_s());
     let request = PromoteRequest { id: id.clone(), by: invoking_user() };
-    std::fs::write(PromoteRequest::path(pins), serde_json::to_vec(&request)?).context("writing the promote request")?;
+    crate::files::replace(&PromoteRequest::path(pins), &serde_json::to_vec(&request)?).context("writing the promote request")?;
     // SAFETY: sending a signal to a pid we read.
     if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
         bail!("signalling controller {pid}: {}", std::io::Error::last_os_error());
@@ -264,6 +261,9 @@ pub fn promote(pins: &Pins) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     while start.elapsed() < ROLLBACK_WAIT {
         if let Some(r) = PromoteResult::read(pins, &id) {
+            if let (true, Some(why)) = (r.ok, &r.not_written) {
+                bail!("promoted: the shadow policy is enforced as generation {}, but {why}", r.generation);
+            }
             if r.ok {
                 println!("promoted: the shadow policy is enforced as generation {} and written where --policy points", r.generation);
                 return Ok(());
