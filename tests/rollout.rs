@@ -57,13 +57,13 @@ fn every_rule_counts_the_packets_it_decided_across_reloads() {
     let policy = write_policy(&dir, "policy.yaml", &text("  deny: [{id: unused-deny, cidr: 100.64.0.0/10}]\n"));
     let _ctl = RunningController::start(&lab, &state, &policy, 19730).expect("controller");
     send_frames(&lab.client, "a0", &[frames(CLIENT_OK, 7), frames(CLIENT_DENIED, 5)].concat()).unwrap();
-    expect_hits(&lab, 19730, &[("office", 7.0), ("file:drop.txt", 5.0), ("ticket-1", 0.0), ("unused-deny", 0.0)]);
+    expect_hits(&lab, 19730, &[("office", 7.0), ("file:lists/drop.txt", 5.0), ("ticket-1", 0.0), ("unused-deny", 0.0)]);
 
     let (code, table) = state.cmd(&["status", "--rules"]);
     assert_eq!(code, 0, "{table}");
     let row = |id: &str| table.lines().find(|l| l.split_whitespace().next() == Some(id)).unwrap_or_else(|| panic!("{id}: {table}")).to_owned();
     assert!(row("office").split_whitespace().any(|w| w == "7"), "{table}");
-    assert!(row("file:drop.txt").contains(" 3 ") && row("file:drop.txt").split_whitespace().any(|w| w == "5"), "3 networks, 5 hits: {table}");
+    assert!(row("file:lists/drop.txt").contains(" 3 ") && row("file:lists/drop.txt").split_whitespace().any(|w| w == "5"), "3 networks, 5 hits: {table}");
     assert!(row("unused-deny").contains("never hit"), "{table}");
     assert!(row("ticket-1").contains("exemption until 2999-01-01") && row("ticket-1").contains("unused"), "{table}");
     assert!(table.contains("4 rules, 2 never hit"), "{table}");
@@ -80,7 +80,7 @@ fn every_rule_counts_the_packets_it_decided_across_reloads() {
     }
     assert_eq!(rule_hits(&lab, 19730, "unused-deny"), None, "a rule gone is no series any more");
     send_frames(&lab.client, "a0", &[frames(CLIENT_OK, 3), frames(CLIENT_DENIED, 2)].concat()).unwrap();
-    expect_hits(&lab, 19730, &[("office", 10.0), ("file:drop.txt", 7.0), ("new-allow", 0.0)]);
+    expect_hits(&lab, 19730, &[("office", 10.0), ("file:lists/drop.txt", 7.0), ("new-allow", 0.0)]);
 }
 
 fn shadow_json(state: &TestPins) -> serde_json::Value {

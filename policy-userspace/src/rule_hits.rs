@@ -49,11 +49,12 @@ impl RuleBook {
     /// over what `before` counted (its book and its generation's final
     /// counts) for the rule ids still in force.
     pub fn of(compiled: &Compiled, generation: u64, kernel_generation: u32, before: Option<(&RuleBook, &[u64])>) -> Self {
-        let mut carried: HashMap<&str, u64> = HashMap::new();
+        // A rule is its id and kind (one id may allow and deny: a list file used both ways).
+        let mut carried: HashMap<(&str, &str), u64> = HashMap::new();
         let mut beyond_cap_base = 0;
         if let Some((book, counts)) = before {
             for (i, row) in book.rules.iter().enumerate() {
-                *carried.entry(row.id.as_str()).or_default() += row.base + hits_of(counts, i as u32 + 1);
+                *carried.entry((row.id.as_str(), row.kind.as_str())).or_default() += row.base + hits_of(counts, i as u32 + 1);
             }
             beyond_cap_base = book.beyond_cap_base + counts.first().copied().unwrap_or(0);
         }
@@ -66,7 +67,7 @@ impl RuleBook {
                 direction: direction::NAMES.get(s.direction as usize).copied().unwrap_or("unknown").to_owned(),
                 until: s.until.map(time::format_date),
                 networks: s.networks,
-                base: carried.get(&*s.id).copied().unwrap_or(0),
+                base: carried.get(&(&*s.id, s.kind.name())).copied().unwrap_or(0),
             })
             .collect();
         Self { generation, kernel_generation, rules, beyond_cap_base }

@@ -253,7 +253,9 @@ pub fn compile_with(policy: &Policy, today: i64, tables: &GeoTables) -> Result<C
     let slots = policy.ports.len();
     let mut rules: Vec<RuleInfo> = Vec::new();
     let mut rule_slots: Vec<RuleSlot> = Vec::new();
-    let mut slot_of: HashMap<Arc<str>, u32> = HashMap::new();
+    // An id names one rule slot per kind: an allow and a deny never share
+    // one (a list file used both ways).
+    let mut slot_of: HashMap<(Arc<str>, RuleKind), u32> = HashMap::new();
     let mut next_expiry: Option<i64> = None;
     let mut geo_stats = GeoStats::default();
     let mut scoped: BTreeMap<(u8, bool), Vec<(Prefix, Item)>> = BTreeMap::new();
@@ -270,7 +272,7 @@ pub fn compile_with(policy: &Policy, today: i64, tables: &GeoTables) -> Result<C
                 next_expiry = Some(next_expiry.map_or(until + 1, |n: i64| n.min(until + 1)));
             }
             rules.push(RuleInfo { id: r.id.clone(), kind: r.kind, net: r.net, origin: Origin { file: r.file.clone(), pos: r.pos } });
-            let slot = *slot_of.entry(r.id.clone()).or_insert_with(|| {
+            let slot = *slot_of.entry((r.id.clone(), r.kind)).or_insert_with(|| {
                 rule_slots.push(RuleSlot { id: r.id.clone(), kind: r.kind, until: r.until, networks: 0, direction: dir });
                 rule_slots.len() as u32
             });
@@ -402,5 +404,24 @@ mod tests {
         let on = compile(&policy, day).unwrap();
         assert_eq!(on.config.direction[0].mode, policy_common::mode::ENFORCE);
         assert_eq!(on.enforce_from, [None, None]);
+    }
+
+    #[test]
+    fn list_files_are_rules_by_their_path_and_kind() {
+        let dir = std::env::temp_dir().join(format!("sg-list-rules-{}", std::process::id()));
+        for sub in ["a", "b"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+            std::fs::write(dir.join(sub).join("same.txt"), format!("10.0.{}.0/24\n", sub.len() + sub.as_bytes()[0] as usize % 8)).unwrap();
+        }
+        let file = dir.join("p.yaml");
+        std::fs::write(&file, "version: 1\ningress:\n  allow_files: [a/same.txt]\n  deny_files: [b/same.txt]\negress:\n  deny_files: [a/same.txt]\n").unwrap();
+        let (policy, diags) = crate::policy::parse::load_file(&file, &crate::policy::ReadOptions::default());
+        let policy = policy.unwrap_or_else(|| panic!("{diags}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = compile(&policy, 20_000).unwrap();
+        let slots: Vec<(String, &str)> = c.rule_slots.iter().map(|s| (s.id.to_string(), s.kind.name())).collect();
+        // Two files of one name are two rules; one file allowing in one
+        // direction and denying in the other is two rules as well.
+        assert_eq!(slots, vec![("file:a/same.txt".into(), "allow"), ("file:b/same.txt".into(), "deny"), ("file:a/same.txt".into(), "deny")]);
     }
 }

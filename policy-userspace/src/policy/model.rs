@@ -128,7 +128,7 @@ impl Direction {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RuleKind {
     Allow,
     Deny,
@@ -191,7 +191,7 @@ impl Rule {
 /// million lines).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ListRules {
-    /// The list's id, `file:NAME` unless given.
+    /// The list's id, `file:PATH` (as written in the policy) unless given.
     pub id: Arc<str>,
     pub kind: RuleKind,
     pub side: u8,

@@ -630,7 +630,9 @@ impl Walker<'_> {
         let Some(raw) = self.scalar(path_node, &file_field, "a file path") else { return };
         let path = self.dir.join(raw);
         let (Some(side), Some(port_mask)) = (side, port_mask) else { return };
-        let id = id.unwrap_or_else(|| format!("file:{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
+        // The path as written: two files of one name in different folders
+        // are two rules.
+        let id = id.unwrap_or_else(|| format!("file:{raw}"));
         match self.lists.read(&path, self.limits.list_file_bytes) {
             Err(e) => self.error(path_node.pos, &file_field, format!("cannot read list file: {e}")),
             Ok(list) => {
