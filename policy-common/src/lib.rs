@@ -321,7 +321,7 @@ pub const GEO_DROPS_ENTRIES: u32 = (direction::COUNT * 2 * MAX_COUNTRIES) as u32
 /// |---|---|---|
 /// | 0 | `active`, `source_sets` | controller: `activate` flips `active` (a reload); `source_sets` once, when it creates the maps |
 /// | 1 | `drop_sample_one_in`, `events_per_second` | controller: `activate` |
-/// | 2 | `hook_direction` | controller, when it creates the maps (tests: per case) |
+/// | 2 | `hook_direction`; byte 3: `shadow` | controller, when it creates the maps (tests: per case); `shadow` when it installs or removes a shadow policy |
 /// | 3 | `cidr_bans` | `smtpguard ban`/`unban` of networks only, under a lock on the pin directory |
 /// | 4..8 | `port_filter` | controller: `install` widens it, after the grace period narrows it |
 #[repr(C)]

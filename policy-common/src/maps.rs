@@ -20,7 +20,7 @@ pub const BYPASS: &str = "BYPASS";
 pub const SHADOW_DIFFS: &str = "SHADOW_DIFFS";
 pub const SHADOW_DIFFS_CAPACITY: u32 = 16_384;
 /// `LruPerCpuHashMap<ShadowSource, u64>`: differences by source address
-/// (the peer), the busiest kept. Writer: datapath. Reader: `smtpguard shadow`.
+/// (the peer), an LRU: the most recently seen kept. Writer: datapath. Reader: `smtpguard shadow`.
 pub const SHADOW_SOURCES: &str = "SHADOW_SOURCES";
 pub const SHADOW_SOURCES_CAPACITY: u32 = 65_536;
 /// `PerCpuArray<u64>`, `shadow_total` cells. Writer: datapath.

@@ -24,7 +24,7 @@ use crate::{acl, config, decide::now_ns, events, parse::Flow};
 #[map]
 static SHADOW_DIFFS: PerCpuHashMap<ShadowKey, u64> = PerCpuHashMap::with_max_entries(SHADOW_DIFFS_CAPACITY, 0);
 
-/// Differences by peer address, the busiest kept.
+/// Differences by peer address; an LRU, so the most recently seen are kept.
 #[map]
 static SHADOW_SOURCES: LruPerCpuHashMap<ShadowSource, u64> = LruPerCpuHashMap::with_max_entries(SHADOW_SOURCES_CAPACITY, 0);
 

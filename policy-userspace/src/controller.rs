@@ -174,9 +174,6 @@ pub(crate) fn watch_list(path: &Path, p: &Policy) -> Vec<(PathBuf, Option<FileVe
     }).collect()
 }
 
-/// Whether a watched file differs from the version in force and has stayed
-/// as it is since the last poll (`last_seen`): a file caught half-written
-/// is read on the next tick.
 /// A day `compiled` changes by itself has come (an exemption ended, or a
 /// monitored direction starts to enforce): the reload's trigger, once a day
 /// (`tried`: the day last tried, so a rejected recompile is not retried
@@ -190,6 +187,9 @@ pub(crate) fn date_change_due(compiled: &Compiled, tried: &mut Option<i64>) -> O
     Some(if compiled.enforce_from.iter().flatten().any(|day| today >= *day) { "enforce_from" } else { "exemption expiry" })
 }
 
+/// Whether a watched file differs from the version in force and has stayed
+/// as it is since the last poll (`last_seen`): a file caught half-written
+/// is read on the next tick.
 pub(crate) fn settled_change(watched: &[(PathBuf, Option<FileVersion>)], last_seen: &mut Option<Vec<Option<FileVersion>>>) -> bool {
     let now: Vec<Option<FileVersion>> = watched.iter().map(|(p, _)| mtime(p)).collect();
     let differs = watched.iter().zip(&now).any(|((_, t), n)| t != n);
