@@ -3,9 +3,10 @@
 //! guards, deciding nothing. Its ACL lives in the `ACL_V6` trie only (IPv4
 //! as IPv4-mapped prefixes in scopes of their own, `SHADOW_V4_SCOPE`), so a host without a shadow spends no memory
 //! on one. A reload of the shadow fills its standby generation and flips
-//! the shadow byte of `RUNTIME`, as the enforced policy's swap does; its
-//! difference counters start afresh with each candidate, since rule ids
-//! name the candidate's rules.
+//! the shadow byte of `RUNTIME`; its difference counters start afresh
+//! with each candidate, since rule ids name the candidate's rules (the
+//! shadow judges nothing for the grace period that clears them: a gap in
+//! a measurement, never a count of one candidate under another's rules).
 
 use ipnet::{IpNet, Ipv6Net};
 use policy_common::{SHADOW_GENERATIONS, SHADOW_V4_SCOPE};
@@ -38,11 +39,26 @@ impl Shadow {
         Ok(Self { installed: [acl6_contents(maps, SHADOW_GENERATIONS[0] as u8)?, acl6_contents(maps, SHADOW_GENERATIONS[1] as u8)?] })
     }
 
-    /// Makes `compiled` the shadow (number `number`): its standby
-    /// generation filled, flipped to, counters started afresh once no
-    /// packet judges by the candidate before. Returns the generation.
+    /// Makes `compiled` the shadow (number `number`): the candidate before
+    /// stops judging, its counters go once no packet judges by it, then
+    /// the standby generation is filled and flipped to, so every count is
+    /// the new candidate's. Returns the generation.
     pub fn install(&mut self, maps: &mut Maps, compiled: &Compiled, number: u64) -> Result<u32> {
         let active = maps.runtime().shadow as u32;
+        if active != 0 {
+            maps.runtime_words().set_shadow(0);
+            rcu_grace_period();
+        }
+        let installed = self.fill_standby(maps, compiled, number, active);
+        if installed.is_err() && active != 0 {
+            // The candidate before judges on (its counts start again).
+            maps.runtime_words().set_shadow(active);
+        }
+        installed
+    }
+
+    fn fill_standby(&mut self, maps: &mut Maps, compiled: &Compiled, number: u64, active: u32) -> Result<u32> {
+        maps.clear_shadow_counts()?;
         let standby = if active == SHADOW_GENERATIONS[0] { SHADOW_GENERATIONS[1] } else { SHADOW_GENERATIONS[0] };
         let slot = (standby - SHADOW_GENERATIONS[0]) as usize;
         let mut wanted: AclContents = compiled.v4.iter().map(|(s, n, e)| ((*s | SHADOW_V4_SCOPE, mapped(*n)), *e)).chain(compiled.v6.iter().map(|(s, n, e)| ((*s, IpNet::V6(*n)), *e))).collect();
@@ -57,8 +73,6 @@ impl Shadow {
         config.generation = number;
         maps.set_shadow_policy(standby, &config)?;
         maps.runtime_words().set_shadow(standby);
-        rcu_grace_period();
-        maps.clear_shadow_counts()?;
         Ok(standby)
     }
 
