@@ -118,6 +118,8 @@ struct Controller {
     /// The day an expiry reload was last tried, so a rejected one is not
     /// retried every second.
     expiry_tried: Option<i64>,
+    /// The same for the shadow's candidate.
+    shadow_expiry_tried: Option<i64>,
     interfaces: Interfaces,
     /// The fleet's thread, when the host is in one.
     fleet: Option<FleetLink>,
@@ -528,6 +530,8 @@ impl Controller {
             self.shadow = Some(loaded);
             return Err(e);
         }
+        // Compiled on another day, it may be due again today.
+        self.expiry_tried = None;
         // In force; now where --policy points (through a symlink to the
         // file it names), the old file kept aside.
         let target = std::fs::canonicalize(&self.o.policy).unwrap_or_else(|_| self.o.policy.clone());
@@ -716,6 +720,12 @@ impl Controller {
         date_change_due(&self.compiled, &mut self.expiry_tried)
     }
 
+    /// The same for the candidate: compiled for another day, it would
+    /// count differences its promoted self would not make.
+    fn shadow_expiry_due(&mut self) -> Option<&'static str> {
+        date_change_due(&self.shadow.as_ref()?.compiled, &mut self.shadow_expiry_tried)
+    }
+
     /// Says a day ahead (once per direction and date) that a monitored
     /// direction starts to enforce: an event and the log; the metric
     /// `smtpguard_enforce_from_timestamp_seconds` says it all along.
@@ -887,6 +897,7 @@ pub fn run(o: RunOptions) -> Result<()> {
         events,
         last_seen: None,
         expiry_tried: None,
+        shadow_expiry_tried: None,
         interfaces,
         fleet: None,
         revision: o.start_revision,
@@ -1051,6 +1062,8 @@ async fn control_loop(
                 if c.shadow_changed() {
                     c.shadow_promoted = false;
                     c.load_shadow("file change");
+                } else if let Some(why) = c.shadow_expiry_due() {
+                    c.load_shadow(why);
                 }
             }
             Some(change) = links.next() => c.link_changed(change),
