@@ -395,3 +395,47 @@ fn promote_refuses_changed_candidate_files_and_a_restart_drops_a_shadow_it_canno
     let m = http_get(&lab, 19736, "/metrics").unwrap();
     assert_eq!(metric(&m, "smtpguard_shadow_policy", &[]), None, "no shadow exported: {m}");
 }
+
+/// The shadow's counts name ports by the enforced policy's slots: a reload
+/// that renumbers them starts the counts again rather than putting the
+/// differences seen before under another port.
+#[test]
+#[ignore = "privileged: needs root, BPF and namespaces; cargo xtask test runs it"]
+fn a_reload_that_renumbers_ports_starts_the_shadow_counts_again() {
+    require_root();
+    let lab = PairLab::new().expect("lab");
+    let state = TestPins::new("shadowports");
+    let dir = state.policy_dir();
+    let current = |ports: &str| format!("version: 1\nports: {{{ports}}}\ningress:\n  default: {{25: allow}}\n");
+    let policy = write_policy(&dir, "policy.yaml", &current("25: smtp"));
+    let candidate = format!("{}  deny: [{{id: too-wide, cidr: {CLIENT_OK}/32}}]\n", current("25: smtp"));
+    let shadow = write_policy(&dir, "candidate.yaml", &candidate);
+    let shadow_arg = shadow.display().to_string();
+    let _ctl = RunningController::start_on(&lab, &state, &policy, 19737, &["--uplink", "b0", "--shadow", &shadow_arg]).expect("controller");
+    let rows = |state: &TestPins| -> Vec<(String, u64)> {
+        let r = shadow_json(state);
+        r["by_decision"].as_array().unwrap().iter().map(|row| (row["port"].as_str().unwrap_or("").to_owned(), row["packets"].as_u64().unwrap_or(0))).collect()
+    };
+    let wait_rows = |state: &TestPins, want: Vec<(String, u64)>| {
+        let start = Instant::now();
+        while rows(state) != want {
+            assert!(start.elapsed() < Duration::from_secs(5), "{want:?}: {:?}", rows(state));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    send_frames(&lab.client, "a0", &frames(CLIENT_OK, 6)).unwrap();
+    wait_rows(&state, vec![("25".into(), 6)]);
+
+    // Port 465 guarded first: port 25 moves to the second slot.
+    std::fs::write(&policy, current("465: smtps, 25: smtp")).unwrap();
+    let (code, out) = state.cmd(&["reload"]);
+    assert_eq!(code, 0, "{out}");
+    let start = Instant::now();
+    while !std::fs::read_to_string(state.events_file()).unwrap().contains("\"trigger\":\"SIGHUP\"") {
+        assert!(start.elapsed() < Duration::from_secs(10), "the reload's event");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(rows(&state), vec![], "counted again from the reload");
+    send_frames(&lab.client, "a0", &frames(CLIENT_OK, 3)).unwrap();
+    wait_rows(&state, vec![("25".into(), 3)]);
+}

@@ -673,10 +673,16 @@ impl Controller {
         self.generation = number;
         self.policy = policy;
         self.compiled = compiled;
-        // The shadow's counters name ports by this policy's slots.
+        // The shadow's counters name ports by the policy's slots: counted
+        // under other ports, they start again (the swap waited a grace
+        // period, so no packet is judged by the old slots any more).
         let ports = self.ports();
         if let Some(shadow) = self.shadow.as_mut().filter(|s| s.record.ports != ports) {
-            let record = shadow::ShadowRecord { ports, ..(*shadow.record).clone() };
+            if let Err(e) = self.dp.restart_shadow_counts() {
+                tracing::warn!("clearing the shadow's counts: {e}");
+            }
+            tracing::info!("the policy's ports changed: the shadow's differences are counted again from now");
+            let record = shadow::ShadowRecord { ports, loaded_at: clock::now_rfc3339(), ..(*shadow.record).clone() };
             if let Err(e) = record.write(&self.o.pins.run_dir) {
                 tracing::warn!("writing the shadow's record: {e}");
             }

@@ -171,6 +171,12 @@ impl Dataplane {
         self.shadow.install(&mut self.maps, compiled, number)
     }
 
+    /// Starts the shadow's difference counts afresh (their port slots are
+    /// the enforced policy's, which a reload may have renumbered).
+    pub fn restart_shadow_counts(&mut self) -> Result<()> {
+        self.maps.clear_shadow_counts()
+    }
+
     /// Removes the shadow policy, if one is loaded.
     pub fn remove_shadow(&mut self) -> Result<()> {
         self.shadow.remove(&mut self.maps)
