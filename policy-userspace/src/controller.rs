@@ -211,6 +211,15 @@ struct ReloadJob {
     compiled: tokio::task::JoinHandle<(Option<(Policy, Compiled)>, policy::Diagnostics)>,
 }
 
+/// The shadow's candidate being compiled, off the control loop as a
+/// reload is (a candidate with a geo database takes a second or more).
+struct ShadowJob {
+    trigger: String,
+    file: PathBuf,
+    started: Instant,
+    compiled: tokio::task::JoinHandle<(Option<(Policy, Compiled)>, policy::Diagnostics)>,
+}
+
 impl Controller {
     fn ports(&self) -> Vec<u16> {
         self.policy.ports.iter().map(|g| g.port).collect()
@@ -377,23 +386,47 @@ impl Controller {
         give_back_memory();
     }
 
-    /// Loads (again) the candidate `--shadow` names into the shadow
-    /// generations; an invalid one leaves the shadow as it was. Without
-    /// `--shadow`, a shadow left in the pins by an earlier run is removed.
+    /// Loads the candidate `--shadow` names into the shadow generations,
+    /// here and now (at start); an invalid one leaves the shadow as it
+    /// was. Without `--shadow`, a shadow left in the pins by an earlier run
+    /// is removed.
     fn load_shadow(&mut self, trigger: &str) {
-        let why = format!("shadow {trigger}");
-        let Some(file) = self.o.shadow.clone() else {
-            if self.dp.maps().runtime().shadow != 0 {
-                match self.dp.remove_shadow() {
-                    Ok(()) => tracing::info!("removed the shadow policy an earlier run left (no --shadow)"),
-                    Err(e) => tracing::warn!("removing the shadow policy an earlier run left: {e}"),
-                }
-                shadow::ShadowRecord::remove(&self.o.pins.run_dir);
-            }
-            return;
-        };
+        let Some(file) = self.shadow_file() else { return };
         let started = Instant::now();
         let (loaded, diags) = load_for_reload(&file, &self.o.policy_options);
+        self.shadow_loaded(trigger, file, started, loaded, diags);
+    }
+
+    /// The same, compiled off the loop: [`Self::finish_shadow_load`] takes
+    /// it from there.
+    fn start_shadow_load(&mut self, trigger: &str) -> Option<ShadowJob> {
+        let file = self.shadow_file()?;
+        let (path, options) = (file.clone(), self.o.policy_options.clone());
+        Some(ShadowJob { trigger: trigger.to_owned(), file, started: Instant::now(), compiled: tokio::task::spawn_blocking(move || load_for_reload(&path, &options)) })
+    }
+
+    fn finish_shadow_load(&mut self, job: ShadowJob, outcome: Result<(Option<(Policy, Compiled)>, policy::Diagnostics), tokio::task::JoinError>) {
+        match outcome {
+            Ok((loaded, diags)) => self.shadow_loaded(&job.trigger, job.file, job.started, loaded, diags),
+            Err(e) => tracing::error!("compiling the shadow policy {} failed: {e}", job.file.display()),
+        }
+    }
+
+    /// `--shadow`'s file; without one, a shadow an earlier run left is removed.
+    fn shadow_file(&mut self) -> Option<PathBuf> {
+        if self.o.shadow.is_none() && self.dp.maps().runtime().shadow != 0 {
+            match self.dp.remove_shadow() {
+                Ok(()) => tracing::info!("removed the shadow policy an earlier run left (no --shadow)"),
+                Err(e) => tracing::warn!("removing the shadow policy an earlier run left: {e}"),
+            }
+            shadow::ShadowRecord::remove(&self.o.pins.run_dir);
+        }
+        self.o.shadow.clone()
+    }
+
+    /// Installs a compiled candidate as the shadow, or says why not.
+    fn shadow_loaded(&mut self, trigger: &str, file: PathBuf, started: Instant, loaded: Option<(Policy, Compiled)>, diags: policy::Diagnostics) {
+        let why = format!("shadow {trigger}");
         let (policy, sha256, changed_by) = crate::events::policy_identity(&file, None);
         let event = |result, generation, entries, errors: Vec<String>, more_errors| Event::PolicyReload {
             time: clock::now_rfc3339(),
@@ -583,12 +616,7 @@ impl Controller {
             self.promote(request);
             return None;
         }
-        let Some(request) = RollbackRequest::take(&self.o.pins) else {
-            if !self.shadow_promoted {
-                self.load_shadow("SIGHUP");
-            }
-            return Some("SIGHUP");
-        };
+        let Some(request) = RollbackRequest::take(&self.o.pins) else { return Some("SIGHUP") };
         let restored = if self.revision.is_some() {
             Err(anyhow::anyhow!("this host follows the fleet policy: push the revision to go back to (smtpguard fleet push)"))
         } else {
@@ -1041,9 +1069,13 @@ async fn control_loop(
     // A SIGHUP while a reload compiles is taken after it: a promote or a
     // rollback it carries must not be overwritten by that reload's result.
     let mut hup_pending = false;
+    // The shadow's candidate compiles likewise, one at a time.
+    let mut shadow_job: Option<ShadowJob> = None;
+    let mut shadow_queued: Option<&'static str> = None;
     loop {
         c.state.beat();
         let mut wanted = None;
+        let mut shadow_wanted = None;
         tokio::select! {
             _ = signals.hup.recv() => {
                 if job.is_some() {
@@ -1067,9 +1099,9 @@ async fn control_loop(
                 c.watch_bypass("command");
                 if c.shadow_changed() {
                     c.shadow_promoted = false;
-                    c.load_shadow("file change");
+                    shadow_wanted = Some("file change");
                 } else if let Some(why) = c.shadow_expiry_due() {
-                    c.load_shadow(why);
+                    shadow_wanted = Some(why);
                 }
             }
             Some(change) = links.next() => c.link_changed(change),
@@ -1086,6 +1118,23 @@ async fn control_loop(
                 // What the SIGHUP asks for reads the files anew: it covers a queued reload.
                 let from_hup = if std::mem::take(&mut hup_pending) { c.on_hup() } else { None };
                 wanted = from_hup.or(queued.take());
+            }
+            outcome = async { (&mut shadow_job.as_mut().expect("guarded by the condition").compiled).await }, if shadow_job.is_some() => {
+                let done = shadow_job.take().expect("guarded by the condition");
+                c.finish_shadow_load(done, outcome);
+                shadow_wanted = shadow_queued.take();
+            }
+        }
+        // A SIGHUP reloads the shadow too, unless it was promoted (its
+        // file unchanged since).
+        if wanted == Some("SIGHUP") && !c.shadow_promoted {
+            shadow_wanted = Some("SIGHUP");
+        }
+        if let Some(why) = shadow_wanted {
+            if shadow_job.is_some() {
+                shadow_queued = Some(why);
+            } else {
+                shadow_job = c.start_shadow_load(why);
             }
         }
         if job.is_none() {
