@@ -78,6 +78,23 @@ pub fn next_line(r: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<Next> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Text<'a>(pub Cow<'a, str>);
 
+/// Bytes of a string field kept (then `…`): what the report holds per
+/// field is bounded whatever a line carries.
+pub const MAX_TEXT: usize = 256;
+
+impl<'a> Text<'a> {
+    pub fn clipped(v: Cow<'a, str>) -> Self {
+        if v.len() <= MAX_TEXT {
+            return Text(v);
+        }
+        let mut end = MAX_TEXT;
+        while !v.is_char_boundary(end) {
+            end -= 1;
+        }
+        Text(Cow::Owned(format!("{}…", &v[..end])))
+    }
+}
+
 impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
@@ -87,13 +104,13 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
                 f.write_str("a string")
             }
             fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Text(Cow::Borrowed(v)))
+                Ok(Text::clipped(Cow::Borrowed(v)))
             }
             fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Text(Cow::Owned(v.to_owned())))
+                Ok(Text::clipped(Cow::Owned(v.to_owned())))
             }
             fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-                Ok(Text(Cow::Owned(v)))
+                Ok(Text::clipped(Cow::Owned(v)))
             }
         }
         d.deserialize_str(Visitor(std::marker::PhantomData))
@@ -158,8 +175,8 @@ pub struct Fields<'a> {
     pub generation: Option<u64>,
     #[serde(default)]
     pub entries: Option<u64>,
-    #[serde(default)]
-    pub errors: Vec<String>,
+    #[serde(borrow, default)]
+    pub errors: Vec<Text<'a>>,
     #[serde(default)]
     pub more_errors: Option<u64>,
     #[serde(borrow, default)]
@@ -168,13 +185,18 @@ pub struct Fields<'a> {
     pub sha256: Option<Text<'a>>,
     #[serde(borrow, default)]
     pub changed_by: Option<Text<'a>>,
+    // enforce_scheduled.
+    #[serde(borrow, default)]
+    pub enforce_from: Option<Text<'a>>,
+    #[serde(default)]
+    pub hours_left: Option<f64>,
     // rollback.
     #[serde(default)]
     pub known_good: Option<u64>,
     #[serde(default)]
     pub to_generation: Option<u64>,
-    #[serde(default)]
-    pub restored: Vec<String>,
+    #[serde(borrow, default)]
+    pub restored: Vec<Text<'a>>,
     #[serde(borrow, default)]
     pub error: Option<Text<'a>>,
 }
@@ -205,7 +227,7 @@ fn fast_utc_ms(b: &[u8]) -> Option<i64> {
     };
     let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) || hour > 23 || minute > 59 || second > 60 {
+    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) || hour > 23 || minute > 59 || second > 60 || (second == 60 && (hour, minute) != (23, 59)) {
         return None;
     }
     let millis = match &b[19..b.len() - 1] {

@@ -292,6 +292,14 @@ mod tests {
         for kind in summary::kind_names() {
             assert!(schema.contains(&format!("\"{kind}\"")), "{kind} is no event kind of events.rs");
         }
+        // And the other way: every kind the controller writes is read.
+        let schema = crate::events::schema();
+        let written: Vec<&str> = schema["oneOf"].as_array().expect("one schema per kind").iter().filter_map(|k| k["properties"]["event"]["const"].as_str()).collect();
+        assert!(written.len() > 10, "{schema}");
+        let read = summary::kind_names();
+        for kind in written {
+            assert!(read.contains(&kind), "the report does not read {kind}");
+        }
     }
 
     #[test]
@@ -372,6 +380,37 @@ mod tests {
         assert_eq!((r.period.lines_read, r.period.skipped.unparsable, r.period.skipped.too_long, r.period.events), (6, 4, 1, 1));
         assert_eq!(r.sources.rows[0].source, "2001:db8::1");
         assert!(markdown(&report_of("", None)).contains("No events."));
+    }
+
+    #[test]
+    fn hostile_fields_are_clipped_inert_in_markdown_and_times_shown_in_utc() {
+        let long = "x".repeat(10_000);
+        let text = [
+            r#"{"event":"manual_ban","time":"2026-12-06T09:00:00+01:00","source":"192.0.2.5/32","duration_s":60,"reason":"[click](http://evil) <img src=x onerror=alert(1)> **bold** `code`"}"#.to_owned(),
+            format!(r#"{{"event":"manual_ban","time":"2026-12-06T08:01:00Z","source":"192.0.2.6/32","duration_s":60,"reason":"{long}"}}"#),
+            r#"{"event":"policy_reload","time":"2026-12-06T08:02:00Z","trigger":"SIGHUP","generation":2}"#.to_owned(),
+            r#"{"event":"policy_reload","time":"2026-12-06T08:03:00Z","result":"failed","trigger":"SIGHUP","generation":3}"#.to_owned(),
+            r#"{"event":"enforce_scheduled","time":"2026-12-06T08:04:00Z","direction":"egress","enforce_from":"2026-12-07","hours_left":15.9}"#.to_owned(),
+            r#"{"event":"drop_sample","time":"2026-12-06T08:05:60Z"}"#.to_owned(),
+        ]
+        .join("\n");
+        let r = report_of(&text, None);
+        let md = markdown(&r);
+        // No link, image, HTML, emphasis or code of the file's own.
+        assert!(md.contains(r"\[click\](http://evil) \<img src=x onerror=alert(1)\> \*\*bold\*\* \`code\`"), "{md}");
+        assert!(!md.contains("[click](") && md.matches("<img").count() == md.matches("\\<img").count(), "{md}");
+        // Shown in UTC, as the rows are ordered.
+        assert_eq!(r.notable.shown[0].time, "2026-12-06T08:00:00.000Z");
+        // A long field is clipped where it is read.
+        let kept = r.bans.manual.shown[1].reason.as_deref().unwrap();
+        assert!(kept.len() <= line::MAX_TEXT + '…'.len_utf8() && kept.ends_with('…'), "{} bytes", kept.len());
+        // A reload that does not say `ok` is not counted as applied.
+        assert_eq!((r.reloads.ok, r.reloads.rejected), (0, 0));
+        // The scheduled switch is a kind this version reads.
+        assert!(r.unknown_kinds.is_empty(), "{:?}", r.unknown_kinds);
+        assert!(r.notable.shown.iter().any(|n| n.event == "enforce_scheduled" && n.summary.contains("egress leaves monitor mode and enforces from 2026-12-07")));
+        // A leap second only ends a day.
+        assert_eq!(r.period.skipped.undated, 1);
     }
 
     #[test]

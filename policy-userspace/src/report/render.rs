@@ -14,7 +14,7 @@ pub fn markdown(r: &Report) -> String {
 
 fn write_markdown(o: &mut String, r: &Report) -> std::fmt::Result {
     writeln!(o, "# smtpguard incident report\n")?;
-    let files: Vec<String> = r.files.iter().map(|f| format!("`{}`", cell(f))).collect();
+    let files: Vec<String> = r.files.iter().map(|f| code(f)).collect();
     write!(o, "Generated {} from {}", r.generated, files.join(", "))?;
     match &r.since {
         Some(s) => writeln!(o, ", events since {s}.\n")?,
@@ -55,7 +55,7 @@ fn write_markdown(o: &mut String, r: &Report) -> std::fmt::Result {
     }
 
     writeln!(o, "## Notable events\n")?;
-    writeln!(o, "Escalated bans, manual bans, tenant suspects, policy reloads, missing uplinks, bypass switches (enforcement off or on), unknown kinds.\n")?;
+    writeln!(o, "Escalated bans, manual bans, tenant suspects, policy reloads, rollbacks, scheduled switches to enforce, missing uplinks, bypass switches (enforcement off or on), unknown kinds.\n")?;
     list(o, &r.notable, "| time | event | what |\n|---|---|---|", |n| format!("| {} | {} | {} |", cell(&n.time), cell(&n.event), cell(&n.summary)))?;
 
     writeln!(o, "## Top sources\n")?;
@@ -131,7 +131,7 @@ fn write_markdown(o: &mut String, r: &Report) -> std::fmt::Result {
             cell(&e.trigger),
             e.generation,
             cell(e.policy.as_deref().unwrap_or("-")),
-            e.sha256.as_deref().map(|s| format!("`{}`", cell(short_sha(s)))).unwrap_or_else(|| "-".into()),
+            e.sha256.as_deref().map(|s| code(short_sha(s))).unwrap_or_else(|| "-".into()),
             cell(e.changed_by.as_deref().unwrap_or("-")),
             if errors.is_empty() { "-".into() } else { cell(&errors) }
         )
@@ -210,7 +210,34 @@ fn or_dash(s: &Option<String>) -> String {
     s.as_deref().map(cell).unwrap_or_else(|| "-".into())
 }
 
-/// Text from the file made safe for a table cell.
+/// Text from the file made inert for a table cell: it cannot end the
+/// cell or the row, nor make a link, an image, HTML, code or emphasis of
+/// its own (each such character escaped; an underscore inside a word
+/// cannot emphasise, so `deny_acl` stays as it is).
 fn cell(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('|', "\\|").replace(['\n', '\r'], " ")
+    let chars: Vec<char> = s.chars().collect();
+    let mut out = String::with_capacity(s.len());
+    for (i, &c) in chars.iter().enumerate() {
+        let inside_word = |j: Option<usize>| j.and_then(|j| chars.get(j)).is_some_and(|c| c.is_alphanumeric());
+        match c {
+            '\n' | '\r' => out.push(' '),
+            '_' if inside_word(i.checked_sub(1)) && inside_word(Some(i + 1)) => out.push('_'),
+            '\\' | '|' | '`' | '*' | '_' | '[' | ']' | '<' | '>' | '~' | '&' => {
+                out.push('\\');
+                out.push(c);
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// Text from the file as a code span: fenced by more backticks than it
+/// holds in a row, so nothing in it ends the span.
+fn code(s: &str) -> String {
+    let s = s.replace(['\n', '\r'], " ").replace('|', "\\|");
+    let longest = s.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+    let fence = "`".repeat(longest + 1);
+    let pad = if s.starts_with('`') || s.ends_with('`') { " " } else { "" };
+    format!("{fence}{pad}{s}{pad}{fence}")
 }

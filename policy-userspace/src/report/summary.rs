@@ -29,6 +29,8 @@ const MAX_UNKNOWN_KINDS: usize = 64;
 const MAX_LABELS: usize = 1024;
 /// Reasons or countries kept per row; further ones count as `(other)`.
 const MAX_PER_ROW: usize = 16;
+/// Errors of a rejected reload kept.
+const MAX_RELOAD_ERRORS: usize = 5;
 /// Characters of an unknown event's line shown as its summary.
 const RAW_SUMMARY_CHARS: usize = 240;
 const OTHER_KINDS: &str = "(other kinds)";
@@ -51,10 +53,11 @@ enum Kind {
     Rollback,
     ShadowDifference,
     PolicyReload,
+    EnforceScheduled,
 }
 
 impl Kind {
-    const ALL: [Kind; 14] = [
+    const ALL: [Kind; 15] = [
         Kind::BanAdded,
         Kind::BanExpired,
         Kind::RateLimitTrip,
@@ -69,6 +72,7 @@ impl Kind {
         Kind::Rollback,
         Kind::ShadowDifference,
         Kind::PolicyReload,
+        Kind::EnforceScheduled,
     ];
 
     fn name(self) -> &'static str {
@@ -87,6 +91,7 @@ impl Kind {
             Kind::Rollback => "rollback",
             Kind::ShadowDifference => "shadow_difference",
             Kind::PolicyReload => "policy_reload",
+            Kind::EnforceScheduled => "enforce_scheduled",
         }
     }
 
@@ -179,7 +184,10 @@ pub struct Summary {
     unknown: BTreeMap<String, u64>,
     timeline: Timeline,
     notable: Earliest<Notable>,
-    labels: Labels,
+    /// Reason and country names, each their own room: junk reasons never
+    /// push real countries out.
+    reason_labels: Labels,
+    country_labels: Labels,
     drops: Drops,
     sources: SpaceSaving<IpAddr, Tally>,
     tenants: SpaceSaving<IpAddr, Tally>,
@@ -205,7 +213,8 @@ impl Summary {
             unknown: BTreeMap::new(),
             timeline: Timeline::default(),
             notable: Earliest::new(LIST_LIMIT),
-            labels: Labels::new(),
+            reason_labels: Labels::new(),
+            country_labels: Labels::new(),
             drops: Drops::default(),
             sources: SpaceSaving::new(TABLE_CAPACITY),
             tenants: SpaceSaving::new(TABLE_CAPACITY),
@@ -248,7 +257,7 @@ impl Summary {
             Some(kind) if Kind::of(kind).is_none() => {
                 let time = value.as_ref().and_then(|v| v.get("time")).and_then(|t| t.as_str()).unwrap_or_default();
                 if let Some(ms) = self.admit(time) {
-                    self.unknown_kind(kind, ms, time, bytes);
+                    self.unknown_kind(kind, ms, bytes);
                 }
             }
             _ => self.period.skipped.unparsable += 1,
@@ -276,29 +285,29 @@ impl Summary {
         let time = f.time.as_deref().unwrap_or_default();
         let Some(ms) = self.admit(time) else { return };
         let Some(kind) = Kind::of(&f.event) else {
-            self.unknown_kind(&f.event, ms, time, bytes);
+            self.unknown_kind(&f.event, ms, bytes);
             return;
         };
         self.kinds[Kind::ALL.iter().position(|k| *k == kind).unwrap_or(0)] += 1;
         let column = match kind {
             Kind::DropSample => self.drop_sample(f),
-            Kind::BanAdded => self.ban_added(f, ms, time),
+            Kind::BanAdded => self.ban_added(f, ms),
             Kind::BanExpired => self.ban_expired(f, ms),
             Kind::RateLimitTrip => {
                 self.ban_totals.rate_trips += 1;
                 Column::RateTrip
             }
-            Kind::ManualBan => self.manual_ban(f, ms, time),
-            Kind::TenantSuspect => self.tenant_suspect(f, ms, time),
-            Kind::PolicyReload => self.policy_reload(f, ms, time),
+            Kind::ManualBan => self.manual_ban(f, ms),
+            Kind::TenantSuspect => self.tenant_suspect(f, ms),
+            Kind::PolicyReload => self.policy_reload(f, ms),
             Kind::UplinkMissing => {
                 let interface = f.interface.as_deref().unwrap_or("?").to_owned();
-                self.notable.offer(ms, || Notable::new(time, kind.name(), format!("uplink {interface} is missing: mail arriving on it is not judged until it is back")));
+                self.notable.offer(ms, || Notable::new(ms, kind.name(), format!("uplink {interface} is missing: mail arriving on it is not judged until it is back")));
                 Column::Other
             }
             Kind::Bypass => {
                 let summary = bypass_summary(f);
-                self.notable.offer(ms, || Notable::new(time, kind.name(), summary));
+                self.notable.offer(ms, || Notable::new(ms, kind.name(), summary));
                 Column::Other
             }
             Kind::Rollback => {
@@ -312,7 +321,17 @@ impl Summary {
                         f.restored.len()
                     ),
                 };
-                self.notable.offer(ms, || Notable::new(time, kind.name(), summary));
+                self.notable.offer(ms, || Notable::new(ms, kind.name(), summary));
+                Column::Other
+            }
+            Kind::EnforceScheduled => {
+                let summary = format!(
+                    "{} leaves monitor mode and enforces from {} ({} h ahead)",
+                    f.direction.as_deref().unwrap_or("?"),
+                    f.enforce_from.as_deref().unwrap_or("?"),
+                    f.hours_left.map_or_else(|| "?".into(), |h| format!("{h:.1}"))
+                );
+                self.notable.offer(ms, || Notable::new(ms, kind.name(), summary));
                 Column::Other
             }
             // Sampled packets of a candidate under test: counted by kind
@@ -322,7 +341,9 @@ impl Summary {
         self.timeline.count(ms, column);
     }
 
-    fn unknown_kind(&mut self, kind: &str, ms: i64, time: &str, bytes: &[u8]) {
+    fn unknown_kind(&mut self, kind: &str, ms: i64, bytes: &[u8]) {
+        // A kind read leniently is not clipped yet.
+        let kind = &*crate::report::line::Text::clipped(std::borrow::Cow::Borrowed(kind));
         let known = self.unknown.len() < MAX_UNKNOWN_KINDS || self.unknown.contains_key(kind);
         *self.unknown.entry(if known { kind } else { OTHER_KINDS }.to_owned()).or_insert(0) += 1;
         self.timeline.count(ms, Column::Other);
@@ -332,7 +353,7 @@ impl Summary {
             if summary.len() < raw.len() {
                 summary.push('…');
             }
-            Notable::new(time, kind, summary)
+            Notable::new(ms, kind, summary)
         });
     }
 
@@ -346,8 +367,8 @@ impl Summary {
                 return Column::Other;
             }
         }
-        let reason = self.labels.id(f.reason.as_deref().unwrap_or("(none)"));
-        let country = f.country.as_deref().map(|c| self.labels.id(c));
+        let reason = self.reason_labels.id(f.reason.as_deref().unwrap_or("(none)"));
+        let country = f.country.as_deref().map(|c| self.country_labels.id(c));
         match country {
             Some(c) => {
                 self.countries.add(&c);
@@ -367,7 +388,7 @@ impl Summary {
         Column::Drop
     }
 
-    fn ban_added(&mut self, f: &Fields, ms: i64, time: &str) -> Column {
+    fn ban_added(&mut self, f: &Fields, ms: i64) -> Column {
         let strikes = f.strikes.unwrap_or(1);
         let duration = f.duration_s.unwrap_or(0);
         self.ban_totals.added += 1;
@@ -388,7 +409,7 @@ impl Summary {
         if strikes > 1 {
             let count = f.count.unwrap_or(0);
             let summary = format!("{src} banned again, strike {strikes}: {} ({count} new connections in the minute)", duration_text(duration));
-            self.notable.offer(ms, || Notable::new(time, Kind::BanAdded.name(), summary));
+            self.notable.offer(ms, || Notable::new(ms, Kind::BanAdded.name(), summary));
         }
         Column::Ban
     }
@@ -403,7 +424,7 @@ impl Summary {
         Column::Other
     }
 
-    fn manual_ban(&mut self, f: &Fields, ms: i64, time: &str) -> Column {
+    fn manual_ban(&mut self, f: &Fields, ms: i64) -> Column {
         self.ban_totals.manual += 1;
         let source = f.source.as_deref().unwrap_or("?");
         let duration = f.duration_s.unwrap_or(0);
@@ -416,14 +437,14 @@ impl Summary {
         }
         let reason = f.reason.as_deref().map(str::to_owned);
         let summary = format!("{source} banned by an operator for {}{}", duration_text(duration), reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default());
-        self.notable.offer(ms, || Notable::new(time, Kind::ManualBan.name(), summary));
-        self.manual_bans.offer(ms, || ManualBan { time: time.to_owned(), source: source.to_owned(), duration_s: duration, reason });
+        self.notable.offer(ms, || Notable::new(ms, Kind::ManualBan.name(), summary));
+        self.manual_bans.offer(ms, || ManualBan { time: time_text(ms), source: source.to_owned(), duration_s: duration, reason });
         Column::Ban
     }
 
-    fn tenant_suspect(&mut self, f: &Fields, ms: i64, time: &str) -> Column {
+    fn tenant_suspect(&mut self, f: &Fields, ms: i64) -> Column {
         let s = Suspect {
-            time: time.to_owned(),
+            time: time_text(ms),
             interface: f.interface.as_deref().unwrap_or("?").to_owned(),
             src: f.src.as_deref().unwrap_or("?").to_owned(),
             blocked: f.blocked.unwrap_or(0),
@@ -432,20 +453,22 @@ impl Summary {
         };
         let quarantine = if s.quarantine_s > 0 { format!("quarantined for {}", duration_text(s.quarantine_s)) } else { "reported only".to_owned() };
         let summary = format!("{} on {}: {} blocked in {}; {quarantine}", s.src, s.interface, s.blocked, duration_text(s.window_s));
-        self.notable.offer(ms, || Notable::new(time, Kind::TenantSuspect.name(), summary));
+        self.notable.offer(ms, || Notable::new(ms, Kind::TenantSuspect.name(), summary));
         self.suspects.offer(ms, || s);
         Column::Suspect
     }
 
-    fn policy_reload(&mut self, f: &Fields, ms: i64, time: &str) -> Column {
+    fn policy_reload(&mut self, f: &Fields, ms: i64) -> Column {
         let result = f.result.as_deref().unwrap_or("?");
-        if result == "rejected" {
-            self.reloads_rejected += 1;
-        } else {
-            self.reloads_ok += 1;
+        // Only what says so was applied; a result this version does not
+        // know is listed, not counted as applied.
+        match result {
+            "ok" => self.reloads_ok += 1,
+            "rejected" => self.reloads_rejected += 1,
+            _ => {}
         }
         let r = Reload {
-            time: time.to_owned(),
+            time: time_text(ms),
             result: result.to_owned(),
             trigger: f.trigger.as_deref().unwrap_or("?").to_owned(),
             generation: f.generation.unwrap_or(0),
@@ -453,8 +476,9 @@ impl Summary {
             policy: f.policy.as_deref().map(str::to_owned),
             sha256: f.sha256.as_deref().map(str::to_owned),
             changed_by: f.changed_by.as_deref().map(str::to_owned),
-            errors: f.errors.clone(),
-            more_errors: f.more_errors.unwrap_or(0),
+            // A few errors say what went wrong; the rest are counted.
+            errors: f.errors.iter().take(MAX_RELOAD_ERRORS).map(|e| e.to_string()).collect(),
+            more_errors: f.more_errors.unwrap_or(0).saturating_add(f.errors.len().saturating_sub(MAX_RELOAD_ERRORS) as u64),
         };
         let mut summary = format!("{} ({}), generation {}", r.result, r.trigger, r.generation);
         if let Some(p) = &r.policy {
@@ -469,14 +493,14 @@ impl Summary {
         if let Some(e) = r.errors.first() {
             summary += &format!(": {e}");
         }
-        self.notable.offer(ms, || Notable::new(time, Kind::PolicyReload.name(), summary));
+        self.notable.offer(ms, || Notable::new(ms, Kind::PolicyReload.name(), summary));
         self.reloads.offer(ms, || r);
         Column::Reload
     }
 
     /// The report: `top` rows of each ranked table.
     pub fn finish(self, top: usize, files: Vec<String>, since: Option<String>) -> Report {
-        let labels = &self.labels;
+        let (reason_labels, country_labels) = (&self.reason_labels, &self.country_labels);
         let source_rows = |t: &SpaceSaving<IpAddr, Tally>| Ranked {
             total: t.total(),
             capacity: t.capacity(),
@@ -490,8 +514,8 @@ impl Summary {
                     drops: e.count,
                     overcount: e.error,
                     exact: e.error == 0,
-                    reasons: e.detail.reasons.named(labels),
-                    countries: e.detail.countries.named(labels),
+                    reasons: e.detail.reasons.named(reason_labels),
+                    countries: e.detail.countries.named(country_labels),
                 })
                 .collect(),
         };
@@ -504,7 +528,7 @@ impl Summary {
                 .countries
                 .top(top)
                 .into_iter()
-                .map(|e| CountryRow { country: labels.name(*e.key).to_owned(), drops: e.count, overcount: e.error, exact: e.error == 0 })
+                .map(|e| CountryRow { country: country_labels.name(*e.key).to_owned(), drops: e.count, overcount: e.error, exact: e.error == 0 })
                 .collect(),
         };
         let bans = Ranked {
@@ -703,8 +727,9 @@ pub struct Notable {
 }
 
 impl Notable {
-    fn new(time: &str, event: &str, summary: String) -> Self {
-        Self { time: time.to_owned(), event: event.to_owned(), summary }
+    /// Its time in UTC, however the file wrote it (rows sort by it).
+    fn new(ms: i64, event: &str, summary: String) -> Self {
+        Self { time: time_text(ms), event: event.to_owned(), summary }
     }
 }
 
