@@ -414,14 +414,23 @@ impl Controller {
 
     /// `--shadow`'s file; without one, a shadow an earlier run left is removed.
     fn shadow_file(&mut self) -> Option<PathBuf> {
-        if self.o.shadow.is_none() && self.dp.maps().runtime().shadow != 0 {
-            match self.dp.remove_shadow() {
-                Ok(()) => tracing::info!("removed the shadow policy an earlier run left (no --shadow)"),
-                Err(e) => tracing::warn!("removing the shadow policy an earlier run left: {e}"),
-            }
-            shadow::ShadowRecord::remove(&self.o.pins.run_dir);
+        if self.o.shadow.is_none() {
+            self.drop_leftover_shadow("no --shadow");
         }
         self.o.shadow.clone()
+    }
+
+    /// Removes a shadow the pins hold that this run has not loaded: judged
+    /// on, it would count with no record of what it is.
+    fn drop_leftover_shadow(&mut self, why: &str) {
+        if self.shadow.is_some() || self.dp.maps().runtime().shadow == 0 {
+            return;
+        }
+        match self.dp.remove_shadow() {
+            Ok(()) => tracing::info!("removed the shadow policy an earlier run left ({why})"),
+            Err(e) => tracing::warn!("removing the shadow policy an earlier run left: {e}"),
+        }
+        shadow::ShadowRecord::remove(&self.o.pins.run_dir);
     }
 
     /// Installs a compiled candidate as the shadow, or says why not.
@@ -467,14 +476,7 @@ impl Controller {
                     tracing::error!("{e}");
                 }
                 tracing::error!("shadow policy {} rejected ({trigger}); {}", file.display(), if self.shadow.is_some() { "the one loaded stays" } else { "no shadow is judged" });
-                // One an earlier run left in the pins is not this run's:
-                // judged on with no record of what it is, it goes.
-                if self.shadow.is_none() && self.dp.maps().runtime().shadow != 0 {
-                    if let Err(e) = self.dp.remove_shadow() {
-                        tracing::warn!("removing the shadow policy an earlier run left: {e}");
-                    }
-                    shadow::ShadowRecord::remove(&self.o.pins.run_dir);
-                }
+                self.drop_leftover_shadow("its candidate cannot be loaded");
                 if self.shadow_watched.is_empty() {
                     self.shadow_watched = vec![(file.clone(), mtime(&file))];
                 } else {
