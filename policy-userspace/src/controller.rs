@@ -525,40 +525,13 @@ impl Controller {
         }
         let Some(loaded) = self.shadow.take() else { bail!("no shadow policy is loaded") };
         let candidate = loaded.record.file.clone();
-        // Paths in a policy (list files, the geo database) are relative to
-        // its own directory: written where --policy points, the candidate
-        // must still read the same files.
-        let (from, to) = (candidate.parent().unwrap_or(Path::new("")), self.o.policy.parent().unwrap_or(Path::new("")));
-        if from != to {
-            if let Some(file) = loaded.policy.input_files().into_iter().find(|f| *f != candidate && f.starts_with(from)) {
+        let text = match self.promotable(&loaded) {
+            Ok(text) => text,
+            Err(e) => {
                 self.shadow = Some(loaded);
-                bail!(
-                    "the candidate reads {} from its own directory, which is not the directory of {}: keep both in one directory",
-                    file.display(),
-                    self.o.policy.display()
-                );
+                return Err(e);
             }
-        }
-        // What a restart would read must be what was judged: the candidate
-        // and its list files as loaded.
-        let mut text = Vec::new();
-        for (file, sha256) in inputs_of(&candidate, &loaded.policy) {
-            match std::fs::read(&file) {
-                Ok(t) if sha256_hex(&t) == sha256 => {
-                    if file == candidate {
-                        text = t;
-                    }
-                }
-                Ok(_) => {
-                    self.shadow = Some(loaded);
-                    bail!("{} changed since the candidate was loaded as the shadow: let it reload, check `smtpguard shadow` again, then promote", file.display());
-                }
-                Err(e) => {
-                    self.shadow = Some(loaded);
-                    bail!("reading {}: {e}", file.display());
-                }
-            }
-        }
+        };
         let started = Instant::now();
         let (policy, compiled) = (loaded.policy.clone(), loaded.compiled.clone());
         if let Err(e) = self.apply(policy, compiled) {
@@ -567,17 +540,9 @@ impl Controller {
         }
         // Compiled on another day, it may be due again today.
         self.expiry_tried = None;
-        // In force; now where --policy points (through a symlink to the
-        // file it names), the old file kept aside.
-        let target = std::fs::canonicalize(&self.o.policy).unwrap_or_else(|_| self.o.policy.clone());
-        let write = || -> std::io::Result<()> {
-            let mut aside = target.as_os_str().to_owned();
-            aside.push(".before-promote");
-            crate::files::replace(Path::new(&aside), &std::fs::read(&target)?)?;
-            crate::files::replace(&target, &text)
-        };
-        let not_written = write().err().map(|e| {
-            let why = format!("writing it to {} failed: {e}; a restart would enforce the old file: copy {} there", target.display(), candidate.display());
+        // In force; now where --policy points, the old file kept aside.
+        let not_written = crate::files::replace_keeping(&self.o.policy, &text, ".before-promote", std::fs::read(&self.o.policy).ok().as_deref()).err().map(|e| {
+            let why = format!("writing it to {} failed: {e}; a restart would enforce the old file: copy {} there", self.o.policy.display(), candidate.display());
             tracing::error!("the candidate is in force, but {why}");
             why
         });
@@ -599,6 +564,33 @@ impl Controller {
         self.keep_known_good("promote");
         self.tell_fleet();
         Ok(not_written)
+    }
+
+    /// The candidate's text, when what a restart would read from where
+    /// --policy points is what was judged; else why not.
+    fn promotable(&self, loaded: &shadow::Loaded) -> Result<Vec<u8>> {
+        let candidate = &loaded.record.file;
+        // Paths in a policy (list files, the geo database) are relative to
+        // its own directory: written where --policy points, the candidate
+        // must still read the same files.
+        let (from, to) = (candidate.parent().unwrap_or(Path::new("")), self.o.policy.parent().unwrap_or(Path::new("")));
+        if from != to {
+            if let Some(file) = loaded.policy.input_files().into_iter().find(|f| f != candidate && f.starts_with(from)) {
+                bail!("the candidate reads {} from its own directory, which is not the directory of {}: keep both in one directory", file.display(), self.o.policy.display());
+            }
+        }
+        // The candidate and its list files as loaded.
+        let mut text = Vec::new();
+        for (file, sha256) in inputs_of(candidate, &loaded.policy) {
+            let t = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            if sha256_hex(&t) != sha256 {
+                bail!("{} changed since the candidate was loaded as the shadow: let it reload, check `smtpguard shadow` again, then promote", file.display());
+            }
+            if file == *candidate {
+                text = t;
+            }
+        }
+        Ok(text)
     }
 
     /// Keeps the policy now in force as known-good (`smtpguard rollback`).

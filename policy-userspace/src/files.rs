@@ -29,6 +29,19 @@ pub fn replace(path: &Path, bytes: &[u8]) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// [`replace`] through a symlink to the file it names (a link replaced by
+/// a file would no longer follow its target), with `old`, the bytes
+/// replaced, kept beside it as `FILE` + `aside_suffix`.
+pub fn replace_keeping(path: &Path, bytes: &[u8], aside_suffix: &str, old: Option<&[u8]>) -> io::Result<()> {
+    let target = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if let Some(old) = old {
+        let mut aside = target.as_os_str().to_owned();
+        aside.push(aside_suffix);
+        replace(Path::new(&aside), old)?;
+    }
+    replace(&target, bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;

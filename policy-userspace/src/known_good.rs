@@ -196,15 +196,7 @@ impl KnownGood {
             if current.as_deref().is_some_and(|c| sha256_hex(c) == f.sha256) {
                 continue;
             }
-            // Through a symlink to the file it names (a link replaced by a
-            // file would no longer follow its target).
-            let target = std::fs::canonicalize(&f.path).unwrap_or_else(|_| f.path.clone());
-            let mut aside = target.as_os_str().to_owned();
-            aside.push(".before-rollback");
-            if let Some(current) = current {
-                crate::files::replace(Path::new(&aside), &current).with_context(|| format!("keeping {}", Path::new(&aside).display()))?;
-            }
-            crate::files::replace(&target, &bytes).with_context(|| format!("replacing {}", target.display()))?;
+            crate::files::replace_keeping(&f.path, &bytes, ".before-rollback", current.as_deref()).with_context(|| format!("replacing {}", f.path.display()))?;
             restored.push(f.path.clone());
         }
         Ok(restored)
