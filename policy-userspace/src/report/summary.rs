@@ -252,8 +252,9 @@ impl Summary {
     /// other types than the known kinds' (counted by kind), or garbage.
     fn lenient(&mut self, bytes: &[u8]) {
         let value: Option<serde_json::Value> = serde_json::from_slice(bytes).ok();
-        let kind = value.as_ref().and_then(|v| v.get("event")).and_then(|k| k.as_str());
-        match kind {
+        // Clipped as the typed read clips it.
+        let kind = value.as_ref().and_then(|v| v.get("event")).and_then(|k| k.as_str()).map(|k| crate::report::line::Text::clipped(std::borrow::Cow::Borrowed(k)));
+        match kind.as_deref() {
             Some(kind) if Kind::of(kind).is_none() => {
                 let time = value.as_ref().and_then(|v| v.get("time")).and_then(|t| t.as_str()).unwrap_or_default();
                 if let Some(ms) = self.admit(time) {
@@ -342,8 +343,6 @@ impl Summary {
     }
 
     fn unknown_kind(&mut self, kind: &str, ms: i64, bytes: &[u8]) {
-        // A kind read leniently is not clipped yet.
-        let kind = &*crate::report::line::Text::clipped(std::borrow::Cow::Borrowed(kind));
         let known = self.unknown.len() < MAX_UNKNOWN_KINDS || self.unknown.contains_key(kind);
         *self.unknown.entry(if known { kind } else { OTHER_KINDS }.to_owned()).or_insert(0) += 1;
         self.timeline.count(ms, Column::Other);
