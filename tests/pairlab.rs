@@ -66,6 +66,36 @@ impl TestPins {
         self.run_dir.with_extension("events.jsonl")
     }
 
+    /// The events of the log that `keep` keeps, in order.
+    pub fn events_where(&self, keep: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.events_file()).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|e| keep(e)).collect()
+    }
+
+    /// The events of `kind`.
+    pub fn events(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.events_where(|e| e["event"] == kind)
+    }
+
+    /// Polls until `keep` keeps `n` events (bounded: 10 s), returning them;
+    /// `what` names them when they do not come.
+    pub fn wait_events_where(&self, n: usize, what: &str, keep: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+        let start = std::time::Instant::now();
+        loop {
+            let found = self.events_where(&keep);
+            if found.len() >= n {
+                return found;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{n} {what} event(s) within 10 s: have {found:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// [`Self::wait_events_where`] for `n` events of `kind`.
+    pub fn wait_events(&self, kind: &str, n: usize) -> Vec<serde_json::Value> {
+        self.wait_events_where(n, kind, |e| e["event"] == kind)
+    }
+
     /// The controller's state directory (removed with the pins).
     pub fn state_dir(&self) -> PathBuf {
         self.run_dir.with_extension("state")

@@ -2,32 +2,13 @@
 //! (fail open in one map write, evented, counted, held across kill -9 and
 //! restart) and `rollback` (a known-good policy re-applied atomically).
 
-use std::{path::Path, time::{Duration, Instant}};
+use std::path::Path;
 
 use smtpguard_tests::{
     pairlab::{http_get, metric, write_policy, PairLab, RunningController, TestPins, CLIENT_DENIED, CLIENT_OK, SERVER},
     peers::{assert_dropped, assert_greeted, connect},
     require_root,
 };
-
-/// The event lines of `kind` in the controller's event log.
-fn events(state: &TestPins, kind: &str) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(state.events_file()).unwrap_or_default();
-    text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|e| e["event"] == kind).collect()
-}
-
-/// Polls until `events(kind)` has `n` lines (bounded), returning them.
-fn wait_events(state: &TestPins, kind: &str, n: usize) -> Vec<serde_json::Value> {
-    let start = Instant::now();
-    loop {
-        let found = events(state, kind);
-        if found.len() >= n {
-            return found;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "{n} {kind} event(s) within 10 s: have {found:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn scrape(lab: &PairLab, port: u16) -> String {
     http_get(lab, port, "/metrics").expect("metrics")
@@ -56,7 +37,7 @@ fn bypass_fails_open_at_once_is_evented_and_counted_and_holds_across_kill_9() {
     assert_eq!(code, 0, "{out}");
     // One map write: the next connection already passes.
     assert_greeted(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "the denied source, bypassed");
-    let on = wait_events(&state, "bypass", 1);
+    let on = state.wait_events("bypass", 1);
     assert_eq!((on[0]["state"].as_str(), on[0]["trigger"].as_str()), (Some("on"), Some("command")), "{on:?}");
     assert_eq!(on[0]["reason"].as_str(), Some("INC-1: bad-host is the relay"), "{on:?}");
     let m = scrape(&lab, 19720);
@@ -73,7 +54,7 @@ fn bypass_fails_open_at_once_is_evented_and_counted_and_holds_across_kill_9() {
     assert_greeted(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "bypassed with no controller");
     let _ctl = RunningController::start(&lab, &state, &policy, 19721).expect("restart");
     assert_greeted(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "bypassed after the restart");
-    let again = wait_events(&state, "bypass", 2);
+    let again = state.wait_events("bypass", 2);
     assert_eq!((again[1]["state"].as_str(), again[1]["trigger"].as_str()), (Some("on"), Some("start")), "{again:?}");
     assert_eq!(metric(&scrape(&lab, 19721), "smtpguard_bypass", &[]), Some(1.0));
 
@@ -81,7 +62,7 @@ fn bypass_fails_open_at_once_is_evented_and_counted_and_holds_across_kill_9() {
     assert_eq!(code, 0, "{out}");
     assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "denied again once the bypass is off");
     assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "the allowed source throughout");
-    let off = wait_events(&state, "bypass", 3);
+    let off = state.wait_events("bypass", 3);
     assert_eq!(off[2]["state"].as_str(), Some("off"), "{off:?}");
     let m = scrape(&lab, 19721);
     assert_eq!(metric(&m, "smtpguard_bypass", &[]), Some(0.0), "{m}");
@@ -108,7 +89,7 @@ fn rollback_puts_the_known_good_policy_and_lists_back_atomically_evented_and_cou
     std::fs::write(&list, &bad_list).unwrap();
     let (code, out) = state.cmd(&["reload"]);
     assert_eq!(code, 0, "{out}");
-    wait_events(&state, "policy_reload", 2);
+    state.wait_events("policy_reload", 2);
     assert_dropped(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "the legitimate sender, blocked by the bad change");
 
     let state_dir = state.state_dir().display().to_string();
@@ -128,10 +109,10 @@ fn rollback_puts_the_known_good_policy_and_lists_back_atomically_evented_and_cou
     assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "the denied source, as the known-good policy says");
     assert_eq!(std::fs::read_to_string(&list).unwrap(), good_list, "the list file is the known-good one again");
     assert_eq!(std::fs::read_to_string(dir.join("lists/drop.txt.before-rollback")).unwrap(), bad_list, "the bad one is kept aside");
-    let rb = wait_events(&state, "rollback", 1);
+    let rb = state.wait_events("rollback", 1);
     assert_eq!((rb[0]["known_good"].as_u64(), rb[0]["to_generation"].as_u64()), (Some(1), Some(1)), "{rb:?}");
     assert_eq!(rb[0]["restored"].as_array().map(|a| a.len()), Some(1), "only the list changed: {rb:?}");
-    let reloads = wait_events(&state, "policy_reload", 3);
+    let reloads = state.wait_events("policy_reload", 3);
     assert_eq!((reloads[2]["trigger"].as_str(), reloads[2]["generation"].as_u64()), (Some("rollback"), Some(3)), "{reloads:?}");
     assert_eq!(metric(&scrape(&lab, 19722), "smtpguard_rollbacks_total", &["result=\"ok\""]), Some(1.0));
     // The incident report tells it.

@@ -83,6 +83,12 @@ fn every_rule_counts_the_packets_it_decided_across_reloads() {
     expect_hits(&lab, 19730, &[("office", 10.0), ("file:lists/drop.txt", 7.0), ("new-allow", 0.0)]);
 }
 
+/// The controller on the uplink b0, judging `shadow` beside `policy`.
+fn start_with_shadow(lab: &PairLab, state: &TestPins, policy: &std::path::Path, port: u16, shadow: &std::path::Path) -> anyhow::Result<RunningController> {
+    let shadow = shadow.display().to_string();
+    RunningController::start_on(lab, state, policy, port, &["--uplink", "b0", "--shadow", &shadow])
+}
+
 fn shadow_json(state: &TestPins) -> serde_json::Value {
     let (code, out) = state.cmd(&["shadow", "--json"]);
     assert_eq!(code, 0, "{out}");
@@ -102,8 +108,7 @@ fn a_shadow_candidate_that_denies_a_legitimate_sender_is_counted_while_mail_flow
     // both families in one trie).
     let candidate = current.replace("  deny: [", &format!("  deny: [{{id: too-wide, cidr: {CLIENT_OK}/32}}, {{id: no-v6, cidr: \"::/0\"}}, "));
     let shadow = write_policy(&dir, "candidate.yaml", &candidate);
-    let shadow_arg = shadow.display().to_string();
-    let _ctl = RunningController::start_on(&lab, &state, &policy, 19731, &["--uplink", "b0", "--shadow", &shadow_arg]).expect("controller");
+    let _ctl = start_with_shadow(&lab, &state, &policy, 19731, &shadow).expect("controller");
 
     send_frames(&lab.client, "a0", &[frames(CLIENT_OK, 6), frames(CLIENT_DENIED, 4), frames("192.0.2.77", 3)].concat()).unwrap();
     let start = Instant::now();
@@ -164,8 +169,7 @@ fn promote_swaps_the_candidate_in_with_no_packet_judged_by_both_policies() {
     let b = format!("version: 1\ningress:\n  default: {{25: deny}}\n  allow: [{{id: b-local, cidr: {local}/32, side: local}}]\n");
     let policy = write_policy(&dir, "policy.yaml", &a);
     let shadow = write_policy(&dir, "candidate.yaml", &b);
-    let shadow_arg = shadow.display().to_string();
-    let _ctl = RunningController::start_on(&lab, &state, &policy, 19732, &["--uplink", "b0", "--shadow", &shadow_arg]).expect("controller");
+    let _ctl = start_with_shadow(&lab, &state, &policy, 19732, &shadow).expect("controller");
 
     let prog = obj_get(&state.pin_dir.join("prog_xdp_ingress")).unwrap();
     let stats = PerCpuArray::<MapData, Counter>::try_from(Map::PerCpuArray(MapData::from_pin(state.pin_dir.join("STATS")).unwrap())).unwrap();
@@ -221,15 +225,11 @@ fn promote_swaps_the_candidate_in_with_no_packet_judged_by_both_policies() {
     // A reload does not bring the promoted candidate back as a shadow.
     let (code, out) = state.cmd(&["reload"]);
     assert_eq!(code, 0, "{out}");
-    let start = Instant::now();
-    while !std::fs::read_to_string(state.events_file()).unwrap().contains("\"trigger\":\"SIGHUP\"") {
-        assert!(start.elapsed() < Duration::from_secs(10), "the reload's event");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    state.wait_events_where(1, "SIGHUP reload", |e| e["event"] == "policy_reload" && e["trigger"] == "SIGHUP");
     let (code, said) = state.cmd(&["shadow"]);
     assert!(code != 0 && said.contains("no shadow policy is loaded"), "after a reload: {said}");
-    let events = std::fs::read_to_string(state.events_file()).unwrap();
-    assert!(events.lines().any(|l| l.contains("\"event\":\"policy_reload\"") && l.contains("\"trigger\":\"promote\"")), "{events}");
+    let reloads = state.events("policy_reload");
+    assert!(reloads.iter().any(|e| e["trigger"] == "promote"), "{reloads:?}");
     assert_eq!(metric(&http_get(&lab, 19732, "/metrics").unwrap(), "smtpguard_promotions_total", &["result=\"ok\""]), Some(1.0));
 }
 
@@ -297,8 +297,7 @@ fn promote_refuses_a_candidate_that_would_read_other_files_from_where_policy_poi
     smtpguard_tests::randomized::write_geo(&elsewhere.join("geo.mmdb"));
     let candidate = format!("{current}  geo: {{database: geo.mmdb, field: country_code, block: [KP], unknown: allow}}\n");
     let shadow = write_policy(&elsewhere, "candidate.yaml", &candidate);
-    let shadow_arg = shadow.display().to_string();
-    let _ctl = RunningController::start_on(&lab, &state, &policy, 19734, &["--uplink", "b0", "--shadow", &shadow_arg]).expect("controller");
+    let _ctl = start_with_shadow(&lab, &state, &policy, 19734, &shadow).expect("controller");
 
     let (code, said) = state.cmd(&["promote"]);
     assert_ne!(code, 0, "{said}");
@@ -326,8 +325,7 @@ fn a_promote_during_a_reload_waits_for_it_and_is_not_undone_by_it() {
     let policy = write_policy(&dir, "policy.yaml", "version: 1\ningress:\n  default: {25: allow}\n  deny_files: [slow.txt]\n");
     let candidate = format!("version: 1\ningress:\n  default: {{25: allow}}\n  deny: [{{id: b-deny, cidr: {CLIENT_OK}/32}}]\n");
     let shadow = write_policy(&dir, "candidate.yaml", &candidate);
-    let shadow_arg = shadow.display().to_string();
-    let _ctl = RunningController::start_on(&lab, &state, &policy, 19735, &["--uplink", "b0", "--shadow", &shadow_arg]).expect("controller");
+    let _ctl = start_with_shadow(&lab, &state, &policy, 19735, &shadow).expect("controller");
     assert_greeted(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "the sender the candidate denies, before the promote");
 
     let (code, out) = state.cmd(&["reload"]);
@@ -339,17 +337,9 @@ fn a_promote_during_a_reload_waits_for_it_and_is_not_undone_by_it() {
     }
     let (code, out) = state.cmd(&["promote"]);
     assert_eq!(code, 0, "{out}");
-    let reloads = || -> Vec<serde_json::Value> {
-        let text = std::fs::read_to_string(state.events_file()).unwrap_or_default();
-        text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|e| e["event"] == "policy_reload" && e["policy"] == policy.display().to_string()).collect()
-    };
-    let start = Instant::now();
-    while reloads().len() < 3 {
-        assert!(start.elapsed() < Duration::from_secs(30), "start, the reload and the promote: {:?}", reloads());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let triggers: Vec<_> = reloads().iter().map(|e| (e["trigger"].as_str().unwrap_or("").to_owned(), e["result"].as_str().unwrap_or("").to_owned())).collect();
-    eprintln!("reload of {n} networks: {:?} ms", reloads()[1]["duration_ms"]);
+    let reloads = state.wait_events_where(3, "start, reload and promote", |e| e["event"] == "policy_reload" && e["policy"] == policy.display().to_string());
+    let triggers: Vec<_> = reloads.iter().map(|e| (e["trigger"].as_str().unwrap_or("").to_owned(), e["result"].as_str().unwrap_or("").to_owned())).collect();
+    eprintln!("reload of {n} networks: {:?} ms", reloads[1]["duration_ms"]);
     let ok = |t: &str| (t.to_owned(), "ok".to_owned());
     assert_eq!(triggers, vec![ok("start"), ok("SIGHUP"), ok("promote")], "the promote came last");
     assert_dropped(connect(&lab.client, CLIENT_OK, SERVER, 25).unwrap(), "the promoted candidate is in force");
@@ -371,16 +361,10 @@ fn promote_refuses_changed_candidate_files_and_a_restart_drops_a_shadow_it_canno
     let policy = write_policy(&dir, "policy.yaml", current);
     let list = write_policy(&dir, "candidate-deny.txt", &format!("{CLIENT_OK}/32\n"));
     let shadow = write_policy(&dir, "candidate.yaml", &format!("{current}  deny_files: [candidate-deny.txt]\n"));
-    let shadow_arg = shadow.display().to_string();
-    let mut ctl = RunningController::start_on(&lab, &state, &policy, 19736, &["--uplink", "b0", "--shadow", &shadow_arg]).expect("controller");
+    let mut ctl = start_with_shadow(&lab, &state, &policy, 19736, &shadow).expect("controller");
 
     std::fs::write(&list, "not an address\n").unwrap();
-    let rejected = |state: &TestPins| std::fs::read_to_string(state.events_file()).unwrap_or_default().lines().any(|l| l.contains("\"trigger\":\"shadow file change\"") && l.contains("\"result\":\"rejected\""));
-    let start = Instant::now();
-    while !rejected(&state) {
-        assert!(start.elapsed() < Duration::from_secs(10), "the edited candidate rejected as the next shadow");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    state.wait_events_where(1, "the edited candidate rejected as the next shadow", |e| e["trigger"] == "shadow file change" && e["result"] == "rejected");
     let (code, said) = state.cmd(&["promote"]);
     assert_ne!(code, 0, "{said}");
     assert!(said.contains(&format!("{} changed since the candidate was loaded", list.display())), "{said}");
@@ -389,7 +373,7 @@ fn promote_refuses_changed_candidate_files_and_a_restart_drops_a_shadow_it_canno
 
     // The list stays invalid: a restart cannot load the candidate.
     ctl.kill9();
-    let _ctl = RunningController::start_on(&lab, &state, &policy, 19736, &["--uplink", "b0", "--shadow", &shadow_arg]).expect("restart");
+    let _ctl = start_with_shadow(&lab, &state, &policy, 19736, &shadow).expect("restart");
     let (code, said) = state.cmd(&["shadow"]);
     assert!(code != 0 && said.contains("no shadow policy is loaded"), "{said}");
     let m = http_get(&lab, 19736, "/metrics").unwrap();
@@ -410,8 +394,7 @@ fn a_reload_that_renumbers_ports_starts_the_shadow_counts_again() {
     let policy = write_policy(&dir, "policy.yaml", &current("25: smtp"));
     let candidate = format!("{}  deny: [{{id: too-wide, cidr: {CLIENT_OK}/32}}]\n", current("25: smtp"));
     let shadow = write_policy(&dir, "candidate.yaml", &candidate);
-    let shadow_arg = shadow.display().to_string();
-    let _ctl = RunningController::start_on(&lab, &state, &policy, 19737, &["--uplink", "b0", "--shadow", &shadow_arg]).expect("controller");
+    let _ctl = start_with_shadow(&lab, &state, &policy, 19737, &shadow).expect("controller");
     let rows = |state: &TestPins| -> Vec<(String, u64)> {
         let r = shadow_json(state);
         r["by_decision"].as_array().unwrap().iter().map(|row| (row["port"].as_str().unwrap_or("").to_owned(), row["packets"].as_u64().unwrap_or(0))).collect()
@@ -430,11 +413,7 @@ fn a_reload_that_renumbers_ports_starts_the_shadow_counts_again() {
     std::fs::write(&policy, current("465: smtps, 25: smtp")).unwrap();
     let (code, out) = state.cmd(&["reload"]);
     assert_eq!(code, 0, "{out}");
-    let start = Instant::now();
-    while !std::fs::read_to_string(state.events_file()).unwrap().contains("\"trigger\":\"SIGHUP\"") {
-        assert!(start.elapsed() < Duration::from_secs(10), "the reload's event");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    state.wait_events_where(1, "SIGHUP reload", |e| e["event"] == "policy_reload" && e["trigger"] == "SIGHUP");
     assert_eq!(rows(&state), vec![], "counted again from the reload");
     send_frames(&lab.client, "a0", &frames(CLIENT_OK, 3)).unwrap();
     wait_rows(&state, vec![("25".into(), 3)]);
