@@ -162,7 +162,7 @@ fn hostile_reload(server: &Netns, list: &std::path::Path, ctl: &RunningControlle
     std::fs::write(&spoiled, text)?;
     std::fs::rename(&spoiled, list)?;
     let rejected = |state: &TestPins| {
-        std::fs::read_to_string(state.events_file()).unwrap_or_default().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|e| e["trigger"] == "SIGHUP" && e["result"] == "rejected")
+        state.events_where(|e| e["trigger"] == "SIGHUP" && e["result"] == "rejected").into_iter().next()
     };
     let start = Instant::now();
     // SAFETY: signalling the controller we started.

@@ -87,10 +87,6 @@ fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-fn events(state: &TestPins) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(state.events_file()).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-}
-
 fn link_pins(pin_dir: &Path) -> Vec<String> {
     let mut out: Vec<String> =
         std::fs::read_dir(pin_dir).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("link_")).collect();
@@ -186,7 +182,7 @@ fn check(hv: &Hypervisor, alive: &[u32]) {
         assert!(status.lines().any(|l| l.contains(&format!("tap{n} ")) && l.contains("attached (ifindex")), "tap{n} in status:\n{status}");
     }
     assert!(!status.contains("stale: "), "{status}");
-    let attached = events(&hv.state).iter().filter(|e| e["event"] == "interface_attached" && e["role"] == "tenant").count();
+    let attached = hv.state.events_where(|e| e["event"] == "interface_attached" && e["role"] == "tenant").len();
     assert_eq!(attached, 51, "one interface_attached event per tap");
     let metrics = http_get(&hv.lab, 19460, "/metrics").unwrap();
     let series = metrics.lines().filter(|l| l.starts_with("smtpguard_interface_attached{") && l.contains("role=\"tenant\"")).count();
@@ -207,7 +203,7 @@ fn a_recreated_uplink_and_tenant_are_enforced_again_without_a_restart() {
 
     // The uplink goes: loudly (event, metric 0), then comes back under its name.
     run(&["ip", "-n", hv.lab.client.name(), "link", "del", "a0"]);
-    assert!(eventually(Duration::from_secs(2), || events(&hv.state).iter().any(|e| e["event"] == "uplink_missing" && e["interface"] == "b0")), "uplink_missing event");
+    assert!(eventually(Duration::from_secs(2), || !hv.state.events_where(|e| e["event"] == "uplink_missing" && e["interface"] == "b0").is_empty()), "uplink_missing event");
     let m = http_get(&hv.lab, 19461, "/metrics").unwrap();
     assert_eq!(metric(&m, "smtpguard_interface_attached", &["interface=\"b0\"", "role=\"uplink\""]), Some(0.0), "the missing uplink shows as 0");
     assert!(!link_pins(&hv.state.pin_dir).iter().any(|p| p.ends_with("_b0")), "the uplink's pins went with it");
@@ -246,7 +242,7 @@ fn a_restart_after_kill_9_while_taps_churn_starts_clean_and_attaches_what_exists
     // The links of live taps still enforce meanwhile; the recreated one's was severed.
     assert!(hv.vms.dropped(3, 25), "enforcement outlives the controller");
     let _ctl = hv.start(19462);
-    let stale: Vec<String> = events(&hv.state).iter().filter(|e| e["event"] == "stale_pin").map(|e| e["pin"].as_str().unwrap().to_owned()).collect();
+    let stale: Vec<String> = hv.state.events("stale_pin").iter().map(|e| e["pin"].as_str().unwrap().to_owned()).collect();
     assert!(stale.iter().any(|p| p.ends_with("link_tcingress_tap1")) && stale.iter().any(|p| p.ends_with("link_tcingress_tap2")), "stale pins reported: {stale:?}");
     for n in 2..=7 {
         assert!(hv.vms.dropped(n, 25), "tap{n} is enforced after the restart");
@@ -274,10 +270,10 @@ fn a_tenant_that_keeps_trying_port_25_is_a_suspect_once_per_episode_and_quaranti
         assert!(hv.vms.dropped(1, 25));
     }
     assert!(
-        eventually(Duration::from_secs(2), || events(&hv.state).iter().any(|e| e["event"] == "tenant_suspect")),
+        eventually(Duration::from_secs(2), || !hv.state.events("tenant_suspect").is_empty()),
         "a tenant_suspect event"
     );
-    let suspects: Vec<serde_json::Value> = events(&hv.state).into_iter().filter(|e| e["event"] == "tenant_suspect").collect();
+    let suspects: Vec<serde_json::Value> = hv.state.events("tenant_suspect");
     assert_eq!(suspects.len(), 1, "once per episode: {suspects:?}");
     let (_, vm1) = tap_addrs(1);
     assert_eq!((suspects[0]["interface"].as_str(), suspects[0]["src"].as_str(), suspects[0]["quarantine_s"].as_u64()), (Some("tap1"), Some(vm1.as_str()), Some(600)));

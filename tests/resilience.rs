@@ -32,12 +32,8 @@ fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     }
 }
 
-fn events(state: &TestPins) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(state.events_file()).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-}
-
 fn reloads(state: &TestPins, trigger: &str) -> Vec<serde_json::Value> {
-    events(state).into_iter().filter(|e| e["event"] == "policy_reload" && e["trigger"] == trigger).collect()
+    state.events_where(|e| e["event"] == "policy_reload" && e["trigger"] == trigger)
 }
 
 /// `field: value` of /proc/PID/status.
@@ -147,7 +143,7 @@ fn idle_and_concurrent_metrics_clients_stall_nothing() {
     assert_eq!(unsafe { libc::kill(ctl.pid(), libc::SIGHUP) }, 0);
     assert!(wait_for(Duration::from_secs(5), || reloads(&state, "SIGHUP").pop()).is_some(), "a reload with 20 idle connections open");
     assert_dropped(connect(&lab.client, CLIENT_DENIED, SERVER, 25).unwrap(), "denied source");
-    let sampled = wait_for(Duration::from_secs(5), || events(&state).into_iter().find(|e| e["event"] == "drop_sample"));
+    let sampled = wait_for(Duration::from_secs(5), || state.events("drop_sample").into_iter().next());
     assert!(sampled.is_some(), "events flow with 20 idle connections open");
     // 20 scrapers at once all get the exposition.
     std::thread::scope(|scope| {
